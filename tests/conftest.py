@@ -1,0 +1,66 @@
+"""Fixtures shared by every test: parity over the memory and Redis stores.
+
+Redis-backed tests skip when no Redis answers, unless ``YMGUARD_REQUIRE_REDIS=1`` (set by
+``.ci/run``), where they fail instead: CI never passes by skipping Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.helpers import (
+    REQUIRE_REDIS,
+    SHARED_REDIS_URL,
+    RedisServer,
+    redis_answers,
+    unique_prefix,
+)
+from ymguard.storage import Store, store_from_uri
+
+
+def require_redis() -> str:
+    """The shared Redis URL; skip (or, in CI, fail) when Redis does not answer."""
+    if not redis_answers(SHARED_REDIS_URL):
+        message = f"Redis does not answer at {SHARED_REDIS_URL}"
+        if REQUIRE_REDIS:
+            pytest.fail(message + " (YMGUARD_REQUIRE_REDIS=1: Redis tests must run)")
+        pytest.skip(message)
+    return SHARED_REDIS_URL
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix unique to this test."""
+    return unique_prefix()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage_uri(request: pytest.FixtureRequest) -> str:
+    """``memory://`` and the shared Redis: every behaviour runs on both (parity)."""
+    if request.param == "memory":
+        return "memory://"
+    return require_redis()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The shared Redis URL (tests that only make sense on Redis)."""
+    return require_redis()
+
+
+@pytest.fixture
+async def store(storage_uri: str, prefix: str) -> AsyncIterator[Store]:
+    """A store of the parametrized kind with a key prefix unique to this test."""
+    s = store_from_uri(storage_uri, key_prefix=prefix)
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop, pause or kill."""
+    server = RedisServer().start()
+    yield server
+    server.close()

@@ -1,0 +1,179 @@
+"""Real parts for tests: a private redis-server, uvicorn processes, free ports.
+
+Tests that stop or break Redis start their own server here; the machine's shared Redis
+on 127.0.0.1:6379 is never stopped or flushed (tests use unique key prefixes instead).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_REDIS_URL = os.environ.get("YMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("YMGUARD_REQUIRE_REDIS") == "1"
+
+
+def unique_prefix() -> str:
+    """A key prefix no other test uses."""
+    return "ymt-" + uuid.uuid4().hex[:12]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str = SHARED_REDIS_URL) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, for tests that stop, pause or kill it."""
+
+    def __init__(self, port: int | None = None, unix_socket: bool = False) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="ymguard-redis-")
+        self.unix_socket = os.path.join(self.dir, "redis.sock") if unix_socket else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir,
+        ]
+        if self.unix_socket:
+            args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        deadline = time.monotonic() + 10
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise TimeoutError("private redis-server did not answer")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hang)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Uvicorn:
+    """A uvicorn process serving ``app`` (``module:attr`` or ``--factory``) on a free port."""
+
+    def __init__(
+        self,
+        app: str,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        factory: bool = False,
+    ) -> None:
+        self.app = app
+        self.port = port or free_port()
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.factory = factory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="ymguard-uvicorn-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Uvicorn:
+        args = [sys.executable, "-m", "uvicorn", self.app, "--port", str(self.port),
+                "--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+        if self.factory:
+            args.append("--factory")
+        self.proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=self.log, stderr=self.log)
+        try:
+            wait_for_port(self.port, timeout=30)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"uvicorn {self.app} did not start:\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without running any cleanup."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None

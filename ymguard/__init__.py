@@ -1,0 +1,67 @@
+"""ymguard: Sentinel-style resilience for ASGI apps.
+
+Flow limits (QPS, concurrency), leased distributed semaphores, circuit breakers,
+anti-resubmit tokens and Idempotency-Key, one problem+json exception mapper; rules from
+YAML; one process on memory, many on Redis.
+"""
+
+from __future__ import annotations
+
+from .chain import Check, Context
+from .errors import (
+    Blocked,
+    CircuitOpen,
+    DuplicateSubmission,
+    FlowLimited,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyMissing,
+    OriginDenied,
+    ParamFlowLimited,
+    RulesError,
+    SemaphoreFull,
+    StorageBlocked,
+    StorageUnavailable,
+    SystemOverloaded,
+)
+from .guard import Guard, RouteLimit
+from .middleware import GuardMiddleware
+from .rules import RulesFile, load_rules, parse_rules
+from .semaphore import Permit, Semaphore
+from .stats import Counts, ResourceStats
+from .storage import MemoryStore, RedisStore, Store, store_from_uri
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blocked",
+    "Check",
+    "CircuitOpen",
+    "Context",
+    "Counts",
+    "DuplicateSubmission",
+    "FlowLimited",
+    "Guard",
+    "GuardMiddleware",
+    "IdempotencyKeyInFlight",
+    "IdempotencyKeyMismatch",
+    "IdempotencyKeyMissing",
+    "MemoryStore",
+    "OriginDenied",
+    "ParamFlowLimited",
+    "Permit",
+    "RedisStore",
+    "ResourceStats",
+    "RouteLimit",
+    "RulesError",
+    "RulesFile",
+    "Semaphore",
+    "SemaphoreFull",
+    "StorageBlocked",
+    "StorageUnavailable",
+    "Store",
+    "SystemOverloaded",
+    "load_rules",
+    "parse_rules",
+    "store_from_uri",
+]

@@ -1,0 +1,123 @@
+"""The per-resource chain of checks, and the context one call carries through it.
+
+A check is one rule kind's small object with ``enter`` and ``exit``. ``enter`` admits the
+call (returning a token the check wants back at exit) or raises :class:`Blocked`.
+``exit`` runs in reverse order after the call, or at once for the checks that had
+admitted a call that a later check blocked: then ``ctx.blocked`` is set and the check
+gives back what it took (no half-spent quota, no leaked permit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import Blocked
+from .stats import ResourceStats
+from .types import Scope
+
+log = logging.getLogger("ymguard")
+
+
+@dataclass(slots=True, eq=False)
+class Context:
+    """One call on its way through a chain.
+
+    Attributes:
+        resource: the resource name.
+        origin: the caller's origin ("" when unknown).
+        params: path parameters (HTTP) or call arguments (code resources).
+        scope: the ASGI scope for HTTP calls, else ``None``.
+        start: ``time.perf_counter()`` when the call entered the chain.
+        status: the HTTP status the call answered with, once known.
+        error: the exception the call raised, if any.
+        blocked: the error of a later check that blocked this call, if any.
+        extras: per-check data for the rare check that needs more than its token.
+    """
+
+    resource: str
+    origin: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    scope: Scope | None = None
+    start: float = 0.0
+    status: int | None = None
+    error: BaseException | None = None
+    blocked: Blocked | None = None
+    extras: dict[str, Any] | None = None
+
+
+class Check(Protocol):
+    """One rule of one resource, as the chain sees it."""
+
+    async def enter(self, ctx: Context) -> Any:
+        """Admit the call and return a token for ``exit``, or raise :class:`Blocked`."""
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        """Record the outcome and release what ``enter`` took; never raises."""
+
+
+def is_error(ctx: Context, error_statuses: frozenset[int] | None = None) -> bool:
+    """Whether a finished call counts as an error (an exception, or a listed status)."""
+    if ctx.error is not None:
+        return True
+    statuses = error_statuses if error_statuses is not None else DEFAULT_ERROR_STATUSES
+    return ctx.status in statuses
+
+
+DEFAULT_ERROR_STATUSES = frozenset({500, 502, 503, 504})
+
+
+class Chain:
+    """The compiled checks of one resource, and its statistics."""
+
+    __slots__ = ("checks", "error_statuses", "resource", "stats")
+
+    def __init__(
+        self,
+        resource: str,
+        checks: Sequence[Check],
+        stats: ResourceStats,
+        error_statuses: frozenset[int] = DEFAULT_ERROR_STATUSES,
+    ) -> None:
+        self.resource = resource
+        self.checks = tuple(checks)
+        self.stats = stats
+        self.error_statuses = error_statuses
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(c).__name__ for c in self.checks)
+        return f"Chain({self.resource!r}, [{names}])"
+
+    async def enter(self, ctx: Context) -> list[Any]:
+        """Run every check's ``enter``; on a block, undo the ones that passed and re-raise."""
+        ctx.start = time.perf_counter()
+        tokens: list[Any] = []
+        for check in self.checks:
+            try:
+                tokens.append(await check.enter(ctx))
+            except Blocked as exc:
+                ctx.blocked = exc
+                await self._unwind(ctx, tokens)
+                self.stats.on_block()
+                raise
+            except BaseException:
+                await self._unwind(ctx, tokens)
+                raise
+        self.stats.on_pass()
+        return tokens
+
+    async def exit(self, ctx: Context, tokens: list[Any]) -> None:
+        """Record the call's outcome and run every ``exit`` in reverse order."""
+        rt_ms = (time.perf_counter() - ctx.start) * 1000.0
+        self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
+        await self._unwind(ctx, tokens)
+
+    async def _unwind(self, ctx: Context, tokens: list[Any]) -> None:
+        for i in range(len(tokens) - 1, -1, -1):
+            try:
+                await self.checks[i].exit(ctx, tokens[i])
+            except Exception:  # an exit must never turn a response into a 500
+                log.exception("ymguard: exit of %r failed", self.checks[i])

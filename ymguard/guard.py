@@ -1,0 +1,425 @@
+"""The Guard: rules compiled into per-resource chains, and the ways an app uses them.
+
+A :class:`Guard` owns the rules, the store, the statistics and the compiled chains. The
+middleware asks it for a resource's chain; ``@guard.resource`` and ``guard.limit`` guard
+code and FastAPI endpoints; ``guard.install(app)`` registers the global exception mapper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import importlib
+import inspect
+import logging
+import os
+import re
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from limits import parse_many
+from starlette.requests import Request
+
+from .chain import Chain, Context
+from .errors import Blocked, ProblemResponse, blocked_response
+from .limiter import FlowRule, QpsCheck, build_flow_checks
+from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
+from .semaphore import Semaphore
+from .stats import ResourceStats
+from .storage import Store, store_from_uri
+from .types import Scope
+
+log = logging.getLogger("ymguard")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The call being guarded in this task (set by the middleware and ``@guard.resource``).
+current_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "ymguard_context", default=None
+)
+
+
+def _import_exception(path: str) -> type[BaseException]:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"errors: cannot import {path!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise ValueError(f"errors: {path!r} is not an exception class")
+    return obj
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "error"
+
+
+def _accepts_exc(func: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "exc" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _run_now(coro: Awaitable[Any]) -> Any:
+    """Run a coroutine that never suspends (memory checks) to completion, synchronously."""
+    gen = coro.__await__()
+    try:
+        gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+    gen.close()
+    raise RuntimeError("ymguard: this guard needs I/O; call the guarded function from async code")
+
+
+class Guard:
+    """Rules, store, statistics and compiled chains for one app.
+
+    Args:
+        rules: a dict in the shape of ``RULES.md``, a parsed :class:`RulesFile`, or None.
+        storage: a storage URI or a :class:`Store`; ``YMGUARD_STORAGE`` in the
+            environment wins over a URI given here or in the rules.
+        source: the name problems in ``rules`` are reported against.
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, Any] | RulesFile | None = None,
+        storage: str | Store | None = None,
+        *,
+        source: str = "<rules>",
+    ) -> None:
+        self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules, source=source)
+        if isinstance(storage, Store):
+            self.store = storage
+        else:
+            uri = os.environ.get("YMGUARD_STORAGE") or storage or self.rules.storage
+            self.store = store_from_uri(
+                uri,
+                key_prefix=self.rules.key_prefix,
+                on_storage_error=self.rules.on_storage_error,
+            )
+        self._chains: dict[str, Chain] = {}
+        self._stats: dict[str, ResourceStats] = {}
+        self._semaphores: dict[str, Semaphore] = {}
+        self._exception_map: dict[type[BaseException], ErrorMapping] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._origin_of = self._compile_origin()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, storage: str | Store | None = None) -> Guard:
+        """A guard from a YAML rules file; raises :class:`RulesError` naming file and line."""
+        return cls(load_rules(path), storage)
+
+    def __repr__(self) -> str:
+        return f"Guard({len(self.rules.resources)} resources, store={self.store!r})"
+
+    # -- rules and chains ----------------------------------------------------------------
+
+    def reload(self, rules: Mapping[str, Any] | RulesFile) -> None:
+        """Swap the whole rule set at once; calls already inside a chain finish on the old one."""
+        self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules)
+        self._origin_of = self._compile_origin()
+        self._chains = {}
+
+    def stats(self, resource: str) -> ResourceStats:
+        """The sliding-window statistics of a resource (created on first use)."""
+        stats = self._stats.get(resource)
+        if stats is None:
+            stats = self._stats.setdefault(resource, ResourceStats())
+        return stats
+
+    def chain(self, resource: str) -> Chain:
+        """The compiled chain of a resource (compiled once, cached until ``reload``)."""
+        chain = self._chains.get(resource)
+        if chain is None:
+            with self._lock:
+                chain = self._chains.get(resource)
+                if chain is None:
+                    chain = self._chains[resource] = self._compile(resource)
+        return chain
+
+    def _compile(self, resource: str) -> Chain:
+        rules = self.rules.resources.get(resource)
+        checks: list[Any] = []
+        if rules is not None:
+            # authority → system → param_flow → flow → breaker → semaphore → idempotency
+            checks += build_flow_checks(self.store, resource, rules.flow)
+        return Chain(resource, checks, self.stats(resource))
+
+    # -- origin --------------------------------------------------------------------------
+
+    def _compile_origin(self) -> Callable[[Scope], str]:
+        rule = self.rules.origin
+        if rule is None:
+            return lambda scope: ""
+        if rule.from_ == "header":
+            header = rule.name.lower().encode("latin-1")
+
+            def from_header(scope: Scope) -> str:
+                for name, value in scope.get("headers", ()):
+                    if name == header:
+                        return cast(bytes, value).decode("latin-1")
+                return ""
+
+            return from_header
+        if rule.from_ == "client_ip":
+            return lambda scope: (scope.get("client") or ("",))[0] or ""
+        attr = rule.name
+
+        def from_state(scope: Scope) -> str:
+            value = (scope.get("state") or {}).get(attr)
+            return "" if value is None else str(value)
+
+        return from_state
+
+    def origin_of(self, scope: Scope) -> str:
+        """The caller's origin for an ASGI scope, as the ``origin:`` rule says."""
+        return self._origin_of(scope)
+
+    # -- code resources ------------------------------------------------------------------
+
+    def resource(
+        self,
+        name: str,
+        *,
+        fallback: Callable[..., Any] | None = None,
+        block_handler: Callable[..., Any] | None = None,
+        exceptions_to_ignore: tuple[type[BaseException], ...] = (),
+    ) -> Callable[[F], F]:
+        """Guard any async or sync callable as resource ``name`` (``@SentinelResource``).
+
+        Args:
+            name: the resource name its rules are under.
+            fallback: called with the same arguments (and ``exc=`` if it takes it) when the
+                call fails, and when it is blocked if there is no ``block_handler``.
+            block_handler: called the same way when a rule blocks the call.
+            exceptions_to_ignore: exceptions that pass through untouched and do not count
+                as errors.
+        """
+
+        def decorate(func: F) -> F:
+            async def run(args: tuple[Any, ...], kwargs: dict[str, Any], call: Any) -> Any:
+                outer = current_context.get()
+                ctx = Context(name, outer.origin if outer else "", kwargs)
+                chain = self.chain(name)
+                try:
+                    tokens = await chain.enter(ctx)
+                except Blocked as exc:
+                    handler = block_handler or fallback
+                    if handler is None:
+                        raise
+                    extra = {"exc": exc} if _accepts_exc(handler) else {}
+                    return await _maybe_await(handler(*args, **kwargs, **extra))
+                try:
+                    return await call()
+                except exceptions_to_ignore:
+                    raise
+                except Exception as exc:
+                    ctx.error = exc
+                    if fallback is None:
+                        raise
+                    extra_err: dict[str, Any] = {"exc": exc} if _accepts_exc(fallback) else {}
+                    return await _maybe_await(fallback(*args, **kwargs, **extra_err))
+                finally:
+                    await chain.exit(ctx, tokens)
+
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await run(args, kwargs, lambda: func(*args, **kwargs))
+
+                return cast(F, async_wrapper)
+
+            @functools.wraps(func)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async def call() -> Any:
+                    return func(*args, **kwargs)
+
+                return self._run_sync(run(args, kwargs, call))
+
+            return cast(F, sync_wrapper)
+
+        return decorate
+
+    def _run_sync(self, coro: Awaitable[Any]) -> Any:
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                return asyncio.run_coroutine_threadsafe(cast(Any, coro), loop).result()
+        return _run_now(coro)
+
+    def limit(self, spec: str) -> RouteLimit:
+        """A limit such as ``"100/second"`` or ``"10/second;500/minute"`` (``limits`` syntax).
+
+        Use it as a decorator on an endpoint, or as a FastAPI dependency
+        (``dependencies=[Depends(guard.limit("10/second"))]``); the endpoint need not take
+        a ``request`` parameter either way.
+        """
+        return RouteLimit(self, spec)
+
+    # -- semaphores ----------------------------------------------------------------------
+
+    def semaphore(
+        self, name: str, permits: int | None = None, lease_seconds: float = 30.0
+    ) -> Semaphore:
+        """The guard's semaphore called ``name`` on its store (created on first use)."""
+        sem = self._semaphores.get(name)
+        if sem is None:
+            if permits is None:
+                raise KeyError(f"no semaphore {name!r} in the rules; give permits= to create one")
+            sem = self._semaphores[name] = Semaphore(name, permits, lease_seconds, self.store)
+        return sem
+
+    # -- the exception mapper ------------------------------------------------------------
+
+    def map_exception(
+        self,
+        exc_type: type[BaseException],
+        *,
+        status: int,
+        title: str,
+        type: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Render ``exc_type`` (raised by the app) as problem+json with this status and title."""
+        self._exception_map[exc_type] = ErrorMapping(
+            status=status, title=title, type=type, detail=detail
+        )
+
+    def problem_for(self, exc: BaseException) -> ProblemResponse | None:
+        """The problem response for an exception, or None if it is not mapped."""
+        if isinstance(exc, Blocked):
+            return blocked_response(exc)
+        for cls in type(exc).__mro__:
+            mapping = self._exception_map.get(cls)
+            if mapping is not None:
+                code = getattr(exc, "code", None)
+                code = code if isinstance(code, str) and code else _slug(mapping.title)
+                type_uri = mapping.type if mapping.type and "/" in mapping.type else None
+                if mapping.type and type_uri is None:
+                    code = mapping.type
+                ctx = current_context.get()
+                return ProblemResponse(
+                    mapping.status,
+                    code,
+                    mapping.title,
+                    str(exc) or mapping.detail or mapping.title,
+                    resource=ctx.resource if ctx else None,
+                    type_uri=type_uri,
+                )
+        return None
+
+    def install(self, app: Any) -> None:
+        """Register the global exception mapper on a Starlette or FastAPI app.
+
+        Maps :class:`Blocked` errors raised inside endpoints, the ``errors:`` of the rules
+        and every ``map_exception`` to problem+json responses. Import errors in
+        ``errors:`` are reported here, naming the entry.
+        """
+        for path, mapping in self.rules.errors.items():
+            self._exception_map.setdefault(_import_exception(path), mapping)
+
+        async def handler(request: Any, exc: Exception) -> Any:
+            response = self.problem_for(exc)
+            if response is None:  # pragma: no cover - only registered for mapped types
+                raise exc
+            return response
+
+        app.add_exception_handler(Blocked, handler)
+        for exc_type in self._exception_map:
+            app.add_exception_handler(exc_type, handler)
+
+    async def aclose(self) -> None:
+        """Close the store's connections."""
+        await self.store.aclose()
+
+
+class RouteLimit:
+    """``guard.limit(spec)``: a FastAPI dependency and an endpoint decorator in one.
+
+    As a dependency FastAPI calls it with the request; as a decorator it wraps the
+    endpoint, keeping its signature. ``__wrapped__`` points at the dependency coroutine so
+    that FastAPI sees ``(request: Request)`` and awaits it.
+    """
+
+    def __init__(self, guard: Guard, spec: str) -> None:
+        self.guard = guard
+        self.spec = spec
+        self.items = parse_many(spec)
+        self._chains: dict[str, Chain] = {}
+        self.__wrapped__ = self._dependency
+
+    def _chain(self, resource: str) -> Chain:
+        chain = self._chains.get(resource)
+        if chain is None:
+            checks = []
+            for index, item in enumerate(self.items):
+                rule = FlowRule(qps=item.amount, name=f"{item.amount}/{item.get_expiry()}s")
+                checks.append(
+                    QpsCheck(
+                        self.guard.store,
+                        f"{resource} limit {self.spec}",
+                        index,
+                        rule,
+                        frozenset(),
+                        window_seconds=float(item.get_expiry()),
+                    )
+                )
+            chain = self._chains[resource] = Chain(resource, checks, ResourceStats())
+        return chain
+
+    async def _check(self, resource: str) -> None:
+        outer = current_context.get()
+        ctx = Context(resource, outer.origin if outer else "")
+        chain = self._chain(resource)
+        tokens = await chain.enter(ctx)
+        # A limit only admits; there is nothing to give back after the call.
+        del tokens
+
+    async def _dependency(self, request: Request) -> None:
+        route = request.scope.get("route")
+        path = getattr(route, "path_format", None) or request.url.path
+        await self._check(f"{request.method} {path}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "request" in kwargs and not args:
+            return self._dependency(kwargs["request"])
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return self._decorate(args[0])
+        raise TypeError("guard.limit(...) decorates a function or is used with Depends()")
+
+    def _decorate(self, func: F) -> F:
+        resource = f"{func.__module__}.{func.__qualname__}"
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                await self._check(resource)
+                return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.guard._run_sync(self._check(resource))
+            return func(*args, **kwargs)
+
+        return cast(F, sync_wrapper)
+
+
+__all__ = ["Guard", "RouteLimit", "current_context"]

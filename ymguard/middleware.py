@@ -1,0 +1,137 @@
+"""``GuardMiddleware``: the thin ASGI edge (pure ASGI, no ``BaseHTTPMiddleware``).
+
+It names the resource (``METHOD /route/{template}`` from the matched route, mounted
+sub-apps included), reads the caller's origin, runs the resource's chain, and renders a
+refusal as problem+json. Everything else (algorithms, storage) lives behind the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from starlette.routing import Match, Mount
+
+from .chain import Context
+from .errors import Blocked
+from .guard import Guard, current_context
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+_CACHE_MAX = 4096
+_background: set[asyncio.Task[None]] = set()
+
+
+def _template(route: Any) -> str:
+    return str(getattr(route, "path_format", None) or getattr(route, "path", ""))
+
+
+def resolve_route(
+    routes: Sequence[Any], scope: Scope, prefix: str = ""
+) -> tuple[str, Mapping[str, Any]] | None:
+    """The route template that serves ``scope`` and its path params, or None.
+
+    Mounted apps are searched too; their templates are joined to the mount's path.
+    A route that matches the path but not the method still names the resource.
+    """
+    partial: tuple[str, Mapping[str, Any]] | None = None
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        params = child.get("path_params", {})
+        if isinstance(route, Mount):
+            if match is Match.FULL:
+                found = resolve_route(route.routes, {**scope, **child}, prefix + route.path)
+                return found or (prefix + _template(route), params)
+            continue
+        if match is Match.FULL:
+            return prefix + _template(route), params
+        if partial is None:
+            partial = (prefix + _template(route), params)
+    return partial
+
+
+class GuardMiddleware:
+    """Run every HTTP request through its resource's chain.
+
+    Args:
+        app: the ASGI app to guard.
+        guard: the :class:`Guard` with the rules.
+    """
+
+    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+        self._resources: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]] | None] = {}
+
+    def _resolve(self, scope: Scope) -> tuple[str, Mapping[str, Any]] | None:
+        method = scope["method"]
+        cache_key = (method, scope.get("root_path", ""), scope["path"])
+        try:
+            return self._resources[cache_key]
+        except KeyError:
+            pass
+        router = getattr(scope.get("app"), "router", None)
+        found: tuple[str, Mapping[str, Any]] | None
+        if router is not None:
+            found = resolve_route(router.routes, scope)
+        else:
+            found = (scope["path"], {})
+        resolved = (f"{method} {found[0]}", found[1]) if found is not None else None
+        if len(self._resources) >= _CACHE_MAX:
+            self._resources.clear()
+        self._resources[cache_key] = resolved
+        return resolved
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        resolved = self._resolve(scope)
+        if resolved is None:  # no route: a 404, not a resource worth counting
+            await self.app(scope, receive, send)
+            return
+        guard = self.guard
+        if guard._loop is None:
+            guard._loop = asyncio.get_running_loop()
+        resource, params = resolved
+        chain = guard.chain(resource)
+        ctx = Context(resource, guard.origin_of(scope), params, scope)
+        try:
+            tokens = await chain.enter(ctx)
+        except Blocked as exc:
+            await guard.problem_for(exc)(scope, receive, send)  # type: ignore[misc]
+            return
+
+        started = False
+
+        async def send_status(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                ctx.status = message["status"]
+                started = True
+            await send(message)
+
+        reset = current_context.set(ctx)
+        try:
+            await self.app(scope, receive, send_status)
+        except Blocked as exc:  # raised inside the endpoint, and not mapped by install()
+            if started:
+                raise
+            await guard.problem_for(exc)(scope, receive, send_status)  # type: ignore[misc]
+        except BaseException as exc:
+            ctx.error = exc
+            raise
+        finally:
+            current_context.reset(reset)
+            if isinstance(ctx.error, asyncio.CancelledError):
+                # Our task is being cancelled: release in a task of its own.
+                task = asyncio.ensure_future(chain.exit(ctx, tokens))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+            else:
+                await chain.exit(ctx, tokens)
+
+
+__all__ = ["GuardMiddleware", "resolve_route"]

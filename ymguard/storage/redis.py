@@ -1,0 +1,187 @@
+"""The Redis store: one redis-py asyncio client (one pool) per store, Lua by EVALSHA.
+
+Outages are handled here once for every algorithm: a refused or timed-out call marks the
+store down, logs one warning, and makes every call in the next ``retry_interval`` fail
+fast with :class:`StorageUnavailable` (no request waits on a dead Redis). After that one
+call at a time probes; the first success logs the recovery and everything resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import StorageUnavailable
+from .base import StoragePolicy, Store
+
+log = logging.getLogger("ymguard.storage")
+
+#: Errors that mean "Redis is not answering", as opposed to a bug in a script.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+_DEFAULTS = {"socket_timeout": "0.5", "socket_connect_timeout": "0.5"}
+
+
+def _with_defaults(uri: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    for name, value in _DEFAULTS.items():
+        query.setdefault(name, value)
+    return urlunsplit(parts._replace(query=urlencode(query))), query
+
+
+def make_client(uri: str) -> Any:
+    """A redis-py asyncio client for a ymguard storage URI (no retries: we fail fast)."""
+    scheme, _, rest = uri.partition("://")
+    no_retry = Retry(NoBackoff(), 0)
+    if scheme in ("redis", "rediss"):
+        url, _ = _with_defaults(uri)
+        return Redis.from_url(url, retry=no_retry)
+    if scheme == "redis+unix":
+        url, _ = _with_defaults("unix://" + rest)
+        return Redis.from_url(url, retry=no_retry)
+    if scheme == "redis+cluster":
+        from redis.asyncio.cluster import RedisCluster
+
+        url, _ = _with_defaults("redis://" + rest)
+        return RedisCluster.from_url(url)
+    if scheme == "redis+sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        parts = urlsplit(uri)
+        query = dict(parse_qsl(parts.query))
+        service = parts.path.strip("/") or query.pop("service_name", "mymaster")
+        hosts = []
+        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hostport.partition(":")
+            hosts.append((host, int(port or 26379)))
+        timeout = float(query.get("socket_timeout", _DEFAULTS["socket_timeout"]))
+        sentinel = Sentinel(hosts, socket_timeout=timeout)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(
+            service,
+            socket_timeout=timeout,
+            db=int(query.get("db", 0)),
+            password=parts.password,
+            retry=no_retry,
+        )
+    raise ValueError(f"not a Redis storage URI: {uri!r}")
+
+
+class RedisStore(Store):
+    """Guard state in Redis.
+
+    Args:
+        uri: a ``redis://``-family URI; ``socket_timeout`` and ``socket_connect_timeout``
+            may be given in the query string (default 0.5 s each).
+        key_prefix: the first part of every key.
+        on_storage_error: ``local`` | ``open`` | ``closed``.
+        retry_interval: seconds to fail fast after an outage before probing again.
+    """
+
+    kind: Literal["memory", "redis"] = "redis"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        key_prefix: str = "ymguard",
+        on_storage_error: StoragePolicy = "local",
+        retry_interval: float = 1.0,
+    ) -> None:
+        super().__init__(key_prefix=key_prefix, on_storage_error=on_storage_error)
+        self.uri = uri
+        self.client: Any = make_client(uri)
+        self.retry_interval = retry_interval
+        self._scripts: dict[str, AsyncScript] = {}
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._probing = False
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.uri!r}, key_prefix={self.key_prefix!r})"
+
+    def script(self, source: str) -> AsyncScript:
+        """The registered script for a Lua source (EVALSHA, NOSCRIPT falls back to load)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return script
+
+    @property
+    def available(self) -> bool:
+        """False while the store is in a known outage."""
+        return self._down_since is None
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script atomically; raises :class:`StorageUnavailable` on an outage."""
+        probing = False
+        if self._down_since is not None:
+            if self._probing or time.monotonic() < self._retry_at:
+                raise StorageUnavailable(f"{self.uri} is unavailable")
+            self._probing = probing = True
+        try:
+            result = await script(keys=keys, args=args)
+        except OUTAGE_ERRORS as exc:
+            self._mark_down(exc)
+            raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
+        finally:
+            if probing:
+                self._probing = False
+        if self._down_since is not None:
+            self._mark_up()
+        return result
+
+    async def call(self, *args: Any) -> Any:
+        """Run one plain command with the same outage handling as :meth:`run`."""
+        if self._down_since is not None and time.monotonic() < self._retry_at:
+            raise StorageUnavailable(f"{self.uri} is unavailable")
+        try:
+            result = await self.client.execute_command(*args)
+        except OUTAGE_ERRORS as exc:
+            self._mark_down(exc)
+            raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
+        if self._down_since is not None:
+            self._mark_up()
+        return result
+
+    def _mark_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._retry_at = now + self.retry_interval
+        if self._down_since is None:
+            self._down_since = now
+            log.warning(
+                "ymguard storage %s unavailable (%s: %s); on_storage_error=%s until it answers",
+                self.uri,
+                type(exc).__name__,
+                exc,
+                self.on_storage_error,
+            )
+
+    def _mark_up(self) -> None:
+        assert self._down_since is not None
+        log.warning(
+            "ymguard storage %s is back after %.1f s",
+            self.uri,
+            time.monotonic() - self._down_since,
+        )
+        self._down_since = None
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
