@@ -154,6 +154,9 @@ class Guard:
         if rules is not None:
             # authority → system → param_flow → flow → breaker → semaphore → idempotency
             checks += build_flow_checks(self.store, resource, rules.flow)
+            # breaker: breaker.py (issue 4) adds its checks here
+            # semaphore: semaphore.py (issue 3) adds its check here
+            # idempotency, submit_token: antiresubmit.py (issue 5) add their checks here
         return Chain(resource, checks, self.stats(resource))
 
     # -- origin --------------------------------------------------------------------------
