@@ -77,11 +77,16 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.dir,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
         ]
         if self.unix_socket:
             args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
@@ -138,15 +143,28 @@ class Uvicorn:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.factory = factory
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="ymguard-uvicorn-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(
+            prefix="ymguard-uvicorn-", suffix=".log", delete=False
+        )
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Uvicorn:
-        args = [sys.executable, "-m", "uvicorn", self.app, "--port", str(self.port),
-                "--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            self.app,
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         if self.factory:
             args.append("--factory")
         self.proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=self.log, stderr=self.log)
