@@ -1,0 +1,74 @@
+"""Two uvicorn processes sharing one Redis enforce ONE limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import Uvicorn
+
+
+@pytest.fixture
+def two_servers(redis_url: str, prefix: str) -> Iterator[list[Uvicorn]]:
+    env = {"YMGUARD_TEST_REDIS": redis_url, "YMGUARD_TEST_PREFIX": prefix}
+    servers = [Uvicorn("tests.apps.flow_app:app", env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_qps_10_admits_10_of_a_burst_sent_to_both(two_servers: list[Uvicorn]) -> None:
+    async with httpx.AsyncClient(timeout=10) as c:
+        pids = {(await c.get(s.url + "/health")).json()["pid"] for s in two_servers}
+        assert len(pids) == 2
+        requests = [c.get(f"{two_servers[i % 2].url}/burst/{i}") for i in range(30)]
+        statuses = [r.status_code for r in await asyncio.gather(*requests)]
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 20
+
+
+async def test_concurrency_4_never_runs_more_than_4_across_both(
+    two_servers: list[Uvicorn], redis_url: str, prefix: str
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as c:
+        requests = [c.get(f"{two_servers[i % 2].url}/slow") for i in range(24)]
+        responses = await asyncio.gather(*requests)
+    statuses = [r.status_code for r in responses]
+    peak = int(redis.Redis.from_url(redis_url).get(f"{prefix}:peak") or 0)
+    assert 1 <= peak <= 4
+    assert statuses.count(200) >= 4
+    assert set(statuses) <= {200, 429}
+    served_by = {r.json()["pid"] for r in responses if r.status_code == 200}
+    assert served_by  # at least one process served; both usually do
+
+
+async def test_a_killed_process_does_not_leak_its_concurrency_count(
+    two_servers: list[Uvicorn],
+) -> None:
+    doomed, survivor = two_servers
+    async with httpx.AsyncClient(timeout=10) as c:
+        hanging = asyncio.ensure_future(c.get(doomed.url + "/hang", params={"seconds": 30}))
+        for _ in range(50):  # until the doomed process holds the only slot
+            if (await c.get(survivor.url + "/hang")).status_code == 429:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the hanging request never took the slot")
+        doomed.kill()
+        with pytest.raises(httpx.HTTPError):
+            await hanging
+        assert (await c.get(survivor.url + "/hang")).status_code == 429  # still leased
+        for _ in range(60):  # the 1 s lease passes: the slot comes back
+            await asyncio.sleep(0.1)
+            if (await c.get(survivor.url + "/hang")).status_code == 200:
+                break
+        else:
+            raise AssertionError("the dead process's count was never freed")

@@ -1,0 +1,153 @@
+"""Redis outages: no 500s, no hangs, ``on_storage_error`` honoured, one log line, recovery.
+
+Every test here runs its own redis-server (``private_redis``) and stops or pauses it; the
+machine's shared Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import RedisServer
+from ymguard import Guard, GuardMiddleware
+from ymguard.storage import RedisStore
+
+from .test_middleware import client, shop
+
+RESOURCE = "GET /items/{item_id}"
+
+
+def guard_for(server: RedisServer, policy: str, flow: list[dict[str, int]] | None = None) -> Guard:
+    rules = {
+        "on_storage_error": policy,
+        "resources": {RESOURCE: {"flow": flow or [{"qps": 3}]}},
+    }
+    return Guard(rules, storage=server.url + "?socket_timeout=0.3&socket_connect_timeout=0.3")
+
+
+async def burst(c: httpx.AsyncClient, n: int) -> list[int]:
+    # A hang would trip this wait_for; it is a liveness bound, not a timing assertion.
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(c.get(f"/items/{i}") for i in range(n))), timeout=10
+    )
+    return sorted(r.status_code for r in responses)
+
+
+async def wait_until_redis_decides(
+    c: httpx.AsyncClient, server: RedisServer, guard: Guard | None = None
+) -> None:
+    """Poll until requests are counted in Redis again (keys appear, the store is up)."""
+    plain = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        await c.get("/items/0")
+        if plain.keys("ymguard:*") and (guard is None or guard.store.available):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("ymguard did not go back to Redis within 8 s of its return")
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [("local", {200: 3, 429: 7}), ("open", {200: 10}), ("closed", {503: 10})],
+)
+async def test_redis_stopped_mid_test_follows_on_storage_error(
+    private_redis: RedisServer, policy: str, expected: dict[int, int]
+) -> None:
+    guard = guard_for(private_redis, policy)
+    async with client(shop(guard)) as c:
+        assert await burst(c, 5) == [200, 200, 200, 429, 429]
+        private_redis.stop()
+        statuses = await burst(c, 10)
+        assert {s: statuses.count(s) for s in set(statuses)} == expected
+        if policy == "closed":
+            response = await c.get("/items/1")
+            assert response.json()["type"].endswith("/storage-unavailable")
+        private_redis.start()
+        await wait_until_redis_decides(c, private_redis)
+    await guard.aclose()
+
+
+async def test_a_hung_redis_costs_a_bounded_wait_then_fails_fast(
+    private_redis: RedisServer,
+) -> None:
+    guard = guard_for(private_redis, "open")
+    async with client(shop(guard)) as c:
+        assert await burst(c, 2) == [200, 200]
+        private_redis.pause()
+        try:
+            assert await burst(c, 20) == [200] * 20
+            assert not guard.store.available
+        finally:
+            private_redis.resume()
+        await wait_until_redis_decides(c, private_redis, guard)
+        assert guard.store.available
+    await guard.aclose()
+
+
+async def test_concurrency_counts_fall_back_and_recover(private_redis: RedisServer) -> None:
+    guard = guard_for(private_redis, "local", [{"concurrency": 2}])
+    async with client(shop(guard)) as c:
+        private_redis.stop()
+        assert set(await burst(c, 5)) == {200}  # sequential-ish requests never exceed 2
+        private_redis.start()
+        deadline = time.monotonic() + 8
+        while not guard.store.available:
+            await c.get("/items/1")
+            assert time.monotonic() < deadline, "no recovery within 8 s"
+            await asyncio.sleep(0.2)
+    await guard.aclose()
+
+
+async def test_an_outage_is_logged_once_and_its_end_once(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ymguard.storage")
+    guard = guard_for(private_redis, "local")
+    async with client(shop(guard)) as c:
+        await burst(c, 2)
+        private_redis.stop()
+        for _ in range(3):
+            await burst(c, 10)
+            await asyncio.sleep(0.4)
+        private_redis.start()
+        await wait_until_redis_decides(c, private_redis)
+    await guard.aclose()
+    messages = [r.getMessage() for r in caplog.records if r.name == "ymguard.storage"]
+    assert len([m for m in messages if "unavailable" in m]) == 1
+    assert len([m for m in messages if "is back" in m]) == 1
+
+
+async def test_unix_socket_storage() -> None:
+    server = RedisServer(unix_socket=True).start()
+    try:
+        guard = Guard(
+            {"resources": {RESOURCE: {"flow": [{"qps": 1}]}}},
+            storage=f"redis+unix://{server.unix_socket}",
+        )
+        assert isinstance(guard.store, RedisStore)
+        async with client(shop(guard)) as c:
+            assert await burst(c, 3) == [200, 429, 429]
+        await guard.aclose()
+    finally:
+        server.close()
+
+
+def test_cluster_and_sentinel_uris_build_their_clients() -> None:
+    from redis.asyncio.cluster import RedisCluster
+
+    from ymguard.storage.redis import make_client
+
+    assert isinstance(make_client("redis+cluster://127.0.0.1:7000"), RedisCluster)
+    sentinel_client = make_client("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster")
+    assert type(sentinel_client).__name__ == "Redis"
+
+
+def test_guard_middleware_is_exported() -> None:
+    assert GuardMiddleware.__module__ == "ymguard.middleware"
