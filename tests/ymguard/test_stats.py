@@ -1,0 +1,63 @@
+"""The per-resource sliding window that breakers, metrics and the system rule read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ymguard.stats import ResourceStats
+
+
+def test_counts_pass_block_success_error_and_rt() -> None:
+    stats = ResourceStats()
+    for _ in range(3):
+        stats.on_pass()
+    stats.on_block()
+    stats.on_exit(10.0, error=False)
+    stats.on_exit(30.0, error=True)
+    counts = stats.counts()
+    assert (counts.passed, counts.blocked, counts.success, counts.errors) == (3, 1, 1, 1)
+    assert counts.avg_rt_ms == pytest.approx(20.0)
+    assert stats.inflight == 1
+
+
+def test_slow_calls_are_counted_per_registered_threshold() -> None:
+    stats = ResourceStats()
+    fast, slow = stats.track_slow(50), stats.track_slow(200)
+    assert stats.track_slow(50) == fast
+    for rt in (10, 60, 250):
+        stats.on_pass()
+        stats.on_exit(rt, error=False)
+    counts = stats.counts()
+    assert counts.slow[fast] == 2 and counts.slow[slow] == 1
+
+
+def test_old_buckets_leave_the_window() -> None:
+    stats = ResourceStats(window_seconds=0.2, buckets=4)
+    stats.on_pass()
+    assert stats.counts().passed == 1
+    time.sleep(0.25)
+    assert stats.counts().passed == 0
+
+
+def test_since_leaves_out_what_came_before_a_reset() -> None:
+    stats = ResourceStats(window_seconds=1.0, buckets=10)
+    stats.on_pass()
+    stats.on_exit(1.0, error=True)
+    time.sleep(0.12)
+    reset_at = time.monotonic()
+    time.sleep(0.12)
+    stats.on_pass()
+    stats.on_exit(1.0, error=False)
+    counts = stats.counts(since=reset_at)
+    assert (counts.errors, counts.success) == (0, 1)
+    assert stats.counts().errors == 1
+
+
+def test_widen_keeps_longer_history() -> None:
+    stats = ResourceStats()
+    stats.widen(10.0)
+    assert stats.window_seconds == 10.0
+    stats.widen(2.0)
+    assert stats.window_seconds == 10.0
