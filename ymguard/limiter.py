@@ -69,8 +69,9 @@ class WindowResult:
     Attributes:
         admitted: whether the calls were counted (and so may proceed).
         remaining: permits left in the window after this attempt.
-        wait_seconds: when admitted, seconds until the window frees room; when refused,
-            seconds until this attempt could succeed.
+        wait_seconds: when refused, seconds until this attempt could succeed; when
+            admitted, when the window frees room (Redis computes it exactly; memory
+            skips that work on the hot path and gives the window length, an upper bound).
         slot: the bucket the calls were counted in (for a refund).
     """
 
@@ -91,22 +92,22 @@ class _MemoryWindow:
         now = self.store.now()
         blen = window / BUCKETS
         slot = int(now / blen)
-        first = slot - BUCKETS + 1
-        for old in [s for s in counts if s < first]:
-            del counts[old]
+        if len(counts) > BUCKETS or (counts and next(iter(counts)) <= slot - BUCKETS):
+            first = slot - BUCKETS + 1
+            for old in [s for s in counts if s < first]:
+                del counts[old]
         total = sum(counts.values())
-        admitted = total + n <= limit
-        if admitted:
-            total += n
+        if total + n <= limit:
             counts[slot] = counts.get(slot, 0) + n
-        need = 1 if admitted else n
+            # The reset time only feeds headers of refusals: skip it on the hot path.
+            return WindowResult(True, limit - total - n, window, str(slot))
         wait, freed = window, 0
         for s in sorted(counts):
             freed += counts[s]
-            if total - freed + need <= limit:
+            if total - freed + n <= limit:
                 wait = (s + BUCKETS) * blen - now
                 break
-        return WindowResult(admitted, max(0, limit - total), wait, str(slot))
+        return WindowResult(False, max(0, limit - total), wait, str(slot))
 
     async def refund(self, key: str, slot: str, n: int = 1) -> None:
         counts: dict[int, int] | None = self.store.data.get(key)
@@ -210,6 +211,7 @@ class QpsCheck(_FlowCheckBase):
         self.window_seconds = window_seconds
         self.window = window_backend(store)
         self._local: _MemoryWindow | None = None
+        self._keys: dict[str, str] = {}
 
     def _local_window(self) -> _MemoryWindow:
         if self._local is None:
@@ -220,7 +222,9 @@ class QpsCheck(_FlowCheckBase):
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
-        key = self.store.key("flow", self.key_base, suffix)
+        key = self._keys.get(suffix)
+        if key is None:
+            key = self._keys[suffix] = self.store.key("flow", self.key_base, suffix)
         window: Window = self.window
         try:
             result = await window.acquire(key, self.limit, self.window_seconds)
