@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
 from .base import StoragePolicy, Store
+from .pipeline import AutoPipeline
 
 log = logging.getLogger("ymguard.storage")
 
@@ -83,6 +84,19 @@ def make_client(uri: str) -> Any:
     raise ValueError(f"not a Redis storage URI: {uri!r}")
 
 
+def make_pipeline(uri: str) -> AutoPipeline | None:
+    """The auto-pipelined connection for a single-server URI (None for cluster/sentinel)."""
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("redis", "rediss"):
+        url = uri
+    elif scheme == "redis+unix":
+        url = "unix://" + rest
+    else:
+        return None
+    url, query = _with_defaults(url)
+    return AutoPipeline(url, float(query["socket_timeout"]), float(query["socket_connect_timeout"]))
+
+
 class RedisStore(Store):
     """Guard state in Redis.
 
@@ -107,6 +121,7 @@ class RedisStore(Store):
         super().__init__(key_prefix=key_prefix, on_storage_error=on_storage_error)
         self.uri = uri
         self.client: Any = make_client(uri)
+        self._pipe = make_pipeline(uri)
         self.retry_interval = retry_interval
         self._scripts: dict[str, AsyncScript] = {}
         self._down_since: float | None = None
@@ -136,7 +151,10 @@ class RedisStore(Store):
                 raise StorageUnavailable(f"{self.uri} is unavailable")
             self._probing = probing = True
         try:
-            result = await script(keys=keys, args=args)
+            if self._pipe is not None:
+                result = await self._pipe.evalsha(script.sha, script.script, keys, args)  # type: ignore[arg-type]
+            else:
+                result = await script(keys=keys, args=args)
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
             raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
@@ -152,7 +170,10 @@ class RedisStore(Store):
         if self._down_since is not None and time.monotonic() < self._retry_at:
             raise StorageUnavailable(f"{self.uri} is unavailable")
         try:
-            result = await self.client.execute_command(*args)
+            if self._pipe is not None:
+                result = await self._pipe.execute(*args)
+            else:
+                result = await self.client.execute_command(*args)
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
             raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
@@ -183,5 +204,7 @@ class RedisStore(Store):
         self._down_since = None
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the pipelined connection."""
+        if self._pipe is not None:
+            self._pipe.close()
         await self.client.aclose()

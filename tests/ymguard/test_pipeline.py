@@ -1,0 +1,86 @@
+"""The auto-pipelined connection the request path uses on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tests.helpers import RedisServer
+from ymguard.storage.pipeline import AutoPipeline
+from ymguard.storage.redis import RedisStore
+
+
+async def test_concurrent_commands_get_their_own_replies(redis_url: str, prefix: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    keys = [f"{prefix}:{i}" for i in range(200)]
+    await asyncio.gather(*(pipe.execute("SET", k, i) for i, k in enumerate(keys)))
+    values = await asyncio.gather(*(pipe.execute("GET", k) for k in keys))
+    assert values == [str(i).encode() for i in range(200)]
+    await pipe.execute("DEL", *keys)
+    pipe.close()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies(redis_url: str, prefix: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    await pipe.execute("SET", f"{prefix}:a", "A")
+    await pipe.execute("SET", f"{prefix}:b", "B")
+    first = asyncio.ensure_future(pipe.execute("GET", f"{prefix}:a"))
+    second = asyncio.ensure_future(pipe.execute("GET", f"{prefix}:b"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == b"B"
+    assert await pipe.execute("GET", f"{prefix}:a") == b"A"
+    await pipe.execute("DEL", f"{prefix}:a", f"{prefix}:b")
+    pipe.close()
+
+
+async def test_errors_come_back_as_redis_errors(redis_url: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    with pytest.raises(ResponseError):
+        await pipe.execute("NOSUCHCOMMAND")
+    assert await pipe.execute("PING") == b"PONG"
+    pipe.close()
+
+
+async def test_scripts_survive_a_script_cache_flush(private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.url)
+    script = store.script("return ARGV[1] + 1")
+    assert await store.run(script, (), (1,)) == 2
+    await store.client.script_flush()
+    assert await store.run(script, (), (41,)) == 42
+    await store.aclose()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    server = RedisServer().start()
+    try:
+        redis.Redis(port=server.port).config_set("requirepass", "s3cret")
+        pipe = AutoPipeline(f"redis://:s3cret@127.0.0.1:{server.port}/3", 2.0, 2.0)
+        await pipe.execute("SET", "k", "v")
+        assert b" db=3 " in await pipe.execute("CLIENT", "INFO")
+        pipe.close()
+    finally:
+        server.close()
+
+
+async def test_a_hung_server_times_out_and_the_next_call_reconnects(
+    private_redis: RedisServer,
+) -> None:
+    pipe = AutoPipeline(private_redis.url, 0.3, 0.3)
+    assert await pipe.execute("PING") == b"PONG"
+    private_redis.pause()
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await pipe.execute("PING")
+    finally:
+        private_redis.resume()
+    assert await pipe.execute("PING") == b"PONG"
+    private_redis.stop()
+    with pytest.raises(RedisConnectionError):
+        await pipe.execute("PING")
+    pipe.close()
