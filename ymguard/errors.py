@@ -254,6 +254,61 @@ def blocked_response(exc: Blocked) -> ProblemResponse:
     )
 
 
+def install_http_problems(app: Any) -> None:
+    """Render the framework's errors on ``app`` as problem+json.
+
+    ``HTTPException`` keeps its status and headers; FastAPI's ``RequestValidationError``
+    becomes 422 ``validation-error`` listing each invalid field; any other unhandled
+    exception becomes 500 ``internal-error`` (the traceback goes to the log, never to the
+    client).
+    """
+    from http import HTTPStatus
+
+    from starlette.exceptions import HTTPException
+
+    def phrase(status: int) -> str:
+        try:
+            return HTTPStatus(status).phrase
+        except ValueError:
+            return "Error"
+
+    async def http_error(request: Any, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        title = phrase(exc.status_code)
+        code = title.lower().replace(" ", "-").replace("'", "")
+        if exc.status_code < 400:  # not an error: keep Starlette's plain response
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return ProblemResponse(exc.status_code, code, title, str(exc.detail), headers=exc.headers)
+
+    async def internal_error(request: Any, exc: Exception) -> Response:
+        return ProblemResponse(500, "internal-error", "Internal server error")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    try:
+        from fastapi.encoders import jsonable_encoder
+        from fastapi.exceptions import RequestValidationError
+    except ImportError:  # a plain Starlette app
+        return
+
+    async def validation_error(request: Any, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors)
+        return ProblemResponse(
+            422,
+            "validation-error",
+            "Invalid request",
+            f"invalid fields: {fields}" if fields else "the request is not valid",
+            extra={"errors": jsonable_encoder(errors)},
+        )
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
 __all__ = [
     "PROBLEM_BASE",
     "PROBLEM_MEDIA_TYPE",
@@ -276,6 +331,7 @@ __all__ = [
     "SystemOverloaded",
     "YmguardError",
     "blocked_response",
+    "install_http_problems",
     "ratelimit_headers",
     "retry_after_header",
 ]

@@ -24,7 +24,7 @@ from limits import parse_many
 from starlette.requests import Request
 
 from .chain import Chain, Context
-from .errors import Blocked, ProblemResponse, blocked_response
+from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
 from .limiter import FlowRule, QpsCheck, build_flow_checks
 from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
 from .semaphore import Semaphore
@@ -327,7 +327,7 @@ class Guard:
                 )
         return None
 
-    def install(self, app: Any) -> None:
+    def install(self, app: Any, *, http_errors: bool = True) -> None:
         """Register the global exception mapper on a Starlette or FastAPI app.
 
         Maps :class:`Blocked` errors raised inside endpoints, the ``errors:`` of the rules
@@ -352,6 +352,15 @@ class Guard:
         await self.store.aclose()
 
 
+        Args:
+            app: the Starlette or FastAPI application.
+            http_errors: also render the framework's own errors as problem+json
+                (``HTTPException`` such as 404 and 405, FastAPI's request validation
+                errors as 422 ``validation-error``, and unhandled exceptions as a 500
+                ``internal-error`` without a stack trace).
+
+        if http_errors:
+            install_http_problems(app)
 class RouteLimit:
     """``guard.limit(spec)``: a FastAPI dependency and an endpoint decorator in one.
 

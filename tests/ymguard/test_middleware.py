@@ -340,3 +340,33 @@ def test_blocked_errors_render_their_own_status() -> None:
     body = json.loads(bytes(response.body))
     assert body["type"].endswith("/circuit-open") and body["resource"] == "GET /x"
     assert isinstance(CircuitOpen("r"), Blocked)
+
+
+async def test_framework_errors_become_problem_json_without_stack_traces() -> None:
+    guard = Guard()
+    app = FastAPI()
+
+    @app.get("/n/{n}")
+    async def number(n: int) -> dict[str, int]:
+        if n == 13:
+            raise RuntimeError("secret internals")
+        return {"n": n}
+
+    app.add_middleware(GuardMiddleware, guard=guard)
+    guard.install(app)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        missing = await c.get("/nowhere")
+        wrong_method = await c.post("/n/1")
+        invalid = await c.get("/n/abc")
+        crash = await c.get("/n/13")
+    assert missing.status_code == 404 and missing.json()["type"].endswith("/not-found")
+    assert wrong_method.status_code == 405 and "allow" in wrong_method.headers
+    assert invalid.status_code == 422
+    assert invalid.json()["type"].endswith("/validation-error")
+    assert invalid.json()["errors"][0]["loc"] == ["path", "n"]
+    assert crash.status_code == 500
+    assert crash.headers["content-type"] == "application/problem+json"
+    assert "secret" not in crash.text
+    for response in (missing, wrong_method, invalid):
+        assert response.headers["content-type"] == "application/problem+json"
