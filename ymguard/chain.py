@@ -5,19 +5,22 @@ call (returning a token the check wants back at exit) or raises :class:`Blocked`
 ``exit`` runs in reverse order after the call, or at once for the checks that had
 admitted a call that a later check blocked: then ``ctx.blocked`` is set and the check
 gives back what it took (no half-spent quota, no leaked permit).
+
+A check may also answer the call itself (an idempotent replay) by raising
+:class:`ShortCircuit`: for the checks before it that is a call that passed and finished.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import Blocked
 from .stats import ResourceStats
-from .types import Scope
+from .types import ASGIApp, Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
 
@@ -36,6 +39,10 @@ class Context:
         error: the exception the call raised, if any.
         blocked: the error of a later check that blocked this call, if any.
         extras: per-check data for the rare check that needs more than its token.
+        receive: the ASGI ``receive`` the app will get; a check that reads the body
+            (idempotency) replaces it with one that hands the body on again.
+        on_send: hooks that see every ASGI message the app sends (None, the usual case,
+            costs nothing); a check that keeps the response (idempotency) adds one.
     """
 
     resource: str
@@ -47,6 +54,22 @@ class Context:
     error: BaseException | None = None
     blocked: Blocked | None = None
     extras: dict[str, Any] | None = None
+    receive: Receive | None = None
+    on_send: list[Callable[[Message], None]] | None = None
+
+
+class ShortCircuit(Exception):
+    """Raised by a check's ``enter`` to answer the call itself, without the endpoint.
+
+    Attributes:
+        response: the ASGI app that sends the answer.
+        status: the answer's HTTP status (recorded as the call's outcome).
+    """
+
+    def __init__(self, response: ASGIApp, status: int) -> None:
+        self.response = response
+        self.status = status
+        super().__init__(f"answered by a check with {status}")
 
 
 class Check(Protocol):
@@ -102,6 +125,12 @@ class Chain:
                 ctx.blocked = exc
                 await self._unwind(ctx, tokens)
                 self.stats.on_block()
+                raise
+            except ShortCircuit as exc:
+                # Answered without the endpoint: the earlier checks saw a call that passed.
+                ctx.status = exc.status
+                self.stats.on_pass()
+                await self.exit(ctx, tokens)
                 raise
             except BaseException:
                 await self._unwind(ctx, tokens)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 from limits import parse_many
 from starlette.requests import Request
 
+from .antiresubmit import SubmitTokenRule, SubmitTokens, build_antiresubmit_checks
 from .chain import Chain, Context
 from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
 from .limiter import FlowRule, QpsCheck, build_flow_checks
@@ -156,7 +157,9 @@ class Guard:
             checks += build_flow_checks(self.store, resource, rules.flow)
             # breaker: breaker.py (issue 4) adds its checks here
             # semaphore: semaphore.py (issue 3) adds its check here
-            # idempotency, submit_token: antiresubmit.py (issue 5) add their checks here
+            checks += build_antiresubmit_checks(
+                self.store, resource, rules.idempotency, rules.submit_token, self.submit_tokens
+            )
         return Chain(resource, checks, self.stats(resource))
 
     # -- origin --------------------------------------------------------------------------
@@ -274,6 +277,21 @@ class Guard:
         a ``request`` parameter either way.
         """
         return RouteLimit(self, spec)
+
+    # -- submit tokens -------------------------------------------------------------------
+
+    @functools.cached_property
+    def submit_tokens(self) -> SubmitTokens:
+        """The anti-resubmit tokens on the guard's store, which ``submit_token`` rules spend.
+
+        ``await guard.submit_tokens.issue_for(request, "POST /orders")`` issues a token
+        bound the way that resource's rule says.
+        """
+        return SubmitTokens(self.store, rules=self._submit_token_rule, origin_of=self.origin_of)
+
+    def _submit_token_rule(self, resource: str) -> SubmitTokenRule | None:
+        rules = self.rules.resources.get(resource)
+        return None if rules is None else rules.submit_token
 
     # -- semaphores ----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.routing import Match, Mount
 
-from .chain import Context
+from .chain import Context, ShortCircuit
 from .errors import Blocked
 from .guard import Guard, current_context
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -97,25 +97,32 @@ class GuardMiddleware:
             guard._loop = asyncio.get_running_loop()
         resource, params = resolved
         chain = guard.chain(resource)
-        ctx = Context(resource, guard.origin_of(scope), params, scope)
+        ctx = Context(resource, guard.origin_of(scope), params, scope, receive=receive)
         try:
             tokens = await chain.enter(ctx)
         except Blocked as exc:
             await guard.problem_for(exc)(scope, receive, send)  # type: ignore[misc]
             return
+        except ShortCircuit as answer:  # a check answered itself (an idempotent replay)
+            await answer.response(scope, receive, send)
+            return
 
         started = False
+        hooks = ctx.on_send  # None unless a check (idempotency) keeps the response
 
         async def send_status(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 ctx.status = message["status"]
                 started = True
+            if hooks is not None:
+                for hook in hooks:
+                    hook(message)
             await send(message)
 
         reset = current_context.set(ctx)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, ctx.receive or receive, send_status)
         except Blocked as exc:  # raised inside the endpoint, and not mapped by install()
             if started:
                 raise

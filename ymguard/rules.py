@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from ._model import RuleModel, not_supported_yet
+from .antiresubmit import IdempotencyRule, SubmitTokenRule
 from .errors import RuleProblem, RulesError
 from .limiter import FlowRule
 
@@ -61,15 +62,13 @@ class ResourceRules(RuleModel):
     authority: Any = None
     semaphore: Any = None
     breaker: Any = None
-    idempotency: Any = None
-    submit_token: Any = None
+    idempotency: IdempotencyRule | None = None
+    submit_token: SubmitTokenRule | None = None
 
     _param_flow = field_validator("param_flow")(_refuse("param_flow"))
     _authority = field_validator("authority")(_refuse("authority"))
     _semaphore = field_validator("semaphore")(_refuse("semaphore"))
     _breaker = field_validator("breaker")(_refuse("breaker"))
-    _idempotency = field_validator("idempotency")(_refuse("idempotency"))
-    _submit_token = field_validator("submit_token")(_refuse("submit_token"))
 
 
 class RulesFile(RuleModel):

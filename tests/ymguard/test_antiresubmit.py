@@ -1,0 +1,426 @@
+"""Anti-resubmit: submit tokens and Idempotency-Key, on the memory store and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.apps.antiresubmit_app import create_app
+from tests.helpers import RedisServer, Uvicorn
+from ymguard import Guard, RulesError
+from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key
+from ymguard.errors import PROBLEM_BASE
+from ymguard.storage import Store, store_from_uri
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def key() -> str:
+    return f'"{uuid.uuid4()}"'
+
+
+def problem(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "application/problem+json"
+    type_uri: str = response.json()["type"]
+    return type_uri.removeprefix(PROBLEM_BASE)
+
+
+async def wait_for(predicate: Any, what: str, tries: int = 400) -> None:
+    """Poll an async predicate (bounded), for states that need another task to progress."""
+    for _ in range(tries):
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+# -- submit tokens ---------------------------------------------------------------------
+
+
+async def test_hundred_concurrent_consumes_of_one_token_exactly_one_wins(store: Store) -> None:
+    tokens = SubmitTokens(storage=store, ttl_seconds=60)
+    token = await tokens.issue("user-1:courses-1,2")
+    results = await asyncio.gather(
+        *(tokens.consume("user-1:courses-1,2", token) for _ in range(100))
+    )
+    assert results.count(True) == 1
+    assert await tokens.consume("user-1:courses-1,2", token) is False
+
+
+async def test_a_token_of_another_scope_never_matches(store: Store) -> None:
+    tokens = SubmitTokens(storage=store)
+    alice = await tokens.issue("alice")
+    bob = await tokens.issue("bob")
+    assert alice != bob and len(alice) >= 20
+    assert await tokens.consume("bob", alice) is False
+    assert await tokens.consume("alice", "") is False
+    assert await tokens.consume("alice", alice) is True
+    assert await tokens.consume("bob", bob) is True
+
+
+async def test_issuing_again_replaces_the_scopes_token(store: Store) -> None:
+    tokens = SubmitTokens(storage=store)
+    first = await tokens.issue("alice")
+    second = await tokens.issue("alice")
+    assert await tokens.consume("alice", first) is False
+    assert await tokens.consume("alice", second) is True
+
+
+async def test_an_expired_token_is_refused(store: Store) -> None:
+    tokens = SubmitTokens(storage=store, ttl_seconds=0.05)
+    token = await tokens.issue("alice")
+    await asyncio.sleep(0.15)
+    assert await tokens.consume("alice", token) is False
+
+
+async def test_tokens_on_two_objects_of_one_store_are_shared(store: Store) -> None:
+    token = await SubmitTokens(storage=store).issue("alice")
+    assert await SubmitTokens(storage=store).consume("alice", token) is True
+    other_prefix = SubmitTokens(storage=store, prefix="other")
+    token = await SubmitTokens(storage=store).issue("alice")
+    assert await other_prefix.consume("alice", token) is False
+    assert other_prefix.key("alice") != SubmitTokens(storage=store).key("alice")
+
+
+async def test_submit_token_rule_spends_the_token_once(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    async with client(app) as c:
+        alice = {"X-User": "alice"}
+        token = (await c.get("/orders/confirm?course_ids=1,2", headers=alice)).json()["token"]
+        headers = {**alice, "X-Submit-Token": token}
+        first = await c.post("/orders?course_ids=1,2", headers=headers)
+        again = await c.post("/orders?course_ids=1,2", headers=headers)
+        missing = await c.post("/orders?course_ids=1,2", headers=alice)
+    await app.state.guard.aclose()
+    assert first.status_code == 200 and first.json()["courses"] == "1,2"
+    assert again.status_code == 409 and problem(again) == "duplicate-submission"
+    assert missing.status_code == 409 and problem(missing) == "duplicate-submission"
+    assert app.state.runs["orders"] == 1
+
+
+async def test_submit_token_is_bound_to_user_and_courses(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    async with client(app) as c:
+        token = (await c.get("/orders/confirm?course_ids=1", headers={"X-User": "alice"})).json()
+        headers = {"X-User": "bob", "X-Submit-Token": token["token"]}
+        as_bob = await c.post("/orders?course_ids=1", headers=headers)
+        headers["X-User"] = "alice"
+        other_course = await c.post("/orders?course_ids=2", headers=headers)
+        right = await c.post("/orders?course_ids=1", headers=headers)
+    await app.state.guard.aclose()
+    assert [as_bob.status_code, other_course.status_code, right.status_code] == [409, 409, 200]
+
+
+async def test_concurrent_submits_with_one_token_place_one_order(
+    storage_uri: str, prefix: str
+) -> None:
+    app = create_app(storage_uri, prefix)
+    async with client(app) as c:
+        alice = {"X-User": "alice"}
+        token = (await c.get("/orders/confirm?course_ids=7", headers=alice)).json()["token"]
+        headers = {**alice, "X-Submit-Token": token}
+        responses = await asyncio.gather(
+            *(c.post("/orders?course_ids=7", headers=headers) for _ in range(30))
+        )
+    await app.state.guard.aclose()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [409] * 29
+    assert app.state.runs["orders"] == 1
+
+
+# -- Idempotency-Key: the header -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"8e03978e-40d5-43e8-bc93-6894a57f9324"', "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        ("8e03978e-40d5-43e8-bc93-6894a57f9324", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        ('  "a b\\"c"  ', 'a b"c'),
+        ('"abc";v=1', "abc"),
+        ('""', None),
+        ('"abc', None),
+        ("a b", None),
+        ('"caf\u00e9"', None),
+        ("", None),
+        ('"' + "k" * 256 + '"', None),
+        ('"' + "k" * 255 + '"', "k" * 255),
+    ],
+)
+def test_the_header_is_an_sf_string_or_a_bare_token(value: str, expected: str | None) -> None:
+    assert parse_idempotency_key(value) == expected
+
+
+def test_rules_refuse_an_unknown_scope_part() -> None:
+    with pytest.raises(RulesError) as info:
+        Guard({"resources": {"POST /x": {"idempotency": {"scope": ["cookie:sid"]}}}})
+    assert "idempotency.scope" in str(info.value)
+    guard = Guard({"resources": {"POST /x": {"submit_token": {"scope": "state:user"}}}})
+    rule = guard.rules.resources["POST /x"].submit_token
+    assert rule is not None and rule.scope == ["state:user"] and rule.ttl_seconds == 900
+
+
+# -- Idempotency-Key: behaviour --------------------------------------------------------
+
+
+async def test_fifty_concurrent_requests_with_one_new_key_run_once(
+    storage_uri: str, prefix: str
+) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key(), "X-User": "alice"}
+    async with client(app) as c:
+        responses = await asyncio.gather(
+            *(c.post("/pay", json={"amount": 42}, headers=headers) for _ in range(50))
+        )
+        retry = await c.post("/pay", json={"amount": 42}, headers=headers)
+    await app.state.guard.aclose()
+    assert app.state.runs["pay"] == 1
+    firsts = [
+        r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers
+    ]
+    assert len(firsts) == 1
+    for r in responses:
+        if r.status_code == 409:
+            assert problem(r) == "idempotency-key-in-flight"
+        else:
+            assert r.status_code == 201 and r.content == firsts[0].content
+    assert retry.status_code == 201 and retry.content == firsts[0].content
+    assert retry.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_replay_is_the_same_response_without_cookies(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key(), "X-User": "alice"}
+    async with client(app) as c:
+        first = await c.post("/pay", json={"amount": 1}, headers=headers)
+        replay = await c.post("/pay", json={"amount": 1}, headers=headers)
+        other_user = await c.post("/pay", json={"amount": 1}, headers={**headers, "X-User": "b"})
+    await app.state.guard.aclose()
+    assert (replay.status_code, replay.content) == (first.status_code, first.content)
+    assert json.loads(replay.content) == {"pay_flow": 1, "amount": 1}
+    assert replay.headers["location"] == first.headers["location"] == "/pay/1"
+    assert replay.headers["x-run"] == "1"
+    assert replay.headers["content-type"] == first.headers["content-type"]
+    assert "set-cookie" in first.headers and "set-cookie" not in replay.headers
+    assert "idempotent-replayed" not in first.headers
+    # Keys are per caller: another user's same key is a request of its own.
+    assert other_user.status_code == 201 and other_user.json()["pay_flow"] == 2
+
+
+async def test_same_key_with_another_body_is_422(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        await c.post("/pay", json={"amount": 1}, headers=headers)
+        other = await c.post("/pay", json={"amount": 2}, headers=headers)
+    await app.state.guard.aclose()
+    assert other.status_code == 422 and problem(other) == "idempotency-key-mismatch"
+    assert app.state.runs["pay"] == 1
+
+
+async def test_missing_malformed_or_overlong_key_is_400(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    async with client(app) as c:
+        missing = await c.post("/pay", json={"amount": 1})
+        junk = await c.post("/pay", json={"amount": 1}, headers={"Idempotency-Key": '"a'})
+        long = await c.post("/pay", json={"amount": 1}, headers={"Idempotency-Key": "k" * 300})
+        bare = await c.post("/pay", json={"amount": 1}, headers={"Idempotency-Key": "8e03-ab"})
+    await app.state.guard.aclose()
+    for response in (missing, junk, long):
+        assert response.status_code == 400 and problem(response) == "idempotency-key-missing"
+    assert bare.status_code == 201 and app.state.runs["pay"] == 1
+
+
+async def test_a_key_whose_holder_died_is_usable_after_the_lease(
+    storage_uri: str, prefix: str
+) -> None:
+    # Two "processes" on one store: A's request hangs (its holder is as good as dead),
+    # B retries: 409 while A's lease lasts, then B runs the request itself.
+    store = store_from_uri(storage_uri, key_prefix=prefix)
+    app_a = create_app(store, prefix, lease_seconds=0.5)
+    app_b = create_app(store, prefix, lease_seconds=0.5)
+    headers = {"Idempotency-Key": key()}
+    async with client(app_a) as a, client(app_b) as b:
+        hung = asyncio.ensure_future(a.post("/slow", headers=headers))
+
+        async def a_runs() -> bool:
+            return bool(app_a.state.runs["slow"] == 1)
+
+        await wait_for(a_runs, "A runs")
+        in_flight = await b.post("/slow", headers=headers)
+        app_b.state.release.set()
+
+        async def b_runs() -> bool:
+            return (await b.post("/slow", headers=headers)).status_code == 200
+
+        await wait_for(b_runs, "B runs once A's lease has expired")
+        replay = await b.post("/slow", headers=headers)
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
+        await asyncio.sleep(0.05)  # let A's cancelled request finish its cleanup
+    await store.aclose()
+    assert in_flight.status_code == 409 and problem(in_flight) == "idempotency-key-in-flight"
+    assert in_flight.headers["retry-after"] == "1"
+    assert app_b.state.runs["slow"] == 1
+    assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_server_error_frees_the_key_for_a_retry(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        failed = await c.post("/fail", headers=headers)
+        retried = await c.post("/fail", headers=headers)
+        replay = await c.post("/fail", headers=headers)
+    await app.state.guard.aclose()
+    assert failed.status_code == 500 and retried.status_code == 200
+    assert replay.content == retried.content and replay.headers["idempotent-replayed"] == "true"
+    assert app.state.runs["fail"] == 2
+
+
+async def test_a_large_response_is_sent_but_not_kept(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        first = await c.post("/big", headers=headers)
+        retry = await c.post("/big", headers=headers)
+    await app.state.guard.aclose()
+    assert first.status_code == 200 and len(first.content) == 5000
+    assert retry.status_code == 409 and problem(retry) == "idempotency-response-not-kept"
+    assert app.state.runs["big"] == 1
+
+
+async def test_a_streamed_response_is_kept_whole(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        first = await c.post("/stream", headers=headers)
+        replay = await c.post("/stream", headers=headers)
+    await app.state.guard.aclose()
+    assert first.content == b"chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;"
+    assert replay.content == first.content and replay.headers["idempotent-replayed"] == "true"
+    assert app.state.runs["stream"] == 1
+
+
+async def test_only_the_configured_methods_are_guarded(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        statuses = [(await c.put("/pay", headers=headers)).status_code for _ in range(2)]
+        no_key = await c.put("/pay")
+    await app.state.guard.aclose()
+    assert statuses == [200, 200] and no_key.status_code == 200
+    assert app.state.runs["put"] == 3
+
+
+async def test_an_over_limit_body_is_413(storage_uri: str, prefix: str) -> None:
+    guard = Guard(
+        {"key_prefix": prefix, "resources": {"POST /pay": {"idempotency": {"max_body_bytes": 10}}}},
+        storage=storage_uri,
+    )
+    from fastapi import FastAPI
+
+    from ymguard import GuardMiddleware
+
+    app = FastAPI()
+
+    @app.post("/pay")
+    async def pay() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(GuardMiddleware, guard=guard)
+    async with client(app) as c:
+        big = await c.post("/pay", content=b"x" * 11, headers={"Idempotency-Key": key()})
+        small = await c.post("/pay", content=b"x" * 10, headers={"Idempotency-Key": key()})
+    await guard.aclose()
+    assert big.status_code == 413 and problem(big) == "idempotency-body-too-large"
+    assert small.status_code == 200
+
+
+async def test_a_replay_passes_the_earlier_checks(storage_uri: str, prefix: str) -> None:
+    app = create_app(storage_uri, prefix)
+    headers = {"Idempotency-Key": key()}
+    async with client(app) as c:
+        for _ in range(3):
+            await c.post("/pay", json={"amount": 5}, headers=headers)
+    guard: Guard = app.state.guard
+    await guard.aclose()
+    counts = guard.stats("POST /pay").counts()
+    assert counts.passed == 3 and counts.blocked == 0
+
+
+async def test_a_killed_process_frees_its_key_after_the_lease(redis_url: str, prefix: str) -> None:
+    env = {"YMGUARD_STORAGE": redis_url, "ANTIRESUBMIT_PREFIX": prefix, "ANTIRESUBMIT_LEASE": "1"}
+    server = Uvicorn("tests.apps.antiresubmit_app:app_from_env", env=env, factory=True).start()
+    app = create_app(redis_url, prefix, lease_seconds=1)
+    headers = {"Idempotency-Key": key()}
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as remote, client(app) as local:
+            hung = asyncio.ensure_future(remote.post("/slow", headers=headers, timeout=30))
+
+            async def remote_runs() -> bool:
+                return bool((await remote.get("/runs")).json().get("slow") == 1)
+
+            await wait_for(remote_runs, "the remote process runs the request")
+            in_flight = await local.post("/slow", headers=headers)
+            server.kill()
+            with pytest.raises(httpx.TransportError):
+                await hung
+            app.state.release.set()
+
+            async def retried() -> bool:
+                return (await local.post("/slow", headers=headers)).status_code == 200
+
+            await wait_for(retried, "the dead process's lease expires")
+    finally:
+        server.stop()
+        await app.state.guard.aclose()
+    assert in_flight.status_code == 409
+    assert app.state.runs["slow"] == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        # local: keys and tokens work in process (a token from before the outage is refused)
+        ("local", {"pay": [201, 201], "runs": 1, "old_token": 409, "new_token": 200}),
+        # open: no idempotency and no token check while the store is down
+        ("open", {"pay": [201, 201], "runs": 2, "old_token": 200, "new_token": 200}),
+        # closed: refuse what cannot be checked
+        ("closed", {"pay": [503, 503], "runs": 0, "old_token": 503, "new_token": None}),
+    ],
+)
+async def test_a_storage_outage_follows_on_storage_error(
+    private_redis: RedisServer, prefix: str, policy: str, expected: dict[str, Any]
+) -> None:
+    app = create_app(private_redis.url, prefix, on_storage_error=policy)
+    alice = {"X-User": "alice"}
+    headers = {**alice, "Idempotency-Key": key()}
+    async with client(app) as c:
+        old = (await c.get("/orders/confirm?course_ids=1", headers=alice)).json()["token"]
+        private_redis.stop()
+        pay = [await c.post("/pay", json={"amount": 1}, headers=headers) for _ in range(2)]
+        spend_old = await c.post("/orders?course_ids=1", headers={**alice, "X-Submit-Token": old})
+        new_token = None
+        if policy != "closed":  # closed: issuing raises StorageUnavailable to the app
+            new = (await c.get("/orders/confirm?course_ids=1", headers=alice)).json()["token"]
+            submit = {**alice, "X-Submit-Token": new}
+            new_token = (await c.post("/orders?course_ids=1", headers=submit)).status_code
+    await app.state.guard.aclose()
+    assert [r.status_code for r in pay] == expected["pay"]
+    assert app.state.runs["pay"] == expected["runs"]
+    if policy == "closed":
+        assert problem(pay[0]) == "storage-unavailable"
+    if policy == "local":
+        assert pay[1].content == pay[0].content and "idempotent-replayed" in pay[1].headers
+    assert spend_old.status_code == expected["old_token"]
+    assert new_token == expected["new_token"]

@@ -1,0 +1,888 @@
+"""Anti-resubmit: the seed's submit tokens, and the ``Idempotency-Key`` header.
+
+**Submit tokens** (the seed's ``checkRepeatSubmit``): the order page asks for a token, the
+order submit spends it. The seed did GET-then-DEL, which lets two concurrent submits both
+pass; here consuming is one compare-and-delete (one Lua call on Redis), so of any number of
+concurrent submits exactly one wins. One live token per scope: issuing again replaces the
+last one (a second tab's older token is then refused, which is what anti-resubmit wants),
+and the store holds at most one token per scope however often the page is opened.
+
+**Idempotency-Key** (draft-ietf-httpapi-idempotency-key-header-06): a client sends a unique
+key with an unsafe request and may retry it safely. The first request takes an in-flight
+lease on the key, the endpoint runs, and the finished response is stored under the key
+with the request's fingerprint; a retry with the same key and body gets the stored
+response again (``Idempotent-Replayed: true``), one with another body gets 422, one that
+comes while the first is running gets 409. If the first request's process dies, the lease
+expires and the key can be used again. Each state change is one Lua call on Redis.
+
+Scopes: both rules scope keys to the route (the resource) and to the caller, by default
+the guard's ``origin``; ``scope:`` lists the parts instead (``origin``,
+``state:NAME`` for ``request.state.NAME``, ``header:NAME``, ``query:NAME``,
+``param:NAME``). The seed binds its token to the user and the course ids:
+``scope: [state:user, query:course_ids]`` with ``request.state.user`` set by an
+authentication middleware that runs outside :class:`GuardMiddleware`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from pydantic import Field, field_validator
+
+from ._model import RuleModel
+from .chain import Context, ShortCircuit
+from .errors import (
+    Blocked,
+    DuplicateSubmission,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyMissing,
+    StorageBlocked,
+    StorageUnavailable,
+)
+from .lua import lua
+from .storage import MemoryStore, RedisStore, Store, store_from_uri
+from .types import Message, Receive, Scope, Send
+
+log = logging.getLogger("ymguard")
+
+_SCOPE_KINDS = ("state", "header", "query", "param")
+
+
+def _scope_parts(value: Any) -> Any:
+    """Accept one part as a string; check every part names a known source."""
+    parts = [value] if isinstance(value, str) else value
+    if isinstance(parts, list):
+        for part in parts:
+            if not isinstance(part, str):
+                continue  # pydantic reports the type
+            kind, sep, name = part.partition(":")
+            if part == "origin" or (sep and kind in _SCOPE_KINDS and name):
+                continue
+            raise ValueError(
+                f"scope part {part!r}: use origin, state:NAME, header:NAME, query:NAME or "
+                "param:NAME"
+            )
+    return parts
+
+
+class SubmitTokenRule(RuleModel):
+    """The ``submit_token`` rule of a resource: the seed's anti-resubmit token."""
+
+    header: str = Field("X-Submit-Token", min_length=1, description="header carrying the token")
+    scope: list[str] = Field(
+        default_factory=lambda: ["origin"],
+        description="what, besides the route, a token is bound to",
+    )
+    ttl_seconds: float = Field(900, gt=0, description="how long an issued token lives")
+
+    _scope = field_validator("scope", mode="before")(_scope_parts)
+
+
+class IdempotencyRule(RuleModel):
+    """The ``idempotency`` rule of a resource (draft-ietf-httpapi-idempotency-key-header)."""
+
+    header: str = Field("Idempotency-Key", min_length=1)
+    required: bool = Field(False, description="refuse (400) requests without a key")
+    ttl_seconds: float = Field(86400, gt=0, description="how long a finished response is kept")
+    lease_seconds: float = Field(
+        60, gt=0, description="in-flight lease: a dead holder frees the key after this"
+    )
+    methods: list[str] = Field(default_factory=lambda: ["POST", "PATCH"], min_length=1)
+    scope: list[str] = Field(
+        default_factory=lambda: ["origin"], description="what, besides the route, keys are per"
+    )
+    max_key_length: int = Field(255, ge=1, le=4096)
+    max_body_bytes: int = Field(
+        1 << 20, ge=0, description="larger request bodies are refused with 413"
+    )
+    max_response_bytes: int = Field(
+        1 << 20, ge=0, description="larger responses are sent but not kept for replay"
+    )
+
+    _scope = field_validator("scope", mode="before")(_scope_parts)
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
+
+
+class IdempotencyBodyTooLarge(Blocked):
+    """A request with an ``Idempotency-Key`` has a body over ``max_body_bytes``."""
+
+    status = 413
+    code = "idempotency-body-too-large"
+    title = "Request body too large for an Idempotency-Key"
+
+
+class IdempotencyResponseNotKept(Blocked):
+    """The first request with this key finished, but its response was not kept to replay."""
+
+    status = 409
+    code = "idempotency-response-not-kept"
+    title = "The response to this Idempotency-Key was not kept"
+
+
+# -- scopes ----------------------------------------------------------------------------
+
+
+def _header(scope: Scope, name: bytes) -> list[bytes]:
+    return [v for k, v in scope.get("headers", ()) if k == name]
+
+
+def scope_of(
+    parts: Sequence[str],
+    resource: str,
+    origin: str,
+    scope: Scope,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """The scope a rule's keys are bound to: the resource and each part's value.
+
+    Args:
+        parts: the rule's ``scope`` list (``origin``, ``state:NAME``, ...).
+        resource: the resource the rule guards (``POST /orders``).
+        origin: the caller's origin.
+        scope: the ASGI scope of the request.
+        params: path parameters (default: ``scope["path_params"]``).
+
+    Returns:
+        An unambiguous string (JSON), the same for the request that gets a token and the
+        request that spends it, as long as both see the same part values.
+    """
+    if params is None:
+        params = scope.get("path_params") or {}
+    values: list[str] = [resource]
+    for part in parts:
+        kind, _, name = part.partition(":")
+        if part == "origin":
+            values.append(origin)
+        elif kind == "state":
+            value = (scope.get("state") or {}).get(name)
+            values.append("" if value is None else str(value))
+        elif kind == "header":
+            raw = _header(scope, name.lower().encode("latin-1"))
+            values.append(",".join(v.decode("latin-1") for v in raw))
+        elif kind == "query":
+            query = scope.get("query_string", b"").decode("latin-1")
+            values.append(",".join(v for k, v in parse_qsl(query) if k == name))
+        else:
+            value = params.get(name)
+            values.append("" if value is None else str(value))
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()[:32]
+
+
+# -- submit tokens, on each store ------------------------------------------------------
+
+_SWEEP_EVERY = 1024
+
+
+def _sweep(store: MemoryStore, kind: type[Any]) -> None:
+    """Drop expired entries of one kind: Redis expires keys, the memory store must sweep.
+
+    Called once per ``_SWEEP_EVERY`` writes, so its cost (one pass over the store) is
+    spread thin, and keys nobody reads again do not pile up.
+    """
+    now = store.now()
+    data = store.data
+    for key in [k for k, v in data.items() if isinstance(v, kind) and v.expires_at <= now]:
+        del data[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    token: str
+    expires_at: float
+
+
+class _MemoryTokens:
+    """Tokens in process: a :class:`_Token` under the scope's key."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._writes = 0
+
+    async def issue(self, key: str, token: str, ttl: float) -> None:
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            _sweep(self.store, _Token)
+        self.store.data[key] = _Token(token, self.store.now() + ttl)
+
+    async def consume(self, key: str, token: str) -> bool:
+        entry: _Token | None = self.store.data.get(key)
+        if entry is None:
+            return False
+        if entry.expires_at <= self.store.now():
+            del self.store.data[key]
+            return False
+        if not secrets.compare_digest(entry.token, token):
+            return False
+        del self.store.data[key]
+        return True
+
+
+class _RedisTokens:
+    """Tokens on Redis: ``SET PX`` to issue, ``antiresubmit_consume.lua`` to spend."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._consume = store.script(lua("antiresubmit_consume"))
+
+    async def issue(self, key: str, token: str, ttl: float) -> None:
+        await self.store.call("SET", key, token, "PX", math.ceil(ttl * 1000))
+
+    async def consume(self, key: str, token: str) -> bool:
+        return bool(await self.store.run(self._consume, (key,), (token,)))
+
+
+def _tokens_backend(store: Store) -> _MemoryTokens | _RedisTokens:
+    if isinstance(store, RedisStore):
+        return _RedisTokens(store)
+    assert isinstance(store, MemoryStore)
+    return _MemoryTokens(store)
+
+
+_MAX_TOKEN_LENGTH = 256
+
+
+class SubmitTokens:
+    """One-time submit tokens: issued for a scope, spent exactly once.
+
+    Args:
+        storage: a :class:`Store` or a storage URI.
+        ttl_seconds: how long an issued token lives (the seed: 15 minutes).
+        prefix: the key family (``prefix:{prefix:<scope hash>}``), so that token sets
+            with different prefixes on one store never meet.
+        rules: resource → its :class:`SubmitTokenRule` (set by :class:`Guard`, for
+            :meth:`issue_for`).
+        origin_of: ASGI scope → caller origin (set by :class:`Guard`).
+
+    While the store is unavailable, ``on_storage_error`` decides: ``local`` issues and
+    spends tokens in process (tokens issued before the outage are refused, which errs on
+    the side of no duplicate order), ``open`` lets every submit through, ``closed`` raises
+    :class:`StorageUnavailable`.
+    """
+
+    def __init__(
+        self,
+        storage: Store | str = "memory://",
+        ttl_seconds: float = 900,
+        prefix: str = "submit",
+        *,
+        rules: Callable[[str], SubmitTokenRule | None] | None = None,
+        origin_of: Callable[[Scope], str] | None = None,
+    ) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be > 0")
+        self._owned = not isinstance(storage, Store)
+        self.store = store_from_uri(storage) if isinstance(storage, str) else storage
+        self.ttl_seconds = ttl_seconds
+        self.prefix = prefix
+        self._rules = rules
+        self._origin_of = origin_of
+        self._backend = _tokens_backend(self.store)
+        self._local: _MemoryTokens | None = None
+
+    def __repr__(self) -> str:
+        return f"SubmitTokens(store={self.store!r}, ttl_seconds={self.ttl_seconds})"
+
+    def key(self, scope: str) -> str:
+        """The store key of a scope's token (the scope is hashed: any length, no PII)."""
+        return self.store.key(self.prefix, _digest(scope))
+
+    def _local_backend(self) -> _MemoryTokens:
+        if self._local is None:
+            self._local = _MemoryTokens(MemoryStore(key_prefix=self.store.key_prefix))
+        return self._local
+
+    async def issue(self, scope: str, ttl_seconds: float | None = None) -> str:
+        """Issue a new token for ``scope``, replacing the scope's previous one.
+
+        Args:
+            scope: what the token is bound to (for the ``submit_token`` rule, see
+                :meth:`scope_for`).
+            ttl_seconds: this token's lifetime (default: the instance's).
+
+        Returns:
+            An unguessable token (128 random bits, URL-safe).
+        """
+        token = secrets.token_urlsafe(16)
+        ttl = ttl_seconds or self.ttl_seconds
+        key = self.key(scope)
+        try:
+            await self._backend.issue(key, token, ttl)
+        except StorageUnavailable:
+            if self.store.on_storage_error == "closed":
+                raise
+            await self._local_backend().issue(key, token, ttl)
+        return token
+
+    async def consume(self, scope: str, token: str) -> bool:
+        """Spend ``token`` if it is the live token of ``scope``; atomic compare-and-delete.
+
+        Of any number of concurrent consumes of one token exactly one returns True. A token
+        issued for another scope, an expired one and a spent one return False.
+        """
+        if not token or len(token) > _MAX_TOKEN_LENGTH:
+            return False
+        key = self.key(scope)
+        try:
+            return await self._backend.consume(key, token)
+        except StorageUnavailable:
+            if self.store.on_storage_error == "closed":
+                raise
+            if self.store.on_storage_error == "open":
+                return True
+            return await self._local_backend().consume(key, token)
+
+    def _rule(self, resource: str) -> SubmitTokenRule:
+        rule = self._rules(resource) if self._rules is not None else None
+        if rule is None:
+            raise KeyError(f"resource {resource!r} has no submit_token rule")
+        return rule
+
+    def scope_for(self, request: Any, resource: str) -> str:
+        """The scope the ``submit_token`` rule of ``resource`` binds a token to.
+
+        Args:
+            request: a Starlette ``Request`` or an ASGI scope, of the request that asks
+                for the token (the order page); its origin, state, headers, query and
+                path params supply the rule's ``scope`` parts.
+            resource: the resource that spends the token (``POST /orders``).
+        """
+        scope: Scope = getattr(request, "scope", request)
+        origin = self._origin_of(scope) if self._origin_of is not None else ""
+        return scope_of(self._rule(resource).scope, resource, origin, scope)
+
+    async def issue_for(self, request: Any, resource: str) -> str:
+        """Issue a token that the ``submit_token`` rule of ``resource`` will accept once.
+
+        The token is bound as the rule says (see :meth:`scope_for`) and lives the rule's
+        ``ttl_seconds``.
+        """
+        rule = self._rule(resource)
+        return await self.issue(self.scope_for(request, resource), rule.ttl_seconds)
+
+    async def aclose(self) -> None:
+        """Close the store if these tokens created it from a URI."""
+        if self._owned:
+            await self.store.aclose()
+
+
+class SubmitTokenCheck:
+    """``submit_token``: spend the request's token before the endpoint; none or spent → 409."""
+
+    def __init__(self, tokens: SubmitTokens, resource: str, rule: SubmitTokenRule) -> None:
+        self.tokens = tokens
+        self.resource = resource
+        self.rule = rule
+        self.header = rule.header.lower().encode("latin-1")
+        self.description = f"submit_token header={rule.header}"
+
+    def __repr__(self) -> str:
+        return f"SubmitTokenCheck({self.resource!r}, {self.description!r})"
+
+    async def enter(self, ctx: Context) -> Any:
+        scope = ctx.scope
+        if scope is None:  # code resources have no header to carry a token
+            return None
+        raw = _header(scope, self.header)
+        if len(raw) != 1 or not raw[0]:
+            raise DuplicateSubmission(
+                self.resource, self.description, detail=f"{self.rule.header} is missing"
+            )
+        key_scope = scope_of(self.rule.scope, self.resource, ctx.origin, scope, ctx.params)
+        try:
+            spent = await self.tokens.consume(key_scope, raw[0].decode("latin-1").strip())
+        except StorageUnavailable:
+            raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+        if not spent:
+            raise DuplicateSubmission(
+                self.resource,
+                self.description,
+                detail=f"{self.rule.header} was already used, expired, or is not this caller's",
+            )
+        return None
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        """Nothing to give back: a spent token stays spent (as in the seed)."""
+
+
+# -- Idempotency-Key: parsing, fingerprint, the kept response ---------------------------
+
+# RFC 8941 sf-string: printable ASCII, with \" and \\ the only escapes; then optional
+# parameters, which RFC 8941 says to ignore when unknown.
+_SF_STRING = re.compile(
+    r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"'
+    r"((?:;[ ]*[a-z*][a-z0-9_\-.*]*(?:=[^;]*)?)*)"
+)
+# The bare form clients also send (UUIDs start with a digit, so not an sf-token).
+_BARE = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=]+")
+
+
+def parse_idempotency_key(value: str, max_length: int = 255) -> str | None:
+    """The key in an ``Idempotency-Key`` header value, or None if it is malformed.
+
+    Accepts the draft's structured-field String (``"8e03978e-..."``, parameters ignored)
+    and the bare token form (``8e03978e-...``). Empty keys and keys longer than
+    ``max_length`` are malformed.
+    """
+    value = value.strip(" \t")
+    match = _SF_STRING.fullmatch(value)
+    if match is not None:
+        key = re.sub(r"\\(.)", r"\1", match.group(1))
+    elif _BARE.fullmatch(value):
+        key = value
+    else:
+        return None
+    return key if 0 < len(key) <= max_length else None
+
+
+def fingerprint(scope: Scope, body: bytes) -> str:
+    """A hash of the request's method, path, query string and body."""
+    return _digest(
+        scope.get("method", ""),
+        scope.get("raw_path") or scope.get("path", "").encode(),
+        scope.get("query_string", b""),
+        body,
+    )
+
+
+# Headers never kept: they describe the connection or the moment, not the result, and a
+# replayed Set-Cookie would hand out a session from storage.
+_NOT_KEPT = frozenset(
+    {
+        b"connection",
+        b"content-length",
+        b"date",
+        b"idempotent-replayed",
+        b"keep-alive",
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"retry-after",
+        b"server",
+        b"set-cookie",
+        b"transfer-encoding",
+    }
+)
+# Statuses not kept (the key is freed for a retry): server errors and "try again later".
+_RETRYABLE = frozenset({408, 425, 429})
+
+
+class _Recorder:
+    """Sees the response the app sends (a ``ctx.on_send`` hook) and keeps what it may."""
+
+    __slots__ = ("body", "complete", "headers", "kept", "limit", "size", "status")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.kept = True
+        self.complete = False
+
+    def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = [
+                (bytes(k).lower(), bytes(v))
+                for k, v in message.get("headers", ())
+                if bytes(k).lower() not in _NOT_KEPT
+            ]
+            if message.get("trailers"):
+                self.kept = False
+        elif kind == "http.response.body":
+            chunk = message.get("body", b"")
+            if self.kept:
+                self.size += len(chunk)
+                if self.size > self.limit:
+                    self.kept, self.body = False, []
+                else:
+                    self.body.append(chunk)
+            if not message.get("more_body", False):
+                self.complete = True
+        else:
+            # pathsend, zerocopysend, trailers: sent, but not as bytes we can keep.
+            self.kept = False
+            if kind == "http.response.pathsend":
+                self.complete = True
+
+
+@dataclass(frozen=True, slots=True)
+class KeptResponse:
+    """A finished response kept under an idempotency key.
+
+    Attributes:
+        status: the HTTP status.
+        headers: the kept headers (lower-case names), in order.
+        body: the body, byte for byte; empty when ``kept`` is False.
+        kept: False when the response was too large or not storable: only its status is
+            known, and retries get :class:`IdempotencyResponseNotKept`.
+    """
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    kept: bool = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Replay the response, marked ``Idempotent-Replayed: true``."""
+        headers = [
+            *self.headers,
+            (b"content-length", str(len(self.body)).encode()),
+            (b"idempotent-replayed", b"true"),
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _encode_headers(headers: list[tuple[bytes, bytes]]) -> str:
+    return json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers])
+
+
+def _decode_headers(raw: bytes | str) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(raw)]
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """What :meth:`begin` found under a key.
+
+    Attributes:
+        state: ``new`` (the lease is ours), ``mismatch`` (another fingerprint),
+            ``in_flight`` (another holder's lease), or ``done``.
+        lease_left: seconds left on another holder's lease (``in_flight``).
+        response: the kept response (``done``).
+    """
+
+    state: Literal["new", "mismatch", "in_flight", "done"]
+    lease_left: float = 0.0
+    response: KeptResponse | None = None
+
+
+@dataclass(slots=True)
+class _Record:
+    fp: str
+    expires_at: float
+    lease: str | None = None
+    response: KeptResponse | None = None
+
+
+class _MemoryIdempotency:
+    """Idempotency records in process: a :class:`_Record` under each key."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._writes = 0
+
+    def _live(self, key: str) -> _Record | None:
+        record: _Record | None = self.store.data.get(key)
+        if record is not None and record.expires_at <= self.store.now():
+            del self.store.data[key]
+            return None
+        return record
+
+    async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
+        record = self._live(key)
+        now = self.store.now()
+        if record is None:
+            self._writes += 1
+            if self._writes % _SWEEP_EVERY == 0:
+                _sweep(self.store, _Record)
+            self.store.data[key] = _Record(fp, now + lease, lease=lease_id)
+            return Begun("new")
+        if record.fp != fp:
+            return Begun("mismatch")
+        if record.lease is not None:
+            return Begun("in_flight", lease_left=record.expires_at - now)
+        return Begun("done", response=record.response)
+
+    async def complete(
+        self, key: str, lease_id: str, fp: str, response: KeptResponse, ttl: float
+    ) -> bool:
+        record = self._live(key)
+        if record is not None and record.lease != lease_id:
+            return False
+        self.store.data[key] = _Record(fp, self.store.now() + ttl, response=response)
+        return True
+
+    async def abort(self, key: str, lease_id: str) -> bool:
+        record = self._live(key)
+        if record is None or record.lease != lease_id:
+            return False
+        del self.store.data[key]
+        return True
+
+
+class _RedisIdempotency:
+    """Idempotency records on Redis: one hash per key, one Lua call per state change."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._begin = store.script(lua("idempotency_begin"))
+        self._complete = store.script(lua("idempotency_complete"))
+        self._abort = store.script(lua("idempotency_abort"))
+
+    async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
+        reply = await self.store.run(self._begin, (key,), (fp, lease_id, math.ceil(lease * 1000)))
+        state = int(reply[0])
+        if state == 0:
+            return Begun("new")
+        if state == 1:
+            return Begun("mismatch")
+        if state == 2:
+            return Begun("in_flight", lease_left=max(0, int(reply[1])) / 1000.0)
+        status, headers, body, kept = reply[1:5]
+        return Begun(
+            "done",
+            response=KeptResponse(int(status), _decode_headers(headers), body, kept == b"1"),
+        )
+
+    async def complete(
+        self, key: str, lease_id: str, fp: str, response: KeptResponse, ttl: float
+    ) -> bool:
+        args = (
+            lease_id,
+            fp,
+            response.status,
+            _encode_headers(response.headers),
+            response.body,
+            "1" if response.kept else "0",
+            math.ceil(ttl * 1000),
+        )
+        return bool(await self.store.run(self._complete, (key,), args))
+
+    async def abort(self, key: str, lease_id: str) -> bool:
+        return bool(await self.store.run(self._abort, (key,), (lease_id,)))
+
+
+IdempotencyBackend = _MemoryIdempotency | _RedisIdempotency
+
+
+def idempotency_backend(store: Store) -> IdempotencyBackend:
+    """The idempotency-record implementation for a store (memory or Redis)."""
+    if isinstance(store, RedisStore):
+        return _RedisIdempotency(store)
+    assert isinstance(store, MemoryStore)
+    return _MemoryIdempotency(store)
+
+
+def _replaying(chunks: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that hands out ``chunks`` again, then defers to the real one."""
+    pending = list(chunks)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+@dataclass(slots=True)
+class _Held:
+    """What the idempotency check's ``enter`` gives its ``exit``."""
+
+    backend: IdempotencyBackend
+    key: str
+    lease_id: str
+    fp: str
+    recorder: _Recorder
+
+
+class IdempotencyCheck:
+    """``idempotency``: run each ``Idempotency-Key`` once, replay its response to retries."""
+
+    def __init__(self, store: Store, resource: str, rule: IdempotencyRule) -> None:
+        self.store = store
+        self.resource = resource
+        self.rule = rule
+        self.methods = frozenset(rule.methods)
+        self.header = rule.header.lower().encode("latin-1")
+        self.backend = idempotency_backend(store)
+        self._local: _MemoryIdempotency | None = None
+        self.description = f"idempotency header={rule.header}"
+
+    def __repr__(self) -> str:
+        return f"IdempotencyCheck({self.resource!r}, {self.description!r})"
+
+    def _local_backend(self) -> _MemoryIdempotency:
+        if self._local is None:
+            self._local = _MemoryIdempotency(MemoryStore(key_prefix=self.store.key_prefix))
+        return self._local
+
+    def _missing(self, detail: str) -> IdempotencyKeyMissing:
+        return IdempotencyKeyMissing(self.resource, self.description, detail=detail)
+
+    async def _read_body(self, ctx: Context, scope: Scope) -> bytes | None:
+        """The whole request body (and a ``ctx.receive`` that gives it again), or None
+        if the client went away before sending it all."""
+        limit = self.rule.max_body_bytes
+        for value in _header(scope, b"content-length"):
+            if value.isdigit() and int(value) > limit:
+                raise IdempotencyBodyTooLarge(self.resource, self.description)
+        receive = ctx.receive
+        if receive is None:
+            return None
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # http.disconnect
+                ctx.receive = _replaying(messages, receive)
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise IdempotencyBodyTooLarge(self.resource, self.description)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in messages)
+        ctx.receive = _replaying(
+            [{"type": "http.request", "body": body, "more_body": False}], receive
+        )
+        return body
+
+    async def enter(self, ctx: Context) -> Any:
+        scope = ctx.scope
+        if scope is None or scope.get("method") not in self.methods:
+            return None
+        raw = _header(scope, self.header)
+        if not raw:
+            if self.rule.required:
+                raise self._missing(f"{self.rule.header} is required")
+            return None
+        key = parse_idempotency_key(raw[0].decode("latin-1"), self.rule.max_key_length)
+        if key is None or len(raw) > 1:
+            raise self._missing(
+                f"{self.rule.header} must be one structured-field String of 1 to "
+                f"{self.rule.max_key_length} characters"
+            )
+        body = await self._read_body(ctx, scope)
+        if body is None:
+            return None
+        fp = fingerprint(scope, body)
+        caller = scope_of(self.rule.scope, self.resource, ctx.origin, scope, ctx.params)
+        record_key = self.store.key("idem", f"{self.resource}:{_digest(caller, key)}")
+        lease_id = secrets.token_hex(8)
+        backend: IdempotencyBackend = self.backend
+        try:
+            begun = await backend.begin(record_key, fp, lease_id, self.rule.lease_seconds)
+        except StorageUnavailable:
+            if self.store.on_storage_error == "closed":
+                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            if self.store.on_storage_error == "open":
+                return None
+            backend = self._local_backend()
+            begun = await backend.begin(record_key, fp, lease_id, self.rule.lease_seconds)
+        if begun.state == "new":
+            recorder = _Recorder(self.rule.max_response_bytes)
+            if ctx.on_send is None:
+                ctx.on_send = []
+            ctx.on_send.append(recorder)
+            return _Held(backend, record_key, lease_id, fp, recorder)
+        if begun.state == "mismatch":
+            raise IdempotencyKeyMismatch(
+                self.resource,
+                self.description,
+                detail=f"{self.rule.header} was already used with another request",
+            )
+        if begun.state == "in_flight":
+            raise IdempotencyKeyInFlight(
+                self.resource, self.description, retry_after=min(1.0, begun.lease_left)
+            )
+        response = begun.response
+        assert response is not None
+        if not response.kept:
+            raise IdempotencyResponseNotKept(
+                self.resource,
+                self.description,
+                detail=f"the first request answered {response.status}; its response was "
+                "too large or streamed in a way that cannot be kept",
+            )
+        raise ShortCircuit(response, response.status)
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        if token is None:
+            return
+        held: _Held = token
+        rec = held.recorder
+        # A complete response is the outcome even if the app raised afterwards
+        # (a background task): the client saw it, so a retry must not run it again.
+        keep = (
+            ctx.blocked is None
+            and rec.complete
+            and rec.status < 500
+            and rec.status not in _RETRYABLE
+        )
+        try:
+            if keep:
+                response = KeptResponse(rec.status, rec.headers, b"".join(rec.body), rec.kept)
+                await held.backend.complete(
+                    held.key, held.lease_id, held.fp, response, self.rule.ttl_seconds
+                )
+            else:
+                await held.backend.abort(held.key, held.lease_id)
+        except StorageUnavailable:
+            # The lease runs out by itself; until then retries get 409.
+            log.warning("ymguard: %s: could not finish idempotency key, storage down", self)
+
+
+def build_antiresubmit_checks(
+    store: Store,
+    resource: str,
+    idempotency: IdempotencyRule | None,
+    submit_token: SubmitTokenRule | None,
+    tokens: SubmitTokens,
+) -> list[IdempotencyCheck | SubmitTokenCheck]:
+    """The checks for a resource's ``idempotency`` and ``submit_token`` rules.
+
+    Idempotency comes first, so that a retry with the same key is replayed rather than
+    refused as a duplicate submission (its token was spent by the first request).
+    """
+    checks: list[IdempotencyCheck | SubmitTokenCheck] = []
+    if idempotency is not None:
+        checks.append(IdempotencyCheck(store, resource, idempotency))
+    if submit_token is not None:
+        checks.append(SubmitTokenCheck(tokens, resource, submit_token))
+    return checks
+
+
+__all__ = [
+    "Begun",
+    "IdempotencyBodyTooLarge",
+    "IdempotencyCheck",
+    "IdempotencyResponseNotKept",
+    "IdempotencyRule",
+    "KeptResponse",
+    "SubmitTokenCheck",
+    "SubmitTokenRule",
+    "SubmitTokens",
+    "build_antiresubmit_checks",
+    "fingerprint",
+    "idempotency_backend",
+    "parse_idempotency_key",
+    "scope_of",
+]
