@@ -402,6 +402,7 @@ class SubmitTokenCheck:
         return f"SubmitTokenCheck({self.resource!r}, {self.description!r})"
 
     async def enter(self, ctx: Context) -> Any:
+        """Spend the token in the header for this caller's scope, or raise 409."""
         scope = ctx.scope
         if scope is None:  # code resources have no header to carry a token
             return None
@@ -766,6 +767,9 @@ class IdempotencyCheck:
         return body
 
     async def enter(self, ctx: Context) -> Any:
+        """Take the key's lease (token: what ``exit`` needs to keep the response), or
+        answer from the kept response (:class:`ShortCircuit`), or refuse (400/409/413/422).
+        """
         scope = ctx.scope
         if scope is None or scope.get("method") not in self.methods:
             return None
@@ -825,6 +829,7 @@ class IdempotencyCheck:
         raise ShortCircuit(response, response.status)
 
     async def exit(self, ctx: Context, token: Any) -> None:
+        """Keep the finished response under the key, or free the key for a retry."""
         if token is None:
             return
         held: _Held = token
