@@ -1,0 +1,122 @@
+"""The FastAPI factory: settings, guards, routers, and the lifespan that opens DB and Redis.
+
+``create_app()`` is what uvicorn imports (``demo_service.app:create_app`` with
+``--factory``); ``python -m demo_service`` calls it for you.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
+
+from . import db, health
+from .embedded_redis import EmbeddedRedis
+from .errors import install_problem_handlers
+from .settings import Settings
+
+log = logging.getLogger("demo_service")
+
+#: Socket timeouts of the app's own Redis client (the guards' store has its own, 0.5 s).
+REDIS_TIMEOUT_SECONDS = 1.0
+
+
+def _shown(url: str) -> str:
+    """A URL fit for a log line (no password)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def build_guard(settings: Settings) -> Guard:
+    """The guards of ``settings.rules_path``, on the demo's Redis.
+
+    The store is ``YMGUARD_STORAGE`` if set, else the demo's Redis, else the rules file's
+    ``storage:``; ``YMGUARD_KEY_PREFIX`` overrides the file's ``key_prefix``.
+    """
+    rules = load_rules(settings.rules_path)
+    if settings.key_prefix:
+        rules = rules.model_copy(update={"key_prefix": settings.key_prefix})
+    store = store_from_uri(
+        settings.guard_storage_url or rules.storage,
+        key_prefix=rules.key_prefix,
+        on_storage_error=rules.on_storage_error,
+    )
+    return Guard(rules, store)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The demo shop as a FastAPI app.
+
+    Args:
+        settings: the configuration; read from the environment when None. Without a
+            ``redis_url`` the app starts an embedded Redis of its own and stops it on
+            shutdown (``python -m demo_service`` starts one before the app instead, so
+            that all workers share it).
+    """
+    settings = settings or Settings.from_env()
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.var_dir).start()
+        settings = settings.with_redis(embedded.client_url)
+    redis_url = settings.redis_client_url
+    assert redis_url is not None
+    try:
+        guard = build_guard(settings)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if embedded is not None:  # last out: everything below may still talk to it
+                stack.push_async_callback(asyncio.to_thread, embedded.stop)
+            stack.push_async_callback(guard.aclose)
+            settings.var_dir.mkdir(parents=True, exist_ok=True)
+
+            engine = db.make_engine(settings.database_url)
+            stack.push_async_callback(engine.dispose)
+            try:
+                await db.ping(engine)
+            except Exception as exc:
+                where = engine.url.render_as_string(hide_password=True)
+                raise RuntimeError(f"the database at {where} does not answer: {exc}") from exc
+
+            redis = Redis.from_url(
+                redis_url,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            )
+            stack.push_async_callback(redis.aclose)
+            try:
+                await redis.ping()
+            except Exception as exc:  # the guards fall back to local limits meanwhile
+                log.warning("Redis at %s does not answer yet: %s", _shown(redis_url), exc)
+
+            app.state.engine = engine
+            app.state.redis = redis
+            yield
+
+    app = FastAPI(title="ymguard demo shop", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.guard = guard
+    install_problem_handlers(app)
+    guard.install(app)
+    app.add_middleware(GuardMiddleware, guard=guard)
+    health.add_health(app)
+    return app
+
+
+__all__ = ["build_guard", "create_app"]
