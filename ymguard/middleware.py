@@ -39,6 +39,16 @@ def resolve_route(
         match, child = route.matches(scope)
         if match is Match.NONE:
             continue
+        candidates = getattr(route, "effective_candidates", None)
+        if candidates is not None:
+            # FastAPI >= 0.120 keeps included routers whole; their candidates carry the
+            # prefixed templates and match the full path themselves.
+            found = resolve_route(candidates(), scope, prefix)
+            if found is not None and match is Match.FULL:
+                return found
+            if partial is None:
+                partial = found
+            continue
         params = child.get("path_params", {})
         if isinstance(route, Mount):
             if match is Match.FULL:

@@ -370,3 +370,40 @@ async def test_framework_errors_become_problem_json_without_stack_traces() -> No
     assert "secret" not in crash.text
     for response in (missing, wrong_method, invalid):
         assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_routes_of_included_routers_are_named_with_their_prefix() -> None:
+    from fastapi import APIRouter
+
+    guard = Guard(
+        {
+            "resources": {
+                "GET /shop/orders/{order_no}": {"flow": [{"qps": 1}]},
+                "POST /shop/admin/courses/{course_id}": {"flow": [{"qps": 1}]},
+            }
+        }
+    )
+    orders, admin = APIRouter(), APIRouter(prefix="/admin")
+
+    @orders.get("/orders/{order_no}")
+    async def order(order_no: str) -> dict[str, str]:
+        return {"order_no": order_no}
+
+    @admin.post("/courses/{course_id}")
+    async def course(course_id: int) -> dict[str, int]:
+        return {"course_id": course_id}
+
+    orders.include_router(admin)
+    app = FastAPI()
+    app.include_router(orders, prefix="/shop")
+    app.add_middleware(GuardMiddleware, guard=guard)
+    guard.install(app)
+    async with client(app) as c:
+        assert [(await c.get(f"/shop/orders/{n}")).status_code for n in "ab"] == [200, 429]
+        assert [(await c.post(f"/shop/admin/courses/{n}")).status_code for n in (1, 2)] == [
+            200,
+            429,
+        ]
+        assert (await c.get("/shop/nothing")).status_code == 404
+        assert (await c.delete("/shop/orders/a")).status_code == 405
+    assert guard.stats("DELETE /shop/orders/{order_no}").counts().passed == 1
