@@ -28,7 +28,7 @@ from .chain import Chain, Context
 from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
 from .limiter import FlowRule, QpsCheck, build_flow_checks
 from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
-from .semaphore import Semaphore
+from .semaphore import Semaphore, build_semaphore_checks, semaphore_for_rule
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .types import Scope
@@ -156,7 +156,9 @@ class Guard:
             # authority → system → param_flow → flow → breaker → semaphore → idempotency
             checks += build_flow_checks(self.store, resource, rules.flow)
             # breaker: breaker.py (issue 4) adds its checks here
-            # semaphore: semaphore.py (issue 3) adds its check here
+            checks += build_semaphore_checks(
+                self.store, resource, rules.semaphore, self._semaphores
+            )
             checks += build_antiresubmit_checks(
                 self.store, resource, rules.idempotency, rules.submit_token, self.submit_tokens
             )
@@ -298,9 +300,17 @@ class Guard:
     def semaphore(
         self, name: str, permits: int | None = None, lease_seconds: float = 30.0
     ) -> Semaphore:
-        """The guard's semaphore called ``name`` on its store (created on first use)."""
+        """The guard's semaphore called ``name`` on its store (created on first use).
+
+        A ``semaphore:`` rule's semaphore is found by its ``name`` (default: the resource),
+        and is the very object the rule's requests hold permits of.
+        """
         sem = self._semaphores.get(name)
         if sem is None:
+            for resource, rules in self.rules.resources.items():
+                rule = rules.semaphore
+                if rule is not None and (rule.name or resource) == name:
+                    return semaphore_for_rule(self.store, resource, rule, self._semaphores)
             if permits is None:
                 raise KeyError(f"no semaphore {name!r} in the rules; give permits= to create one")
             sem = self._semaphores[name] = Semaphore(name, permits, lease_seconds, self.store)

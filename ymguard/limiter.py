@@ -24,7 +24,7 @@ from ._model import RuleModel
 from .chain import Context
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .lua import lua
-from .semaphore import permits_backend
+from .semaphore import keep_lease, permits_backend
 from .storage import MemoryStore, RedisStore, Store
 
 BUCKETS = 10
@@ -293,11 +293,13 @@ class ConcurrencyCheck(_FlowCheckBase):
             result = await backend.acquire(permit_id, self.limit, self.rule.lease_seconds)
         if not result.acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
-        return (backend, permit_id)
+        # A call longer than a third of the lease has it renewed, so it keeps its count.
+        return (backend, permit_id, keep_lease(backend, permit_id, self.rule.lease_seconds))
 
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None:
-            backend, permit_id = token
+            backend, permit_id, kept = token
+            kept.stop()
             try:
                 await backend.release(permit_id)
             except StorageUnavailable:

@@ -18,6 +18,7 @@ from ._model import RuleModel, not_supported_yet
 from .antiresubmit import IdempotencyRule, SubmitTokenRule
 from .errors import RuleProblem, RulesError
 from .limiter import FlowRule
+from .semaphore import SemaphoreRule
 
 STORAGE_SCHEMES = (
     "memory",
@@ -60,14 +61,13 @@ class ResourceRules(RuleModel):
     flow: list[FlowRule] = Field(default_factory=list)
     param_flow: Any = None
     authority: Any = None
-    semaphore: Any = None
+    semaphore: SemaphoreRule | None = None
     breaker: Any = None
     idempotency: IdempotencyRule | None = None
     submit_token: SubmitTokenRule | None = None
 
     _param_flow = field_validator("param_flow")(_refuse("param_flow"))
     _authority = field_validator("authority")(_refuse("authority"))
-    _semaphore = field_validator("semaphore")(_refuse("semaphore"))
     _breaker = field_validator("breaker")(_refuse("breaker"))
 
 

@@ -1,8 +1,15 @@
--- Give a leased permit back.
--- KEYS[1]  the sorted set of permit_acquire.lua
--- ARGV[1]  the permit id
+-- Give a leased permit back, or leave the line; wake the waiters it lets in.
+-- KEYS     see permit_lib.lua (holders, permits, line, places)
+-- ARGV[1]  the permit id (or waiter id)
+-- ARGV[2]  permits (used while KEYS[2] does not exist)
+-- ARGV[3]  the wake-up channel
 -- returns  1 if the permit was still held (its lease had not expired), else 0
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZREM', KEYS[1], ARGV[1])
+local held = redis.call('ZREM', KEYS[1], ARGV[1])
+local left = redis.call('ZREM', KEYS[3], ARGV[1])
+if left > 0 then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+if held + left + reclaimed > 0 then
+  wake(ARGV[3], permit_count(ARGV[2]) - redis.call('ZCARD', KEYS[1]))
+end
+return held
