@@ -1,0 +1,74 @@
+"""The benchmarked app: one FastAPI route, guarded (or not) as ``BENCH_VARIANT`` says.
+
+``uvicorn bench.apps:app`` serves ``GET /items/{item_id}`` (small JSON) in one of:
+
+- ``plain``: FastAPI alone.
+- ``ymguard-memory`` / ``ymguard-redis``: ``GuardMiddleware`` with one ``flow`` qps rule
+  on the route's resource, on the memory store or on Redis.
+- ``slowapi-memory`` / ``slowapi-redis``: slowapi's ``@limiter.limit`` on the endpoint
+  with its exception handler (the setup of slowapi's quick start), on memory or Redis.
+
+Environment:
+    BENCH_VARIANT: the variant (default ``plain``).
+    BENCH_QPS: the limit per second (default 10_000_000: the check runs, never blocks).
+    BENCH_REDIS_URL: the Redis for the ``*-redis`` variants (default
+        ``redis://127.0.0.1:6379/0``).
+    BENCH_KEY_PREFIX: the key prefix on Redis (default ``ymbench``); make it unique.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+VARIANTS = ("plain", "ymguard-memory", "ymguard-redis", "slowapi-memory", "slowapi-redis")
+RESOURCE = "GET /items/{item_id}"
+
+VARIANT = os.environ.get("BENCH_VARIANT", "plain")
+QPS = int(os.environ.get("BENCH_QPS", "10000000"))
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "ymbench")
+
+if VARIANT not in VARIANTS:
+    raise SystemExit(f"BENCH_VARIANT={VARIANT!r}: use one of {', '.join(VARIANTS)}")
+
+app = FastAPI()
+
+
+async def get_item(item_id: int, request: Request) -> dict[str, Any]:
+    """The endpoint every variant serves (slowapi needs the ``request`` parameter)."""
+    return {"item_id": item_id, "name": "widget", "price": 9.5}
+
+
+if VARIANT.startswith("ymguard"):
+    from ymguard import Guard, GuardMiddleware
+
+    guard = Guard(
+        rules={
+            "key_prefix": KEY_PREFIX,
+            "resources": {RESOURCE: {"flow": [{"qps": QPS}]}},
+        },
+        storage="memory://" if VARIANT == "ymguard-memory" else REDIS_URL,
+    )
+    app.add_middleware(GuardMiddleware, guard=guard)
+    guard.install(app)
+    app.get("/items/{item_id}")(get_item)
+
+elif VARIANT.startswith("slowapi"):
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        storage_uri="memory://" if VARIANT == "slowapi-memory" else REDIS_URL,
+        key_prefix=KEY_PREFIX,
+    )
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    app.get("/items/{item_id}")(limiter.limit(f"{QPS}/second")(get_item))
+
+else:
+    app.get("/items/{item_id}")(get_item)
