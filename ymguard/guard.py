@@ -16,15 +16,25 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import pybreaker
 from limits import parse_many
 from starlette.requests import Request
 
 from .antiresubmit import SubmitTokenRule, SubmitTokens, build_antiresubmit_checks
-from .chain import Chain, Context
+from .breaker import (
+    BreakerCheck,
+    BreakerRule,
+    BreakerStatus,
+    PybreakerCheck,
+    breaker_error_statuses,
+    build_breaker_checks,
+    close_breakers,
+)
+from .chain import DEFAULT_ERROR_STATUSES, Chain, Context
 from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
 from .limiter import FlowRule, QpsCheck, build_flow_checks
 from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
@@ -112,6 +122,8 @@ class Guard:
         self._stats: dict[str, ResourceStats] = {}
         self._semaphores: dict[str, Semaphore] = {}
         self._exception_map: dict[type[BaseException], ErrorMapping] = {}
+        self._breaker_listeners: list[tuple[str | None, Any]] = []
+        self._attached: dict[str, list[PybreakerCheck]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin()
@@ -155,14 +167,17 @@ class Guard:
         if rules is not None:
             # authority → system → param_flow → flow → breaker → semaphore → idempotency
             checks += build_flow_checks(self.store, resource, rules.flow)
-            # breaker: breaker.py (issue 4) adds its checks here
+            checks += self._breaker_checks(resource, rules.breaker)
             checks += build_semaphore_checks(
                 self.store, resource, rules.semaphore, self._semaphores
             )
             checks += build_antiresubmit_checks(
                 self.store, resource, rules.idempotency, rules.submit_token, self.submit_tokens
             )
-        return Chain(resource, checks, self.stats(resource))
+        else:
+            checks += self._attached.get(resource, [])  # pybreakers attached by code
+        statuses = breaker_error_statuses(rules.breaker if rules is not None else [])
+        return Chain(resource, checks, self.stats(resource), statuses)
 
     # -- origin --------------------------------------------------------------------------
 
@@ -193,6 +208,69 @@ class Guard:
     def origin_of(self, scope: Scope) -> str:
         """The caller's origin for an ASGI scope, as the ``origin:`` rule says."""
         return self._origin_of(scope)
+
+    # -- breakers ------------------------------------------------------------------------
+
+    def _breaker_checks(self, resource: str, rules: list[BreakerRule]) -> list[Any]:
+        listeners = [x for name, x in self._breaker_listeners if name in (None, resource)]
+        checks: list[Any] = build_breaker_checks(
+            self.store, resource, rules, self.stats(resource), listeners
+        )
+        return checks + self._attached.get(resource, [])
+
+    def breakers(self) -> list[BreakerStatus]:
+        """Every breaker of every resource: name, strategy, state, counts (for metrics).
+
+        Resources that no request has reached yet are compiled here, so the list is
+        complete from the start. On Redis, ``state`` is this process's fresh copy.
+        """
+        for resource in (*self.rules.resources, *self._attached):
+            self.chain(resource)
+        return [
+            check.status()
+            for chain in list(self._chains.values())
+            for check in chain.checks
+            if isinstance(check, (BreakerCheck, PybreakerCheck))
+        ]
+
+    def add_breaker_listener(self, listener: Any, resource: str | None = None) -> None:
+        """Register a ``pybreaker.CircuitBreakerListener`` on the breakers of the rules.
+
+        Args:
+            listener: an object with pybreaker's ``state_change(cb, old, new)``,
+                ``failure(cb, exc)`` and ``success(cb)``; ``cb`` is our
+                :class:`~ymguard.breaker.Breaker` (``name``, ``current_state``), the states
+                are pybreaker's state objects. Called on the event loop: keep it quick.
+            resource: only this resource's breakers (default: all, also after a reload).
+        """
+        self._breaker_listeners.append((resource, listener))
+        for chain in list(self._chains.values()):
+            if resource is None or chain.resource == resource:
+                for check in chain.checks:
+                    if isinstance(check, BreakerCheck):
+                        check.breaker.add_listener(listener)
+
+    def attach_breaker(
+        self,
+        resource: str,
+        breaker: pybreaker.CircuitBreaker,
+        error_statuses: Iterable[int] = DEFAULT_ERROR_STATUSES,
+    ) -> None:
+        """Guard a resource with an existing ``pybreaker.CircuitBreaker`` too.
+
+        It opens after its own ``fail_max`` failures and answers ``circuit-open`` like
+        our breakers; see :class:`~ymguard.breaker.PybreakerCheck` for how it is driven
+        without blocking the event loop. Only in-memory pybreaker storage is accepted.
+
+        Args:
+            resource: the resource name (``METHOD /route/{template}`` or a code resource).
+            breaker: the pybreaker breaker; its listeners and ``exclude`` keep working.
+            error_statuses: HTTP statuses that count as failures (exceptions always do).
+        """
+        check = PybreakerCheck(resource, breaker, error_statuses, self.stats(resource))
+        self._attached.setdefault(resource, []).append(check)
+        with self._lock:
+            self._chains.pop(resource, None)
 
     # -- code resources ------------------------------------------------------------------
 
@@ -231,6 +309,9 @@ class Guard:
                 try:
                     return await call()
                 except exceptions_to_ignore:
+                    raise
+                except asyncio.CancelledError as exc:
+                    ctx.error = exc  # a cancelled call is no success (a probe re-opens)
                     raise
                 except Exception as exc:
                     ctx.error = exc
@@ -376,7 +457,8 @@ class Guard:
             app.add_exception_handler(exc_type, handler)
 
     async def aclose(self) -> None:
-        """Close the store's connections."""
+        """Stop the breakers' subscriber and close the store's connections."""
+        await close_breakers(self.store)
         await self.store.aclose()
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from ._model import RuleModel, not_supported_yet
 from .antiresubmit import IdempotencyRule, SubmitTokenRule
+from .breaker import BreakerRule
 from .errors import RuleProblem, RulesError
 from .limiter import FlowRule
 from .semaphore import SemaphoreRule
@@ -62,13 +63,12 @@ class ResourceRules(RuleModel):
     param_flow: Any = None
     authority: Any = None
     semaphore: SemaphoreRule | None = None
-    breaker: Any = None
+    breaker: list[BreakerRule] = Field(default_factory=list)
     idempotency: IdempotencyRule | None = None
     submit_token: SubmitTokenRule | None = None
 
     _param_flow = field_validator("param_flow")(_refuse("param_flow"))
     _authority = field_validator("authority")(_refuse("authority"))
-    _breaker = field_validator("breaker")(_refuse("breaker"))
 
 
 class RulesFile(RuleModel):

@@ -1,0 +1,662 @@
+"""Circuit breakers: Sentinel's three strategies, one probe, shared state, pybreaker.
+
+Every behaviour runs on the memory store and on the shared Redis (the ``store`` fixture).
+Slowness is simulated by moving ``ctx.start`` back, never by sleeping; the only sleeps
+are the short ``open_seconds`` timers the breakers themselves wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
+
+import httpx
+import pybreaker
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from tests.helpers import RedisServer, Uvicorn
+from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
+from ymguard.breaker import close_breakers
+from ymguard.chain import Chain
+from ymguard.errors import PROBLEM_BASE, Blocked
+from ymguard.storage import RedisStore, Store, store_from_uri
+
+RES = "GET /work"
+OPEN = 0.2  # open_seconds of most tests: short, so the file stays fast
+
+
+def rule(strategy: str = "error_count", **fields: Any) -> dict[str, Any]:
+    return {
+        "strategy": strategy,
+        "threshold": 0,
+        "min_requests": 1,
+        "window_seconds": 5,
+        "open_seconds": OPEN,
+        **fields,
+    }
+
+
+MakeGuard = Callable[..., Guard]
+
+
+@pytest.fixture
+async def make_guard(store: Store) -> AsyncIterator[MakeGuard]:
+    """Guards on the parametrized store, with ``breaker`` rules for ``GET /work``."""
+
+    def make(*breakers: dict[str, Any], resource: str = RES, **extra: Any) -> Guard:
+        rules = {"resources": {resource: {"breaker": list(breakers), **extra}}}
+        return Guard(rules, storage=store)
+
+    yield make
+    await close_breakers(store)
+
+
+async def call(chain: Chain, outcome: str = "ok") -> str:
+    """One call through a chain: ``ok``, ``error``, ``slow`` (1 s) or ``cancel``."""
+    ctx = Context(chain.resource)
+    try:
+        tokens = await chain.enter(ctx)
+    except CircuitOpen:
+        return "blocked"
+    if outcome == "error":
+        ctx.error = RuntimeError("boom")
+    elif outcome == "cancel":
+        ctx.error = asyncio.CancelledError()
+    else:
+        ctx.status = 200
+        if outcome == "slow":
+            ctx.start -= 1.0
+    await chain.exit(ctx, tokens)
+    return "passed"
+
+
+async def calls(chain: Chain, *outcomes: str) -> list[str]:
+    return [await call(chain, outcome) for outcome in outcomes]
+
+
+def state(guard: Guard, index: int = 0) -> str:
+    return guard.breakers()[index].state
+
+
+async def eventually(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Wait until ``check()`` holds; the deadline is a liveness bound, not a timing check."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.005)
+
+
+async def trip_and_wait(guard: Guard) -> Chain:
+    """Open the breaker with one error, then wait until a probe may pass."""
+    chain = guard.chain(RES)
+    assert await call(chain, "error") == "passed"
+    assert state(guard) == "open"
+    await asyncio.sleep(OPEN + 0.05)
+    return chain
+
+
+# -- the rules ---------------------------------------------------------------------------
+
+
+def test_rules_accept_the_contract_example() -> None:
+    guard = Guard(
+        {
+            "resources": {
+                RES: {
+                    "breaker": [
+                        {
+                            "strategy": "error_ratio",
+                            "threshold": 0.5,
+                            "max_rt_ms": 200,
+                            "window_seconds": 1,
+                            "min_requests": 5,
+                            "open_seconds": 10,
+                            "error_statuses": [500, 502, 503, 504],
+                        }
+                    ]
+                }
+            }
+        }
+    )
+    assert guard.rules.resources[RES].breaker[0].threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"strategy": "error_ratio", "threshold": 1.5}, "ratio in [0, 1]"),
+        ({"strategy": "slow_ratio", "threshold": 0.5}, "needs max_rt_ms"),
+        ({"strategy": "error_count", "threshold": 2.5}, "whole number"),
+        ({"strategy": "error_count", "threshold": 1, "error_statuses": [700]}, "HTTP status"),
+        ({"strategy": "fastest", "threshold": 1}, "strategy"),
+    ],
+)
+def test_rules_refuse_a_malformed_breaker(fields: dict[str, Any], why: str) -> None:
+    with pytest.raises(RulesError) as info:
+        Guard({"resources": {RES: {"breaker": [fields]}}})
+    assert "breaker[0]" in str(info.value)
+    assert why in str(info.value)
+
+
+# -- Sentinel's boundaries ---------------------------------------------------------------
+
+
+async def test_error_count_opens_one_above_the_threshold(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("error_count", threshold=3))
+    chain = guard.chain(RES)
+    await calls(chain, "error", "error", "error")
+    assert state(guard) == "closed"  # 3 errors: not above 3
+    await call(chain, "error")
+    assert state(guard) == "open"
+    assert await call(chain) == "blocked"
+
+
+async def test_error_ratio_opens_above_the_ratio_not_at_it(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("error_ratio", threshold=0.5, min_requests=4))
+    chain = guard.chain(RES)
+    await calls(chain, *["ok"] * 5, *["error"] * 5)
+    assert state(guard) == "closed"  # 5/10 = 0.5: not above
+    await call(chain, "error")  # 6/11
+    assert state(guard) == "open"
+
+
+async def test_slow_ratio_opens_above_the_ratio_not_at_it(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("slow_ratio", threshold=0.5, max_rt_ms=100, min_requests=4))
+    chain = guard.chain(RES)
+    await calls(chain, *["ok"] * 5, *["slow"] * 5)
+    assert state(guard) == "closed"
+    await call(chain, "slow")
+    assert state(guard) == "open"
+
+
+async def test_slow_ratio_of_one_opens_when_every_call_is_slow(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("slow_ratio", threshold=1.0, max_rt_ms=100, min_requests=3))
+    chain = guard.chain(RES)
+    await calls(chain, "slow", "slow", "ok", "slow")
+    assert state(guard) == "closed"  # 3 of 4 slow
+    other = make_guard(
+        rule("slow_ratio", threshold=1.0, max_rt_ms=100, min_requests=3), resource="GET /other"
+    )
+    chain = other.chain("GET /other")
+    await calls(chain, "slow", "slow")
+    assert other.breakers()[0].state == "closed"  # below min_requests
+    await call(chain, "slow")  # 3 of 3 slow: equal to 1.0 opens, as in Sentinel
+    assert other.breakers()[0].state == "open"
+
+
+async def test_min_requests_holds_whatever_the_errors(make_guard: MakeGuard) -> None:
+    guard = make_guard(
+        rule("error_count", threshold=0, min_requests=5),
+        rule("error_ratio", threshold=0.1, min_requests=5),
+    )
+    chain = guard.chain(RES)
+    await calls(chain, *["error"] * 4)
+    assert [b.state for b in guard.breakers()] == ["closed", "closed"]
+    await call(chain, "error")
+    assert [b.state for b in guard.breakers()] == ["open", "open"]
+
+
+async def test_a_good_call_that_reaches_min_requests_opens(make_guard: MakeGuard) -> None:
+    # Sentinel decides on every completion: 3 errors then 2 successes with min 5 opens.
+    guard = make_guard(rule("error_ratio", threshold=0.5, min_requests=5))
+    chain = guard.chain(RES)
+    await calls(chain, "error", "error", "error", "ok")
+    assert state(guard) == "closed"
+    await call(chain, "ok")
+    assert state(guard) == "open"
+
+
+# -- open, probe, close ------------------------------------------------------------------
+
+
+async def test_probe_success_closes_and_resets_the_window(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("error_count", threshold=2))
+    chain = guard.chain(RES)
+    await calls(chain, "error", "error", "error")
+    assert state(guard) == "open"
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(chain) == "passed"  # the probe
+    assert state(guard) == "closed"
+    await calls(chain, "error", "error")
+    assert state(guard) == "closed"  # the 3 earlier errors are forgotten
+    await call(chain, "error")
+    assert state(guard) == "open"
+
+
+async def test_probe_failure_reopens_and_restarts_the_timer(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule())
+    chain = await trip_and_wait(guard)
+    assert await call(chain, "error") == "passed"  # the probe, failing
+    assert state(guard) == "open"
+    assert await call(chain) == "blocked"  # the old timer has passed: this is a new one
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(chain) == "passed"
+    assert state(guard) == "closed"
+
+
+async def test_a_slow_probe_reopens_a_slow_ratio_breaker(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("slow_ratio", threshold=0.0, max_rt_ms=100))
+    chain = guard.chain(RES)
+    await call(chain, "slow")
+    assert state(guard) == "open"
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(chain, "slow") == "passed"
+    assert state(guard) == "open"
+
+
+async def test_open_answers_503_circuit_open_with_retry_after(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule(open_seconds=3))
+    backend = Backend()
+    async with client(http_app(guard, backend)) as c:
+        assert (await c.get("/work", params={"mode": "fail"})).status_code == 500
+        response = await c.get("/work")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == PROBLEM_BASE + "circuit-open"
+    assert response.json()["resource"] == RES
+    assert response.headers["retry-after"] == "3"  # seconds until the probe, rounded up
+    assert backend.hits == 1
+
+
+# -- what counts ---------------------------------------------------------------------------
+
+
+class Backend:
+    """The endpoint's behaviour and what reached it."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+
+def http_app(guard: Guard, backend: Backend) -> Starlette:
+    async def work(request: Request) -> Response:
+        backend.hits += 1
+        mode = request.query_params.get("mode", "ok")
+        if mode == "fail":
+            return PlainTextResponse("down", status_code=500)
+        if mode == "missing":
+            return PlainTextResponse("no such thing", status_code=404)
+        if mode == "raise":
+            raise RuntimeError("boom")
+        if mode == "hold":
+            backend.entered.set()
+            await backend.release.wait()
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/work", work)])
+    app.add_middleware(GuardMiddleware, guard=guard)
+    return app
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10)
+
+
+async def test_http_errors_are_exceptions_and_listed_statuses(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("error_count", threshold=1, error_statuses=[500]))
+    async with client(http_app(guard, Backend())) as c:
+        for _ in range(3):
+            assert (await c.get("/work", params={"mode": "missing"})).status_code == 404
+        assert state(guard) == "closed"  # 404 is not listed
+        assert (await c.get("/work", params={"mode": "fail"})).status_code == 500
+        assert state(guard) == "closed"
+        assert (await c.get("/work", params={"mode": "raise"})).status_code == 500
+    assert state(guard) == "open"
+
+
+async def test_requests_blocked_by_ymguard_never_count(make_guard: MakeGuard) -> None:
+    # The flow rule's 429s would open this breaker if blocked requests counted.
+    guard = make_guard(rule("error_count", threshold=0, error_statuses=[429]), flow=[{"qps": 1}])
+    async with client(http_app(guard, Backend())) as c:
+        statuses = [(await c.get("/work")).status_code for _ in range(5)]
+    assert statuses == [200, 429, 429, 429, 429]
+    assert state(guard) == "closed"
+    assert guard.breakers()[0].counts.completed == 1
+
+
+async def test_resource_exceptions_count_unless_ignored(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule(), resource="pay")
+    seen: list[str] = []
+
+    def on_block(amount: int, exc: Blocked) -> str:
+        seen.append(type(exc).__name__)
+        return "later"
+
+    def on_failure(amount: int, exc: BaseException) -> str:
+        seen.append(type(exc).__name__)
+        return "fallback"
+
+    @guard.resource(
+        "pay", fallback=on_failure, block_handler=on_block, exceptions_to_ignore=(KeyError,)
+    )
+    async def pay(amount: int) -> str:
+        if amount == 0:
+            raise KeyError("business error")
+        if amount < 0:
+            raise ValueError("dependency down")
+        return "paid"
+
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            await pay(0)
+    assert guard.breakers()[0].state == "closed"
+    assert await pay(-1) == "fallback"
+    assert guard.breakers()[0].state == "open"
+    assert await pay(1) == "later"
+    assert seen == ["ValueError", "CircuitOpen"]
+
+
+# -- a probe never sticks (alibaba/Sentinel#1638) -----------------------------------------
+
+
+class BlockEverything:
+    """A check after the breaker that blocks every call (a full semaphore, say)."""
+
+    async def enter(self, ctx: Context) -> Any:
+        raise CircuitOpen(ctx.resource, "later check", retry_after=1.0)
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        return None
+
+
+async def test_a_probe_blocked_by_a_later_check_goes_back_to_open(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(rule())
+    await trip_and_wait(guard)
+    compiled = guard.chain(RES)
+    blocked_after = Chain(RES, [*compiled.checks, BlockEverything()], compiled.stats)
+    assert await call(blocked_after) == "blocked"  # the probe got through us, then blocked
+    assert state(guard) == "open"  # not half-open forever
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(compiled) == "passed"  # a new probe may pass
+    assert state(guard) == "closed"
+
+
+async def test_a_cancelled_probe_goes_back_to_open(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule())
+    chain = await trip_and_wait(guard)
+    assert await call(chain, "cancel") == "passed"
+    assert state(guard) == "open"
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(chain) == "passed"
+    assert state(guard) == "closed"
+
+
+async def test_a_cancelled_http_probe_goes_back_to_open(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule())
+    backend = Backend()
+    async with client(http_app(guard, backend)) as c:
+        await c.get("/work", params={"mode": "fail"})
+        await asyncio.sleep(OPEN + 0.05)
+        probe = asyncio.ensure_future(c.get("/work", params={"mode": "hold"}))
+        await asyncio.wait_for(backend.entered.wait(), 5)
+        assert state(guard) == "half-open"
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        await eventually(lambda: state(guard) == "open", "the cancelled probe re-opens it")
+
+
+async def test_a_probe_whose_exit_never_comes_is_replaced_after_its_lease(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(rule(probe_lease_seconds=OPEN))
+    chain = await trip_and_wait(guard)
+    lost = Context(RES)
+    lost_tokens = await chain.enter(lost)  # a probe whose process dies: no exit
+    assert await call(chain) == "blocked"
+    await asyncio.sleep(OPEN + 0.05)
+    assert await call(chain) == "passed"  # the lease ran out: a new probe, which closes
+    assert state(guard) == "closed"
+    lost.status = 500
+    await chain.exit(lost, lost_tokens)  # the lost probe's late answer changes nothing
+    assert state(guard) == "closed"
+
+
+async def test_half_open_lets_exactly_one_of_50_concurrent_requests_in(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(rule())
+    backend = Backend()
+    async with client(http_app(guard, backend)) as c:
+        await c.get("/work", params={"mode": "fail"})
+        await asyncio.sleep(OPEN + 0.05)
+        backend.hits = 0
+        tasks = [asyncio.ensure_future(c.get("/work", params={"mode": "hold"})) for _ in range(50)]
+        await eventually(lambda: sum(t.done() for t in tasks) == 49, "49 requests refused")
+        await asyncio.wait_for(backend.entered.wait(), 5)  # the probe reaches the endpoint
+        assert backend.hits == 1
+        backend.release.set()
+        statuses = sorted(r.status_code for r in await asyncio.gather(*tasks))
+    assert statuses == [200] + [503] * 49
+    assert state(guard) == "closed"
+
+
+# -- listeners, pybreaker, guard.breakers() -----------------------------------------------
+
+
+class Recorder(pybreaker.CircuitBreakerListener):
+    """A listener written for pybreaker, unchanged."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str, str]] = []
+        self.outcomes: list[str] = []
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        assert isinstance(new_state, pybreaker.CircuitBreakerState)
+        self.changes.append((cb.name, old_state.name, new_state.name))
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        self.outcomes.append(f"failure:{type(exc).__name__}")
+
+    def success(self, cb: Any) -> None:
+        self.outcomes.append("success")
+
+
+async def test_a_pybreaker_listener_hears_our_state_changes(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule())
+    recorder = Recorder()
+    guard.add_breaker_listener(recorder)
+    chain = await trip_and_wait(guard)
+    await call(chain)
+    name = f"{RES}#0"
+    assert recorder.changes == [
+        (name, "closed", "open"),
+        (name, "open", "half-open"),
+        (name, "half-open", "closed"),
+    ]
+    assert recorder.outcomes == ["failure:RuntimeError", "success"]
+
+
+async def test_an_attached_pybreaker_opens_after_its_fail_max(make_guard: MakeGuard) -> None:
+    guard = make_guard()
+    recorder = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=OPEN, listeners=[recorder])
+    guard.attach_breaker(RES, cb)
+    backend = Backend()
+    async with client(http_app(guard, backend)) as c:
+        statuses = [(await c.get("/work", params={"mode": "fail"})).status_code for _ in range(4)]
+        assert statuses == [500, 500, 500, 503]
+        assert cb.current_state == "open"
+        assert backend.hits == 3
+        await asyncio.sleep(OPEN + 0.05)
+        assert (await c.get("/work")).status_code == 200  # pybreaker's half-open trial
+    assert cb.current_state == "closed"
+    assert [new for _, _, new in recorder.changes] == ["open", "half-open", "closed"]
+    assert guard.breakers()[0].strategy == "pybreaker"
+
+
+def test_a_pybreaker_with_redis_storage_is_refused() -> None:
+    import redis
+
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis.Redis())
+    with pytest.raises(ValueError, match="blocking Redis call"):
+        Guard().attach_breaker(RES, pybreaker.CircuitBreaker(state_storage=storage))
+
+
+async def test_breakers_report_name_strategy_state_and_counts(make_guard: MakeGuard) -> None:
+    guard = make_guard(rule("error_ratio", threshold=0.5, min_requests=10))
+    assert [(b.name, b.strategy, b.state) for b in guard.breakers()] == [
+        (f"{RES}#0", "error_ratio", "closed")
+    ]
+    await calls(guard.chain(RES), "ok", "error", "error")
+    (status,) = guard.breakers()
+    assert (status.counts.success, status.counts.errors, status.retry_after) == (1, 2, None)
+
+
+# -- one state for every process (Redis) -------------------------------------------------
+
+
+@pytest.fixture
+async def two_stores(redis_url: str, prefix: str) -> AsyncIterator[list[RedisStore]]:
+    """Two Redis stores with one prefix: two processes, as far as breakers can tell."""
+    stores = [cast(RedisStore, store_from_uri(redis_url, key_prefix=prefix)) for _ in range(2)]
+    yield stores
+    for s in stores:
+        await close_breakers(s)
+        await s.aclose()
+
+
+def count_redis_calls(store: RedisStore) -> list[int]:
+    counter = [0]
+    run, call_ = store.run, store.call
+
+    async def counted_run(*args: Any) -> Any:
+        counter[0] += 1
+        return await run(*args)
+
+    async def counted_call(*args: Any) -> Any:
+        counter[0] += 1
+        return await call_(*args)
+
+    store.run = counted_run  # type: ignore[method-assign]
+    store.call = counted_call  # type: ignore[method-assign]
+    return counter
+
+
+async def test_a_trip_in_one_process_opens_it_everywhere_without_redis_calls(
+    two_stores: list[RedisStore],
+) -> None:
+    a, b = (Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in two_stores)
+    chain_a, chain_b = a.chain(RES), b.chain(RES)
+    await asyncio.sleep(0.1)  # both subscribers settle
+    calls_b = count_redis_calls(cast(RedisStore, b.store))
+    assert await calls(chain_b, *["ok"] * 100) == ["passed"] * 100
+    assert calls_b[0] == 0  # a closed breaker answers from the local copy
+    started = time.monotonic()
+    await call(chain_a, "error")
+    await eventually(lambda: state(b) == "open", "process b sees the trip")
+    latency_ms = (time.monotonic() - started) * 1000
+    print(f"trip seen by the other process after {latency_ms:.1f} ms")
+    assert await calls(chain_b, *["ok"] * 100) == ["blocked"] * 100
+    assert calls_b[0] == 0  # an open breaker too, until its timer ends
+
+
+async def test_one_probe_across_two_processes(two_stores: list[RedisStore]) -> None:
+    guards = [Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in two_stores]
+    backend = Backend()
+    apps = [http_app(g, backend) for g in guards]
+    async with client(apps[0]) as c0, client(apps[1]) as c1:
+        await c0.get("/work", params={"mode": "fail"})
+        await eventually(lambda: state(guards[1]) == "open", "both see it open")
+        await asyncio.sleep(OPEN + 0.05)
+        backend.hits = 0
+        tasks = [
+            asyncio.ensure_future((c0, c1)[i % 2].get("/work", params={"mode": "hold"}))
+            for i in range(50)
+        ]
+        await eventually(lambda: sum(t.done() for t in tasks) == 49, "49 requests refused")
+        await asyncio.wait_for(backend.entered.wait(), 5)  # the probe reaches the endpoint
+        assert backend.hits == 1
+        backend.release.set()
+        statuses = sorted(r.status_code for r in await asyncio.gather(*tasks))
+        assert statuses == [200] + [503] * 49
+        await eventually(
+            lambda: [state(g) for g in guards] == ["closed", "closed"], "both see it closed"
+        )
+
+
+async def test_redis_outage_falls_back_to_a_local_breaker(private_redis: RedisServer) -> None:
+    url = private_redis.url + "?socket_timeout=0.3&socket_connect_timeout=0.3"
+    guard = Guard({"on_storage_error": "local", "resources": {RES: {"breaker": [rule()]}}}, url)
+    chain = guard.chain(RES)
+    await calls(chain, "ok")
+    private_redis.stop()
+    try:
+        await call(chain, "error")
+        assert state(guard) == "open"  # opened locally
+        assert await call(chain) == "blocked"
+        await asyncio.sleep(OPEN + 0.05)
+        assert await call(chain) == "passed"  # a local probe
+        assert state(guard) == "closed"
+    finally:
+        await guard.aclose()
+
+
+@pytest.fixture
+def two_servers(redis_url: str, prefix: str) -> Iterator[list[Uvicorn]]:
+    env = {"YMGUARD_TEST_REDIS": redis_url, "YMGUARD_TEST_PREFIX": prefix}
+    servers = [Uvicorn("tests.apps.breaker_app:app", env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_two_uvicorn_processes_share_the_breaker_and_its_one_probe(
+    two_servers: list[Uvicorn],
+) -> None:
+    async def get_json(c: httpx.AsyncClient, url: str) -> Any:
+        return (await c.get(url)).json()
+
+    async with httpx.AsyncClient(timeout=30) as c:
+        urls = [s.url for s in two_servers]
+        for url in urls:  # compile the chains and start both subscribers
+            assert (await c.get(url + "/work")).status_code == 200
+        assert (await c.get(urls[0] + "/work", params={"fail": 1})).status_code == 500
+
+        async def b_open() -> bool:
+            return bool((await get_json(c, urls[1] + "/state"))["state"] == "open")
+
+        deadline = time.monotonic() + 5
+        while not await b_open():
+            assert time.monotonic() < deadline, "the second process never saw the trip"
+            await asyncio.sleep(0.01)
+        refused = await c.get(urls[1] + "/work")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+        await asyncio.sleep(1.1)  # the open timer (1 s) ends
+        before = [(await get_json(c, url + "/hits"))["hits"] for url in urls]
+        tasks = [
+            asyncio.ensure_future(c.get(urls[i % 2] + "/work", params={"hold": 1}))
+            for i in range(50)
+        ]
+        deadline = time.monotonic() + 15
+        while sum(t.done() for t in tasks) < 49:
+            assert time.monotonic() < deadline, "49 of the 50 requests were never refused"
+            await asyncio.sleep(0.01)
+        after = [(await get_json(c, url + "/hits"))["hits"] for url in urls]
+        assert sum(after) - sum(before) == 1  # exactly one probe reached an endpoint
+        for url in urls:
+            await c.post(url + "/release")
+        statuses = sorted(r.status_code for r in await asyncio.gather(*tasks))
+        assert statuses == [200] + [503] * 49
+        for url in urls:
+            deadline = time.monotonic() + 5
+            while (await get_json(c, url + "/state"))["state"] != "closed":
+                assert time.monotonic() < deadline, "a process never saw the close"
+                await asyncio.sleep(0.01)

@@ -1,0 +1,897 @@
+"""Circuit breakers (Sentinel's ``DegradeRule``): ``slow_ratio``, ``error_ratio``, ``error_count``.
+
+A breaker is CLOSED (calls pass), OPEN (calls are refused with ``circuit-open`` until
+``open_seconds`` pass) or HALF_OPEN (exactly one probe call is running). The probe's
+success closes it and starts a fresh statistics window; its failure or slowness re-opens
+it with a fresh timer; a probe that a later check blocks or that is cancelled re-opens it
+too, so a breaker is never left half-open (alibaba/Sentinel#1638). A probe also holds a
+lease: if its exit never runs (its process died), another caller may probe after it.
+
+Closed-state decisions read the resource's :class:`ResourceStats` (the one sliding window
+per resource); the breakers keep no counters of their own, so statistics are per process.
+The *state* is per store: on the memory store it lives in the store's dict; on Redis it
+lives in one hash per breaker, changed only by the ``breaker_*.lua`` scripts, and every
+transition is published. Each process keeps a local copy of each breaker, refreshed by
+one pub/sub subscriber task per store, so a closed (or open) breaker answers without a
+Redis call; only the few calls that change the state (trip, probe, probe result) run a
+script.
+
+Listeners follow pybreaker's ``CircuitBreakerListener`` protocol (``state_change``,
+``failure``, ``success``); a ``pybreaker.CircuitBreaker`` with in-memory storage can also
+guard a resource (:class:`PybreakerCheck`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from itertools import zip_longest
+from typing import Any, Literal
+
+import pybreaker
+from pydantic import Field, field_validator, model_validator
+
+from ._model import RuleModel
+from .chain import DEFAULT_ERROR_STATUSES, Context, is_error
+from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
+from .lua import lua
+from .stats import Counts, ResourceStats
+from .storage import MemoryStore, RedisStore, Store
+
+log = logging.getLogger("ymguard.breaker")
+
+Strategy = Literal["slow_ratio", "error_ratio", "error_count"]
+
+
+class BreakerRule(RuleModel):
+    """One ``breaker`` rule of a resource (see ``RULES.md``)."""
+
+    strategy: Strategy
+    threshold: float = Field(ge=0, description="a ratio in [0, 1], or a count for error_count")
+    max_rt_ms: float | None = Field(None, gt=0, description="slow_ratio: slower is slow")
+    window_seconds: float = Field(1, gt=0, description="the statistics window")
+    min_requests: int = Field(5, ge=0, description="fewer calls in the window never open it")
+    open_seconds: float = Field(10, gt=0, description="open this long, then one probe")
+    error_statuses: list[int] = Field(
+        default_factory=lambda: sorted(DEFAULT_ERROR_STATUSES),
+        description="HTTP statuses that count as errors; exceptions always do",
+    )
+    probe_lease_seconds: float | None = Field(
+        None, gt=0, description="a probe whose outcome never comes is given up after this"
+    )
+
+    @field_validator("error_statuses")
+    @classmethod
+    def _http_statuses(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 100 <= status <= 599:
+                raise ValueError(f"{status} is not an HTTP status")
+        return value
+
+    @model_validator(mode="after")
+    def _threshold_fits(self) -> BreakerRule:
+        if self.strategy != "error_count" and self.threshold > 1:
+            raise ValueError(f"threshold of {self.strategy} is a ratio in [0, 1]")
+        if self.strategy == "error_count" and not float(self.threshold).is_integer():
+            raise ValueError("threshold of error_count is a whole number of errors")
+        if self.strategy == "slow_ratio" and self.max_rt_ms is None:
+            raise ValueError("slow_ratio needs max_rt_ms")
+        return self
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a probe may run before another caller may probe."""
+        return self.probe_lease_seconds or self.open_seconds
+
+
+class BreakerState(StrEnum):
+    """A breaker's state; the values are pybreaker's state names."""
+
+    CLOSED = pybreaker.STATE_CLOSED
+    OPEN = pybreaker.STATE_OPEN
+    HALF_OPEN = pybreaker.STATE_HALF_OPEN
+
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+_BY_CODE = (CLOSED, OPEN, HALF_OPEN)  # the Lua scripts' state codes
+
+_PB_STATES: dict[BreakerState, Any] = {
+    CLOSED: pybreaker.CircuitClosedState,
+    OPEN: pybreaker.CircuitOpenState,
+    HALF_OPEN: pybreaker.CircuitHalfOpenState,
+}
+
+
+class ErrorStatus(YmguardError):
+    """What a listener's ``failure`` receives for a response with an error status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}")
+
+
+class SlowCall(YmguardError):
+    """What a listener's ``failure`` receives for a call slower than ``max_rt_ms``."""
+
+    def __init__(self, rt_ms: float, max_rt_ms: float) -> None:
+        self.rt_ms = rt_ms
+        self.max_rt_ms = max_rt_ms
+        super().__init__(f"took {rt_ms:.1f} ms, more than {max_rt_ms:g} ms")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """One breaker as ``Guard.breakers()`` reports it (metrics, the dashboard).
+
+    Attributes:
+        name: the breaker's name (``resource#index``, or the pybreaker's name).
+        resource: the resource it guards.
+        strategy: ``slow_ratio`` | ``error_ratio`` | ``error_count`` | ``pybreaker``.
+        state: ``closed`` | ``open`` | ``half-open`` (this process's view).
+        counts: the statistics it decides on (its window, since its last reset).
+        threshold: the rule's threshold (``fail_max`` for a pybreaker).
+        retry_after: seconds until the probe while open, else ``None``.
+    """
+
+    name: str
+    resource: str
+    strategy: str
+    state: str
+    counts: Counts
+    threshold: float
+    retry_after: float | None
+
+
+# -- state, local copy and transitions ---------------------------------------------------
+
+
+class _State:
+    """One breaker's state in this process: the truth on memory, a fresh copy on Redis.
+
+    Shared by every :class:`Breaker` object of one name on one store (a reload builds
+    new objects; they find the same state, listeners included). Times are
+    ``time.monotonic()`` instants.
+    """
+
+    __slots__ = (
+        "breaker",
+        "busy",
+        "lease_until",
+        "listeners",
+        "owner",
+        "probe_at",
+        "reset_at",
+        "state",
+        "version",
+        "watchers",
+    )
+
+    def __init__(self) -> None:
+        self.state = CLOSED
+        self.version = 0
+        self.probe_at = 0.0
+        self.lease_until = 0.0
+        self.owner = ""
+        self.reset_at: float | None = None
+        self.busy = False  # one Redis transition of this process at a time, per breaker
+        self.listeners: list[Any] = []
+        self.watchers: weakref.WeakSet[BreakerCheck] = weakref.WeakSet()
+        self.breaker: Breaker | None = None
+
+    def move(
+        self, new: BreakerState, probe_in: float = 0.0, lease_in: float = 0.0, owner: str = ""
+    ) -> None:
+        """Enter ``new``; a close resets the window, a change notifies the listeners."""
+        old = self.state
+        now = time.monotonic()
+        self.state = new
+        self.probe_at = now + probe_in
+        self.lease_until = now + lease_in
+        self.owner = owner
+        if new is CLOSED and old is not CLOSED:
+            self.reset_at = now
+            for check in list(self.watchers):
+                check.on_reset(now)
+        if new is not old and self.listeners and self.breaker is not None:
+            self.breaker.notify_state_change(old, new)
+
+    def apply(self, reply: Sequence[Any], force: bool = False) -> None:
+        """Take a state from Redis (a script reply or a published message), unless stale.
+
+        ``reply`` is ``(_, state code, version, ms until probe, ms until lease end)``.
+        Version 0 means the hash does not exist (closed). ``force`` (a probe attempt's
+        fresh reply) also takes the current version and a missing hash: this copy may
+        have moved on its own while Redis was unavailable.
+        """
+        version = int(reply[2])
+        if version < self.version or (version == self.version and not force):
+            if not (force and version == 0):
+                return
+        if version == 0 and self.state is CLOSED:
+            return
+        self.version = version
+        self.move(_BY_CODE[int(reply[1])], int(reply[3]) / 1000.0, int(reply[4]) / 1000.0)
+
+
+_IDLE_SECONDS = 1.0
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class _Hub:
+    """One pub/sub subscriber per Redis store keeping every local copy fresh.
+
+    It pattern-subscribes once to every breaker channel under the store's prefix (a
+    breaker created later needs no new subscription) and re-reads every known breaker
+    after each (re)subscription, so a message lost while disconnected costs nothing.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.states: dict[str, tuple[str, _State]] = {}  # channel -> (hash key, state)
+        self.pattern = _glob_escape(store.key_prefix) + ":{breaker:*}:events"
+        self.ready = False
+        self.closing = False
+        self.task: asyncio.Task[None] | None = None
+        self._read = store.script(lua("breaker_read"))
+        self._side: set[asyncio.Task[None]] = set()
+
+    def state(self, key: str, channel: str) -> _State:
+        """The local copy of the breaker at ``key``, created (and read) on first use."""
+        found = self.states.get(channel)
+        if found is not None:
+            return found[1]
+        st = _State()
+        self.states[channel] = (key, st)
+        if self.ready:  # subscribed already: read this one now, the others are fresh
+            self._spawn(self._resync(channel))
+        return st
+
+    def start(self) -> bool:
+        """Start the subscriber if it is not running; False when no event loop runs."""
+        if self.task is not None and not self.task.done():
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self.task = loop.create_task(self._run(), name=f"ymguard-breakers {self.store!r}")
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def _resync(self, channel: str) -> None:
+        key, st = self.states[channel]
+        try:
+            st.apply(await self.store.run(self._read, (key,), ()))
+        except StorageUnavailable:
+            pass  # the next (re)subscription reads it again
+
+    async def _run(self) -> None:
+        warned = False
+        while True:
+            pubsub = self.store.client.pubsub()
+            try:
+                await pubsub.psubscribe(self.pattern)
+                self.ready = True
+                for channel in list(self.states):
+                    await self._resync(channel)
+                if warned:
+                    log.warning("ymguard breakers: pub/sub on %s is back", self.store.uri)
+                    warned = False
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_IDLE_SECONDS
+                    )
+                    if self._stopping():
+                        return
+                    if message is None:
+                        # Idle: a PING on the subscribed connection finds a dead server.
+                        await pubsub.ping()
+                    elif message.get("type") == "pmessage":
+                        self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.ready = False
+                if self._stopping():
+                    return
+                if not warned:
+                    log.warning(
+                        "ymguard breakers: pub/sub on %s failed (%s: %s); local copies may "
+                        "lag until it reconnects",
+                        self.store.uri,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    warned = True
+            finally:
+                self.ready = False
+                with suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(self.store.retry_interval)
+
+    def _stopping(self) -> bool:
+        # A cancellation that a redis-py read swallowed must still end the loop.
+        task = asyncio.current_task()
+        return self.closing or (task is not None and task.cancelling() > 0)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        data = message.get("data")
+        if not isinstance(channel, bytes) or not isinstance(data, bytes):
+            return
+        found = self.states.get(channel.decode())
+        if found is None:
+            return
+        version, state, probe_in, lease_in = data.split(b",")
+        found[1].apply((0, state, version, probe_in, lease_in))
+
+    async def aclose(self) -> None:
+        """Stop the subscriber."""
+        self.closing = True
+        tasks = [t for t in (self.task, *self._side) if t is not None]
+        while not all(t.done() for t in tasks):
+            # Cancel again until it lands: a redis-py read may swallow one cancellation.
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.05)
+
+
+_hubs: weakref.WeakKeyDictionary[RedisStore, _Hub] = weakref.WeakKeyDictionary()
+
+
+def _hub_for(store: RedisStore) -> _Hub:
+    hub = _hubs.get(store)
+    if hub is None:
+        hub = _hubs[store] = _Hub(store)
+    return hub
+
+
+async def close_breakers(store: Store) -> None:
+    """Stop the breakers' pub/sub subscriber of a store (``Guard.aclose`` calls it)."""
+    hub = _hubs.pop(store, None) if isinstance(store, RedisStore) else None
+    if hub is not None:
+        await hub.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """The token of the call that is the probe."""
+
+    owner: str
+    local: bool  # admitted on the local copy while the store was unavailable
+
+
+class Breaker:
+    """One circuit breaker's state on a store, and its transitions.
+
+    Args:
+        store: where the state lives (memory: this process; Redis: every process).
+        name: the breaker's name; breakers of one name on one store share their state.
+        open_seconds: how long it stays open before one probe may pass.
+        lease_seconds: how long a probe may run before another caller may probe.
+        resource: the resource named in refusals.
+        description: the rule named in refusals (``breaker[0] error_ratio>0.5``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        open_seconds: float,
+        lease_seconds: float | None = None,
+        resource: str | None = None,
+        description: str = "breaker",
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.resource = resource if resource is not None else name
+        self.description = description
+        self.open_seconds = open_seconds
+        self.lease_seconds = lease_seconds or open_seconds
+        self.key = store.key("breaker", name)
+        self._hub: _Hub | None = None
+        if isinstance(store, RedisStore):
+            self._redis = store
+            self._hub = _hub_for(store)
+            self.channel = store.key("breaker", name, "events")
+            self._st = self._hub.state(self.key, self.channel)
+            self._keys = (self.key, self.channel)
+            self._open = store.script(lua("breaker_open"))
+            self._probe = store.script(lua("breaker_probe"))
+            self._result = store.script(lua("breaker_result"))
+            self.watching = self._hub.start()
+        else:
+            assert isinstance(store, MemoryStore)
+            st = store.data.get(self.key)
+            if not isinstance(st, _State):
+                st = store.data[self.key] = _State()
+            self._st = st
+            self.watching = True
+        self._st.breaker = self
+
+    def __repr__(self) -> str:
+        return f"Breaker({self.name!r}, {self.state.value})"
+
+    # -- what users and listeners read ---------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """The state as this process sees it (on Redis: the local copy)."""
+        return self._st.state
+
+    @property
+    def current_state(self) -> str:
+        """The state as pybreaker names it (``closed``, ``open``, ``half-open``)."""
+        return self._st.state.value
+
+    @property
+    def reset_timeout(self) -> float:
+        """``open_seconds``, under pybreaker's name."""
+        return self.open_seconds
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until a probe may pass while open, else ``None``."""
+        if self._st.state is not OPEN:
+            return None
+        return max(0.0, self._st.probe_at - time.monotonic())
+
+    @property
+    def listeners(self) -> tuple[Any, ...]:
+        """The registered listeners."""
+        return tuple(self._st.listeners)
+
+    def add_listener(self, listener: Any) -> None:
+        """Register a ``pybreaker.CircuitBreakerListener`` (or any object with its methods)."""
+        if not any(existing is listener for existing in self._st.listeners):
+            self._st.listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Unregister a listener."""
+        self._st.listeners[:] = [x for x in self._st.listeners if x is not listener]
+
+    def notify_state_change(self, old: BreakerState, new: BreakerState) -> None:
+        """Call every listener's ``state_change`` with pybreaker state objects."""
+        cb: Any = self
+        old_obj = _PB_STATES[old](cb, None, notify=False)
+        new_obj = _PB_STATES[new](cb, old_obj, notify=False)
+        for listener in list(self._st.listeners):
+            try:
+                listener.state_change(cb, old_obj, new_obj)
+            except Exception:
+                log.exception("ymguard: breaker listener %r failed", listener)
+
+    def notify_outcome(self, failure: BaseException | None) -> None:
+        """Call every listener's ``failure`` (with the error) or ``success``."""
+        cb: Any = self
+        for listener in list(self._st.listeners):
+            try:
+                if failure is None:
+                    listener.success(cb)
+                else:
+                    listener.failure(cb, failure)
+            except Exception:
+                log.exception("ymguard: breaker listener %r failed", listener)
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def _refusal(self, retry_after: float) -> CircuitOpen:
+        return CircuitOpen(self.resource, self.description, retry_after=max(0.0, retry_after))
+
+    async def acquire(self) -> _Probe | None:
+        """Admit a call: ``None`` for an ordinary call, a probe token, or raise CircuitOpen."""
+        if not self.watching and self._hub is not None:
+            self.watching = self._hub.start()
+        st = self._st
+        if st.state is CLOSED:
+            return None
+        now = time.monotonic()
+        if st.state is OPEN:
+            if now < st.probe_at:
+                raise self._refusal(st.probe_at - now)
+        elif now < st.lease_until:
+            # Half-open: the probe is running now, its answer is about to come.
+            raise self._refusal(1.0)
+        if self._hub is None:
+            return self._probe_locally()
+        if st.busy:  # this process is asking Redis already; one attempt per process
+            raise self._refusal(1.0)
+        st.busy = True
+        owner = secrets.token_hex(8)
+        try:
+            reply = await self._redis.run(
+                self._probe, self._keys, (owner, math.ceil(self.lease_seconds * 1000))
+            )
+        except StorageUnavailable:
+            policy = self.store.on_storage_error
+            if policy == "closed":
+                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            if policy == "open":
+                return None
+            return self._probe_locally()
+        finally:
+            st.busy = False
+        st.apply(reply, force=True)
+        if int(reply[0]):
+            st.owner = owner
+            return _Probe(owner, local=False)
+        if st.state is CLOSED:
+            return None
+        if st.state is OPEN:
+            raise self._refusal(int(reply[3]) / 1000.0)
+        raise self._refusal(1.0)
+
+    def _probe_locally(self) -> _Probe:
+        owner = secrets.token_hex(8)
+        self._st.move(HALF_OPEN, lease_in=self.lease_seconds, owner=owner)
+        return _Probe(owner, local=True)
+
+    async def trip(self) -> None:
+        """Open a closed breaker (a no-op if it is not closed any more)."""
+        st = self._st
+        if st.state is not CLOSED or st.busy:
+            return
+        if self._hub is None:
+            st.move(OPEN, probe_in=self.open_seconds)
+            return
+        st.busy = True
+        try:
+            reply = await self._redis.run(
+                self._open, self._keys, (math.ceil(self.open_seconds * 1000),)
+            )
+        except StorageUnavailable:
+            # Every policy opens the local copy: it only refuses this process's calls.
+            st.move(OPEN, probe_in=self.open_seconds)
+            return
+        finally:
+            st.busy = False
+        st.apply(reply)
+
+    async def probe_done(self, probe: _Probe, ok: bool) -> None:
+        """The probe's outcome: close the breaker (``ok``) or re-open it with a fresh timer."""
+        st = self._st
+        if self._hub is not None and not probe.local:
+            try:
+                reply = await self._redis.run(
+                    self._result,
+                    self._keys,
+                    (probe.owner, 1 if ok else 0, math.ceil(self.open_seconds * 1000)),
+                )
+            except StorageUnavailable:
+                pass  # decide on the local copy, as the memory store would
+            else:
+                st.apply(reply)
+                return
+        if st.state is HALF_OPEN and st.owner == probe.owner:
+            if ok:
+                st.move(CLOSED)
+            else:
+                st.move(OPEN, probe_in=self.open_seconds)
+
+
+# -- the checks --------------------------------------------------------------------------
+
+
+class BreakerCheck:
+    """A ``breaker`` rule of a resource: decides on the resource's statistics.
+
+    Args:
+        breaker: the breaker's state on the store.
+        rule: the rule.
+        stats: the resource's statistics (registered for the rule's window and slow
+            threshold here).
+    """
+
+    def __init__(self, breaker: Breaker, rule: BreakerRule, stats: ResourceStats) -> None:
+        self.breaker = breaker
+        self.rule = rule
+        self.stats = stats
+        self.error_statuses = frozenset(rule.error_statuses)
+        self.strategy = rule.strategy
+        self.threshold = rule.threshold
+        stats.widen(rule.window_seconds)
+        self.slow_index = -1
+        self.max_rt_ms = math.inf
+        if rule.strategy == "slow_ratio":
+            assert rule.max_rt_ms is not None
+            self.max_rt_ms = rule.max_rt_ms
+            self.slow_index = stats.track_slow(rule.max_rt_ms)
+        # The reset bucket's slot, length and totals at the reset (see ``on_reset``).
+        self._base: tuple[int, float, Counts] | None = None
+        self._st = breaker._st
+        self._st.watchers.add(self)
+
+    def __repr__(self) -> str:
+        return f"BreakerCheck({self.breaker.resource!r}, {self.breaker.description!r})"
+
+    async def enter(self, ctx: Context) -> Any:
+        """Admit the call (``None``, or the probe token) or raise :class:`CircuitOpen`."""
+        if self._st.state is CLOSED and self.breaker.watching:
+            return None
+        return await self.breaker.acquire()
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        """Judge a probe, or open the breaker if the window now passes the threshold."""
+        if ctx.blocked is not None:
+            # Blocked after us: never counted; a probe goes back to open (Sentinel#1638).
+            if token is not None:
+                await self.breaker.probe_done(token, ok=False)
+            return
+        failure = self._failure(ctx)
+        if self._st.listeners:
+            self.breaker.notify_outcome(failure)
+        if token is not None:
+            ok = failure is None and not isinstance(ctx.error, asyncio.CancelledError)
+            await self.breaker.probe_done(token, ok)
+        elif self._st.state is CLOSED and self.exceeded():
+            await self.breaker.trip()
+
+    def _failure(self, ctx: Context) -> BaseException | None:
+        """What makes this call bad for this breaker (an error, or slowness), or None."""
+        if is_error(ctx, self.error_statuses):
+            return ctx.error or ErrorStatus(ctx.status or 0)
+        if self.slow_index >= 0:
+            rt_ms = (time.perf_counter() - ctx.start) * 1000.0
+            if rt_ms > self.max_rt_ms:
+                return SlowCall(rt_ms, self.max_rt_ms)
+        return None
+
+    def on_reset(self, now: float) -> None:
+        """The breaker closed: remember the current bucket so it starts from zero."""
+        # ``counts(since=)`` keeps the whole bucket the reset falls in (the probe, late
+        # calls from before the trip); its totals at this instant are taken off later.
+        blen = self.stats.window_seconds / self.stats.buckets
+        self._base = (int(now / blen), blen, self.stats.counts(blen, since=now))
+
+    def counts(self) -> Counts:
+        """The statistics this breaker decides on: its window, since its last reset."""
+        stats = self.stats
+        c = stats.counts(self.rule.window_seconds, since=self._st.reset_at)
+        if self._base is None:
+            return c
+        slot, blen, base = self._base
+        span = min(stats.buckets, max(1, round(self.rule.window_seconds / blen)))
+        if blen != stats.window_seconds / stats.buckets or (
+            int(time.monotonic() / blen) - span + 1 > slot
+        ):
+            self._base = None  # the reset bucket has left the window
+            return c
+        return Counts(
+            passed=max(0, c.passed - base.passed),
+            blocked=max(0, c.blocked - base.blocked),
+            success=max(0, c.success - base.success),
+            errors=max(0, c.errors - base.errors),
+            rt_total_ms=max(0.0, c.rt_total_ms - base.rt_total_ms),
+            slow=tuple(max(0, a - b) for a, b in zip_longest(c.slow, base.slow, fillvalue=0)),
+        )
+
+    def exceeded(self) -> bool:
+        """Whether the window passes the threshold (Sentinel's boundaries)."""
+        c = self.counts()
+        total = c.completed
+        if total < self.rule.min_requests or total == 0:
+            return False
+        if self.strategy == "error_count":
+            return c.errors > self.threshold
+        if self.strategy == "error_ratio":
+            return c.errors / total > self.threshold
+        ratio = c.slow[self.slow_index] / total
+        # Sentinel opens at exactly 100 % slow when the threshold is 1.0.
+        return ratio > self.threshold or (self.threshold == 1.0 and ratio == 1.0)
+
+    def status(self) -> BreakerStatus:
+        """This breaker for ``Guard.breakers()``."""
+        b = self.breaker
+        return BreakerStatus(
+            b.name,
+            b.resource,
+            self.strategy,
+            b.state.value,
+            self.counts(),
+            self.threshold,
+            b.retry_after,
+        )
+
+
+_PROBE = "probe"
+
+
+class PybreakerCheck:
+    """An existing ``pybreaker.CircuitBreaker`` guarding a resource.
+
+    pybreaker's own ``call`` cannot guard a coroutine (it would count the un-awaited
+    coroutine as a success) and holds its thread lock across the whole call, so it
+    never runs the endpoint here. Instead the check reads its state at ``enter`` (one
+    probe at a time while half-open, as ours) and replays the call's outcome through
+    ``cb.call`` at ``exit``, so pybreaker's counters, ``fail_max``, ``exclude`` and
+    listeners behave as the user configured them. Its lock is taken only for that replay
+    and never across an ``await``; if another thread holds it, the replay runs in a
+    worker thread instead of blocking the event loop. Only in-memory storage is
+    accepted: ``CircuitRedisStorage`` is synchronous redis-py, a blocking call on every
+    state read (use a ``breaker:`` rule on a Redis store for shared state).
+    """
+
+    def __init__(
+        self,
+        resource: str,
+        cb: pybreaker.CircuitBreaker,
+        error_statuses: Iterable[int] = DEFAULT_ERROR_STATUSES,
+        stats: ResourceStats | None = None,
+    ) -> None:
+        storage = getattr(cb, "_state_storage", None)
+        if isinstance(storage, pybreaker.CircuitRedisStorage):
+            raise ValueError(
+                "a pybreaker breaker with CircuitRedisStorage would make a blocking Redis "
+                "call on every request; use a breaker: rule on a Redis store to share state"
+            )
+        self.resource = resource
+        self.cb = cb
+        self.error_statuses = frozenset(error_statuses)
+        self.stats = stats
+        self.description = f"pybreaker {cb.name or ''}".rstrip()
+        self._probe_until = 0.0  # while this is ahead, a probe of ours runs
+
+    def __repr__(self) -> str:
+        return f"PybreakerCheck({self.resource!r}, {self.cb.name!r})"
+
+    async def _locked(self, fn: Any, *args: Any) -> Any:
+        lock = getattr(self.cb, "_lock", None)
+        if lock is None or lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                if lock is not None:
+                    lock.release()
+        # Another thread is inside the breaker (pybreaker holds its lock across calls).
+        return await asyncio.to_thread(fn, *args)
+
+    def _opened_remaining(self) -> float:
+        opened_at = self.cb._state_storage.opened_at
+        if opened_at is None:
+            return 0.0
+        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
+        return float(self.cb.reset_timeout) - elapsed
+
+    async def enter(self, ctx: Context) -> Any:
+        """Admit the call, let one probe through, or raise :class:`CircuitOpen`."""
+        state = self.cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return None
+        now = time.monotonic()
+        if now < self._probe_until:
+            raise CircuitOpen(self.resource, self.description, retry_after=1.0)
+        if state == pybreaker.STATE_OPEN:
+            remaining = self._opened_remaining()
+            if remaining > 0:
+                raise CircuitOpen(self.resource, self.description, retry_after=remaining)
+            await self._locked(self.cb.half_open)
+        self._probe_until = now + max(float(self.cb.reset_timeout), 1.0)
+        return _PROBE
+
+    def _replay(self, failure: BaseException | None) -> None:
+        def outcome() -> None:
+            if failure is not None:
+                raise failure
+
+        with suppress(BaseException):  # CircuitBreakerError on a trip, or the failure
+            self.cb.call(outcome)
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        """Replay the outcome through the pybreaker breaker (or re-open it for a probe)."""
+        probe = token is _PROBE
+        if probe:
+            self._probe_until = 0.0
+        cancelled = isinstance(ctx.error, asyncio.CancelledError)
+        if ctx.blocked is not None or cancelled:
+            # No outcome to report: a probe goes back to open, other calls are not counted.
+            if probe and self.cb.current_state == pybreaker.STATE_HALF_OPEN:
+                await self._locked(self.cb.open)
+            return
+        # Only the state the call was admitted in may hear its outcome: a call admitted
+        # while closed that ends after a trip must not act as the half-open probe.
+        wanted = pybreaker.STATE_HALF_OPEN if probe else pybreaker.STATE_CLOSED
+        if self.cb.current_state != wanted:
+            return
+        failure: BaseException | None = None
+        if ctx.error is not None:
+            failure = ctx.error
+        elif ctx.status in self.error_statuses:
+            failure = ErrorStatus(ctx.status or 0)
+        await self._locked(self._replay, failure)
+
+    def status(self) -> BreakerStatus:
+        """This breaker for ``Guard.breakers()``."""
+        state = self.cb.current_state
+        retry = max(0.0, self._opened_remaining()) if state == pybreaker.STATE_OPEN else None
+        counts = self.stats.counts() if self.stats is not None else Counts(0, 0, 0, 0, 0.0)
+        return BreakerStatus(
+            self.cb.name or self.resource,
+            self.resource,
+            "pybreaker",
+            state,
+            counts,
+            float(self.cb.fail_max),
+            retry,
+        )
+
+
+# -- building --------------------------------------------------------------------------
+
+
+def breaker_error_statuses(rules: Sequence[BreakerRule]) -> frozenset[int]:
+    """The statuses the resource's statistics count as errors: the union of its rules'."""
+    if not rules:
+        return DEFAULT_ERROR_STATUSES
+    return frozenset(s for rule in rules for s in rule.error_statuses)
+
+
+def build_breaker_checks(
+    store: Store,
+    resource: str,
+    rules: Sequence[BreakerRule],
+    stats: ResourceStats,
+    listeners: Iterable[Any] = (),
+) -> list[BreakerCheck]:
+    """The checks for a resource's ``breaker`` rules, in file order.
+
+    Args:
+        store: where the breakers' state lives.
+        resource: the resource name.
+        rules: its ``breaker`` rules.
+        stats: its statistics, which the checks read.
+        listeners: pybreaker-style listeners to register on each breaker.
+    """
+    listeners = list(listeners)
+    checks: list[BreakerCheck] = []
+    for index, rule in enumerate(rules):
+        threshold = f"{rule.threshold:g}"
+        if rule.strategy == "slow_ratio":
+            threshold += f" max_rt_ms={rule.max_rt_ms:g}"
+        breaker = Breaker(
+            store,
+            f"{resource}#{index}",
+            open_seconds=rule.open_seconds,
+            lease_seconds=rule.lease_seconds,
+            resource=resource,
+            description=f"breaker[{index}] {rule.strategy}>{threshold}",
+        )
+        for listener in listeners:
+            breaker.add_listener(listener)
+        checks.append(BreakerCheck(breaker, rule, stats))
+    return checks
+
+
+__all__ = [
+    "Breaker",
+    "BreakerCheck",
+    "BreakerRule",
+    "BreakerState",
+    "BreakerStatus",
+    "ErrorStatus",
+    "PybreakerCheck",
+    "SlowCall",
+    "breaker_error_statuses",
+    "build_breaker_checks",
+    "close_breakers",
+]
