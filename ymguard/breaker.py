@@ -619,6 +619,8 @@ class BreakerCheck:
             self.slow_index = stats.track_slow(rule.max_rt_ms)
         # The reset bucket's slot, length and totals at the reset (see ``on_reset``).
         self._base: tuple[int, float, Counts] | None = None
+        self._pending = False  # the last look: over the threshold, short of min_requests
+        self._look_at = 0.0  # when a good call looks at the window next
         self._st = breaker._st
         self._st.watchers.add(self)
 
@@ -644,7 +646,19 @@ class BreakerCheck:
         if token is not None:
             ok = failure is None and not isinstance(ctx.error, asyncio.CancelledError)
             await self.breaker.probe_done(token, ok)
-        elif self._st.state is CLOSED and self.exceeded():
+            return
+        if self._st.state is not CLOSED:
+            return
+        # Summing the window costs more than the rest of the check, so a good call only
+        # looks when it can change the answer: when the last look found the threshold
+        # passed but too few calls (the good call may be the min_requests-th), or once
+        # per bucket, for the ratio that rises as good calls slide out of the window.
+        if failure is None and not self._pending:
+            now = time.monotonic()
+            if now < self._look_at:
+                return
+            self._look_at = now + self.stats.window_seconds / self.stats.buckets
+        if self.exceeded():
             await self.breaker.trip()
 
     def _failure(self, ctx: Context) -> BaseException | None:
@@ -690,15 +704,19 @@ class BreakerCheck:
         """Whether the window passes the threshold (Sentinel's boundaries)."""
         c = self.counts()
         total = c.completed
-        if total < self.rule.min_requests or total == 0:
-            return False
-        if self.strategy == "error_count":
-            return c.errors > self.threshold
-        if self.strategy == "error_ratio":
-            return c.errors / total > self.threshold
-        ratio = c.slow[self.slow_index] / total
-        # Sentinel opens at exactly 100 % slow when the threshold is 1.0.
-        return ratio > self.threshold or (self.threshold == 1.0 and ratio == 1.0)
+        if total == 0:
+            over = False
+        elif self.strategy == "error_count":
+            over = c.errors > self.threshold
+        elif self.strategy == "error_ratio":
+            over = c.errors / total > self.threshold
+        else:
+            ratio = c.slow[self.slow_index] / total
+            # Sentinel opens at exactly 100 % slow when the threshold is 1.0.
+            over = ratio > self.threshold or (self.threshold == 1.0 and ratio == 1.0)
+        enough = total >= self.rule.min_requests
+        self._pending = over and not enough
+        return over and enough
 
     def status(self) -> BreakerStatus:
         """This breaker for ``Guard.breakers()``."""

@@ -141,7 +141,12 @@ class Chain:
     async def exit(self, ctx: Context, tokens: list[Any]) -> None:
         """Record the call's outcome and run every ``exit`` in reverse order."""
         rt_ms = (time.perf_counter() - ctx.start) * 1000.0
-        self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
+        if ctx.blocked is None:
+            self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
+        else:
+            # Blocked inside the endpoint (a nested guard answered for it): a refusal by
+            # ymguard is neither a success nor an error of this resource.
+            self.stats.inflight -= 1
         await self._unwind(ctx, tokens)
 
     async def _unwind(self, ctx: Context, tokens: list[Any]) -> None:

@@ -416,6 +416,11 @@ class Guard:
     def problem_for(self, exc: BaseException) -> ProblemResponse | None:
         """The problem response for an exception, or None if it is not mapped."""
         if isinstance(exc, Blocked):
+            ctx = current_context.get()
+            if ctx is not None and ctx.blocked is None and ctx.status is None:
+                # A guard inside the endpoint refused: the request's answer is that
+                # refusal, which the outer resource must not count (its breakers).
+                ctx.blocked = exc
             return blocked_response(exc)
         for cls in type(exc).__mro__:
             mapping = self._exception_map.get(cls)

@@ -287,6 +287,8 @@ def http_app(guard: Guard, backend: Backend) -> Starlette:
             return PlainTextResponse("no such thing", status_code=404)
         if mode == "raise":
             raise RuntimeError("boom")
+        if mode == "nested":  # a guard inside the endpoint refuses
+            raise CircuitOpen("inner resource", "breaker[0]", retry_after=1.0)
         if mode == "hold":
             backend.entered.set()
             await backend.release.wait()
@@ -322,6 +324,19 @@ async def test_requests_blocked_by_ymguard_never_count(make_guard: MakeGuard) ->
     assert statuses == [200, 429, 429, 429, 429]
     assert state(guard) == "closed"
     assert guard.breakers()[0].counts.completed == 1
+
+
+async def test_a_refusal_by_a_guard_inside_the_endpoint_never_counts(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(rule("error_count", threshold=0))
+    async with client(http_app(guard, Backend())) as c:
+        responses = [await c.get("/work", params={"mode": "nested"}) for _ in range(3)]
+    assert [r.status_code for r in responses] == [503] * 3
+    assert responses[0].json()["resource"] == "inner resource"
+    assert state(guard) == "closed"
+    assert guard.breakers()[0].counts.completed == 0
+    assert guard.stats(RES).inflight == 0
 
 
 async def test_resource_exceptions_count_unless_ignored(make_guard: MakeGuard) -> None:
