@@ -298,7 +298,7 @@ async def test_waiters_wake_on_release_without_polling(
     counted: tuple[Store, Callable[[], int]],
 ) -> None:
     store, commands = counted
-    sem = Semaphore("s", 1, 30, store)  # a long lease: no expiry can wake the waiter
+    sem = Semaphore("s", 1, 3600, store)  # no lease expiry and no place refresh can wake it
     tries = 0
     acquire = sem._backend.acquire
 
@@ -309,13 +309,13 @@ async def test_waiters_wake_on_release_without_polling(
 
     sem._backend.acquire = counting  # type: ignore[method-assign]
     holder = await sem.acquire()
-    waiter = asyncio.create_task(sem.acquire(timeout=20))
+    waiter = asyncio.create_task(sem.acquire(timeout=3600))
     await queued(sem, 1)
     tries_queued, before = tries, commands()
     await asyncio.sleep(0.6)  # the waiter waits: it must not touch the store meanwhile
     assert (tries, commands()) == (tries_queued, before)
     await holder.release()
-    permit = await waiter
+    permit = await asyncio.wait_for(waiter, 10)  # only the release can have woken it
     assert tries - tries_queued == 1  # woken once, took the permit at the first try
     assert tries <= 4  # holder + first try + joining the line + after the wake-up
     await permit.release()
@@ -414,7 +414,11 @@ async def test_an_outage_follows_on_storage_error(
 
 
 class App:
-    """A Starlette app behind GuardMiddleware whose endpoints count the calls inside."""
+    """A Starlette app behind GuardMiddleware whose endpoints count the calls inside.
+
+    With a gate, calls wait inside until it opens, except ``?probe=1`` calls, so that a
+    probe the guard wrongly admits fails its test instead of hanging it.
+    """
 
     def __init__(self, guard: Guard, gate: asyncio.Event | None = None) -> None:
         self.running = self.peak = 0
@@ -426,7 +430,7 @@ class App:
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
-            if self.gate is not None:
+            if self.gate is not None and "probe" not in request.query_params:
                 await self.gate.wait()
             else:
                 await asyncio.sleep(0.05)
@@ -493,7 +497,7 @@ async def test_resources_naming_one_semaphore_share_it(store: Store) -> None:
         await app.inside(1)
         sem = guard.semaphore("killSem")
         assert await sem.held() == 1
-        assert (await c.get("/b")).status_code == 429
+        assert (await c.get("/b?probe=1")).status_code == 429
         gate.set()
         assert (await first).status_code == 200
         assert (await c.get("/b")).status_code == 200
@@ -512,7 +516,7 @@ async def test_a_slow_request_keeps_its_permit_past_the_lease(store: Store) -> N
         sem = guard.semaphore("GET /slow")
         for _ in range(3):  # 0.6 s: two leases
             await asyncio.sleep(0.2)
-            assert (await c.get("/slow")).status_code == 429
+            assert (await c.get("/slow?probe=1")).status_code == 429
         gate.set()
         assert (await slow).status_code == 200
     assert await sem.held() == 0
@@ -528,7 +532,7 @@ async def test_a_slow_request_keeps_its_concurrency_count_past_the_lease(store: 
         await app.inside(1)
         for _ in range(3):  # 0.6 s: two leases
             await asyncio.sleep(0.2)
-            assert (await c.get("/conc")).status_code == 429
+            assert (await c.get("/conc?probe=1")).status_code == 429
         gate.set()
         assert (await slow).status_code == 200
         assert (await c.get("/conc")).status_code == 200

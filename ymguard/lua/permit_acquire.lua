@@ -12,8 +12,10 @@ local lease = tonumber(ARGV[2])
 local id = ARGV[3]
 local place = tonumber(ARGV[4])
 local free = permit_count(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local rank = redis.call('ZRANK', KEYS[3], id)
-local queued = redis.call('ZCARD', KEYS[3])
+local rank = false
+if queued > 0 then
+  rank = redis.call('ZRANK', KEYS[3], id)
+end
 -- A newcomer stands behind everyone in line: no barging past waiters.
 local pos = rank or queued
 if pos < free then
@@ -21,8 +23,7 @@ if pos < free then
   redis.call('ZADD', KEYS[1], expiry, id)
   keep_for(KEYS[1], lease)
   if rank then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('ZREM', KEYS[4], id)
+    leave(id)
   end
   if reclaimed > 0 then
     wake(ARGV[5], free - 1)
@@ -38,10 +39,7 @@ if place > 0 then
   keep_for(KEYS[3], place)
   keep_for(KEYS[4], place)
 elseif rank then
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('ZREM', KEYS[4], id)
-  queued = queued - 1
-  reclaimed = reclaimed + 1
+  reclaimed = reclaimed + leave(id)
 end
 if reclaimed > 0 then
   wake(ARGV[5], free)

@@ -5,11 +5,8 @@
 -- ARGV[3]  the wake-up channel
 -- returns  1 if the permit was still held (its lease had not expired), else 0
 local held = redis.call('ZREM', KEYS[1], ARGV[1])
-local left = redis.call('ZREM', KEYS[3], ARGV[1])
-if left > 0 then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-end
-if held + left + reclaimed > 0 then
+local left = leave(ARGV[1])
+if queued > 0 and held + left + reclaimed > 0 then
   wake(ARGV[3], permit_count(ARGV[2]) - redis.call('ZCARD', KEYS[1]))
 end
 return held

@@ -16,7 +16,7 @@ for i = 4, #ARGV do
   end
 end
 keep_for(KEYS[1], lease)
-if reclaimed > 0 then
+if reclaimed > 0 and queued > 0 then
   wake(ARGV[3], permit_count(ARGV[2]) - redis.call('ZCARD', KEYS[1]))
 end
 return out

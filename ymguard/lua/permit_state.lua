@@ -5,7 +5,7 @@
 -- returns  {held, permits, waiting}
 local permits = permit_count(ARGV[1])
 local held = redis.call('ZCARD', KEYS[1])
-if reclaimed > 0 then
+if reclaimed > 0 and queued > 0 then
   wake(ARGV[2], permits - held)
 end
-return {held, permits, redis.call('ZCARD', KEYS[3])}
+return {held, permits, queued}
