@@ -119,7 +119,14 @@ def pinning(enabled: bool) -> tuple[list[str], list[str], str]:
     )
 
 
-def start_server(variant: str, prefix: list[str], redis_url: str, qps: int, logdir: Path) -> Server:
+def start_server(
+    variant: str,
+    prefix: list[str],
+    redis_url: str,
+    qps: int,
+    logdir: Path,
+    slowapi_middleware: bool = True,
+) -> Server:
     port = free_port()
     key_prefix = f"ymbench-{variant}-{uuid.uuid4().hex[:10]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("YMGUARD_")}
@@ -128,6 +135,7 @@ def start_server(variant: str, prefix: list[str], redis_url: str, qps: int, logd
         BENCH_QPS=str(qps),
         BENCH_REDIS_URL=redis_url,
         BENCH_KEY_PREFIX=key_prefix,
+        BENCH_SLOWAPI_MIDDLEWARE="1" if slowapi_middleware else "0",
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     )
     log = logdir / f"{variant}-{port}.log"
@@ -351,7 +359,10 @@ def delete_keys(url: str, key_prefix: str) -> None:
 def sanity(variants: list[str], prefix: list[str], args: argparse.Namespace, logdir: Path) -> None:
     """Each limiting variant with a 1/second limit refuses the second request."""
     limited = [v for v in variants if v != "plain"]
-    servers = [start_server(v, prefix, args.redis_url, 1, logdir) for v in limited]
+    servers = [
+        start_server(v, prefix, args.redis_url, 1, logdir, args.slowapi_middleware == "on")
+        for v in limited
+    ]
     try:
         for server in servers:
             wait_ready(server)  # the first request (200) is spent here
@@ -463,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="each request asks for a random /items/{id} (route caches and per-URL keys miss)",
     )
+    parser.add_argument(
+        "--slowapi-middleware",
+        choices=("on", "off"),
+        default="on",
+        help="add SlowAPIMiddleware to the slowapi apps (as its docs do), or only decorate",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--no-sanity", action="store_true", help="skip the 1/s sanity check")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -487,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ymguard overhead: GET {path}, wrk -t{args.threads} -c{args.connections} "
         f"-d{round(args.duration)}s --latency (+{args.warmup:g}s warm-up), {args.rounds} "
         f"rounds interleaved, medians; {pin_note}; uvicorn 1 worker, --no-access-log; "
-        f"ymguard at {version}"
+        f"slowapi middleware {args.slowapi_middleware}; ymguard at {version}"
     )
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ymbench-{uuid.uuid4().hex[:8]}"
     logdir.mkdir(parents=True)
@@ -503,7 +520,16 @@ def main(argv: list[str] | None = None) -> int:
     key_check: dict[str, int] = {}
     try:
         for variant in variants:
-            servers.append(start_server(variant, server_prefix, args.redis_url, args.qps, logdir))
+            servers.append(
+                start_server(
+                    variant,
+                    server_prefix,
+                    args.redis_url,
+                    args.qps,
+                    logdir,
+                    args.slowapi_middleware == "on",
+                )
+            )
         for server in servers:
             wait_ready(server)
         for rnd in range(args.rounds):
@@ -554,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "config": {
                 "ymguard": version,
+                "slowapi_middleware": args.slowapi_middleware,
                 "path": path,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
