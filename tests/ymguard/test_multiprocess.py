@@ -55,13 +55,14 @@ async def test_a_killed_process_does_not_leak_its_concurrency_count(
 ) -> None:
     doomed, survivor = two_servers
     async with httpx.AsyncClient(timeout=10) as c:
-        hanging = asyncio.ensure_future(c.get(doomed.url + "/hang", params={"seconds": 30}))
-        for _ in range(50):  # until the doomed process holds the only slot
-            if (await c.get(survivor.url + "/hang")).status_code == 429:
+        for _ in range(20):  # until the doomed process holds the only slot and hangs
+            hanging = asyncio.ensure_future(c.get(doomed.url + "/hang", params={"seconds": 30}))
+            await asyncio.sleep(0.5)
+            if not hanging.done():
                 break
-            await asyncio.sleep(0.05)
         else:
             raise AssertionError("the hanging request never took the slot")
+        assert (await c.get(survivor.url + "/hang")).status_code == 429  # held, alive
         doomed.kill()
         with pytest.raises(httpx.HTTPError):
             await hanging
