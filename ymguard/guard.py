@@ -447,7 +447,16 @@ class Guard:
         Maps :class:`Blocked` errors raised inside endpoints, the ``errors:`` of the rules
         and every ``map_exception`` to problem+json responses. Import errors in
         ``errors:`` are reported here, naming the entry.
+
+        Args:
+            app: the Starlette or FastAPI application.
+            http_errors: also render the framework's own errors as problem+json
+                (``HTTPException`` such as 404 and 405, FastAPI's request validation
+                errors as 422 ``validation-error``, and unhandled exceptions as a 500
+                ``internal-error`` without a stack trace).
         """
+        if http_errors:
+            install_http_problems(app)
         for path, mapping in self.rules.errors.items():
             self._exception_map.setdefault(_import_exception(path), mapping)
 
@@ -467,15 +476,6 @@ class Guard:
         await self.store.aclose()
 
 
-        Args:
-            app: the Starlette or FastAPI application.
-            http_errors: also render the framework's own errors as problem+json
-                (``HTTPException`` such as 404 and 405, FastAPI's request validation
-                errors as 422 ``validation-error``, and unhandled exceptions as a 500
-                ``internal-error`` without a stack trace).
-
-        if http_errors:
-            install_http_problems(app)
 class RouteLimit:
     """``guard.limit(spec)``: a FastAPI dependency and an endpoint decorator in one.
 
