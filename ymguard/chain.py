@@ -96,7 +96,7 @@ DEFAULT_ERROR_STATUSES = frozenset({500, 502, 503, 504})
 class Chain:
     """The compiled checks of one resource, and its statistics."""
 
-    __slots__ = ("checks", "error_statuses", "resource", "stats")
+    __slots__ = ("checks", "error_statuses", "release_on_disconnect", "resource", "stats")
 
     def __init__(
         self,
@@ -109,6 +109,11 @@ class Chain:
         self.checks = tuple(checks)
         self.stats = stats
         self.error_statuses = error_statuses
+        # A check that holds a scarce thing for the call (a semaphore permit) asks the edge
+        # to cancel the call when its client goes away, so the thing comes back at once.
+        self.release_on_disconnect = any(
+            getattr(check, "release_on_disconnect", False) for check in self.checks
+        )
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self.checks)

@@ -8,7 +8,7 @@ refusal as problem+json. Everything else (algorithms, storage) lives behind the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.routing import Match, Mount
@@ -60,6 +60,50 @@ def resolve_route(
         if partial is None:
             partial = (prefix + _template(route), params)
     return partial
+
+
+#: The status recorded for a call whose client went away first (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def run_until_disconnect(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, finished: Callable[[], bool]
+) -> bool:
+    """Run ``app``, cancelling it if the client disconnects before the response is done.
+
+    A reader task owns ``receive`` and hands every message on to the app; when it sees
+    ``http.disconnect`` while the response is unfinished it cancels the app (a plain
+    endpoint would otherwise run on, holding its permit, for nobody).
+
+    Returns:
+        True if the app was cancelled because the client went away.
+    """
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    app_task = asyncio.ensure_future(app(scope, inbox.get, send))
+    gone = False
+
+    async def read() -> None:
+        nonlocal gone
+        while True:
+            message = await receive()
+            inbox.put_nowait(message)
+            if message["type"] == "http.disconnect":
+                if not finished():
+                    gone = True
+                    app_task.cancel()
+                return
+
+    reader = asyncio.ensure_future(read())
+    try:
+        await app_task
+    except asyncio.CancelledError:
+        this = asyncio.current_task()
+        if gone and (this is None or not this.cancelling()):
+            return True
+        raise
+    finally:
+        reader.cancel()
+    return False
 
 
 class GuardMiddleware:
@@ -117,14 +161,16 @@ class GuardMiddleware:
             await answer.response(scope, receive, send)
             return
 
-        started = False
+        started = finished = False
         hooks = ctx.on_send  # None unless a check (idempotency) keeps the response
 
         async def send_status(message: Message) -> None:
-            nonlocal started
+            nonlocal started, finished
             if message["type"] == "http.response.start":
                 ctx.status = message["status"]
                 started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
             if hooks is not None:
                 for hook in hooks:
                     hook(message)
@@ -132,7 +178,13 @@ class GuardMiddleware:
 
         reset = current_context.set(ctx)
         try:
-            await self.app(scope, ctx.receive or receive, send_status)
+            if chain.release_on_disconnect:
+                if await run_until_disconnect(
+                    self.app, scope, ctx.receive or receive, send_status, lambda: finished
+                ):
+                    ctx.status = CLIENT_CLOSED_REQUEST
+            else:
+                await self.app(scope, ctx.receive or receive, send_status)
         except Blocked as exc:  # raised inside the endpoint, and not mapped by install()
             if started:
                 raise

@@ -909,6 +909,9 @@ class SemaphoreCheck:
     check blocked the call. Full: :class:`SemaphoreFull` (429 ``concurrency-limited``).
     """
 
+    #: The middleware cancels a call whose client went away, so its permit comes back.
+    release_on_disconnect = True
+
     def __init__(self, resource: str, rule: SemaphoreRule, semaphore: Semaphore) -> None:
         self.resource = resource
         self.rule = rule

@@ -25,10 +25,13 @@ guard = Guard(
         "key_prefix": PREFIX,
         "resources": {
             "GET /slow": {"semaphore": {"permits": 2, "lease_seconds": 1}},
-            "GET /stream": {"semaphore": {"permits": 1, "lease_seconds": 1, "name": "feed"}},
-            "GET /peek": {"semaphore": {"permits": 1, "lease_seconds": 1, "name": "feed"}},
+            "GET /stream": {"semaphore": {"permits": 1, "lease_seconds": 3, "name": "feed"}},
+            "GET /peek": {"semaphore": {"permits": 1, "lease_seconds": 3, "name": "feed"}},
+            # A long lease: only the client going away can free this permit quickly.
+            "GET /sleep": {"semaphore": {"permits": 1, "lease_seconds": 60, "name": "bed"}},
+            "GET /bed": {"semaphore": {"permits": 1, "lease_seconds": 60, "name": "bed"}},
             "GET /after": {
-                "semaphore": {"permits": 1, "lease_seconds": 1, "name": "feed", "wait_ms": 8000}
+                "semaphore": {"permits": 1, "lease_seconds": 3, "name": "feed", "wait_ms": 8000}
             },
         },
     }
@@ -86,4 +89,17 @@ async def peek() -> dict[str, bool]:
 @app.get("/after")
 async def after() -> dict[str, bool]:
     """Shares ``feed`` and waits up to 8 s for it."""
+    return {"ok": True}
+
+
+@app.get("/sleep")
+async def sleep() -> dict[str, bool]:
+    """A plain (not streamed) endpoint that runs a minute, holding the ``bed`` permit."""
+    await asyncio.sleep(60)
+    return {"ok": True}
+
+
+@app.get("/bed")
+async def bed() -> dict[str, bool]:
+    """Shares ``bed`` without waiting: 429 while /sleep holds it."""
     return {"ok": True}

@@ -407,3 +407,55 @@ async def test_routes_of_included_routers_are_named_with_their_prefix() -> None:
         assert (await c.get("/shop/nothing")).status_code == 404
         assert (await c.delete("/shop/orders/a")).status_code == 405
     assert guard.stats("DELETE /shop/orders/{order_no}").counts().passed == 1
+
+
+async def test_a_disconnect_after_the_response_does_not_cancel_background_work() -> None:
+    from starlette.background import BackgroundTask
+
+    guard = Guard({"resources": {"GET /job": {"semaphore": {"permits": 1}}}})
+    done = asyncio.Event()
+
+    async def after_response() -> None:
+        await asyncio.sleep(0.05)
+        done.set()
+
+    app = FastAPI()
+
+    @app.get("/job")
+    async def job() -> JSONResponse:
+        return JSONResponse({"queued": True}, background=BackgroundTask(after_response))
+
+    app.add_middleware(GuardMiddleware, guard=guard)
+    sent: list[dict[str, Any]] = []
+    response_done = asyncio.Event()
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await response_done.wait()  # like uvicorn: the disconnect comes after the body
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            response_done.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/job",
+        "raw_path": b"/job",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"t")],
+        "client": ("127.0.0.1", 1),
+        "server": ("t", 80),
+    }
+    await app(scope, receive, send)
+    assert done.is_set()
+    assert sent[0]["status"] == 200
+    assert await guard.semaphore("GET /job").available() == 1

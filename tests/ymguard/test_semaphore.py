@@ -669,3 +669,26 @@ async def test_a_disconnecting_client_frees_its_permit_in_one_process(prefix: st
         await _disconnect_frees_the_permit(servers)
     finally:
         servers[0].stop()
+
+
+async def test_a_plain_endpoint_is_cancelled_when_its_client_goes_away(prefix: str) -> None:
+    servers = _servers("memory://", prefix, 1)
+    try:
+        server = servers[0].start()
+        async with httpx.AsyncClient(timeout=10) as c:
+            sleeper = asyncio.ensure_future(c.get(server.url + "/sleep"))
+            for _ in range(100):  # until /sleep holds the only permit
+                await asyncio.sleep(0.05)
+                if (await c.get(server.url + "/bed")).status_code == 429:
+                    break
+            else:
+                raise AssertionError("/sleep never took the permit")
+            sleeper.cancel()  # the client hangs up; the endpoint would sleep a minute more
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if (await c.get(server.url + "/bed")).status_code == 200:
+                    break
+            else:
+                raise AssertionError("the permit was not released when the client left")
+    finally:
+        servers[0].stop()
