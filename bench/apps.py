@@ -5,9 +5,9 @@
 - ``plain``: FastAPI alone.
 - ``ymguard-memory`` / ``ymguard-redis``: ``GuardMiddleware`` with one ``flow`` qps rule
   on the route's resource, on the memory store or on Redis.
-- ``slowapi-memory`` / ``slowapi-redis``: slowapi's ``@limiter.limit`` on the endpoint,
-  ``app.state.limiter``, its ``RateLimitExceeded`` handler and its ``SlowAPIMiddleware``
-  (as slowapi's docs set it up), on memory or Redis.
+- ``slowapi-memory`` / ``slowapi-redis``: slowapi's quick start (``@limiter.limit`` on the
+  endpoint, ``app.state.limiter``, its ``RateLimitExceeded`` handler), optionally with its
+  ``SlowAPIMiddleware``, on memory or Redis.
 
 Environment:
     BENCH_VARIANT: the variant (default ``plain``).
@@ -15,8 +15,8 @@ Environment:
     BENCH_REDIS_URL: the Redis for the ``*-redis`` variants (default
         ``redis://127.0.0.1:6379/0``).
     BENCH_KEY_PREFIX: the key prefix on Redis (default ``ymbench``); make it unique.
-    BENCH_SLOWAPI_MIDDLEWARE: ``1`` (default) adds ``SlowAPIMiddleware``; ``0`` leaves
-        the decorator alone (slowapi's quick start).
+    BENCH_SLOWAPI_MIDDLEWARE: ``1`` adds ``SlowAPIMiddleware`` (slowapi's setup for
+        global limits); ``0`` (default) is the quick start, the decorator alone.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ VARIANT = os.environ.get("BENCH_VARIANT", "plain")
 QPS = int(os.environ.get("BENCH_QPS", "10000000"))
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "ymbench")
-SLOWAPI_MIDDLEWARE = os.environ.get("BENCH_SLOWAPI_MIDDLEWARE", "1") != "0"
+SLOWAPI_MIDDLEWARE = os.environ.get("BENCH_SLOWAPI_MIDDLEWARE", "0") == "1"
 
 if VARIANT not in VARIANTS:
     raise SystemExit(f"BENCH_VARIANT={VARIANT!r}: use one of {', '.join(VARIANTS)}")

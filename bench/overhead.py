@@ -125,7 +125,7 @@ def start_server(
     redis_url: str,
     qps: int,
     logdir: Path,
-    slowapi_middleware: bool = True,
+    slowapi_middleware: bool = False,
 ) -> Server:
     port = free_port()
     key_prefix = f"ymbench-{variant}-{uuid.uuid4().hex[:10]}"
@@ -477,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slowapi-middleware",
         choices=("on", "off"),
-        default="on",
-        help="add SlowAPIMiddleware to the slowapi apps (as its docs do), or only decorate",
+        default="off",
+        help="off (default): slowapi's quick start, the decorator and its exception handler; "
+        "on: add SlowAPIMiddleware too (its global-limits setup, a BaseHTTPMiddleware)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--no-sanity", action="store_true", help="skip the 1/s sanity check")
