@@ -7,6 +7,7 @@ YAML; one process on memory, many on Redis.
 
 from __future__ import annotations
 
+from .breaker import Breaker, BreakerRule, BreakerState, BreakerStatus
 from .chain import Check, Context
 from .errors import (
     Blocked,
@@ -36,6 +37,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blocked",
+    "Breaker",
+    "BreakerRule",
+    "BreakerState",
+    "BreakerStatus",
     "Check",
     "CircuitOpen",
     "Context",

@@ -342,7 +342,11 @@ class _Hub:
         found = self.states.get(channel.decode())
         if found is None:
             return
-        version, state, probe_in, lease_in = data.split(b",")
+        try:
+            version, state, probe_in, lease_in = (int(x) for x in data.split(b","))
+        except ValueError:
+            log.warning("ymguard breakers: ignored a malformed message on %r", channel)
+            return
         found[1].apply((0, state, version, probe_in, lease_in))
 
     async def aclose(self) -> None:
