@@ -79,7 +79,11 @@ class Check(Protocol):
         """Admit the call and return a token for ``exit``, or raise :class:`Blocked`."""
 
     async def exit(self, ctx: Context, token: Any) -> None:
-        """Record the outcome and release what ``enter`` took; never raises."""
+        """Record the outcome and release what ``enter`` took; never raises.
+
+        A check whose class sets ``exit_after_call = False`` is only exited when a later
+        check (or a guard inside the endpoint) blocked the call.
+        """
 
 
 def is_error(ctx: Context, error_statuses: frozenset[int] | None = None) -> bool:
@@ -96,7 +100,14 @@ DEFAULT_ERROR_STATUSES = frozenset({500, 502, 503, 504})
 class Chain:
     """The compiled checks of one resource, and its statistics."""
 
-    __slots__ = ("checks", "error_statuses", "release_on_disconnect", "resource", "stats")
+    __slots__ = (
+        "_after_call",
+        "checks",
+        "error_statuses",
+        "release_on_disconnect",
+        "resource",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -109,6 +120,13 @@ class Chain:
         self.checks = tuple(checks)
         self.stats = stats
         self.error_statuses = error_statuses
+        # The checks whose exit has work after a finished call, last first; a check with
+        # exit_after_call = False only undoes when a later check blocks.
+        self._after_call = tuple(
+            i
+            for i in range(len(self.checks) - 1, -1, -1)
+            if getattr(self.checks[i], "exit_after_call", True)
+        )
         # A check that holds a scarce thing for the call (a semaphore permit) asks the edge
         # to cancel the call when its client goes away, so the thing comes back at once.
         self.release_on_disconnect = any(
@@ -148,15 +166,22 @@ class Chain:
         rt_ms = (time.perf_counter() - ctx.start) * 1000.0
         if ctx.blocked is None:
             self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
-        else:
-            # Blocked inside the endpoint (a nested guard answered for it): a refusal by
-            # ymguard is neither a success nor an error of this resource.
-            self.stats.inflight -= 1
+            entered = len(tokens)  # fewer than the checks when one answered the call
+            for i in self._after_call:
+                if i < entered:
+                    await self._exit_one(i, ctx, tokens[i])
+            return
+        # Blocked inside the endpoint (a nested guard answered for it): a refusal by
+        # ymguard is neither a success nor an error of this resource.
+        self.stats.inflight -= 1
         await self._unwind(ctx, tokens)
+
+    async def _exit_one(self, i: int, ctx: Context, token: Any) -> None:
+        try:
+            await self.checks[i].exit(ctx, token)
+        except Exception:  # an exit must never turn a response into a 500
+            log.exception("ymguard: exit of %r failed", self.checks[i])
 
     async def _unwind(self, ctx: Context, tokens: list[Any]) -> None:
         for i in range(len(tokens) - 1, -1, -1):
-            try:
-                await self.checks[i].exit(ctx, tokens[i])
-            except Exception:  # an exit must never turn a response into a 500
-                log.exception("ymguard: exit of %r failed", self.checks[i])
+            await self._exit_one(i, ctx, tokens[i])

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
@@ -62,23 +61,21 @@ class FlowRule(RuleModel):
 # -- the sliding window, on each store -----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class WindowResult:
-    """One attempt to count calls in a window.
+class WindowResult(NamedTuple):
+    """One attempt to count calls in a window (a tuple: it is built on every request).
 
     Attributes:
         admitted: whether the calls were counted (and so may proceed).
         remaining: permits left in the window after this attempt.
-        wait_seconds: when refused, seconds until this attempt could succeed; when
-            admitted, when the window frees room (Redis computes it exactly; memory
-            skips that work on the hot path and gives the window length, an upper bound).
-        slot: the bucket the calls were counted in (for a refund).
+        wait_seconds: when refused, seconds until this attempt could succeed (0 when
+            admitted: nothing reads it then, so neither store computes it).
+        slot: the bucket the calls were counted in, for a refund.
     """
 
     admitted: bool
     remaining: int
     wait_seconds: float
-    slot: str
+    slot: int | bytes
 
 
 class _MemoryWindow:
@@ -87,7 +84,8 @@ class _MemoryWindow:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
 
-    async def acquire(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
+    def acquire_now(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
+        """:meth:`acquire` without the coroutine: the memory window never waits."""
         counts: dict[int, int] = self.store.data.setdefault(key, {})
         now = self.store.now()
         blen = window / BUCKETS
@@ -99,20 +97,24 @@ class _MemoryWindow:
         total = sum(counts.values())
         if total + n <= limit:
             counts[slot] = counts.get(slot, 0) + n
-            # The reset time only feeds headers of refusals: skip it on the hot path.
-            return WindowResult(True, limit - total - n, window, str(slot))
+            return WindowResult(True, limit - total - n, 0.0, slot)
         wait, freed = window, 0
         for s in sorted(counts):
             freed += counts[s]
             if total - freed + n <= limit:
                 wait = (s + BUCKETS) * blen - now
                 break
-        return WindowResult(False, max(0, limit - total), wait, str(slot))
+        return WindowResult(False, max(0, limit - total), wait, slot)
 
-    async def refund(self, key: str, slot: str, n: int = 1) -> None:
+    async def acquire(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
+        """Count ``n`` calls in the window ending now if ``limit`` allows."""
+        return self.acquire_now(key, limit, window, n)
+
+    async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
+        """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
         counts: dict[int, int] | None = self.store.data.get(key)
-        if counts and int(slot) in counts:
-            counts[int(slot)] -= n
+        if counts and slot in counts:
+            counts[slot] -= n
 
 
 class _RedisWindow:
@@ -123,14 +125,25 @@ class _RedisWindow:
         self._acquire = store.script(lua("window_acquire"))
         self._refund = store.script(lua("window_refund"))
 
-    async def acquire(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
-        admitted, remaining, wait_ms, slot = await self.store.run(
-            self._acquire, (key,), (limit, math.ceil(window * 1000), BUCKETS, n)
-        )
-        slot = slot.decode() if isinstance(slot, bytes) else str(slot)
-        return WindowResult(bool(admitted), int(remaining), int(wait_ms) / 1000.0, slot)
+    def pack(self, key: str, limit: int, window: float, n: int = 1) -> bytes | None:
+        """The packed call for a key whose arguments never change (see ``RedisStore.pack``)."""
+        return self.store.pack(self._acquire, (key,), self._args(limit, window, n))
 
-    async def refund(self, key: str, slot: str, n: int = 1) -> None:
+    @staticmethod
+    def _args(limit: int, window: float, n: int) -> tuple[int, int, int, int]:
+        return (limit, math.ceil(window * 1000), BUCKETS, n)
+
+    async def acquire(
+        self, key: str, limit: int, window: float, n: int = 1, packed: bytes | None = None
+    ) -> WindowResult:
+        """Count ``n`` calls in the window ending now (server time) if ``limit`` allows."""
+        admitted, remaining, wait_ms, slot = await self.store.run(
+            self._acquire, (key,), self._args(limit, window, n), packed
+        )
+        return WindowResult(admitted == 1, remaining, wait_ms / 1000.0, slot)
+
+    async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
+        """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
         await self.store.run(self._refund, (key,), (slot, n))
 
 
@@ -196,6 +209,10 @@ class _FlowCheckBase:
 class QpsCheck(_FlowCheckBase):
     """``qps``: at most ``qps`` calls admitted in any one-second sliding window."""
 
+    #: A QPS window only gives back when a later check blocks: a finished call has
+    #: nothing to return, so the chain skips this check's exit then.
+    exit_after_call = False
+
     def __init__(
         self,
         store: Store,
@@ -210,31 +227,48 @@ class QpsCheck(_FlowCheckBase):
         self.limit = rule.qps
         self.window_seconds = window_seconds
         self.window = window_backend(store)
+        self._memory = self.window if isinstance(self.window, _MemoryWindow) else None
+        self._redis = self.window if isinstance(self.window, _RedisWindow) else None
         self._local: _MemoryWindow | None = None
-        self._keys: dict[str, str] = {}
+        # Per origin suffix: the key and, on Redis, the call packed once.
+        self._keys: dict[str, tuple[str, bytes | None]] = {}
 
     def _local_window(self) -> _MemoryWindow:
         if self._local is None:
             self._local = _MemoryWindow(MemoryStore(key_prefix=self.store.key_prefix))
         return self._local
 
+    def _key(self, suffix: str) -> tuple[str, bytes | None]:
+        key = self.store.key("flow", self.key_base, suffix)
+        packed = None
+        if self._redis is not None:
+            packed = self._redis.pack(key, self.limit, self.window_seconds)
+        entry = self._keys[suffix] = (key, packed)
+        return entry
+
     async def enter(self, ctx: Context) -> Any:
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
-        key = self._keys.get(suffix)
-        if key is None:
-            key = self._keys[suffix] = self.store.key("flow", self.key_base, suffix)
-        window: Window = self.window
-        try:
-            result = await window.acquire(key, self.limit, self.window_seconds)
-        except StorageUnavailable:
-            if (error := self._unavailable()) is not None:
-                raise error from None
-            if self.store.on_storage_error == "open":
-                return None
-            window = self._local_window()
-            result = await window.acquire(key, self.limit, self.window_seconds)
+        key, packed = self._keys.get(suffix) or self._key(suffix)
+        window: Window
+        if self._redis is None:
+            assert self._memory is not None
+            window = self._memory
+            result = window.acquire_now(key, self.limit, self.window_seconds)
+        else:
+            window = self._redis
+            try:
+                result = await self._redis.acquire(
+                    key, self.limit, self.window_seconds, packed=packed
+                )
+            except StorageUnavailable:
+                if (error := self._unavailable()) is not None:
+                    raise error from None
+                if self.store.on_storage_error == "open":
+                    return None
+                window = self._local_window()
+                result = window.acquire_now(key, self.limit, self.window_seconds)
         if not result.admitted:
             quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
             raise FlowLimited(

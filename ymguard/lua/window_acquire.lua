@@ -4,7 +4,8 @@
 -- ARGV[2]  window length in ms
 -- ARGV[3]  number of buckets in the window
 -- ARGV[4]  n, the permits this call wants
--- returns  {admitted 1|0, remaining after this call, ms until the window frees room, slot}
+-- returns  {admitted 1|0, remaining after this call, ms until this call could succeed
+--          (0 when admitted), slot}
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local buckets = tonumber(ARGV[3])
@@ -14,45 +15,45 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local blen = window / buckets
 local slot = math.floor(now / blen)
 local first = slot - buckets + 1
+local field = string.format('%d', slot)
 
 local flat = redis.call('HGETALL', KEYS[1])
-local total, stale, live = 0, {}, {}
+local total, stale = 0, {}
 for i = 1, #flat, 2 do
-  local s = tonumber(flat[i])
-  if s < first then
+  if tonumber(flat[i]) < first then
     stale[#stale + 1] = flat[i]
   else
-    local c = tonumber(flat[i + 1])
-    total = total + c
-    live[#live + 1] = {s, c}
+    total = total + tonumber(flat[i + 1])
   end
 end
 if #stale > 0 then
   redis.call('HDEL', KEYS[1], unpack(stale))
 end
 
-table.sort(live, function(a, b) return a[1] < b[1] end)
-local admitted = 0
 if total + n <= limit then
-  admitted = 1
-  total = total + n
-  redis.call('HINCRBY', KEYS[1], string.format('%d', slot), n)
+  -- The hot path: count the call; nobody reads a wait for an admitted call.
+  redis.call('HINCRBY', KEYS[1], field, n)
   redis.call('PEXPIRE', KEYS[1], math.ceil(window + blen))
-  live[#live + 1] = {slot, n}
-  table.sort(live, function(a, b) return a[1] < b[1] end)
+  return {1, limit - total - n, 0, field}
 end
 
--- When will the oldest counts leave the window far enough for one more call?
-local wait = window
-local need = admitted == 1 and 1 or n
-local freed = 0
+-- Refused: when will the oldest counts leave the window far enough for this call?
+local live = {}
+for i = 1, #flat, 2 do
+  local s = tonumber(flat[i])
+  if s >= first then
+    live[#live + 1] = {s, tonumber(flat[i + 1])}
+  end
+end
+table.sort(live, function(a, b) return a[1] < b[1] end)
+local wait, freed = window, 0
 for i = 1, #live do
   freed = freed + live[i][2]
-  if total - freed + need <= limit then
+  if total - freed + n <= limit then
     wait = (live[i][1] + buckets) * blen - now
     break
   end
 end
 local remaining = limit - total
 if remaining < 0 then remaining = 0 end
-return {admitted, remaining, math.ceil(wait), string.format('%d', slot)}
+return {0, remaining, math.ceil(wait), field}

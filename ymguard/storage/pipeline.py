@@ -195,23 +195,29 @@ class AutoPipeline:
                 self._connecting = None
         return protocol
 
+    def send_now(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """Queue a packed command on the open connection; None if it must connect first.
+
+        The request path awaits the returned future directly: one await instead of a
+        coroutine per layer.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return None
+        if protocol.loop is not asyncio.get_running_loop():
+            return None
+        return protocol.send(packed)
+
+    async def send(self, packed: bytes) -> Any:
+        """Send a packed command (connecting first if needed) and return its reply."""
+        future = self.send_now(packed)
+        if future is None:
+            future = (await self._ready()).send(packed)
+        return await future
+
     async def execute(self, *args: Any) -> Any:
         """Run one command; replies keep redis-py's types (bytes, int, list)."""
-        protocol = self._protocol
-        if (
-            protocol is None
-            or protocol.lost is not None
-            or protocol.loop is not asyncio.get_running_loop()
-        ):
-            protocol = await self._ready()
-        return await protocol.send(pack(args))
-
-    async def evalsha(self, sha: str, source: str | bytes, keys: Any, args: Any) -> Any:
-        """EVALSHA, falling back to EVAL (which caches the script) on NOSCRIPT."""
-        try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self.execute("EVAL", source, len(keys), *keys, *args)
+        return await self.send(pack(args))
 
     def close(self) -> None:
         """Drop the connection (pending commands fail)."""

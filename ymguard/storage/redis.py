@@ -20,11 +20,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
 from .base import StoragePolicy, Store
-from .pipeline import AutoPipeline
+from .pipeline import AutoPipeline, pack
 
 log = logging.getLogger("ymguard.storage")
 
@@ -143,16 +144,46 @@ class RedisStore(Store):
         """False while the store is in a known outage."""
         return self._down_since is None
 
-    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one script atomically; raises :class:`StorageUnavailable` on an outage."""
+    def pack(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
+        """The EVALSHA of a call whose keys and arguments never change, packed once.
+
+        A check that runs the same call on every request keeps these bytes and passes
+        them to :meth:`run` (None where the store has no pipelined connection).
+        """
+        if self._pipe is None:
+            return None
+        return pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+
+    async def run(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        packed: bytes | None = None,
+    ) -> Any:
+        """Run one script atomically; raises :class:`StorageUnavailable` on an outage.
+
+        Args:
+            script: the registered script.
+            keys: its KEYS.
+            args: its ARGV.
+            packed: ``pack(script, keys, args)``, when the caller keeps it.
+        """
         probing = False
         if self._down_since is not None:
             if self._probing or time.monotonic() < self._retry_at:
                 raise StorageUnavailable(f"{self.uri} is unavailable")
             self._probing = probing = True
         try:
-            if self._pipe is not None:
-                result = await self._pipe.evalsha(script.sha, script.script, keys, args)  # type: ignore[arg-type]
+            pipe = self._pipe
+            if pipe is not None:
+                if packed is None:
+                    packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                try:
+                    future = pipe.send_now(packed)
+                    result = await (future if future is not None else pipe.send(packed))
+                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                    result = await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
             else:
                 result = await script(keys=keys, args=args)
         except OUTAGE_ERRORS as exc:
