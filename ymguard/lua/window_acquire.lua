@@ -31,9 +31,11 @@ if #stale > 0 then
 end
 
 if total + n <= limit then
-  -- The hot path: count the call; nobody reads a wait for an admitted call.
-  redis.call('HINCRBY', KEYS[1], field, n)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window + blen))
+  -- The hot path: count the call; nobody reads a wait for an admitted call. Only a
+  -- call that opens a new bucket moves the expiry (the newest bucket decides it).
+  if redis.call('HINCRBY', KEYS[1], field, n) == n then
+    redis.call('PEXPIRE', KEYS[1], math.ceil(window + blen))
+  end
   return {1, limit - total - n, 0, field}
 end
 
