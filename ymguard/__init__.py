@@ -7,8 +7,9 @@ YAML; one process on memory, many on Redis.
 
 from __future__ import annotations
 
+from .antiresubmit import IdempotencyRule, SubmitTokenRule, SubmitTokens
 from .breaker import Breaker, BreakerRule, BreakerState, BreakerStatus
-from .chain import Check, Context
+from .chain import Check, Context, ShortCircuit
 from .errors import (
     Blocked,
     CircuitOpen,
@@ -27,9 +28,10 @@ from .errors import (
     SystemOverloaded,
 )
 from .guard import Guard, RouteLimit
+from .limiter import FlowRule
 from .middleware import GuardMiddleware
 from .rules import RulesFile, load_rules, parse_rules
-from .semaphore import Permit, Semaphore
+from .semaphore import Permit, Semaphore, SemaphoreRule
 from .stats import Counts, ResourceStats
 from .storage import MemoryStore, RedisStore, Store, store_from_uri
 
@@ -47,11 +49,13 @@ __all__ = [
     "Counts",
     "DuplicateSubmission",
     "FlowLimited",
+    "FlowRule",
     "Guard",
     "GuardMiddleware",
     "IdempotencyKeyInFlight",
     "IdempotencyKeyMismatch",
     "IdempotencyKeyMissing",
+    "IdempotencyRule",
     "MemoryStore",
     "OriginDenied",
     "ParamFlowLimited",
@@ -64,9 +68,13 @@ __all__ = [
     "RulesFile",
     "Semaphore",
     "SemaphoreFull",
+    "SemaphoreRule",
+    "ShortCircuit",
     "StorageBlocked",
     "StorageUnavailable",
     "Store",
+    "SubmitTokenRule",
+    "SubmitTokens",
     "SystemOverloaded",
     "load_rules",
     "parse_rules",
