@@ -41,11 +41,12 @@ from pydantic import Field, field_validator
 from ._model import RuleModel
 from .chain import Context, ShortCircuit
 from .errors import (
-    Blocked,
     DuplicateSubmission,
+    IdempotencyBodyTooLarge,
     IdempotencyKeyInFlight,
     IdempotencyKeyMismatch,
     IdempotencyKeyMissing,
+    IdempotencyResponseNotKept,
     StorageBlocked,
     StorageUnavailable,
 )
@@ -115,22 +116,6 @@ class IdempotencyRule(RuleModel):
     @classmethod
     def _upper(cls, value: list[str]) -> list[str]:
         return [m.upper() for m in value]
-
-
-class IdempotencyBodyTooLarge(Blocked):
-    """A request with an ``Idempotency-Key`` has a body over ``max_body_bytes``."""
-
-    status = 413
-    code = "idempotency-body-too-large"
-    title = "Request body too large for an Idempotency-Key"
-
-
-class IdempotencyResponseNotKept(Blocked):
-    """The first request with this key finished, but its response was not kept to replay."""
-
-    status = 409
-    code = "idempotency-response-not-kept"
-    title = "The response to this Idempotency-Key was not kept"
 
 
 # -- scopes ----------------------------------------------------------------------------

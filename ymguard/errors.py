@@ -170,6 +170,22 @@ class IdempotencyKeyInFlight(Blocked):
     title = "A request with this Idempotency-Key is in flight"
 
 
+class IdempotencyBodyTooLarge(Blocked):
+    """A request with an ``Idempotency-Key`` has a body over ``max_body_bytes``."""
+
+    status = 413
+    code = "idempotency-body-too-large"
+    title = "Request body too large for an Idempotency-Key"
+
+
+class IdempotencyResponseNotKept(Blocked):
+    """The first request with this key finished, but its response was not kept to replay."""
+
+    status = 409
+    code = "idempotency-response-not-kept"
+    title = "The response to this Idempotency-Key was not kept"
+
+
 class DuplicateSubmission(Blocked):
     """A submit token is missing or was already used."""
 
@@ -316,9 +332,11 @@ __all__ = [
     "CircuitOpen",
     "DuplicateSubmission",
     "FlowLimited",
+    "IdempotencyBodyTooLarge",
     "IdempotencyKeyInFlight",
     "IdempotencyKeyMismatch",
     "IdempotencyKeyMissing",
+    "IdempotencyResponseNotKept",
     "OriginDenied",
     "ParamFlowLimited",
     "ProblemResponse",
