@@ -25,50 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
+from bench._common import start_redis, stop_redis
 from ymguard.antiresubmit import SubmitTokens
 from ymguard.storage import RedisStore
 
 Op = Callable[[int], Awaitable[None]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server on a free port (no persistence)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not found; pass --redis-url")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="ymbench-redis-")
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    proc = subprocess.Popen(
-        [*args, "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("private redis-server did not start")
 
 
 async def run(op: Op, n: int, tasks: int) -> float:
@@ -143,8 +111,7 @@ def main() -> None:
         medians = asyncio.run(bench(url, args.n, args.tasks, args.rounds))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+            stop_redis(proc)
     print(f"issue+consume on Redis, {args.n} ops/run, median of {args.rounds} rounds\n")
     print(
         "| mode | floor: SET+DEL, redis-py | floor-store: SET+DEL, store | "

@@ -31,9 +31,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -41,83 +38,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench._common import code_version, median, start_redis, stop_redis
+
 Hit = Callable[[], Awaitable[bool]]
-
-
-def code_version() -> str:
-    """The ymguard code measured: ``git describe --always --dirty`` of the repository."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
-# -- the private Redis ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis(pin: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    exe = shutil.which("redis-server") or str(Path(sys.executable).with_name("redis-server"))
-    if not Path(exe).exists():
-        raise SystemExit("redis-server not found; pass --redis-url to use a running Redis")
-    port = free_port()
-    cmd = [
-        *pin,
-        exe,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "yes",
-        "--loglevel",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                return proc, url
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise SystemExit("the private redis-server did not start") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
-
-
-def stop_redis(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the contenders ------------------------------------------------------------------------
@@ -269,10 +192,6 @@ async def count_commands(hit: Hit, client: Any, hits: int, tasks: int) -> dict[s
         "reads_seq": (reads1 - reads0 - 2) / hits,  # less the 2 INFOs in between
         "reads_conc": (reads3 - reads2 - 1) / hits,
     }
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 async def bench(args: argparse.Namespace, url: str, private: bool) -> dict[str, Any]:

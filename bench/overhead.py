@@ -22,8 +22,6 @@ import os
 import platform
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._common import code_version, free_port, median
 from bench.apps import VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,29 +75,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}{PATH}"
 
 
-def code_version() -> str:
-    """The ymguard code measured: ``git describe --always --dirty`` of the repository."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
 # -- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pinning(enabled: bool) -> tuple[list[str], list[str], str]:
@@ -378,11 +355,6 @@ def sanity(variants: list[str], prefix: list[str], args: argparse.Namespace, log
             stop(server)
             if server.variant.endswith("redis"):
                 delete_keys(args.redis_url, server.key_prefix)
-
-
-def median(values: list[float]) -> float:
-    values = [v for v in values if v == v]  # drop NaN
-    return statistics.median(values) if values else float("nan")
 
 
 def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from bench.antiresubmit import start_redis
+from bench._common import start_redis, stop_redis
 from ymguard.semaphore import Semaphore
 from ymguard.storage import RedisStore
 
@@ -137,8 +137,7 @@ def main() -> None:
         medians, per_op = asyncio.run(bench(url, args.n, args.tasks, args.rounds))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+            stop_redis(proc)
     print(f"semaphore acquire+release on Redis, {args.n} ops/run, median of {args.rounds} rounds")
     print(f"(waiting: {args.tasks} tasks share {max(1, args.tasks // 4)} permits)\n")
     print("| contender | sequential ops/s | ratio | concurrent ops/s | ratio | commands/op |")
