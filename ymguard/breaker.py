@@ -41,7 +41,7 @@ import pybreaker
 from pydantic import Field, field_validator, model_validator
 
 from ._model import RuleModel
-from .chain import DEFAULT_ERROR_STATUSES, Context, is_error
+from .chain import DEFAULT_ERROR_STATUSES, Context, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
 from .lua import lua
 from .stats import Counts, ResourceStats
@@ -639,8 +639,9 @@ class BreakerCheck:
 
     async def exit(self, ctx: Context, token: Any) -> None:
         """Judge a probe, or open the breaker if the window now passes the threshold."""
-        if ctx.blocked is not None:
-            # Blocked after us: never counted; a probe goes back to open (Sentinel#1638).
+        if not has_outcome(ctx):
+            # Blocked after us, replayed, cancelled or abandoned by its client: never
+            # counted; a probe goes back to open (Sentinel#1638).
             if token is not None:
                 await self.breaker.probe_done(token, ok=False)
             return
@@ -824,8 +825,7 @@ class PybreakerCheck:
         probe = token is _PROBE
         if probe:
             self._probe_until = 0.0
-        cancelled = isinstance(ctx.error, asyncio.CancelledError)
-        if ctx.blocked is not None or cancelled:
+        if not has_outcome(ctx):
             # No outcome to report: a probe goes back to open, other calls are not counted.
             if probe and self.cb.current_state == pybreaker.STATE_HALF_OPEN:
                 await self._locked(self.cb.open)

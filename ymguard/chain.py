@@ -12,6 +12,7 @@ A check may also answer the call itself (an idempotent replay) by raising
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,9 @@ from .stats import ResourceStats
 from .types import ASGIApp, Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
+
+# Unwinds running in tasks of their own, kept referenced until they finish.
+_background: set[asyncio.Task[None]] = set()
 
 
 @dataclass(slots=True, eq=False)
@@ -43,6 +47,8 @@ class Context:
             (idempotency) replaces it with one that hands the body on again.
         on_send: hooks that see every ASGI message the app sends (None, the usual case,
             costs nothing); a check that keeps the response (idempotency) adds one.
+        replayed: a later check answered the call itself (an idempotent replay): the
+            endpoint never ran.
     """
 
     resource: str
@@ -56,6 +62,7 @@ class Context:
     extras: dict[str, Any] | None = None
     receive: Receive | None = None
     on_send: list[Callable[[Message], None]] | None = None
+    replayed: bool = False
 
 
 class ShortCircuit(Exception):
@@ -84,6 +91,24 @@ class Check(Protocol):
         A check whose class sets ``exit_after_call = False`` is only exited when a later
         check (or a guard inside the endpoint) blocked the call.
         """
+
+
+#: The status recorded for a call whose client went away first (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def has_outcome(ctx: Context) -> bool:
+    """Whether the endpoint ran to an answer that says something about the resource.
+
+    Not when a check refused the call, answered it itself (a replay), or when it was
+    cancelled or its client went away: a breaker's probe learns nothing from those.
+    """
+    return (
+        ctx.blocked is None
+        and not ctx.replayed
+        and ctx.status != CLIENT_CLOSED_REQUEST
+        and not isinstance(ctx.error, asyncio.CancelledError)
+    )
 
 
 def is_error(ctx: Context, error_statuses: frozenset[int] | None = None) -> bool:
@@ -152,10 +177,20 @@ class Chain:
             except ShortCircuit as exc:
                 # Answered without the endpoint: the earlier checks saw a call that passed.
                 ctx.status = exc.status
+                ctx.replayed = True
                 self.stats.on_pass()
                 await self.exit(ctx, tokens)
                 raise
-            except BaseException:
+            except asyncio.CancelledError as exc:
+                # Give back what was taken in a task of its own: awaiting it here could
+                # be cancelled again, leaking a permit until its lease ends.
+                ctx.error = exc
+                task = asyncio.ensure_future(self._unwind(ctx, tokens))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+                raise
+            except BaseException as exc:
+                ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
                 await self._unwind(ctx, tokens)
                 raise
         self.stats.on_pass()
@@ -165,7 +200,10 @@ class Chain:
         """Record the call's outcome and run every ``exit`` in reverse order."""
         rt_ms = (time.perf_counter() - ctx.start) * 1000.0
         if ctx.blocked is None:
-            self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
+            if has_outcome(ctx):
+                self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
+            else:  # cancelled, abandoned by its client, or replayed: no outcome to count
+                self.stats.inflight -= 1
             entered = len(tokens)  # fewer than the checks when one answered the call
             for i in self._after_call:
                 if i < entered:

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.routing import Match, Mount
 
-from .chain import Context, ShortCircuit
+from .chain import CLIENT_CLOSED_REQUEST, Context, ShortCircuit
 from .errors import Blocked
 from .guard import Guard, current_context
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -60,10 +60,6 @@ def resolve_route(
         if partial is None:
             partial = (prefix + _template(route), params)
     return partial
-
-
-#: The status recorded for a call whose client went away first (nginx's 499).
-CLIENT_CLOSED_REQUEST = 499
 
 
 async def run_until_disconnect(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -20,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
@@ -36,6 +37,11 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+#: Error replies that mean "this server cannot serve us now" (a failover's read-only
+#: replica, out of memory, a busy script, loading a dataset): an outage, not a bug.
+#: Inside a script the reply is wrapped (``ERR Error running script ... -READONLY ...``).
+UNAVAILABLE_REPLIES = re.compile(r"(?:^|-)(?:READONLY|OOM|BUSY|LOADING|MASTERDOWN|CLUSTERDOWN)\b")
 
 _DEFAULTS = {"socket_timeout": "0.5", "socket_connect_timeout": "0.5"}
 
@@ -160,6 +166,8 @@ class RedisStore(Store):
         keys: Sequence[str],
         args: Sequence[Any],
         packed: bytes | None = None,
+        *,
+        always_try: bool = False,
     ) -> Any:
         """Run one script atomically; raises :class:`StorageUnavailable` on an outage.
 
@@ -168,46 +176,51 @@ class RedisStore(Store):
             keys: its KEYS.
             args: its ARGV.
             packed: ``pack(script, keys, args)``, when the caller keeps it.
+            always_try: try even while the store fails fast after an outage. Releases
+                and refunds use it: skipping one leaks a permit until its lease ends,
+                while trying costs nothing when Redis is back and little when it is not.
         """
+        pipe = self._pipe
+        if pipe is None:
+            return await self._guarded(lambda: script(keys=keys, args=args), always_try)
+
+        async def send() -> Any:
+            data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+            try:
+                future = pipe.send_now(data)
+                return await (future if future is not None else pipe.send(data))
+            except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                return await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
+
+        return await self._guarded(send, always_try)
+
+    async def call(self, *args: Any, always_try: bool = False) -> Any:
+        """Run one plain command with the same outage handling as :meth:`run`."""
+        pipe = self._pipe
+        if pipe is not None:
+            return await self._guarded(lambda: pipe.execute(*args), always_try)
+        return await self._guarded(lambda: self.client.execute_command(*args), always_try)
+
+    async def _guarded(self, make: Callable[[], Awaitable[Any]], always_try: bool) -> Any:
+        """Await ``make()`` under the outage rules: fail fast, one prober, log once."""
         probing = False
-        if self._down_since is not None:
+        if self._down_since is not None and not always_try:
             if self._probing or time.monotonic() < self._retry_at:
                 raise StorageUnavailable(f"{self.uri} is unavailable")
             self._probing = probing = True
         try:
-            pipe = self._pipe
-            if pipe is not None:
-                if packed is None:
-                    packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-                try:
-                    future = pipe.send_now(packed)
-                    result = await (future if future is not None else pipe.send(packed))
-                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                    result = await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
-            else:
-                result = await script(keys=keys, args=args)
+            result = await make()
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
             raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
+        except ResponseError as exc:
+            if not UNAVAILABLE_REPLIES.search(str(exc)):
+                raise  # a bug in a script: let it be seen
+            self._mark_down(exc)
+            raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
         finally:
             if probing:
                 self._probing = False
-        if self._down_since is not None:
-            self._mark_up()
-        return result
-
-    async def call(self, *args: Any) -> Any:
-        """Run one plain command with the same outage handling as :meth:`run`."""
-        if self._down_since is not None and time.monotonic() < self._retry_at:
-            raise StorageUnavailable(f"{self.uri} is unavailable")
-        try:
-            if self._pipe is not None:
-                result = await self._pipe.execute(*args)
-            else:
-                result = await self.client.execute_command(*args)
-        except OUTAGE_ERRORS as exc:
-            self._mark_down(exc)
-            raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
         if self._down_since is not None:
             self._mark_up()
         return result
