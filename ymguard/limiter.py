@@ -144,7 +144,7 @@ class _RedisWindow:
 
     async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
         """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
-        await self.store.run(self._refund, (key,), (slot, n))
+        await self.store.run(self._refund, (key,), (slot, n), always_try=True)
 
 
 Window = _MemoryWindow | _RedisWindow

@@ -94,3 +94,24 @@ async def test_a_read_only_redis_is_an_outage_not_a_500(private_redis: RedisServ
         assert statuses == [200] * 6
         assert not guard.store.available
     await guard.aclose()
+
+
+async def test_a_wrong_password_is_an_outage_and_leaks_no_sockets(
+    private_redis: RedisServer,
+) -> None:
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("requirepass", "right")
+    admin = redis.Redis.from_url(private_redis.url, password="right")
+    rules = {
+        "on_storage_error": "open",
+        "resources": {"GET /items/{item_id}": {"flow": [{"qps": 1}]}},
+    }
+    url = f"redis://:wrong@127.0.0.1:{private_redis.port}/0"
+    guard = Guard(rules, storage=url)
+    async with client(shop(guard)) as c:
+        for i in range(5):
+            assert (await c.get(f"/items/{i}")).status_code == 200  # open: traffic passes
+            await asyncio.sleep(1.05)  # past the fail-fast second: it tries again
+    await guard.aclose()
+    clients = admin.client_list()
+    assert len(clients) <= 2  # this admin connection, and none left by the retries

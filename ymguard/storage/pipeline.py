@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -44,6 +45,26 @@ def pack(args: tuple[Any, ...]) -> bytes:
         data = _encode(arg)
         out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS context a ``rediss://`` URL asks for (redis-py's ``ssl_*`` options)."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    reqs = options.get("ssl_cert_reqs", ssl.CERT_REQUIRED)
+    if isinstance(reqs, str):
+        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(
+            reqs.lower(), ssl.CERT_REQUIRED
+        )
+    context.check_hostname = bool(options.get("ssl_check_hostname", reqs != ssl.CERT_NONE))
+    context.verify_mode = reqs
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
 
 
 class _Protocol(asyncio.Protocol):
@@ -149,9 +170,10 @@ class AutoPipeline:
         if cls is UnixDomainSocketConnection:
             connect = loop.create_unix_connection(factory, options["path"])
         else:
-            context = ssl.create_default_context() if cls is SSLConnection else None
+            context = _ssl_context(options) if cls is SSLConnection else None
             host, port = options.get("host", "localhost"), options.get("port", 6379)
             connect = loop.create_connection(factory, host, port, ssl=context)
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _transport, protocol = await connect
@@ -168,10 +190,16 @@ class AutoPipeline:
                     setup.append(protocol.send(pack(("SELECT", options["db"]))))
                 for reply in setup:
                     await reply
-        except TimeoutError:
-            raise RedisTimeoutError("timed out connecting to Redis") from None
-        except OSError as exc:
-            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+        except BaseException as exc:
+            if protocol is not None:  # never leave a half-set-up socket behind
+                protocol.fail(RedisConnectionError("connection setup failed"))
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError("timed out connecting to Redis") from None
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            if isinstance(exc, ResponseError):  # WRONGPASS, NOAUTH, a bad db: can't serve
+                raise AuthenticationError(f"Redis refused the connection: {exc}") from exc
+            raise
         return protocol
 
     async def _ready(self) -> _Protocol:
@@ -187,6 +215,9 @@ class AutoPipeline:
             or self._connecting.get_loop() is not asyncio.get_running_loop()
         ):
             self._connecting = asyncio.ensure_future(self._connect())
+            # Its callers may all be cancelled: retrieve the outcome so a failed connect
+            # is not logged as "exception never retrieved".
+            self._connecting.add_done_callback(_retrieve)
         connecting = self._connecting
         try:
             self._protocol = protocol = await asyncio.shield(connecting)
