@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -332,16 +332,42 @@ class Guard:
 
             @functools.wraps(func)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                async def call() -> Any:
+                # Only entering and leaving the chain hop to the event loop; the body runs
+                # here, in the caller's thread (a sync endpoint's worker thread).
+                outer = current_context.get()
+                ctx = Context(name, outer.origin if outer else "", kwargs)
+                chain = self.chain(name)
+                try:
+                    tokens = self._run_sync(chain.enter(ctx))
+                except Blocked as exc:
+                    handler = block_handler or fallback
+                    if handler is None:
+                        raise
+                    return handler(
+                        *args, **kwargs, **({"exc": exc} if _accepts_exc(handler) else {})
+                    )
+                try:
                     return func(*args, **kwargs)
-
-                return self._run_sync(run(args, kwargs, call))
+                except exceptions_to_ignore:
+                    raise
+                except Exception as exc:
+                    ctx.error = exc
+                    if fallback is None:
+                        raise
+                    return fallback(
+                        *args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {})
+                    )
+                finally:
+                    self._run_sync(chain.exit(ctx, tokens))
 
             return cast(F, sync_wrapper)
 
         return decorate
 
-    def _run_sync(self, coro: Awaitable[Any]) -> Any:
+    def _run_sync(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a chain step for sync code: on the guard's loop from another thread, or
+        at once on the memory store; on Redis with no loop to hop to, refuse before
+        anything is spent."""
         loop = self._loop
         if loop is not None and loop.is_running():
             try:
@@ -349,7 +375,13 @@ class Guard:
             except RuntimeError:
                 running = None
             if running is not loop:
-                return asyncio.run_coroutine_threadsafe(cast(Any, coro), loop).result()
+                return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        if self.store.kind != "memory":
+            coro.close()
+            raise RuntimeError(
+                "ymguard: a sync function guarded on Redis must be called from a worker "
+                "thread of a running app (or make it async)"
+            )
         return _run_now(coro)
 
     def limit(self, spec: str) -> RouteLimit:
@@ -514,9 +546,9 @@ class RouteLimit:
         outer = current_context.get()
         ctx = Context(resource, outer.origin if outer else "")
         chain = self._chain(resource)
-        tokens = await chain.enter(ctx)
-        # A limit only admits; there is nothing to give back after the call.
-        del tokens
+        # A limit only admits: leave the chain at once (nothing to give back, and the
+        # statistics must not count the call in flight forever).
+        await chain.exit(ctx, await chain.enter(ctx))
 
     async def _dependency(self, request: Request) -> None:
         route = request.scope.get("route")

@@ -115,3 +115,52 @@ async def test_a_wrong_password_is_an_outage_and_leaks_no_sockets(
     await guard.aclose()
     clients = admin.client_list()
     assert len(clients) <= 2  # this admin connection, and none left by the retries
+
+
+async def test_a_sync_resource_runs_its_body_in_the_callers_thread(
+    redis_url: str, prefix: str
+) -> None:
+    import threading
+
+    guard = Guard(
+        {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 5}]}}}, storage=redis_url
+    )
+    guard._loop = asyncio.get_running_loop()
+
+    @guard.resource("sync")
+    def body() -> str:
+        return threading.current_thread().name
+
+    assert await asyncio.to_thread(body) != threading.main_thread().name
+    assert guard.stats("sync").inflight == 0
+    await guard.aclose()
+
+
+def test_a_sync_resource_on_redis_without_a_loop_refuses_before_spending(
+    redis_url: str, prefix: str
+) -> None:
+    guard = Guard(
+        {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 1}]}}}, storage=redis_url
+    )
+
+    @guard.resource("sync")
+    def body() -> str:
+        return "ran"
+
+    with pytest.raises(RuntimeError, match="worker thread"):
+        body()
+    assert guard.stats("sync").counts().passed == 0
+
+
+async def test_guard_limit_leaves_nothing_in_flight() -> None:
+    guard = Guard()
+    limit = guard.limit("5/second")
+
+    @limit
+    async def endpoint() -> str:
+        return "ok"
+
+    for _ in range(3):
+        await endpoint()
+    (chain,) = limit._chains.values()
+    assert chain.stats.inflight == 0 and chain.stats.counts().passed == 3
