@@ -13,6 +13,7 @@ resource names a limit of its own.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from typing import Any, Literal, NamedTuple
@@ -27,6 +28,8 @@ from .semaphore import keep_lease, permits_backend
 from .storage import MemoryStore, RedisStore, Store
 
 BUCKETS = 10
+#: Per-origin objects a check keeps at most (``other`` rules see client-chosen origins).
+ORIGIN_CACHE_MAX = 10_000
 
 
 class FlowRule(RuleModel):
@@ -243,6 +246,8 @@ class QpsCheck(_FlowCheckBase):
         packed = None
         if self._redis is not None:
             packed = self._redis.pack(key, self.limit, self.window_seconds)
+        if len(self._keys) >= ORIGIN_CACHE_MAX:  # origins come from clients: stay bounded
+            self._keys.clear()
         entry = self._keys[suffix] = (key, packed)
         return entry
 
@@ -307,6 +312,8 @@ class ConcurrencyCheck(_FlowCheckBase):
                     self._local_store = MemoryStore(key_prefix=self.store.key_prefix)
                 store = self._local_store
             name = f"{self.key_base}:{suffix}" if suffix else self.key_base
+            if len(self._backends) >= ORIGIN_CACHE_MAX:  # origins come from clients
+                self._backends.clear()
             backend = self._backends[cache_key] = permits_backend(store, name, "conc")
         return backend
 
@@ -325,6 +332,11 @@ class ConcurrencyCheck(_FlowCheckBase):
                 return None
             backend = self._backend(suffix, local=True)
             result = await backend.acquire(permit_id, self.limit, self.rule.lease_seconds)
+        except asyncio.CancelledError:
+            # The script may have run although its reply will never be read: give the
+            # permit back by its id rather than hold it until the lease ends.
+            _release_later(backend, permit_id)
+            raise
         if not result.acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
         # A call longer than a third of the lease has it renewed, so it keeps its count.
@@ -341,6 +353,20 @@ class ConcurrencyCheck(_FlowCheckBase):
 
 
 FlowCheck = QpsCheck | ConcurrencyCheck
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _release_later(backend: Any, permit_id: str) -> None:
+    async def release() -> None:
+        try:
+            await backend.release(permit_id)
+        except StorageUnavailable:
+            pass  # the lease frees it
+
+    task = asyncio.ensure_future(release())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def build_flow_checks(store: Store, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:

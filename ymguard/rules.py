@@ -186,6 +186,9 @@ def load_rules(path: str | Path) -> RulesFile:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError([RuleProblem(source, 0, "(file)", exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RulesError([RuleProblem(source, line, "(file)", "not UTF-8 text")]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -151,3 +151,11 @@ def test_check_lists_every_problem_and_exits_2(
     assert err[0].startswith(f"{path}:1: key_prefix: ")
     assert err[1].startswith(f'{path}:5: resources."GET /a".flow[0].qps: ')
     assert err[2] == f'{path}:6: resources."GET /a".flow[0].bogus: unknown field'
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"storage: memory://\nkey_prefix: caf\xe9\n")
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert str(info.value) == f"{path}:2: (file): not UTF-8 text"

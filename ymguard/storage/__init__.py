@@ -9,8 +9,6 @@ share their state on either backend.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from .base import StoragePolicy, Store
 from .memory import MemoryStore
 from .redis import RedisStore
@@ -42,6 +40,3 @@ def store_from_uri(
     if scheme in ("redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel"):
         return RedisStore(uri, key_prefix=key_prefix, on_storage_error=on_storage_error)
     raise ValueError(f"unknown storage URI {uri!r}")
-
-
-Kind = Literal["memory", "redis"]
