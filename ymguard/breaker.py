@@ -29,6 +29,7 @@ import math
 import secrets
 import time
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -159,7 +160,9 @@ class _State:
 
     Shared by every :class:`Breaker` object of one name on one store (a reload builds
     new objects; they find the same state, listeners included). Times are
-    ``time.monotonic()`` instants.
+    ``time.monotonic()`` instants. ``version`` is the version of the Redis state the copy
+    holds (0: no hash, closed), or ``-1`` once the copy has moved on its own while Redis
+    was unavailable: it then differs from Redis, so whatever Redis says next wins.
     """
 
     __slots__ = (
@@ -185,7 +188,9 @@ class _State:
         self.busy = False  # one Redis transition of this process at a time, per breaker
         self.listeners: list[Any] = []
         self.watchers: weakref.WeakSet[BreakerCheck] = weakref.WeakSet()
-        self.breaker: Breaker | None = None
+        # The newest Breaker object, for the listeners; weak, as the hub keeps this state
+        # and a Breaker keeps its store (the hub's weak key) alive.
+        self.breaker: weakref.ref[Breaker] | None = None
 
     def move(
         self, new: BreakerState, probe_in: float = 0.0, lease_in: float = 0.0, owner: str = ""
@@ -201,22 +206,30 @@ class _State:
             self.reset_at = now
             for check in list(self.watchers):
                 check.on_reset(now)
-        if new is not old and self.listeners and self.breaker is not None:
-            self.breaker.notify_state_change(old, new)
+        if new is not old and self.listeners:
+            breaker = self.breaker() if self.breaker is not None else None
+            if breaker is None:  # the newest object is gone: any other one will do
+                breaker = next((check.breaker for check in self.watchers), None)
+            if breaker is not None:
+                breaker.notify_state_change(old, new)
 
-    def apply(self, reply: Sequence[Any], force: bool = False) -> None:
-        """Take a state from Redis (a script reply or a published message), unless stale.
+    def move_locally(
+        self, new: BreakerState, probe_in: float = 0.0, lease_in: float = 0.0, owner: str = ""
+    ) -> None:
+        """Move without Redis (the memory store, or an outage): the next reply wins."""
+        self.version = -1
+        self.move(new, probe_in, lease_in, owner)
 
-        ``reply`` is ``(_, state code, version, ms until probe, ms until lease end)``.
-        Version 0 means the hash does not exist (closed). ``force`` (a probe attempt's
-        fresh reply) also takes the current version and a missing hash: this copy may
-        have moved on its own while Redis was unavailable.
+    def apply(self, reply: Sequence[Any], fresh: bool = False) -> None:
+        """Take a state from Redis (a script reply or a published message) if it is newer.
+
+        ``reply`` is ``(_, state code, version, ms until probe, ms until lease end)``;
+        version 0 means the hash does not exist (closed). A ``fresh`` reply (a probe
+        attempt's) is also taken at the same version (its timers are newer) and with a
+        missing hash (Redis lost it: closed is the truth).
         """
         version = int(reply[2])
-        if version < self.version or (version == self.version and not force):
-            if not (force and version == 0):
-                return
-        if version == 0 and self.state is CLOSED:
+        if version <= self.version and not (fresh and version in (0, self.version)):
             return
         self.version = version
         self.move(_BY_CODE[int(reply[1])], int(reply[3]) / 1000.0, int(reply[4]) / 1000.0)
@@ -235,15 +248,21 @@ class _Hub:
     It pattern-subscribes once to every breaker channel under the store's prefix (a
     breaker created later needs no new subscription) and re-reads every known breaker
     after each (re)subscription, so a message lost while disconnected costs nothing.
+
+    It holds its store weakly (``_hubs`` is keyed weakly by the store): a store dropped
+    without ``Guard.aclose`` can be collected, and its subscriber then ends by itself.
     """
 
     def __init__(self, store: RedisStore) -> None:
-        self.store = store
+        self._store = weakref.ref(store)
+        self.client: Any = store.client
+        self.uri = store.uri
         self.states: dict[str, tuple[str, _State]] = {}  # channel -> (hash key, state)
         self.pattern = _glob_escape(store.key_prefix) + ":{breaker:*}:events"
         self.ready = False
         self.closing = False
         self.task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the task's, while it runs
         self._read = store.script(lua("breaker_read"))
         self._side: set[asyncio.Task[None]] = set()
 
@@ -259,15 +278,34 @@ class _Hub:
         return st
 
     def start(self) -> bool:
-        """Start the subscriber if it is not running; False when no event loop runs."""
-        if self.task is not None and not self.task.done():
-            return True
+        """Start the subscriber unless it runs on this loop; False if it cannot run.
+
+        A task left pending by an event loop that is gone (a new ``asyncio.run``, a test's
+        fresh loop) never runs again: a subscriber on another loop is started anew.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        self.task = loop.create_task(self._run(), name=f"ymguard-breakers {self.store!r}")
+        if self.loop is loop:
+            return True
+        if self.closing:
+            return False
+        self._side = {t for t in self._side if t.get_loop() is loop}
+        self.ready = False
+        task = loop.create_task(self._run(), name=f"ymguard-breakers {self.uri}")
+        task.add_done_callback(self._ended)
+        self.task, self.loop = task, loop
         return True
+
+    def running(self) -> bool:
+        """Whether the subscriber runs on the running loop."""
+        loop = self.loop
+        return loop is not None and loop is _get_running_loop()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task is self.task:
+            self.loop = None
 
     def _spawn(self, coro: Any) -> None:
         try:
@@ -280,22 +318,25 @@ class _Hub:
 
     async def _resync(self, channel: str) -> None:
         key, st = self.states[channel]
+        store = self._store()
+        if store is None:
+            return
         try:
-            st.apply(await self.store.run(self._read, (key,), ()))
+            st.apply(await store.run(self._read, (key,), ()))
         except StorageUnavailable:
             pass  # the next (re)subscription reads it again
 
     async def _run(self) -> None:
         warned = False
         while True:
-            pubsub = self.store.client.pubsub()
+            pubsub = self.client.pubsub()
             try:
                 await pubsub.psubscribe(self.pattern)
                 self.ready = True
                 for channel in list(self.states):
                     await self._resync(channel)
                 if warned:
-                    log.warning("ymguard breakers: pub/sub on %s is back", self.store.uri)
+                    log.warning("ymguard breakers: pub/sub on %s is back", self.uri)
                     warned = False
                 while True:
                     message = await pubsub.get_message(
@@ -318,7 +359,7 @@ class _Hub:
                     log.warning(
                         "ymguard breakers: pub/sub on %s failed (%s: %s); local copies may "
                         "lag until it reconnects",
-                        self.store.uri,
+                        self.uri,
                         type(exc).__name__,
                         exc,
                     )
@@ -327,12 +368,17 @@ class _Hub:
                 self.ready = False
                 with suppress(Exception):
                     await pubsub.aclose()
-            await asyncio.sleep(self.store.retry_interval)
+            store = self._store()
+            if store is None:
+                return
+            interval = store.retry_interval
+            del store
+            await asyncio.sleep(interval)
 
     def _stopping(self) -> bool:
         # A cancellation that a redis-py read swallowed must still end the loop.
         task = asyncio.current_task()
-        return self.closing or (task is not None and task.cancelling() > 0)
+        return self.closing or self._store() is None or (task is not None and task.cancelling() > 0)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message.get("channel")
@@ -352,7 +398,9 @@ class _Hub:
     async def aclose(self) -> None:
         """Stop the subscriber."""
         self.closing = True
-        tasks = [t for t in (self.task, *self._side) if t is not None]
+        loop = asyncio.get_running_loop()
+        # A task of an event loop that is gone never runs again: nothing to stop there.
+        tasks = [t for t in (self.task, *self._side) if t is not None and t.get_loop() is loop]
         while not all(t.done() for t in tasks):
             # Cancel again until it lands: a redis-py read may swallow one cancellation.
             for task in tasks:
@@ -424,20 +472,28 @@ class Breaker:
             self._open = store.script(lua("breaker_open"))
             self._probe = store.script(lua("breaker_probe"))
             self._result = store.script(lua("breaker_result"))
-            self.watching = self._hub.start()
+            self._hub.start()
         else:
             assert isinstance(store, MemoryStore)
             st = store.data.get(self.key)
             if not isinstance(st, _State):
                 st = store.data[self.key] = _State()
             self._st = st
-            self.watching = True
-        self._st.breaker = self
+        self._st.breaker = weakref.ref(self)
 
     def __repr__(self) -> str:
         return f"Breaker({self.name!r}, {self.state.value})"
 
     # -- what users and listeners read ---------------------------------------------------
+
+    @property
+    def watching(self) -> bool:
+        """Whether the local copy is kept fresh (on Redis: the subscriber runs on this loop).
+
+        On Redis this (re)starts the subscriber when it is not running on the running loop.
+        """
+        hub = self._hub
+        return hub is None or hub.running() or hub.start()
 
     @property
     def state(self) -> BreakerState:
@@ -505,8 +561,8 @@ class Breaker:
 
     async def acquire(self) -> _Probe | None:
         """Admit a call: ``None`` for an ordinary call, a probe token, or raise CircuitOpen."""
-        if not self.watching and self._hub is not None:
-            self.watching = self._hub.start()
+        if self._hub is not None:
+            self._hub.start()
         st = self._st
         if st.state is CLOSED:
             return None
@@ -536,7 +592,7 @@ class Breaker:
             return self._probe_locally()
         finally:
             st.busy = False
-        st.apply(reply, force=True)
+        st.apply(reply, fresh=True)
         if int(reply[0]):
             st.owner = owner
             return _Probe(owner, local=False)
@@ -548,7 +604,7 @@ class Breaker:
 
     def _probe_locally(self) -> _Probe:
         owner = secrets.token_hex(8)
-        self._st.move(HALF_OPEN, lease_in=self.lease_seconds, owner=owner)
+        self._st.move_locally(HALF_OPEN, lease_in=self.lease_seconds, owner=owner)
         return _Probe(owner, local=True)
 
     async def trip(self) -> None:
@@ -557,7 +613,7 @@ class Breaker:
         if st.state is not CLOSED or st.busy:
             return
         if self._hub is None:
-            st.move(OPEN, probe_in=self.open_seconds)
+            st.move_locally(OPEN, probe_in=self.open_seconds)
             return
         st.busy = True
         try:
@@ -566,7 +622,7 @@ class Breaker:
             )
         except StorageUnavailable:
             # Every policy opens the local copy: it only refuses this process's calls.
-            st.move(OPEN, probe_in=self.open_seconds)
+            st.move_locally(OPEN, probe_in=self.open_seconds)
             return
         finally:
             st.busy = False
@@ -583,15 +639,18 @@ class Breaker:
                     (probe.owner, 1 if ok else 0, math.ceil(self.open_seconds * 1000)),
                 )
             except StorageUnavailable:
-                pass  # decide on the local copy, as the memory store would
+                # Decide on the local copy, as the memory store would. Redis may stay
+                # half-open with this probe's version: the copy is marked as moved on its
+                # own, so the next reply (a trip's, a resync's) wins over it.
+                pass
             else:
                 st.apply(reply)
                 return
         if st.state is HALF_OPEN and st.owner == probe.owner:
             if ok:
-                st.move(CLOSED)
+                st.move_locally(CLOSED)
             else:
-                st.move(OPEN, probe_in=self.open_seconds)
+                st.move_locally(OPEN, probe_in=self.open_seconds)
 
 
 # -- the checks --------------------------------------------------------------------------
@@ -627,14 +686,19 @@ class BreakerCheck:
         self._look_at = 0.0  # when a good call looks at the window next
         self._st = breaker._st
         self._st.watchers.add(self)
+        self._hub = breaker._hub
 
     def __repr__(self) -> str:
         return f"BreakerCheck({self.breaker.resource!r}, {self.breaker.description!r})"
 
     async def enter(self, ctx: Context) -> Any:
         """Admit the call (``None``, or the probe token) or raise :class:`CircuitOpen`."""
-        if self._st.state is CLOSED and self.breaker.watching:
-            return None
+        if self._st.state is CLOSED:
+            # A closed local copy answers alone while it is kept fresh: always on memory,
+            # on Redis while the subscriber runs on this loop (else ``acquire`` starts it).
+            hub = self._hub
+            if hub is None or hub.loop is _get_running_loop():
+                return None
         return await self.breaker.acquire()
 
     async def exit(self, ctx: Context, token: Any) -> None:

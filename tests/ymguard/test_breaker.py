@@ -8,7 +8,9 @@ are the short ``open_seconds`` timers the breakers themselves wait for.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
@@ -22,7 +24,7 @@ from starlette.routing import Route
 
 from tests.helpers import RedisServer, Uvicorn
 from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
-from ymguard.breaker import close_breakers
+from ymguard.breaker import Breaker, _hub_for, close_breakers
 from ymguard.chain import Chain
 from ymguard.errors import PROBLEM_BASE, Blocked
 from ymguard.storage import RedisStore, Store, store_from_uri
@@ -547,13 +549,13 @@ def count_redis_calls(store: RedisStore) -> list[int]:
     counter = [0]
     run, call_ = store.run, store.call
 
-    async def counted_run(*args: Any) -> Any:
+    async def counted_run(*args: Any, **kwargs: Any) -> Any:
         counter[0] += 1
-        return await run(*args)
+        return await run(*args, **kwargs)
 
-    async def counted_call(*args: Any) -> Any:
+    async def counted_call(*args: Any, **kwargs: Any) -> Any:
         counter[0] += 1
-        return await call_(*args)
+        return await call_(*args, **kwargs)
 
     store.run = counted_run  # type: ignore[method-assign]
     store.call = counted_call  # type: ignore[method-assign]
@@ -675,3 +677,92 @@ async def test_two_uvicorn_processes_share_the_breaker_and_its_one_probe(
             while (await get_json(c, url + "/state"))["state"] != "closed":
                 assert time.monotonic() < deadline, "a process never saw the close"
                 await asyncio.sleep(0.01)
+
+
+async def test_a_probe_result_lost_in_an_outage_never_stops_it_opening(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    # The probe's exit closes only the local copy while Redis stays half-open with the
+    # same version; the replies after the restart must still win over that copy.
+    url = private_redis.url + "?socket_timeout=0.3&socket_connect_timeout=0.3"
+    store = RedisStore(url, key_prefix=prefix, retry_interval=0.05)
+    guard = Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=store)
+    try:
+        chain = await trip_and_wait(guard)
+        ctx = Context(RES)
+        tokens = await chain.enter(ctx)  # the probe: half-open on Redis
+        assert state(guard) == "half-open"
+        await store.call("SAVE")  # the restarted server comes back half-open
+        private_redis.stop()
+        ctx.status = 200
+        await chain.exit(ctx, tokens)  # its success never reaches Redis
+        assert state(guard) == "closed"  # closed on the local copy only
+        private_redis.start()
+        bad_calls = 0
+        deadline = time.monotonic() + 5  # a liveness bound, not a timing check
+        while state(guard) != "open":
+            assert time.monotonic() < deadline, f"never opened after {bad_calls} bad calls"
+            bad_calls += await call(chain, "error") == "passed"
+            await asyncio.sleep(0.01)
+        key = store.key("breaker", f"{RES}#0")
+        assert await store.call("HGET", key, "s") == b"1"  # open on Redis too
+        assert await call(chain) == "blocked"
+    finally:
+        await guard.aclose()
+
+
+async def test_a_subscriber_left_on_a_dead_event_loop_is_started_again(
+    two_stores: list[RedisStore],
+) -> None:
+    a, b = two_stores
+    dead = asyncio.new_event_loop()
+    stale = cast("asyncio.Task[None]", dead.create_future())  # pending for ever
+    dead.close()
+    hub = _hub_for(b)
+    hub.task, hub.loop = stale, dead  # what a Guard used under an earlier loop leaves
+    await close_breakers(b)  # stops nothing there, and fails on nothing
+    hub = _hub_for(b)
+    hub.task, hub.loop = stale, dead
+    guard_a, guard_b = (
+        Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in (a, b)
+    )
+    chain_b = guard_b.chain(RES)  # a new breaker starts the subscriber on this loop
+    assert hub.task is not stale and hub.task.get_loop() is asyncio.get_running_loop()
+    await eventually(lambda: hub.ready, "the new subscriber listens")
+    running = hub.task
+    while not running.done():  # as if the loop it ran on had ended
+        running.cancel()
+        await asyncio.wait([running], timeout=0.05)
+    hub.task, hub.loop = stale, dead
+    assert await call(chain_b) == "passed"  # a closed breaker's call starts it again
+    assert hub.task is not stale and hub.task.get_loop() is asyncio.get_running_loop()
+    await eventually(lambda: hub.ready, "the new subscriber listens")
+    await call(guard_a.chain(RES), "error")
+    await eventually(lambda: state(guard_b) == "open", "b hears a's trip")
+
+
+async def test_a_store_dropped_without_aclose_is_collected(redis_url: str, prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=prefix)
+    breaker = Breaker(store, "dropped", open_seconds=OPEN)
+    hub = _hub_for(store)
+    await eventually(lambda: hub.ready, "the subscriber listens")
+    pipe, dropped = store._pipe, weakref.ref(store)
+    del store, breaker
+    gc.collect()
+    assert dropped() is None  # the hub and the local copies keep no store alive
+    assert hub.task is not None
+    await eventually(hub.task.done, "the subscriber of a collected store ends")
+    await hub.client.aclose()  # what aclose would have closed
+    if pipe is not None:
+        pipe.close()
+
+
+async def test_guard_aclose_stops_the_subscriber(redis_url: str, prefix: str) -> None:
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    guard = Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=store)
+    assert await call(guard.chain(RES)) == "passed"
+    hub = _hub_for(cast(RedisStore, guard.store))
+    await eventually(lambda: hub.ready, "the subscriber listens")
+    assert hub.task is not None
+    await guard.aclose()
+    assert hub.task.done()
