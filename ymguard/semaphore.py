@@ -15,7 +15,7 @@ expiry that would let it in, or by the time to refresh its place in line (a wait
 died loses its place the same way a holder that died loses its permit).
 
 The ``semaphore:`` rule holds a permit for the whole request; one :class:`LeaseKeeper`
-task per event loop renews the leases of requests older than a third of their lease, so
+task per store and event loop renews the leases of requests older than a third of their lease, so
 a slow but alive request keeps its permit and a dead one loses it. The ``concurrency``
 grade of flow rules counts in-flight requests with the same permits and the same keeper.
 """
@@ -92,6 +92,14 @@ class AcquireResult:
     waiting: int = 0
 
 
+def _forget(task: asyncio.Task[Any]) -> None:
+    """Done callback of a background clean-up: drop it, and retrieve what it raised."""
+    _background.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        if not isinstance(exc, StorageUnavailable):
+            log.error("ymguard: a background clean-up failed", exc_info=exc)
+
+
 async def _finish(aw: Awaitable[T]) -> T:
     """Run a clean-up to its end even if the task is cancelled (again) meanwhile."""
     task = asyncio.ensure_future(aw)
@@ -99,8 +107,25 @@ async def _finish(aw: Awaitable[T]) -> T:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         _background.add(task)  # the clean-up goes on in its own task
-        task.add_done_callback(_background.discard)
+        task.add_done_callback(_forget)
         raise
+
+
+async def _stopped(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks``; wait for those of the running loop to end, cancel the others'."""
+    here = asyncio.get_running_loop()
+    mine = []
+    for task in tasks:
+        if task.done():
+            continue
+        loop = task.get_loop()
+        if loop is here:
+            task.cancel()
+            mine.append(task)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+    if mine:
+        await asyncio.wait(mine)
 
 
 async def _nap(event: asyncio.Event, seconds: float) -> None:
@@ -274,7 +299,9 @@ class _MemoryPermits:
         """Whether a waiter may join the line at once (in process: always)."""
         return True
 
-    async def listen(self, permit_id: str) -> tuple[asyncio.Event, bool]:
+    async def listen(
+        self, permit_id: str, deadline: float = math.inf
+    ) -> tuple[asyncio.Event, bool]:
         """The event that wakes ``permit_id``, and whether wake-ups are reliable."""
         event = self._listeners.get(permit_id)
         if event is None:
@@ -294,6 +321,12 @@ class _RedisWaker:
     in the list. Here one connection carries every semaphore's channel, a message names
     the waiters it is for, and a lost message costs no more than a nap: every waiter also
     wakes at the lease expiry that would let it in and to refresh its place.
+
+    A subscription that fails or is cancelled midway (a waiter cancelled, or out of time)
+    is forgotten at once, so the next waiter subscribes afresh instead of waiting for a
+    confirmation that will never come. The waker keeps the store's client, not the store:
+    the map of wakers is keyed weakly by store, and a value referencing its key would keep
+    both forever.
     """
 
     _wakers: ClassVar[weakref.WeakKeyDictionary[RedisStore, _RedisWaker]] = (
@@ -301,17 +334,18 @@ class _RedisWaker:
     )
 
     def __init__(self, store: RedisStore) -> None:
-        self.store = store
+        self.client: Any = store.client
         self.loop = asyncio.get_running_loop()
         self.pubsub: Any = None
         self.reader: asyncio.Task[None] | None = None
         self.listeners: dict[str, dict[str, asyncio.Event]] = {}
         self.ready: dict[str, asyncio.Event] = {}
         self.unsupported = False
+        self.closed = False
 
     @classmethod
     def of(cls, store: RedisStore) -> _RedisWaker:
-        """The waker of ``store`` in the running event loop."""
+        """The waker of ``store`` in the running event loop (a new one if the loop changed)."""
         waker = cls._wakers.get(store)
         if waker is None or waker.loop is not asyncio.get_running_loop():
             waker = cls._wakers[store] = cls(store)
@@ -322,13 +356,19 @@ class _RedisWaker:
         ready = self.ready.get(channel)
         return ready is not None and ready.is_set()
 
-    async def listen(self, channel: str, waiter: str) -> tuple[asyncio.Event, bool]:
-        """Register a waiter; returns its event and whether the subscription is confirmed."""
+    async def listen(
+        self, channel: str, waiter: str, deadline: float
+    ) -> tuple[asyncio.Event, bool]:
+        """Register a waiter; returns its event and whether the subscription is confirmed.
+
+        Waits for the confirmation until ``deadline`` (event-loop clock), at most
+        ``_SUBSCRIBE_TIMEOUT``.
+        """
         waiters = self.listeners.setdefault(channel, {})
         event = waiters.get(waiter)
         if event is None:
             event = waiters[waiter] = asyncio.Event()
-        return event, await self._subscribe(channel)
+        return event, await self._subscribe(channel, deadline)
 
     def unlisten(self, channel: str, waiter: str) -> None:
         """Forget a waiter (the reader unsubscribes once no one has listened for a while)."""
@@ -338,33 +378,80 @@ class _RedisWaker:
             if not waiters:
                 del self.listeners[channel]
 
-    async def _subscribe(self, channel: str) -> bool:
-        if self.unsupported:
+    async def _subscribe(self, channel: str, deadline: float) -> bool:
+        if self.unsupported or self.closed:
             return False
-        ready = self.ready.get(channel)
-        if ready is None:
-            ready = self.ready[channel] = asyncio.Event()
-            try:
-                if self.pubsub is None:
-                    self.pubsub = self.store.client.pubsub()
-                await self.pubsub.subscribe(channel)
-            except (AttributeError, NotImplementedError):
-                self.unsupported = True  # e.g. the asyncio cluster client has no pub/sub
-                return False
-            except OUTAGE_ERRORS:
-                self.ready.pop(channel, None)
-                return False
-            if self.reader is None:
-                self.reader = self.loop.create_task(self._read())
-        if ready.is_set():
+        if self.listening(channel):
             return True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_SUBSCRIBE_TIMEOUT):
+            async with asyncio.timeout_at(min(deadline, self.loop.time() + _SUBSCRIBE_TIMEOUT)):
+                ready = self.ready.get(channel)
+                if ready is None:
+                    ready = self.ready[channel] = asyncio.Event()
+                    await self._send_subscribe(channel, ready)
                 await ready.wait()
-        return ready.is_set()
+        return self.listening(channel)
 
-    async def _read(self) -> None:
-        pubsub = self.pubsub
+    async def _send_subscribe(self, channel: str, ready: asyncio.Event) -> None:
+        try:
+            if self.pubsub is None:
+                self.pubsub = self.client.pubsub()
+            pubsub = self.pubsub
+            await pubsub.subscribe(channel)
+        except BaseException as exc:
+            # Forget this attempt; whoever waits on ``ready`` wakes and finds no subscription.
+            if self.ready.get(channel) is ready:
+                del self.ready[channel]
+            ready.set()
+            if self.reader is None or self.reader.done():
+                self._reset()  # nobody reads that connection, and it may be half-written
+            if isinstance(exc, AttributeError | NotImplementedError):
+                self.unsupported = True  # e.g. the asyncio cluster client has no pub/sub
+            elif not isinstance(exc, OUTAGE_ERRORS):
+                raise
+            return
+        if self.pubsub is pubsub and not self.closed:  # else it was dropped meanwhile
+            self._start_reader()
+
+    def _start_reader(self) -> None:
+        if self.reader is None or self.reader.done():
+            self.reader = self.loop.create_task(self._read(self.pubsub))
+
+    def _reset(self) -> None:
+        """Drop the connection and every subscription on it: waiters subscribe afresh."""
+        pubsub, self.pubsub = self.pubsub, None
+        ready, self.ready = self.ready, {}
+        for event in ready.values():
+            event.set()
+        if pubsub is not None:
+            task = self.loop.create_task(_close_pubsub(pubsub))
+            _background.add(task)
+            task.add_done_callback(_forget)
+
+    async def aclose(self) -> None:
+        """Stop the reader and close the connection; waiters wake and look again."""
+        self.closed = True
+        if self.loop is not asyncio.get_running_loop():
+            if self.reader is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.reader.cancel)
+            return
+        if self.reader is not None:
+            await _stopped([self.reader])
+            self.reader = None
+        pubsub, self.pubsub = self.pubsub, None
+        self._wake_all()
+        if pubsub is not None:
+            await _close_pubsub(pubsub)
+
+    def _wake_all(self) -> None:
+        ready, self.ready = self.ready, {}
+        for event in ready.values():
+            event.set()
+        for waiters in self.listeners.values():
+            for event in waiters.values():
+                event.set()
+
+    async def _read(self, pubsub: Any) -> None:
         idle_since: float | None = None
         try:
             while True:
@@ -393,13 +480,17 @@ class _RedisWaker:
             log.debug("ymguard: semaphore wake-up connection lost: %r", exc)
         finally:
             # Synchronously, before any await: a waiter arriving now subscribes afresh.
-            self.pubsub, self.reader = None, None
-            self.ready.clear()
-            for waiters in self.listeners.values():
-                for event in waiters.values():
-                    event.set()
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            if self.reader is asyncio.current_task():
+                self.reader = None
+            if self.pubsub is pubsub:
+                self.pubsub = None
+                self._wake_all()
+            await _close_pubsub(pubsub)
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        await pubsub.aclose()
 
 
 def _text(value: Any) -> str:
@@ -444,9 +535,16 @@ class _RedisPermits:
         )
 
     async def release(self, permit_id: str) -> bool:
-        """Give a permit back (or leave the line); whether it was still held."""
+        """Give a permit back (or leave the line); whether it was still held.
+
+        It is sent even while the store fails fast after an outage: a release skipped
+        would leave the permit held until its lease ends.
+        """
         held = await self.store.run(
-            self._release, self.keys.all, (permit_id, self.permits, self.keys.channel)
+            self._release,
+            self.keys.all,
+            (permit_id, self.permits, self.keys.channel),
+            always_try=True,
         )
         return bool(held)
 
@@ -486,13 +584,20 @@ class _RedisPermits:
         """Whether this process already has a confirmed subscription to the wake-ups."""
         return _RedisWaker.of(self.store).listening(self.keys.channel)
 
-    async def listen(self, permit_id: str) -> tuple[asyncio.Event, bool]:
-        """The event that wakes ``permit_id``, and whether wake-ups are reliable now."""
-        return await _RedisWaker.of(self.store).listen(self.keys.channel, permit_id)
+    async def listen(
+        self, permit_id: str, deadline: float = math.inf
+    ) -> tuple[asyncio.Event, bool]:
+        """The event that wakes ``permit_id``, and whether wake-ups are reliable now.
+
+        Waits for the subscription until ``deadline`` (event-loop clock) at most.
+        """
+        return await _RedisWaker.of(self.store).listen(self.keys.channel, permit_id, deadline)
 
     def unlisten(self, permit_id: str) -> None:
         """Forget a waiter's event."""
-        _RedisWaker.of(self.store).unlisten(self.keys.channel, permit_id)
+        waker = _RedisWaker._wakers.get(self.store)
+        if waker is not None:
+            waker.unlisten(self.keys.channel, permit_id)
 
 
 Permits = _MemoryPermits | _RedisPermits
@@ -541,7 +646,7 @@ class KeptLease:
 
 
 class LeaseKeeper:
-    """Renews the leases of long holders: one task per event loop, started lazily.
+    """Renews the leases of long holders: one task per store and event loop, started lazily.
 
     A holder registers with :meth:`keep` and leaves with :meth:`drop`, two set operations.
     The task wakes when the oldest lease reaches a third of its length, renews every lease
@@ -550,12 +655,11 @@ class LeaseKeeper:
 
     The keeper holds its leases weakly: a lease whose holder (a :class:`Permit`, a chain
     token) is no longer referenced anywhere can never be released, so, like a holder whose
-    process died, it is left to expire.
+    process died, it is left to expire. :func:`close_store_tasks` stops it.
     """
 
-    _keepers: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper]] = (
-        weakref.WeakKeyDictionary()
-    )
+    #: By store, weakly; a keeper references neither its store nor its leases' holders.
+    _keepers: ClassVar[weakref.WeakKeyDictionary[Store, LeaseKeeper]] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -566,12 +670,12 @@ class LeaseKeeper:
         self._next_due = math.inf
 
     @classmethod
-    def current(cls) -> LeaseKeeper:
-        """The keeper of the running event loop."""
+    def of(cls, store: Store) -> LeaseKeeper:
+        """The keeper of ``store`` in the running event loop (a new one if the loop changed)."""
         loop = asyncio.get_running_loop()
-        keeper = cls._keepers.get(loop)
-        if keeper is None:
-            keeper = cls._keepers[loop] = cls(loop)
+        keeper = cls._keepers.get(store)
+        if keeper is None or keeper.loop is not loop:
+            keeper = cls._keepers[store] = cls(loop)
         return keeper
 
     def __len__(self) -> int:
@@ -585,7 +689,7 @@ class LeaseKeeper:
         ref = None if permit is None else weakref.ref(permit)
         kept = KeptLease(self, backend, permit_id, lease_seconds, due, ref)
         self._kept.add(kept)
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._run())
         elif kept.due < self._next_due:
             self._changed.set()
@@ -594,6 +698,13 @@ class LeaseKeeper:
     def drop(self, kept: KeptLease) -> None:
         """Stop renewing a lease."""
         self._kept.discard(kept)
+
+    async def aclose(self) -> None:
+        """Stop renewing every lease and end the task (the leases are left to expire)."""
+        self._kept.clear()
+        if self._task is not None:
+            await _stopped([self._task])
+            self._task = None
 
     async def _run(self) -> None:
         try:
@@ -658,8 +769,25 @@ class LeaseKeeper:
 
 
 def keep_lease(backend: Permits, permit_id: str, lease_seconds: float) -> KeptLease:
-    """Have the running loop's :class:`LeaseKeeper` renew a permit until ``stop()``."""
-    return LeaseKeeper.current().keep(backend, permit_id, lease_seconds)
+    """Have the store's :class:`LeaseKeeper` renew a permit until ``stop()``."""
+    return LeaseKeeper.of(backend.store).keep(backend, permit_id, lease_seconds)
+
+
+async def close_store_tasks(store: Store) -> None:
+    """Stop the background tasks tied to ``store``: its lease keeper and its wake-ups.
+
+    Call it when closing the store (``Guard.aclose`` does): the keeper stops renewing (the
+    leases it kept are left to expire), and the pub/sub connection of the semaphores'
+    wake-ups is closed (waiters still waiting wake, and look again). Using the store again
+    afterwards starts them afresh. Safe to call more than once, and on any store.
+    """
+    keeper = LeaseKeeper._keepers.pop(store, None)
+    if keeper is not None:
+        await keeper.aclose()
+    if isinstance(store, RedisStore):
+        waker = _RedisWaker._wakers.pop(store, None)
+        if waker is not None:
+            await waker.aclose()
 
 
 # -- the public objects --------------------------------------------------------------
@@ -724,7 +852,7 @@ class Permit:
     def keep_alive(self) -> None:
         """Renew the lease in the background (the loop's :class:`LeaseKeeper`) until release."""
         if self._kept is None and not self.released and self._backend is not None:
-            self._kept = LeaseKeeper.current().keep(
+            self._kept = LeaseKeeper.of(self._backend.store).keep(
                 self._backend, self.id, self.semaphore.lease_seconds, self
             )
 
@@ -812,13 +940,13 @@ class Semaphore:
         dirty = False
         try:
             if deadline - loop.time() > _EPSILON and backend.listening():
-                event, reliable = await backend.listen(permit_id)
+                event, reliable = await backend.listen(permit_id, deadline)
             while True:
                 left = deadline - loop.time()
                 joining = event is not None and left > _EPSILON
                 if event is not None:
                     if joining and not reliable:  # the subscription broke: make a new one
-                        event, reliable = await backend.listen(permit_id)
+                        event, reliable = await backend.listen(permit_id, deadline)
                     event.clear()  # before the try: a wake-up during it must not be lost
                 place = min(self.lease_seconds, left) + _PLACE_GRACE if joining else 0.0
                 dirty = True
@@ -834,7 +962,7 @@ class Semaphore:
                     )
                 if event is None:
                     # Listen before joining the line, so no wake-up can come before we do.
-                    event, reliable = await backend.listen(permit_id)
+                    event, reliable = await backend.listen(permit_id, deadline)
                     continue
                 # Sleep until woken, until a lease expiry could let us in, or until our
                 # place in line needs refreshing (it lapses if we die), whichever is first.
@@ -846,8 +974,7 @@ class Semaphore:
                 await _nap(event, nap)
                 reliable = backend.listening()
         finally:
-            if event is not None:
-                backend.unlisten(permit_id)
+            backend.unlisten(permit_id)  # also when cancelled while listening (event unset)
             if dirty:  # cancelled or failed mid-way: give back whatever the store gave us
                 with contextlib.suppress(StorageUnavailable):
                     await _finish(backend.release(permit_id))
@@ -977,6 +1104,7 @@ __all__ = [
     "SemaphoreCheck",
     "SemaphoreRule",
     "build_semaphore_checks",
+    "close_store_tasks",
     "keep_lease",
     "permits_backend",
     "semaphore_for_rule",

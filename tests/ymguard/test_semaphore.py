@@ -9,10 +9,12 @@ leases pass.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import signal
 import sys
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,9 +31,15 @@ from tests.helpers import ROOT, RedisServer, Uvicorn, unique_prefix
 from ymguard import Guard, GuardMiddleware, Semaphore, SemaphoreFull
 from ymguard.chain import Chain, Context
 from ymguard.errors import PROBLEM_BASE, FlowLimited, StorageUnavailable
-from ymguard.semaphore import LeaseKeeper, SemaphoreCheck, SemaphoreRule
+from ymguard.semaphore import (
+    LeaseKeeper,
+    SemaphoreCheck,
+    SemaphoreRule,
+    _RedisWaker,
+    close_store_tasks,
+)
 from ymguard.stats import ResourceStats
-from ymguard.storage import Store, store_from_uri
+from ymguard.storage import RedisStore, Store, store_from_uri
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -119,7 +127,7 @@ async def test_hold_keeps_its_lease_alive_and_releases_at_the_end(store: Store) 
         assert not permit.lost
     assert permit.released
     assert await sem.held() == 0
-    assert len(LeaseKeeper.current()) == 0
+    assert len(LeaseKeeper.of(store)) == 0
 
 
 async def test_abandoned_permits_come_back_when_the_lease_passes(store: Store) -> None:
@@ -142,7 +150,7 @@ async def test_the_keeper_lets_go_of_a_permit_nobody_references(store: Store) ->
     del permit  # nothing can release it now: like a holder that died, its lease runs out
     again = await sem.acquire(timeout=5)
     assert await again.release() is True
-    assert len(LeaseKeeper.current()) == 0
+    assert len(LeaseKeeper.of(store)) == 0
 
 
 async def test_set_and_add_permits_are_shared_and_wake_waiters(store: Store) -> None:
@@ -319,6 +327,156 @@ async def test_waiters_wake_on_release_without_polling(
     assert tries - tries_queued == 1  # woken once, took the permit at the first try
     assert tries <= 4  # holder + first try + joining the line + after the wake-up
     await permit.release()
+
+
+async def test_a_waiter_cancelled_while_subscribing_leaves_wake_ups_working(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    entered, hang = asyncio.Event(), asyncio.Event()
+    pubsub = store.client.pubsub
+
+    def first_subscribe_hangs() -> Any:
+        ps = pubsub()
+        subscribe = ps.subscribe
+
+        async def hanging(*channels: Any) -> Any:
+            if not entered.is_set():
+                entered.set()
+                await hang.wait()  # never set: the waiter is cancelled here
+            return await subscribe(*channels)
+
+        ps.subscribe = hanging
+        return ps
+
+    monkeypatch.setattr(store.client, "pubsub", first_subscribe_hangs)
+    sem = Semaphore("s", 1, 3600, store)  # no lease expiry and no place refresh can wake it
+    tries = 0
+    acquire = sem._backend.acquire
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await acquire(*args, **kwargs)
+
+    sem._backend.acquire = counting  # type: ignore[method-assign]
+    holder = await sem.acquire()
+    first = asyncio.create_task(sem.acquire(timeout=3600))
+    await entered.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    waker = _RedisWaker._wakers[store]
+    assert waker.listeners == {}  # the cancelled waiter's event is forgotten
+    assert await sem.waiting() == 0
+
+    # The next waiter subscribes afresh and sleeps until the release publishes its wake-up.
+    waiter = asyncio.create_task(sem.acquire(timeout=3600))
+    await queued(sem, 1)
+    assert sem._backend.listening()
+    tries_queued = tries
+    await asyncio.sleep(0.6)  # without pub/sub it would poll (every 0.25 s) meanwhile
+    assert tries == tries_queued
+    await holder.release()
+    permit = await asyncio.wait_for(waiter, 10)  # only the release can have woken it
+    assert tries - tries_queued == 1
+    await permit.release()
+    assert waker.listeners == {}
+    await close_store_tasks(store)
+    await store.aclose()
+
+
+async def test_a_short_wait_is_not_held_up_by_an_unconfirmed_subscription(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    never = asyncio.Event()
+    pubsub = store.client.pubsub
+
+    def subscribe_hangs() -> Any:
+        ps = pubsub()
+
+        async def hanging(*channels: Any) -> Any:
+            await never.wait()
+
+        ps.subscribe = hanging
+        return ps
+
+    monkeypatch.setattr(store.client, "pubsub", subscribe_hangs)
+    # Were the wait for a confirmation bounded by this alone, the acquires would hang.
+    monkeypatch.setattr("ymguard.semaphore._SUBSCRIBE_TIMEOUT", 3600.0)
+    sem = Semaphore("s", 1, 3600, store)
+    holder = await sem.acquire()
+    async with asyncio.timeout(30):  # a guard against a hang, not a measure
+        for _ in range(2):  # the second after the first gave up its subscription
+            with pytest.raises(SemaphoreFull):
+                await sem.acquire(timeout=0.1)
+    assert _RedisWaker._wakers[store].listeners == {}
+    assert await sem.waiting() == 0
+    await holder.release()
+    await close_store_tasks(store)
+    await store.aclose()
+
+
+async def test_releases_are_sent_while_the_store_fails_fast(redis_url: str, prefix: str) -> None:
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    sem = Semaphore("s", 2, 3600, store)
+    permit = await sem.acquire()
+    store.retry_interval = 3600.0
+    store._mark_down(OSError("a blip"))  # every other call now fails fast for an hour
+    with pytest.raises(StorageUnavailable):
+        await sem.held()
+    assert await permit.release() is True  # a release is sent anyway, and gets through
+    assert await sem.available() == 2  # ... and its success ended the outage
+    await store.aclose()
+
+
+async def test_close_store_tasks_stops_the_keeper_and_the_wake_ups(store: Store) -> None:
+    sem = Semaphore("s", 1, 0.3, store)
+    holder = await sem.acquire()
+    holder.keep_alive()
+    keeper = LeaseKeeper.of(store)
+    waiter = asyncio.create_task(sem.acquire(timeout=10))
+    await queued(sem, 1)
+    waker = _RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
+    assert keeper._task is not None and (waker is None or waker.reader is not None)
+    await close_store_tasks(store)
+    assert keeper._task is None and len(keeper) == 0
+    assert store not in LeaseKeeper._keepers
+    if waker is not None:  # the waiter, woken, looks again with a waker of its own
+        assert (waker.reader, waker.pubsub) == (None, None)
+        assert _RedisWaker._wakers.get(store) is not waker
+    # Nothing renews the holder's lease any more: when it ends, the waiter gets the permit.
+    permit = await waiter
+    assert await holder.release() is False
+    assert await permit.release() is True
+    await close_store_tasks(store)  # again: harmless
+    assert store not in LeaseKeeper._keepers and store not in _RedisWaker._wakers
+
+
+async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefix: str) -> None:
+    store = store_from_uri(storage_uri, key_prefix=prefix)
+    sem = Semaphore("s", 1, 0.3, store)
+    holder = await sem.acquire()
+    holder.keep_alive()
+    waiter = asyncio.create_task(sem.acquire(timeout=10))
+    await queued(sem, 1)
+    await holder.release()
+    await (await waiter).release()
+    keeper = LeaseKeeper.of(store)
+    waker = _RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
+    ref = weakref.ref(store)
+    await store.aclose()
+    del store, sem, holder, waiter
+    await asyncio.sleep(0)  # asyncio keeps the last task awaited (and its result) until then
+    gc.collect()
+    assert ref() is None
+    await keeper.aclose()
+    if waker is not None:
+        await waker.aclose()
 
 
 # -- across processes (Redis) ------------------------------------------------------------
@@ -553,7 +711,7 @@ async def test_a_later_check_that_blocks_gets_the_permit_back(store: Store) -> N
     with pytest.raises(FlowLimited):
         await chain.enter(Context("r"))
     assert await sem.held() == 0
-    assert len(LeaseKeeper.current()) == 0
+    assert len(LeaseKeeper.of(store)) == 0
 
 
 def test_the_rule_is_validated() -> None:
