@@ -38,7 +38,12 @@ from .chain import DEFAULT_ERROR_STATUSES, Chain, Context
 from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
 from .limiter import FlowRule, QpsCheck, build_flow_checks
 from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
-from .semaphore import Semaphore, build_semaphore_checks, semaphore_for_rule
+from .semaphore import (
+    Semaphore,
+    build_semaphore_checks,
+    close_store_tasks,
+    semaphore_for_rule,
+)
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .types import Scope
@@ -503,8 +508,12 @@ class Guard:
             app.add_exception_handler(exc_type, handler)
 
     async def aclose(self) -> None:
-        """Stop the breakers' subscriber and close the store's connections."""
+        """Stop the background tasks on the guard's store and close its connections.
+
+        The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper.
+        """
         await close_breakers(self.store)
+        await close_store_tasks(self.store)
         await self.store.aclose()
 
 

@@ -164,3 +164,26 @@ async def test_guard_limit_leaves_nothing_in_flight() -> None:
         await endpoint()
     (chain,) = limit._chains.values()
     assert chain.stats.inflight == 0 and chain.stats.counts().passed == 3
+
+
+async def test_aclose_stops_every_background_task_of_the_store(redis_url: str, prefix: str) -> None:
+    rules = {
+        "key_prefix": prefix,
+        "resources": {
+            "held": {"semaphore": {"permits": 1, "lease_seconds": 0.6}},
+            "guarded": {"breaker": [RULE]},
+        },
+    }
+    guard = Guard(rules, storage=redis_url)
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+
+    @guard.resource("held")
+    async def held() -> None:
+        await asyncio.sleep(0.3)  # longer than a third of the lease: the keeper runs
+
+    await held()
+    await guard.chain("guarded").enter(Context("guarded"))
+    await guard.aclose()
+    await asyncio.sleep(0.05)
+    left = {t for t in asyncio.all_tasks() if not t.done()} - before
+    assert left == set()
