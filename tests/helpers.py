@@ -21,7 +21,11 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_REDIS_URL = os.environ.get("YMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# 2 s timeouts, not ymguard's 0.5 s default: on a loaded 2-core CI machine a slow answer
+# must not turn into a (correct, but test-breaking) fallback to local state.
+SHARED_REDIS_URL = os.environ.get(
+    "YMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/0?socket_timeout=2&socket_connect_timeout=2"
+)
 REQUIRE_REDIS = os.environ.get("YMGUARD_REQUIRE_REDIS") == "1"
 
 

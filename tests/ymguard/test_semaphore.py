@@ -522,7 +522,9 @@ async def test_never_more_holders_than_permits_across_two_processes(
 async def test_a_process_killed_holding_3_permits_leaks_nothing_once_the_lease_passes(
     redis_url: str, prefix: str
 ) -> None:
-    worker = await _worker("hold", redis_url, prefix, "3", "0.5")
+    # A 2 s lease: long enough that "still leased right after the kill" holds on a
+    # loaded machine, short enough to wait out.
+    worker = await _worker("hold", redis_url, prefix, "3", "2")
     try:
         assert await _line(worker) == "held 3"
         worker.send_signal(signal.SIGKILL)
@@ -532,10 +534,10 @@ async def test_a_process_killed_holding_3_permits_leaks_nothing_once_the_lease_p
             worker.kill()
             await worker.wait()
     store = store_from_uri(redis_url, key_prefix=prefix)
-    sem = Semaphore("doomed", 5, 0.5, store)
+    sem = Semaphore("doomed", 5, 2, store)
     assert await sem.held() == 3  # the dead process's permits are still leased ...
     # ... until their lease passes; these waiters are woken by those expiries.
-    permits = [await sem.acquire(timeout=5) for _ in range(5)]
+    permits = [await sem.acquire(timeout=10) for _ in range(5)]
     assert (await sem.held(), await sem.available()) == (5, 0)
     for p in permits:
         assert await p.release() is True
@@ -807,9 +809,12 @@ async def _disconnect_frees_the_permit(servers: list[Uvicorn]) -> None:
     streamer, other = servers[0], servers[-1]
     async with httpx.AsyncClient(timeout=15) as c:
         async with c.stream("GET", streamer.url + "/stream") as feed:
-            async for _ in feed.aiter_bytes():
-                break  # the feed has started: it holds the permit
+            # Keep the iterator referenced: a dropped async generator is finalized, which
+            # closes the response, which is exactly the disconnect this test is about.
+            chunks = feed.aiter_bytes()
+            await anext(chunks)  # the feed has started: it holds the permit
             assert (await c.get(other.url + "/peek")).status_code == 429
+            del chunks
         # The client went away mid-feed; a request waiting up to 8 s gets the permit.
         assert (await c.get(other.url + "/after")).status_code == 200
 
