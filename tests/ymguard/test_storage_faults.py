@@ -100,7 +100,8 @@ async def test_concurrency_counts_fall_back_and_recover(private_redis: RedisServ
         deadline = time.monotonic() + 8
         while not guard.store.available:
             await c.get("/items/1")
-            assert time.monotonic() < deadline, "no recovery within 8 s"
+            if time.monotonic() > deadline:  # a liveness bound, not a timing
+                pytest.fail("no recovery within 8 s")
             await asyncio.sleep(0.2)
     await guard.aclose()
 
