@@ -6,6 +6,7 @@ on 127.0.0.1:6379 is never stopped or flushed (tests use unique key prefixes ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import redis
@@ -199,3 +200,15 @@ class Uvicorn:
                 self.proc.kill()
                 self.proc.wait(10)
             self.proc = None
+
+
+@contextlib.contextmanager
+def running(servers: list[Uvicorn]) -> Iterator[list[Uvicorn]]:
+    """Start every server, yield them, and stop them all, also when a start fails."""
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

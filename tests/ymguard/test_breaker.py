@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from tests.helpers import RedisServer, Uvicorn
+from tests.helpers import RedisServer, Uvicorn, running
 from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
 from ymguard.breaker import Breaker, _hub_for, close_breakers
 from ymguard.chain import Chain
@@ -625,13 +625,8 @@ async def test_redis_outage_falls_back_to_a_local_breaker(private_redis: RedisSe
 def two_servers(redis_url: str, prefix: str) -> Iterator[list[Uvicorn]]:
     env = {"YMGUARD_TEST_REDIS": redis_url, "YMGUARD_TEST_PREFIX": prefix}
     servers = [Uvicorn("tests.apps.breaker_app:app", env=env) for _ in range(2)]
-    try:
-        for server in servers:
-            server.start()
+    with running(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def test_two_uvicorn_processes_share_the_breaker_and_its_one_probe(

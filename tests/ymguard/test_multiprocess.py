@@ -9,20 +9,15 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import Uvicorn
+from tests.helpers import Uvicorn, running
 
 
 @pytest.fixture
 def two_servers(redis_url: str, prefix: str) -> Iterator[list[Uvicorn]]:
     env = {"YMGUARD_TEST_REDIS": redis_url, "YMGUARD_TEST_PREFIX": prefix}
     servers = [Uvicorn("tests.apps.flow_app:app", env=env) for _ in range(2)]
-    try:
-        for server in servers:
-            server.start()
+    with running(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def test_qps_10_admits_10_of_a_burst_sent_to_both(two_servers: list[Uvicorn]) -> None:

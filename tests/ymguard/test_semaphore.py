@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.conftest import require_redis
-from tests.helpers import ROOT, RedisServer, Uvicorn, unique_prefix
+from tests.helpers import ROOT, RedisServer, Uvicorn, running, unique_prefix
 from ymguard import Guard, GuardMiddleware, Semaphore, SemaphoreFull
 from ymguard.chain import Chain, Context
 from ymguard.errors import PROBLEM_BASE, FlowLimited, StorageUnavailable
@@ -778,13 +778,8 @@ def two_servers() -> Any:
     """Two uvicorn processes on the shared Redis, for every test of this module."""
     redis_url = require_redis()
     servers = _servers(redis_url, unique_prefix(), 2, redis_url)
-    try:
-        for server in servers:
-            server.start()
+    with running(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def test_permits_2_never_runs_more_than_2_across_two_uvicorn_processes(
