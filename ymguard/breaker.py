@@ -263,7 +263,7 @@ class _Hub:
         self.closing = False
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the task's, while it runs
-        self._read = store.script(lua("breaker_read"))
+        self._read = store.script(lua("breaker_read", "breaker_lib"))
         self._side: set[asyncio.Task[None]] = set()
 
     def state(self, key: str, channel: str) -> _State:
@@ -469,9 +469,9 @@ class Breaker:
             self.channel = store.key("breaker", name, "events")
             self._st = self._hub.state(self.key, self.channel)
             self._keys = (self.key, self.channel)
-            self._open = store.script(lua("breaker_open"))
-            self._probe = store.script(lua("breaker_probe"))
-            self._result = store.script(lua("breaker_result"))
+            self._open = store.script(lua("breaker_open", "breaker_lib"))
+            self._probe = store.script(lua("breaker_probe", "breaker_lib"))
+            self._result = store.script(lua("breaker_result", "breaker_lib"))
             self._hub.start()
         else:
             assert isinstance(store, MemoryStore)

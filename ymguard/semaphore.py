@@ -504,12 +504,11 @@ class _RedisPermits:
         self.store = store
         self.keys = keys
         self.permits = 0
-        prelude = lua("permit_lib") + "\n"
-        self._acquire = store.script(prelude + lua("permit_acquire"))
-        self._release = store.script(prelude + lua("permit_release"))
-        self._renew = store.script(prelude + lua("permit_renew"))
-        self._state = store.script(prelude + lua("permit_state"))
-        self._set = store.script(prelude + lua("permit_set"))
+        self._acquire = store.script(lua("permit_acquire", "permit_lib"))
+        self._release = store.script(lua("permit_release", "permit_lib"))
+        self._renew = store.script(lua("permit_renew", "permit_lib"))
+        self._state = store.script(lua("permit_state", "permit_lib"))
+        self._set = store.script(lua("permit_set", "permit_lib"))
 
     async def acquire(
         self, permit_id: str, permits: int, lease: float, place: float = 0.0

@@ -1,17 +1,9 @@
 -- Trip a breaker: CLOSED -> OPEN. A no-op in any other state (another process won).
--- KEYS[1]  hash of the breaker: s state (0 closed, 1 open, 2 half-open; missing = closed),
---          v version (grows with every transition), p next probe at (server ms),
---          o probe owner, l probe lease until (server ms)
+-- KEYS[1]  hash of the breaker (fields in breaker_lib.lua)
 -- KEYS[2]  channel every transition is published on ("version,state,probe_in_ms,lease_in_ms")
 -- ARGV[1]  open_ms: how long it stays open before one probe may pass
 -- returns  {changed 1|0, state, version, ms until the probe, ms until the probe lease ends}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 's', 'v', 'p', 'l')
-local s = tonumber(h[1]) or 0
-local v = tonumber(h[2]) or 0
-local p = tonumber(h[3]) or 0
-local l = tonumber(h[4]) or 0
+-- (t, now, h, s, v, p, l come from breaker_lib.lua)
 if s ~= 0 then
   return {0, s, v, p - now, l - now}
 end

@@ -1,17 +1,11 @@
 -- Become the one probe: OPEN -> HALF_OPEN once the open timer has passed, or take over a
 -- half-open breaker whose probe's lease ran out (its process died). Only one caller wins.
--- KEYS[1]  hash of the breaker (fields as in breaker_open.lua)
+-- KEYS[1]  hash of the breaker (fields in breaker_lib.lua)
 -- KEYS[2]  channel every transition is published on
 -- ARGV[1]  probe owner id (random, per attempt)
 -- ARGV[2]  lease_ms: after this long another caller may probe
 -- returns  {won 1|0, state, version, ms until the probe, ms until the probe lease ends}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 's', 'v', 'p', 'l')
-local s = tonumber(h[1]) or 0
-local v = tonumber(h[2]) or 0
-local p = tonumber(h[3]) or 0
-local l = tonumber(h[4]) or 0
+-- (t, now, h, s, v, p, l come from breaker_lib.lua)
 if s == 0 or (s == 1 and now < p) or (s == 2 and now < l) then
   return {0, s, v, p - now, l - now}
 end

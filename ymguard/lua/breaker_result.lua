@@ -1,18 +1,12 @@
 -- The probe's outcome: HALF_OPEN -> CLOSED (ok) or -> OPEN with a fresh timer (failed,
 -- slow, blocked or cancelled). Ignored unless the caller still owns the probe.
--- KEYS[1]  hash of the breaker (fields as in breaker_open.lua)
+-- KEYS[1]  hash of the breaker (fields in breaker_lib.lua)
 -- KEYS[2]  channel every transition is published on
 -- ARGV[1]  probe owner id given to breaker_probe.lua
 -- ARGV[2]  1 to close, 0 to re-open
 -- ARGV[3]  open_ms for a re-open
 -- returns  {changed 1|0, state, version, ms until the probe, ms until the probe lease ends}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 's', 'v', 'p', 'l', 'o')
-local s = tonumber(h[1]) or 0
-local v = tonumber(h[2]) or 0
-local p = tonumber(h[3]) or 0
-local l = tonumber(h[4]) or 0
+-- (t, now, h, s, v, p, l come from breaker_lib.lua)
 if s ~= 2 or h[5] ~= ARGV[1] then
   return {0, s, v, p - now, l - now}
 end
