@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import shutil
 import socket
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -82,3 +84,26 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def ops_arguments(description: str) -> argparse.Namespace:
+    """The options every ops/s benchmark takes: -n, --tasks, --rounds, --redis-url."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-n", type=int, default=5000, help="ops per run")
+    parser.add_argument("-c", "--tasks", type=int, default=32, help="concurrent tasks")
+    parser.add_argument("-r", "--rounds", type=int, default=5)
+    parser.add_argument("--redis-url", help="use this Redis instead of a private one")
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def redis_for(url: str | None) -> Iterator[str]:
+    """``url`` if given, else a private redis-server for the duration of the block."""
+    if url is not None:
+        yield url
+        return
+    proc, private = start_redis()
+    try:
+        yield private
+    finally:
+        stop_redis(proc)

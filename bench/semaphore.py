@@ -23,7 +23,6 @@ commands, apart from the Redis calls made inside the scripts. By default a priva
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -32,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from bench._common import start_redis, stop_redis
+from bench._common import ops_arguments, redis_for
 from ymguard.semaphore import Semaphore
 from ymguard.storage import RedisStore
 
@@ -123,21 +122,9 @@ async def bench(
 
 def main() -> None:
     """Run the benchmark and print a Markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=5000, help="ops per run")
-    parser.add_argument("-c", "--tasks", type=int, default=32, help="concurrent tasks")
-    parser.add_argument("-r", "--rounds", type=int, default=5)
-    parser.add_argument("--redis-url", help="use this Redis instead of a private one")
-    args = parser.parse_args()
-    proc = None
-    url = args.redis_url
-    if url is None:
-        proc, url = start_redis()
-    try:
+    args = ops_arguments(__doc__.split("\n")[0])
+    with redis_for(args.redis_url) as url:
         medians, per_op = asyncio.run(bench(url, args.n, args.tasks, args.rounds))
-    finally:
-        if proc is not None:
-            stop_redis(proc)
     print(f"semaphore acquire+release on Redis, {args.n} ops/run, median of {args.rounds} rounds")
     print(f"(waiting: {args.tasks} tasks share {max(1, args.tasks // 4)} permits)\n")
     print("| contender | sequential ops/s | ratio | concurrent ops/s | ratio | commands/op |")
