@@ -336,7 +336,10 @@ def _walk(root: yaml.Node) -> Iterator[tuple[yaml.Node, tuple[Any, ...]]]:
 
 
 def _duplicates(root: yaml.Node, source: str) -> list[RuleProblem]:
-    """A problem for each key that a mapping repeats (YAML loaders keep the last)."""
+    """A problem for each key that a mapping repeats (YAML loaders keep the last).
+
+    Raises :class:`RulesError` at once if the tree expands to more than :data:`MAX_NODES`.
+    """
     problems: list[RuleProblem] = []
     checked: set[int] = set()
     try:
@@ -355,8 +358,8 @@ def _duplicates(root: yaml.Node, source: str) -> list[RuleProblem]:
                 else:
                     why = f"duplicate key (first on line {where}): a mapping names a key once"
                     problems.append(RuleProblem(source, line, _field((*loc, key.value)), why))
-    except ValueError as exc:
-        problems.append(RuleProblem(source, 1, "(yaml)", str(exc)))
+    except ValueError as exc:  # an alias bomb: validating it would never end either
+        raise RulesError([RuleProblem(source, 1, "(yaml)", str(exc))]) from None
     return problems
 
 
