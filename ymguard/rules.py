@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from ._model import HTTP_METHODS, RuleModel, check_header_name, not_supported_yet
 from .antiresubmit import IdempotencyRule, SubmitTokenRule
@@ -92,7 +92,7 @@ class OriginRule(RuleModel):
 
     @field_validator("name")
     @classmethod
-    def _header_name(cls, value: str, info: Any) -> str:
+    def _header_name(cls, value: str, info: ValidationInfo) -> str:
         if info.data.get("from_", "header") == "header":
             check_header_name(value)
         return value
@@ -203,7 +203,10 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(
         part
         for part in loc
-        if not (isinstance(part, str) and (part == "[key]" or part in names or "[" in part))
+        if not (
+            isinstance(part, str)
+            and (part == "[key]" or part in names or part.startswith("function-"))
+        )
     )
 
 

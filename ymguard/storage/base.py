@@ -36,8 +36,16 @@ def encode_key_part(part: str, *, kind: bool = False) -> str:
         part: the text (a resource name, an origin, a suffix).
         kind: escape ``:`` too (the kind is separated from the name by one).
     """
-    pattern = _UNSAFE_KIND if kind else _UNSAFE_NAME
-    encoded = pattern.sub(_escape, part) if pattern.search(part) else part
+    if not (part.isascii() and part.isprintable()):
+        encoded = (_UNSAFE_KIND if kind else _UNSAFE_NAME).sub(_escape, part)
+    else:  # the usual case: at most %, braces (and a colon in a kind) to escape
+        encoded = part
+        if "%" in encoded:
+            encoded = encoded.replace("%", "%25")  # first: the escapes below add %
+        if "{" in encoded or "}" in encoded:
+            encoded = encoded.replace("{", "%7B").replace("}", "%7D")
+        if kind and ":" in encoded:
+            encoded = encoded.replace(":", "%3A")
     if len(encoded) <= MAX_KEY_PART:
         return encoded
     head = encoded[:_HEAD]
