@@ -79,8 +79,9 @@ def _emit(model: BaseModel, indent: str) -> list[str]:
         elif isinstance(value, dict) and value:
             lines.append(f"{indent}{key}:")
             for sub, item in value.items():
-                lines.append(f"{indent}  {_key(sub)}:")
-                lines += _emit(item, indent + "    ")
+                inner = _emit(item, indent + "    ")
+                lines.append(f"{indent}  {_key(sub)}:" + ("" if inner else " {}"))
+                lines += inner
         else:
             lines.append(f"{indent}{key}: {_scalar(value)}" + ("  # default" if default else ""))
     return lines

@@ -119,10 +119,15 @@ def warn_unmatched_rules(guard: Guard, app: Any) -> None:
     if _checked.get(guard) is rules:
         return
     _checked[guard] = rules
-    routes = find_routes(app)
-    if routes is None:
+    try:
+        routes = find_routes(app)
+        if routes is None:
+            return
+        unmatched = unmatched_rules(rules.resources, iter_routes(routes))
+    except Exception:  # an odd router must never stop the app from starting
+        log.warning("ymguard: could not check the rules against the app's routes", exc_info=True)
         return
-    for name, nearest in unmatched_rules(rules.resources, iter_routes(routes)):
+    for name, nearest in unmatched:
         log.warning("ymguard: %s", describe_unmatched(name, nearest))
 
 

@@ -25,6 +25,7 @@ resources:
       - {strategy: error_ratio, threshold: 0.5}
   payments.charge:
     idempotency: {required: true}
+  "DELETE /items/{item_id}": {}
 errors:
   "builtins:KeyError": {status: 404, title: Not found}
 """
@@ -58,7 +59,7 @@ def test_check_shows_every_value_that_will_apply_defaults_included(
         "      lease_seconds: 60  # default",
     ):
         assert line in out.splitlines(), line
-    assert out.splitlines()[-1] == "# ok: 2 resources"
+    assert out.splitlines()[-1] == "# ok: 3 resources"
 
 
 def test_what_check_shows_is_a_rules_file_with_the_same_meaning(

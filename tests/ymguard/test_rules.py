@@ -470,3 +470,14 @@ async def test_rules_naming_no_route_are_warned_about_once_at_startup(
         "ymguard: rule 'POST /orders/{order_id}' matches no route of the app: it guards "
         "nothing; nearest route: 'POST /api/orders/{order_id}'",
     ]
+
+
+@pytest.mark.parametrize("uri", ["redis://h:abc/0", "redis://h/0?socket_timeout=nan", "memory://x"])
+def test_a_bad_storage_uri_given_in_code_or_the_environment_says_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    with pytest.raises(ValueError, match="port 'abc'|socket_timeout='nan'|nothing after"):
+        Guard(storage=uri)
+    monkeypatch.setenv("YMGUARD_STORAGE", uri)
+    with pytest.raises(ValueError, match="port 'abc'|socket_timeout='nan'|nothing after"):
+        Guard()
