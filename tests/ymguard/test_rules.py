@@ -476,8 +476,8 @@ async def test_rules_naming_no_route_are_warned_about_once_at_startup(
 def test_a_bad_storage_uri_given_in_code_or_the_environment_says_what_is_wrong(
     monkeypatch: pytest.MonkeyPatch, uri: str
 ) -> None:
-    with pytest.raises(ValueError, match="port 'abc'|socket_timeout='nan'|nothing after"):
+    with pytest.raises(ValueError, match=r"port 'abc'|socket_timeout='nan'|nothing after"):
         Guard(storage=uri)
     monkeypatch.setenv("YMGUARD_STORAGE", uri)
-    with pytest.raises(ValueError, match="port 'abc'|socket_timeout='nan'|nothing after"):
+    with pytest.raises(ValueError, match=r"port 'abc'|socket_timeout='nan'|nothing after"):
         Guard()
