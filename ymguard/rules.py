@@ -198,16 +198,8 @@ def _why(error: Mapping[str, Any]) -> str:
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``loc`` without the parts pydantic adds for itself (``[key]``, model names)."""
-    names = _model_names()
-    return tuple(
-        part
-        for part in loc
-        if not (
-            isinstance(part, str)
-            and (part == "[key]" or part in names or part.startswith("function-"))
-        )
-    )
+    """``loc`` without the ``[key]`` pydantic appends when a mapping's key is invalid."""
+    return loc[:-1] if loc and loc[-1] == "[key]" else loc
 
 
 def _field(loc: tuple[Any, ...]) -> str:
