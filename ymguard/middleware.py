@@ -16,6 +16,7 @@ from starlette.routing import Match, Mount
 from .chain import CLIENT_CLOSED_REQUEST, Context, ShortCircuit
 from .errors import Blocked
 from .guard import Guard, current_context
+from .routecheck import warn_unmatched_rules
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 _CACHE_MAX = 4096
@@ -136,6 +137,8 @@ class GuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":  # the routes are known now: rules naming none?
+                warn_unmatched_rules(self.guard, scope.get("app", self.app))
             await self.app(scope, receive, send)
             return
         resolved = self._resolve(scope)

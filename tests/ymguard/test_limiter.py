@@ -158,4 +158,4 @@ async def test_redis_keys_carry_the_prefix_and_one_hash_tag(redis_url: str, pref
     keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}:*")]
     await client.aclose()
     await guard.aclose()
-    assert keys == [f"{prefix}:{{flow:POST /kill/(id)#0}}"]
+    assert keys == [f"{prefix}:{{flow:POST /kill/%7Bid%7D#0}}"]  # braces escaped

@@ -2,9 +2,73 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Literal
 
 StoragePolicy = Literal["local", "open", "closed"]
+
+#: A key part longer than this (after escaping) keeps a readable head and a digest.
+MAX_KEY_PART = 128
+_HEAD = 64
+
+# Printable ASCII (space included) stays as it is, except ``%`` (the escape character)
+# and the braces (they would end or open a Redis Cluster hash tag). The kind also escapes
+# ``:`` because a colon separates it from the name inside the tag.
+_UNSAFE_NAME = re.compile(r"[^ -$&-z|~]")
+_UNSAFE_KIND = re.compile(r"[^ -$&-9;-z|~]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass"))
+
+
+def encode_key_part(part: str, *, kind: bool = False) -> str:
+    """``part`` as it appears in a Redis key: injective, brace-free and bounded in length.
+
+    Unsafe characters are percent-escaped as UTF-8 (``{`` → ``%7B``, ``%`` → ``%25``), so
+    two different parts never share a key and no part can open or close the hash tag. A
+    part longer than :data:`MAX_KEY_PART` after escaping (client input can be anything)
+    becomes its first 64 escaped characters, ``%~`` and a 128-bit BLAKE2b digest of the
+    whole part: ``%~`` never occurs in an escaped part, so the two forms cannot collide.
+
+    Args:
+        part: the text (a resource name, an origin, a suffix).
+        kind: escape ``:`` too (the kind is separated from the name by one).
+    """
+    if not (part.isascii() and part.isprintable()):
+        encoded = (_UNSAFE_KIND if kind else _UNSAFE_NAME).sub(_escape, part)
+    else:  # the usual case: at most %, braces (and a colon in a kind) to escape
+        encoded = part
+        if "%" in encoded:
+            encoded = encoded.replace("%", "%25")  # first: the escapes below add %
+        if "{" in encoded or "}" in encoded:
+            encoded = encoded.replace("{", "%7B").replace("}", "%7D")
+        if kind and ":" in encoded:
+            encoded = encoded.replace(":", "%3A")
+    if len(encoded) <= MAX_KEY_PART:
+        return encoded
+    head = encoded[:_HEAD]
+    cut = head.rfind("%", _HEAD - 2)
+    if cut != -1:  # never split an escape: %7 would read as another escape's start
+        head = head[:cut]
+    digest = hashlib.blake2b(part.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"{head}%~{digest}"
+
+
+def check_key_prefix(prefix: str) -> str:
+    """``prefix`` if it can start every key; raises ValueError otherwise.
+
+    The prefix sits outside the ``{hash tag}``: a brace in it would move the tag, and one
+    rule's keys would land in several Redis Cluster slots (every request failing there).
+    """
+    if not prefix:
+        raise ValueError("must not be empty")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError("must not contain braces: they would split one rule's hash tag")
+    if not all(" " < c < "\x7f" for c in prefix):
+        raise ValueError("must be printable ASCII without spaces")
+    return prefix
 
 
 class Store:
@@ -19,18 +83,25 @@ class Store:
     kind: Literal["memory", "redis"]
 
     def __init__(self, *, key_prefix: str = "ymguard", on_storage_error: StoragePolicy = "local"):
-        self.key_prefix = key_prefix
+        try:
+            self.key_prefix = check_key_prefix(key_prefix)
+        except ValueError as exc:
+            raise ValueError(f"key_prefix {key_prefix!r} {exc}") from None
         self.on_storage_error: StoragePolicy = on_storage_error
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
-        """The key of one rule's state: ``prefix:{kind:name}:suffix``.
+        """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
 
         Everything in braces is the Redis Cluster hash tag, so every key of one rule
-        lands in one slot. Braces inside ``name`` (route templates have them) become
-        parentheses so that they cannot end the tag early.
+        lands in one slot. Each part goes through :func:`encode_key_part`: the layout is
+        injective (two different ``(kind, name, suffix)`` never share a key), the braces
+        of the tag are the only braces of a key, and a key stays short whatever a client
+        sent.
         """
-        tag = f"{kind}:{name}".replace("{", "(").replace("}", ")")
-        return f"{self.key_prefix}:{{{tag}}}" + (f":{suffix}" if suffix else "")
+        tag = f"{encode_key_part(kind, kind=True)}:{encode_key_part(name)}"
+        if suffix:
+            return f"{self.key_prefix}:{{{tag}}}:{encode_key_part(suffix)}"
+        return f"{self.key_prefix}:{{{tag}}}"
 
     @property
     def available(self) -> bool:
