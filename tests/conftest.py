@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     REQUIRE_REDIS,
+    RUN_PREFIX,
     SHARED_REDIS_URL,
     RedisServer,
     delete_run_keys,
@@ -43,7 +44,20 @@ def _delete_the_runs_redis_keys() -> Iterator[None]:
     the shared Redis grows with every run. Only this run's namespace is touched.
     """
     yield
-    delete_run_keys()
+    if redis_answers(SHARED_REDIS_URL):
+        _cleanup["deleted"] = delete_run_keys()
+
+
+#: What the session's cleanup did, for the summary line.
+_cleanup: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many keys the run deleted from the shared Redis (and under which prefix)."""
+    if "deleted" in _cleanup:
+        terminalreporter.write_line(
+            f"shared Redis: deleted this run's {_cleanup['deleted']} keys ({RUN_PREFIX}*)"
+        )
 
 
 @pytest.fixture
