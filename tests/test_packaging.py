@@ -1,4 +1,4 @@
-"""What ships and what a test run leaves behind.
+"""What ships, what a test run leaves behind, and the user docs.
 
 The wheel: an editable install reads every file from the source tree, so only a built wheel
 shows whether the Lua scripts, ``py.typed`` and the demo's data files ship. The wheel is
@@ -7,11 +7,14 @@ package data misses).
 
 The run's Redis keys: a test session deletes everything it wrote to the shared Redis, and
 nothing that other runs wrote.
+
+The docs: README.md and docs/ link only files of the repository, and every docs page.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,3 +208,56 @@ def test_a_test_session_deletes_its_keys_and_no_other_runs(tmp_path: Path) -> No
     finally:
         client.delete(*others)
         client.close()
+
+
+# -- the user docs ------------------------------------------------------------------------
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+#: Pages the index links that other changes write (the rules reference, the scopes page).
+_WRITTEN_ELSEWHERE = {"docs/rules.md", "docs/scopes.md"}
+
+
+def _doc_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _relative_links(page: Path) -> list[tuple[str, Path]]:
+    """Each link of a page to a file (not a URL, not an anchor), resolved from the page."""
+    links = []
+    for target in _LINK.findall(page.read_text(encoding="utf-8")):
+        if "://" in target or target.startswith(("#", "mailto:")):
+            continue
+        links.append((target, (page.parent / target.split("#", 1)[0]).resolve()))
+    return links
+
+
+def test_readme_and_docs_link_nothing_outside_the_repository() -> None:
+    outside = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in _doc_pages()
+        for target, path in _relative_links(page)
+        if not path.is_relative_to(ROOT)
+    ]
+    assert outside == []
+
+
+def test_links_of_readme_and_docs_reach_files_of_the_repository() -> None:
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in _doc_pages()
+        for target, path in _relative_links(page)
+        if path.is_relative_to(ROOT)
+        and not path.exists()
+        and str(path.relative_to(ROOT)) not in _WRITTEN_ELSEWHERE
+    ]
+    assert broken == []
+
+
+def test_the_docs_index_and_the_readme_link_every_docs_page() -> None:
+    pages = {"problems.md", "storage.md", *(p.name for p in (ROOT / "docs").glob("*.md"))}
+    pages |= {Path(name).name for name in _WRITTEN_ELSEWHERE}
+    pages.discard("README.md")
+    index = {path.name for _, path in _relative_links(ROOT / "docs" / "README.md")}
+    readme = {path.name for _, path in _relative_links(ROOT / "README.md")}
+    assert pages - index == set()
+    assert pages - readme == set()
