@@ -176,8 +176,25 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def check_run_prefixes(env: Mapping[str, str]) -> None:
+    """Refuse a key prefix for a subprocess (``*PREFIX`` variables) outside this run's namespace.
+
+    What a subprocess writes to the shared Redis under another prefix would outlive the run.
+    """
+    for name, value in env.items():
+        if name.endswith("PREFIX") and not value.startswith(RUN_PREFIX):
+            raise ValueError(
+                f"{name}={value!r} is outside this test run's namespace {RUN_PREFIX!r}: "
+                "use tests.helpers.unique_prefix() (or the prefix fixture)"
+            )
+
+
 class Uvicorn:
-    """A uvicorn process serving ``app`` (``module:attr`` or ``--factory``) on a free port."""
+    """A uvicorn process serving ``app`` (``module:attr`` or ``--factory``) on a free port.
+
+    ``env`` adds to the environment; key prefixes given in it (``*PREFIX``) must come from
+    :func:`unique_prefix`, so the run's cleanup deletes what the process writes.
+    """
 
     def __init__(
         self,
@@ -186,6 +203,7 @@ class Uvicorn:
         port: int | None = None,
         factory: bool = False,
     ) -> None:
+        check_run_prefixes(env or {})
         self.app = app
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

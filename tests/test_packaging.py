@@ -27,7 +27,7 @@ import pytest
 import redis
 
 from tests.conftest import require_redis
-from tests.helpers import ROOT, RUN_PREFIX, unique_prefix
+from tests.helpers import ROOT, RUN_PREFIX, Uvicorn, check_run_prefixes, unique_prefix
 
 PACKAGES = ("ymguard", "demo_service")
 
@@ -140,6 +140,14 @@ def test_every_prefix_of_the_run_is_inside_the_runs_namespace() -> None:
     assert RUN_PREFIX.startswith("ymt-") and RUN_PREFIX.endswith("-")
     # Hash tags and globs: a prefix must not carry either.
     assert not set("{}*?[]\\") & set("".join(prefixes))
+
+
+def test_apps_started_as_subprocesses_take_their_prefix_from_the_run() -> None:
+    check_run_prefixes({"YMGUARD_TEST_PREFIX": unique_prefix(), "YMGUARD_TEST_REDIS": "redis://"})
+    # Refused before anything starts: what the process wrote would outlive the run.
+    for name in ("YMGUARD_TEST_PREFIX", "SEM_TEST_PREFIX", "ANTIRESUBMIT_PREFIX"):
+        with pytest.raises(ValueError, match="outside this test run's namespace"):
+            Uvicorn("tests.apps.flow_app:app", env={name: "ymt-0123456789ab"})
 
 
 def test_a_test_session_deletes_its_keys_and_no_other_runs(tmp_path: Path) -> None:
