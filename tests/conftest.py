@@ -2,6 +2,10 @@
 
 Redis-backed tests skip when no Redis answers, unless ``YMGUARD_REQUIRE_REDIS=1`` (set by
 ``.ci/run``), where they fail instead: CI never passes by skipping Redis.
+
+The shared Redis (``YMGUARD_TEST_REDIS``, default db 0 on 127.0.0.1:6379) serves several
+test runs at once: each run writes only under its own ``ymt-<run id>-`` namespace
+(``tests.helpers.unique_prefix``) and deletes that namespace when the session ends.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import pytest
 
 from tests.helpers import (
     REQUIRE_REDIS,
+    RUN_PREFIX,
     SHARED_REDIS_URL,
     RedisServer,
+    delete_run_keys,
     redis_answers,
     unique_prefix,
 )
@@ -28,6 +34,30 @@ def require_redis() -> str:
             pytest.fail(message + " (YMGUARD_REQUIRE_REDIS=1: Redis tests must run)")
         pytest.skip(message)
     return SHARED_REDIS_URL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_the_runs_redis_keys() -> Iterator[None]:
+    """At the end of the session, delete every key this run wrote to the shared Redis.
+
+    Many keys have no TTL (permits, peaks, breaker state), and runs are many: without this
+    the shared Redis grows with every run. Only this run's namespace is touched.
+    """
+    yield
+    if redis_answers(SHARED_REDIS_URL):
+        _cleanup["deleted"] = delete_run_keys()
+
+
+#: What the session's cleanup did, for the summary line.
+_cleanup: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many keys the run deleted from the shared Redis (and under which prefix)."""
+    if "deleted" in _cleanup:
+        terminalreporter.write_line(
+            f"shared Redis: deleted this run's {_cleanup['deleted']} keys ({RUN_PREFIX}*)"
+        )
 
 
 @pytest.fixture

@@ -29,10 +29,53 @@ SHARED_REDIS_URL = os.environ.get(
 )
 REQUIRE_REDIS = os.environ.get("YMGUARD_REQUIRE_REDIS") == "1"
 
+#: This test run's namespace on the shared Redis. Several runs (other worktrees, CI) share
+#: one Redis at once, so a run owns exactly the keys under this prefix: every prefix it hands
+#: out starts with it, and the session's last teardown deletes them (``delete_run_keys``).
+RUN_PREFIX = f"ymt-{uuid.uuid4().hex[:8]}-"
+
 
 def unique_prefix() -> str:
-    """A key prefix no other test uses."""
-    return "ymt-" + uuid.uuid4().hex[:12]
+    """A key prefix no other test uses: ``ymt-<run id>-<test id>``, inside this run's namespace.
+
+    Give it to subprocesses too (apps under ``tests/apps`` take theirs from the environment),
+    so whatever they write is deleted with the run.
+    """
+    return RUN_PREFIX + uuid.uuid4().hex[:12]
+
+
+def delete_run_keys(url: str = SHARED_REDIS_URL) -> int:
+    """Delete every key of this run on the Redis at ``url``; returns how many were deleted.
+
+    SCAN + UNLINK under :data:`RUN_PREFIX` only: keys of other runs on the same server are
+    left alone (their runs delete them). Does nothing when Redis does not answer.
+    """
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        # RUN_PREFIX is hex digits and dashes: nothing in it for the glob to escape.
+        for key in client.scan_iter(match=RUN_PREFIX + "*", count=1000):
+            batch.append(key)
+            if len(batch) == 500:
+                deleted += int(client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(client.unlink(*batch))
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+    return deleted
+
+
+def count_run_keys(url: str = SHARED_REDIS_URL) -> int:
+    """How many keys of this run exist on the Redis at ``url`` right now."""
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        return sum(1 for _ in client.scan_iter(match=RUN_PREFIX + "*", count=1000))
+    finally:
+        client.close()
 
 
 def free_port() -> int:
@@ -133,8 +176,25 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def check_run_prefixes(env: Mapping[str, str]) -> None:
+    """Refuse a key prefix for a subprocess (``*PREFIX`` variables) outside this run's namespace.
+
+    What a subprocess writes to the shared Redis under another prefix would outlive the run.
+    """
+    for name, value in env.items():
+        if name.endswith("PREFIX") and not value.startswith(RUN_PREFIX):
+            raise ValueError(
+                f"{name}={value!r} is outside this test run's namespace {RUN_PREFIX!r}: "
+                "use tests.helpers.unique_prefix() (or the prefix fixture)"
+            )
+
+
 class Uvicorn:
-    """A uvicorn process serving ``app`` (``module:attr`` or ``--factory``) on a free port."""
+    """A uvicorn process serving ``app`` (``module:attr`` or ``--factory``) on a free port.
+
+    ``env`` adds to the environment; key prefixes given in it (``*PREFIX``) must come from
+    :func:`unique_prefix`, so the run's cleanup deletes what the process writes.
+    """
 
     def __init__(
         self,
@@ -143,6 +203,7 @@ class Uvicorn:
         port: int | None = None,
         factory: bool = False,
     ) -> None:
+        check_run_prefixes(env or {})
         self.app = app
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
