@@ -15,12 +15,16 @@ response again (``Idempotent-Replayed: true``), one with another body gets 422, 
 comes while the first is running gets 409. If the first request's process dies, the lease
 expires and the key can be used again. Each state change is one Lua call on Redis.
 
-Scopes: both rules scope keys to the route (the resource) and to the caller, by default
-the guard's ``origin``; ``scope:`` lists the parts instead (``origin``,
-``state:NAME`` for ``request.state.NAME``, ``header:NAME``, ``query:NAME``,
-``param:NAME``). The seed binds its token to the user and the course ids:
+Scopes (``docs/scopes.md``): a key or token is bound to the route (the resource) and to
+the parts listed in ``scope:``, by default ``[origin, credentials]``: the guard's origin
+and a digest of the request's ``Authorization`` and ``Cookie`` headers, so two callers
+with different credentials never share a key or a token. The other parts are
+``state:NAME`` (``request.state.NAME``), ``header:NAME``, ``query:NAME`` and
+``param:NAME``. The seed binds its token to the user and the course ids:
 ``scope: [state:user, query:course_ids]`` with ``request.state.user`` set by an
-authentication middleware that runs outside :class:`GuardMiddleware`.
+authentication middleware that runs outside :class:`GuardMiddleware`. Scope values reach
+the store only as a SHA-256 digest of a length-prefixed encoding: keys are injective and
+of one size whatever the client sends, and hold no credentials.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ from .types import Message, Receive, Scope, Send
 log = logging.getLogger("ymguard")
 
 _SCOPE_KINDS = ("state", "header", "query", "param")
+_SCOPE_WORDS = ("origin", "credentials")
+#: The default ``scope``: one caller never meets another caller's keys or tokens.
+DEFAULT_SCOPE = ("origin", "credentials")
+# A header name as HTTP allows it (RFC 9110 token): anything else could never match.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _scope_parts(value: Any) -> Any:
@@ -67,11 +76,15 @@ def _scope_parts(value: Any) -> Any:
             if not isinstance(part, str):
                 continue  # pydantic reports the type
             kind, sep, name = part.partition(":")
-            if part == "origin" or (sep and kind in _SCOPE_KINDS and name):
+            if part in _SCOPE_WORDS:
+                continue
+            if sep and kind in _SCOPE_KINDS and name:
+                if kind == "header" and not _TOKEN.fullmatch(name):
+                    raise ValueError(f"scope part {part!r}: not an HTTP header name")
                 continue
             raise ValueError(
-                f"scope part {part!r}: use origin, state:NAME, header:NAME, query:NAME or "
-                "param:NAME"
+                f"scope part {part!r}: use origin, credentials, state:NAME, header:NAME, "
+                "query:NAME or param:NAME (see docs/scopes.md)"
             )
     return parts
 
@@ -81,8 +94,8 @@ class SubmitTokenRule(RuleModel):
 
     header: str = Field("X-Submit-Token", min_length=1, description="header carrying the token")
     scope: list[str] = Field(
-        default_factory=lambda: ["origin"],
-        description="what, besides the route, a token is bound to",
+        default_factory=lambda: list(DEFAULT_SCOPE),
+        description="what, besides the route, a token is bound to (docs/scopes.md)",
     )
     ttl_seconds: float = Field(900, gt=0, description="how long an issued token lives")
 
@@ -100,7 +113,8 @@ class IdempotencyRule(RuleModel):
     )
     methods: list[str] = Field(default_factory=lambda: ["POST", "PATCH"], min_length=1)
     scope: list[str] = Field(
-        default_factory=lambda: ["origin"], description="what, besides the route, keys are per"
+        default_factory=lambda: list(DEFAULT_SCOPE),
+        description="what, besides the route, keys are per (docs/scopes.md)",
     )
     max_key_length: int = Field(255, ge=1, le=4096)
     max_body_bytes: int = Field(
@@ -125,6 +139,18 @@ def _header(scope: Scope, name: bytes) -> list[bytes]:
     return [v for k, v in scope.get("headers", ()) if k == name]
 
 
+def credentials_of(scope: Scope) -> str:
+    """A digest of the request's ``Authorization`` and ``Cookie`` headers (the ``credentials``
+    scope part): equal for equal credentials, and never the credentials themselves."""
+    auth = _header(scope, b"authorization")
+    cookie = _header(scope, b"cookie")
+    # The counts make the encoding injective: no split of values between the two headers
+    # (or between repeated headers) digests like another.
+    return _digest(
+        b"authorization", b"%d" % len(auth), *auth, b"cookie", b"%d" % len(cookie), *cookie
+    )
+
+
 def scope_of(
     parts: Sequence[str],
     resource: str,
@@ -134,8 +160,10 @@ def scope_of(
 ) -> str:
     """The scope a rule's keys are bound to: the resource and each part's value.
 
+    See ``docs/scopes.md`` for the parts.
+
     Args:
-        parts: the rule's ``scope`` list (``origin``, ``state:NAME``, ...).
+        parts: the rule's ``scope`` list (``origin``, ``credentials``, ``state:NAME``, ...).
         resource: the resource the rule guards (``POST /orders``).
         origin: the caller's origin.
         scope: the ASGI scope of the request.
@@ -143,31 +171,36 @@ def scope_of(
 
     Returns:
         An unambiguous string (JSON), the same for the request that gets a token and the
-        request that spends it, as long as both see the same part values.
+        request that spends it, as long as both see the same part values. Stores only
+        ever see its digest.
     """
     if params is None:
         params = scope.get("path_params") or {}
-    values: list[str] = [resource]
+    values: list[Any] = [resource]
     for part in parts:
         kind, _, name = part.partition(":")
         if part == "origin":
             values.append(origin)
+        elif part == "credentials":
+            values.append(credentials_of(scope))
         elif kind == "state":
             value = (scope.get("state") or {}).get(name)
-            values.append("" if value is None else str(value))
+            values.append(None if value is None else str(value))
         elif kind == "header":
             raw = _header(scope, name.lower().encode("latin-1"))
-            values.append(",".join(v.decode("latin-1") for v in raw))
+            values.append([v.decode("latin-1") for v in raw])
         elif kind == "query":
             query = scope.get("query_string", b"").decode("latin-1")
-            values.append(",".join(v for k, v in parse_qsl(query) if k == name))
+            values.append([v for k, v in parse_qsl(query, keep_blank_values=True) if k == name])
         else:
             value = params.get(name)
-            values.append("" if value is None else str(value))
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+            values.append(None if value is None else str(value))
+    # ASCII escapes: a lone surrogate in a state value still encodes (and digests).
+    return json.dumps(values, separators=(",", ":"))
 
 
 def _digest(*parts: str | bytes) -> str:
+    """SHA-256 of the length-prefixed parts (injective: no two part lists share an input)."""
     h = hashlib.sha256()
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
@@ -861,6 +894,7 @@ def build_antiresubmit_checks(
 
 
 __all__ = [
+    "DEFAULT_SCOPE",
     "Begun",
     "IdempotencyBodyTooLarge",
     "IdempotencyCheck",
@@ -871,6 +905,7 @@ __all__ = [
     "SubmitTokenRule",
     "SubmitTokens",
     "build_antiresubmit_checks",
+    "credentials_of",
     "fingerprint",
     "idempotency_backend",
     "parse_idempotency_key",

@@ -14,7 +14,7 @@ import pytest
 from tests.apps.antiresubmit_app import create_app
 from tests.helpers import RedisServer, Uvicorn
 from ymguard import Guard, RulesError
-from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key
+from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key, scope_of
 from ymguard.errors import PROBLEM_BASE
 from ymguard.storage import Store, store_from_uri
 
@@ -166,6 +166,133 @@ def test_rules_refuse_an_unknown_scope_part() -> None:
     guard = Guard({"resources": {"POST /x": {"submit_token": {"scope": "state:user"}}}})
     rule = guard.rules.resources["POST /x"].submit_token
     assert rule is not None and rule.scope == ["state:user"] and rule.ttl_seconds == 900
+
+
+@pytest.mark.parametrize("kind", ["idempotency", "submit_token"])
+def test_the_default_scope_is_origin_and_credentials_and_parts_are_checked_at_load(
+    kind: str,
+) -> None:
+    guard = Guard({"resources": {"POST /x": {kind: {}}}})
+    rule = getattr(guard.rules.resources["POST /x"], kind)
+    assert rule.scope == ["origin", "credentials"]
+    scope = ["credentials", "origin", "state:user", "header:X-Tenant", "query:q", "param:id"]
+    guard = Guard({"resources": {"POST /x": {kind: {"scope": scope}}}})
+    assert getattr(guard.rules.resources["POST /x"], kind).scope == scope
+    for bad in ["credential", "header:X Tenant", "header:", "cookie:sid", "user"]:
+        with pytest.raises(RulesError) as info:
+            Guard({"resources": {"POST /x": {kind: {"scope": ["origin", bad]}}}})
+        assert f"{kind}.scope" in str(info.value) and repr(bad) in str(info.value)
+
+
+def test_scope_values_are_encoded_injectively() -> None:
+    def scope(headers: list[tuple[bytes, bytes]], query: bytes = b"") -> Any:
+        return {"type": "http", "headers": headers, "query_string": query, "path_params": {}}
+
+    parts = ["credentials", "header:x-t", "query:q"]
+    seen = {
+        scope_of(parts, "POST /x", "", scope(headers, query))
+        for headers, query in [
+            ([], b""),
+            ([(b"authorization", b"a")], b""),
+            ([(b"cookie", b"a")], b""),
+            ([(b"authorization", b"a"), (b"authorization", b"b")], b""),
+            ([(b"authorization", b"a,b")], b""),
+            ([(b"x-t", b"a,b")], b""),
+            ([(b"x-t", b"a"), (b"x-t", b"b")], b""),
+            ([], b"q=a,b"),
+            ([], b"q=a&q=b"),
+            ([], b"q="),
+        ]
+    }
+    assert len(seen) == 10
+    assert scope_of(["origin"], "POST /x", "a", scope([])) != scope_of(
+        ["origin"], "POST /x)", "", scope([])
+    )
+    # Credentials never appear in the scope, only their digest.
+    secret = scope_of(["credentials"], "POST /x", "", scope([(b"authorization", b"Bearer s3")]))
+    assert "s3" not in secret
+
+
+# -- scopes: one caller never meets another caller's keys or tokens ---------------------
+
+
+async def test_callers_with_other_credentials_never_share_an_idempotency_key(
+    storage_uri: str, prefix: str
+) -> None:
+    app = create_app(storage_uri, prefix, origin=False)
+    alice = {"Authorization": "Bearer alice-secret"}
+    mallory = {"Authorization": "Bearer mallory"}
+    k1, k2, k3, k4 = key(), key(), key(), key()
+
+    async def pay(who: dict[str, str], k: str, amount: int) -> httpx.Response:
+        return await c.post("/pay", json={"amount": amount}, headers={**who, "Idempotency-Key": k})
+
+    async with client(app) as c:
+        first = await pay(alice, k1, 1)
+        same_key_same_body = await pay(mallory, k1, 1)
+        await pay(alice, k2, 1)
+        same_key_other_body = await pay(mallory, k2, 9)
+        by_cookie_a = await pay({"Cookie": "sid=a"}, k3, 1)
+        by_cookie_b = await pay({"Cookie": "sid=b"}, k3, 1)
+        alice_again = await pay(alice, k1, 1)
+        # In flight: alice's request holds k4; mallory's own k4 runs all the same.
+        alice_slow = asyncio.ensure_future(
+            c.post("/slow", headers={**alice, "Idempotency-Key": k4})
+        )
+
+        async def alice_runs() -> bool:
+            return bool(app.state.runs["slow"] == 1)
+
+        await wait_for(alice_runs, "alice's request runs")
+        mallory_slow = asyncio.ensure_future(
+            c.post("/slow", headers={**mallory, "Idempotency-Key": k4})
+        )
+
+        async def both_run() -> bool:
+            return mallory_slow.done() or bool(app.state.runs["slow"] == 2)
+
+        await wait_for(both_run, "mallory's request runs or is refused")
+        app.state.release.set()
+        slow = [await alice_slow, await mallory_slow]
+        if storage_uri != "memory://":
+            raw = app.state.guard.store.client
+            keys = [k async for k in raw.scan_iter(match=f"{prefix}:*")]
+    await app.state.guard.aclose()
+    for response in (first, same_key_same_body, same_key_other_body, by_cookie_a, by_cookie_b):
+        assert response.status_code == 201 and "idempotent-replayed" not in response.headers
+    assert same_key_same_body.json()["pay_flow"] != first.json()["pay_flow"]
+    assert by_cookie_b.json()["pay_flow"] != by_cookie_a.json()["pay_flow"]
+    # The same caller's retry is still a replay.
+    assert alice_again.headers["idempotent-replayed"] == "true"
+    assert alice_again.content == first.content
+    assert [r.status_code for r in slow] == [200, 200]
+    assert app.state.runs["pay"] == 6 and app.state.runs["slow"] == 2
+    if storage_uri != "memory://":
+        # One record per caller and key; keys carry a digest, never the credentials.
+        assert len([k for k in keys if b"idem" in k]) == 8
+        assert not any(b"alice" in k or b"Bearer" in k or b"sid" in k for k in keys)
+
+
+async def test_a_callers_submit_token_is_neither_replaced_nor_spent_by_another(
+    storage_uri: str, prefix: str
+) -> None:
+    app = create_app(storage_uri, prefix, origin=False)
+    alice = {"Cookie": "sid=alice"}
+    bob = {"Authorization": "Bearer bob"}
+    async with client(app) as c:
+        alice_token = (await c.get("/checkout/confirm", headers=alice)).json()["token"]
+        bob_token = (await c.get("/checkout/confirm", headers=bob)).json()["token"]
+        bob_spends_alices = await c.post(
+            "/checkout", headers={**bob, "X-Submit-Token": alice_token}
+        )
+        anonymous = await c.post("/checkout", headers={"X-Submit-Token": alice_token})
+        alice_spends = await c.post("/checkout", headers={**alice, "X-Submit-Token": alice_token})
+        bob_spends = await c.post("/checkout", headers={**bob, "X-Submit-Token": bob_token})
+    await app.state.guard.aclose()
+    assert bob_spends_alices.status_code == 409 and anonymous.status_code == 409
+    assert problem(bob_spends_alices) == "duplicate-submission"
+    assert [alice_spends.status_code, bob_spends.status_code] == [200, 200]
+    assert app.state.runs["checkout"] == 2
 
 
 # -- Idempotency-Key: behaviour --------------------------------------------------------
