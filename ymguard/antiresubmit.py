@@ -790,8 +790,8 @@ MAX_LOCAL_RECORDS = 100_000
 #: past it a response waits with its status only (a retry then gets 409 "not kept", but
 #: never a second run).
 MAX_WAITING_BYTES = 64 << 20
-# Pause between two rounds of writes that wait for the store (the store fails fast in
-# between, so a round costs nothing while it is down).
+# First pause between two rounds of writes that wait for the store; it doubles up to 1 s
+# while the store stays down.
 _SYNC_PAUSE = 0.1
 
 
@@ -1058,6 +1058,12 @@ class IdempotencyCheck:
                 local.forget(held.key)
             self._wait_for_store(held.key, _Waiting(held.lease_id, held.fp, response, 0, held))
             return
+        except BaseException:
+            # A bug reply, or cancelled: nothing is kept here, the lease runs out.
+            held.stop()
+            if local is not None:
+                local.forget(held.key)
+            raise
         held.stop()
         if local is not None:
             local.forget(held.key)
@@ -1076,8 +1082,9 @@ class IdempotencyCheck:
             if self._waiting_bytes + size > MAX_WAITING_BYTES:
                 response = KeptResponse(response.status, response.headers, b"", kept=False)
                 waiting.response = response
-                if self._local is not None:
-                    self._local.store.data[key].response = response
+                record = self._local.store.data.get(key) if self._local is not None else None
+                if record is not None:
+                    record.response = response
             else:
                 self._waiting_bytes += size
         waiting.deadline = asyncio.get_running_loop().time() + self.rule.ttl_seconds
@@ -1101,7 +1108,9 @@ class IdempotencyCheck:
         local = self._local
         assert local is not None and isinstance(backend, _RedisIdempotency)
         loop = asyncio.get_running_loop()
+        pause = _SYNC_PAUSE
         while self._waiting:
+            down = False
             for key, waiting in list(self._waiting.items()):
                 left = waiting.deadline - loop.time()
                 try:
@@ -1121,6 +1130,7 @@ class IdempotencyCheck:
                             always_try=True,
                         )
                 except StorageUnavailable:
+                    down = True
                     break  # still down: the next round tries again
                 except Exception:
                     log.exception("ymguard: %s: storing a response that waited failed", self)
@@ -1130,7 +1140,9 @@ class IdempotencyCheck:
                     if record is not None and record.lease is None:
                         local.forget(key)  # the store answers for it from now on
             if self._waiting:
-                await asyncio.sleep(_SYNC_PAUSE)
+                # A long outage costs a connection attempt a second, not ten.
+                pause = min(pause * 2, 1.0) if down else _SYNC_PAUSE
+                await asyncio.sleep(pause)
 
 
 def build_antiresubmit_checks(

@@ -13,7 +13,7 @@ import redis.asyncio
 
 from tests.apps.antiresubmit_app import create_app
 from tests.helpers import RedisServer, Uvicorn
-from ymguard import Guard, RulesError
+from ymguard import Guard, RulesError, antiresubmit
 from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key, scope_of
 from ymguard.errors import PROBLEM_BASE
 from ymguard.storage import Store, store_from_uri
@@ -628,3 +628,33 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
         assert new[1].headers["idempotent-replayed"] == "true"
         assert new_elsewhere is not None and new_elsewhere.content == new[0].content
         assert other.state.runs["pay"] == 0
+
+
+@pytest.mark.parametrize("policy", ["open", "local"])
+async def test_what_an_outage_keeps_in_process_is_bounded(
+    private_redis: RedisServer, prefix: str, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys taken in process while Redis is down are bounded in number, and the bodies
+    # that wait for Redis in bytes: past the bounds a key is refused (local) or passes
+    # unguarded (open), and a body waits as its status only. Still one run per key.
+    monkeypatch.setattr(antiresubmit, "MAX_LOCAL_RECORDS", 2)
+    monkeypatch.setattr(antiresubmit, "MAX_WAITING_BYTES", 40)
+    app = create_app(private_redis.url, prefix, on_storage_error=policy)
+    keys = [{"Idempotency-Key": key()} for _ in range(3)]
+    async with client(app) as c:
+        await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})  # connect
+        private_redis.stop()
+        first = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
+        again = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
+    await app.state.guard.aclose()
+    assert [r.status_code for r in first[:2]] == [201, 201]
+    # The first body (about 30 bytes) fits the 40 bytes; the second waits as its status.
+    assert again[0].headers["idempotent-replayed"] == "true"
+    assert again[0].content == first[0].content
+    assert again[1].status_code == 409 and problem(again[1]) == "idempotency-response-not-kept"
+    if policy == "local":
+        assert first[2].status_code == 503 and again[2].status_code == 503
+        assert app.state.runs["pay"] == 1 + 2
+    else:
+        assert first[2].status_code == 201 and again[2].status_code == 201
+        assert app.state.runs["pay"] == 1 + 2 + 2
