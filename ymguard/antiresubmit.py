@@ -153,6 +153,26 @@ def credentials_of(scope: Scope) -> str:
     )
 
 
+# The state names already warned about: names come from the rules file, so it is bounded.
+_unset_state_warned: set[str] = set()
+
+
+def _warn_unset_state(name: str) -> None:
+    """Say once per name that a ``state:`` scope part was unset: every caller without it
+    shares one scope, which is right for anonymous callers and wrong when it is because
+    the middleware that sets it runs inside :class:`GuardMiddleware` (or is a dependency,
+    which runs after the guard)."""
+    if name not in _unset_state_warned:
+        _unset_state_warned.add(name)
+        log.warning(
+            "ymguard: scope part state:%s is not set on a request; callers without it share "
+            "idempotency keys and submit tokens. Set request.state.%s in a middleware added "
+            "after GuardMiddleware (so it runs first), see docs/scopes.md",
+            name,
+            name,
+        )
+
+
 def scope_of(
     parts: Sequence[str],
     resource: str,
@@ -187,6 +207,8 @@ def scope_of(
             values.append(credentials_of(scope))
         elif kind == "state":
             value = (scope.get("state") or {}).get(name)
+            if value is None:
+                _warn_unset_state(name)
             values.append(None if value is None else str(value))
         elif kind == "header":
             raw = _header(scope, name.lower().encode("latin-1"))

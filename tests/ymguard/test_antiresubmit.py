@@ -213,6 +213,20 @@ def test_scope_values_are_encoded_injectively() -> None:
     assert "s3" not in secret
 
 
+def test_an_unset_state_part_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The usual cause: the middleware that sets request.state.user runs inside the guard.
+    monkeypatch.setattr(antiresubmit, "_unset_state_warned", set())
+    bare: Any = {"type": "http", "headers": [], "state": {}}
+    with caplog.at_level("WARNING", logger="ymguard"):
+        for _ in range(3):
+            scope_of(["state:user"], "POST /x", "", bare)
+        scope_of(["state:user"], "POST /x", "", {**bare, "state": {"user": "alice"}})
+    warnings = [r for r in caplog.records if "state:user" in r.getMessage()]
+    assert len(warnings) == 1 and "docs/scopes.md" in warnings[0].getMessage()
+
+
 # -- scopes: one caller never meets another caller's keys or tokens ---------------------
 
 
