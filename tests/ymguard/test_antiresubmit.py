@@ -386,8 +386,8 @@ async def test_a_request_that_outlives_its_lease_keeps_its_key(
     # Two "processes" on one store: A's request runs for many leases (it is renewed);
     # B's retries get 409 all along, then the response A stores once it finishes.
     store = store_from_uri(storage_uri, key_prefix=prefix)
-    app_a = create_app(store, prefix, lease_seconds=0.3)
-    app_b = create_app(store, prefix, lease_seconds=0.3)
+    app_a = create_app(store, prefix, lease_seconds=1)
+    app_b = create_app(store, prefix, lease_seconds=1)
     app_b.state.release.set()  # were B to run the request, it would not hang
     headers = {"Idempotency-Key": key()}
     async with client(app_a) as a, client(app_b) as b:
@@ -398,8 +398,8 @@ async def test_a_request_that_outlives_its_lease_keeps_its_key(
 
         await wait_for(a_runs, "A runs")
         retries = []
-        for _ in range(5):  # 1.5 s in all: five leases
-            await asyncio.sleep(0.3)
+        for _ in range(3):  # three leases, each renewed every third of a second
+            await asyncio.sleep(1)
             retries.append(await b.post("/slow", headers=headers))
         app_a.state.release.set()
         done = await first
@@ -499,9 +499,10 @@ async def test_a_replay_passes_the_earlier_checks(storage_uri: str, prefix: str)
 async def test_a_remote_request_keeps_its_key_past_the_lease_until_its_process_is_killed(
     redis_url: str, prefix: str
 ) -> None:
-    env = {"YMGUARD_STORAGE": redis_url, "ANTIRESUBMIT_PREFIX": prefix, "ANTIRESUBMIT_LEASE": "1"}
+    lease = 1.5
+    env = {"YMGUARD_STORAGE": redis_url, "ANTIRESUBMIT_PREFIX": prefix, "ANTIRESUBMIT_LEASE": "1.5"}
     server = Uvicorn("tests.apps.antiresubmit_app:app_from_env", env=env, factory=True).start()
-    app = create_app(redis_url, prefix, lease_seconds=1)
+    app = create_app(redis_url, prefix, lease_seconds=lease)
     app.state.release.set()  # were this process to run the request, it would not hang
     headers = {"Idempotency-Key": key()}
     try:
@@ -513,8 +514,8 @@ async def test_a_remote_request_keeps_its_key_past_the_lease_until_its_process_i
 
             await wait_for(remote_runs, "the remote process runs the request")
             in_flight = [await local.post("/slow", headers=headers)]
-            for _ in range(3):  # 3 s in all: three leases, renewed by the remote process
-                await asyncio.sleep(1)
+            for _ in range(3):  # three leases, renewed by the remote process
+                await asyncio.sleep(lease)
                 in_flight.append(await local.post("/slow", headers=headers))
             server.kill()
             with pytest.raises(httpx.TransportError):
@@ -570,6 +571,12 @@ async def test_a_storage_outage_follows_on_storage_error(
     assert new_token == expected["new_token"]
 
 
+def patient(server: RedisServer) -> str:
+    """The server's URL with 2 s timeouts: on a loaded machine a slow answer must not look
+    like the outage a test is about to cause."""
+    return server.url + "?socket_timeout=2&socket_connect_timeout=2"
+
+
 async def stored_in(url: str, prefix: str, count: int) -> bool:
     """Whether ``count`` idempotency records under ``prefix`` hold a stored response."""
     raw = redis.asyncio.Redis.from_url(url)
@@ -589,7 +596,7 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
     # The endpoint finishes while Redis hangs (SIGSTOP) or is restarted empty: its
     # response is answered from this process meanwhile, and written to Redis once it
     # answers, so another process replays it too. One run per key, whatever the policy.
-    app = create_app(private_redis.url, prefix, on_storage_error=policy)
+    app = create_app(patient(private_redis), prefix, on_storage_error=policy)
     slow = {"Idempotency-Key": key(), "X-User": "alice"}
     fresh = {"Idempotency-Key": key(), "X-User": "alice"}
     async with client(app) as c:
@@ -610,10 +617,10 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
             # A restart lost the lease, so another process may take the key until the
             # write lands (docs/scopes.md); a hang kept it, and the next part shows that.
             await wait_for(
-                lambda: stored_in(private_redis.url, prefix, 1 if policy == "closed" else 2),
+                lambda: stored_in(patient(private_redis), prefix, 1 if policy == "closed" else 2),
                 "the responses are written to the restarted Redis",
             )
-        other = create_app(private_redis.url, prefix, on_storage_error=policy)
+        other = create_app(patient(private_redis), prefix, on_storage_error=policy)
         other.state.release.set()  # were it to run the request, it would not hang
         async with client(other) as o:
 
@@ -653,7 +660,7 @@ async def test_what_an_outage_keeps_in_process_is_bounded(
     # unguarded (open), and a body waits as its status only. Still one run per key.
     monkeypatch.setattr(antiresubmit, "MAX_LOCAL_RECORDS", 2)
     monkeypatch.setattr(antiresubmit, "MAX_WAITING_BYTES", 40)
-    app = create_app(private_redis.url, prefix, on_storage_error=policy)
+    app = create_app(patient(private_redis), prefix, on_storage_error=policy)
     keys = [{"Idempotency-Key": key()} for _ in range(3)]
     async with client(app) as c:
         await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})  # connect
