@@ -173,6 +173,29 @@ def _warn_unset_state(name: str) -> None:
         )
 
 
+_ROUTE_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+
+
+def _warn_unknown_params(resource: str, kind: str, parts: Sequence[str]) -> None:
+    """Warn about a ``param:NAME`` part that names no parameter of the resource's route:
+    its value would be unset for every request, so every caller would share it."""
+    path = resource.partition(" ")[2]
+    if not path.startswith("/"):
+        return  # a code resource: no route to compare with
+    names = set(_ROUTE_PARAM.findall(path))
+    for part in parts:
+        kind_, _, name = part.partition(":")
+        if kind_ == "param" and name not in names:
+            log.warning(
+                "ymguard: %s: %s.scope part %r names no parameter of the route (it has %s); "
+                "see docs/scopes.md",
+                resource,
+                kind,
+                part,
+                ", ".join(sorted(names)) or "none",
+            )
+
+
 def scope_of(
     parts: Sequence[str],
     resource: str,
@@ -439,6 +462,7 @@ class SubmitTokenCheck:
         self.rule = rule
         self.header = rule.header.lower().encode("latin-1")
         self.description = f"submit_token header={rule.header}"
+        _warn_unknown_params(resource, "submit_token", rule.scope)
 
     def __repr__(self) -> str:
         return f"SubmitTokenCheck({self.resource!r}, {self.description!r})"
@@ -887,6 +911,7 @@ class IdempotencyCheck:
         self._waiting_bytes = 0
         self._syncer: asyncio.Task[None] | None = None
         self.description = f"idempotency header={rule.header}"
+        _warn_unknown_params(resource, "idempotency", rule.scope)
 
     def __repr__(self) -> str:
         return f"IdempotencyCheck({self.resource!r}, {self.description!r})"

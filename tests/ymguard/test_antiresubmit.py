@@ -227,6 +227,20 @@ def test_an_unset_state_part_is_reported_once(
     assert len(warnings) == 1 and "docs/scopes.md" in warnings[0].getMessage()
 
 
+def test_a_param_part_that_the_route_lacks_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    rules = {
+        "POST /orders/{order_id}": {"idempotency": {"scope": ["param:id"]}},
+        "POST /pay/{pay_id:int}": {"submit_token": {"scope": ["param:pay_id", "origin"]}},
+    }
+    with caplog.at_level("WARNING", logger="ymguard"):
+        guard = Guard({"resources": rules})
+        guard.chain("POST /orders/{order_id}")
+        guard.chain("POST /pay/{pay_id:int}")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("'param:id'" in m and "order_id" in m for m in messages)
+    assert not any("pay_id'" in m for m in messages)
+
+
 # -- scopes: one caller never meets another caller's keys or tokens ---------------------
 
 
