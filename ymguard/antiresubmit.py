@@ -15,23 +15,29 @@ response again (``Idempotent-Replayed: true``), one with another body gets 422, 
 comes while the first is running gets 409. If the first request's process dies, the lease
 expires and the key can be used again. Each state change is one Lua call on Redis.
 
-Scopes: both rules scope keys to the route (the resource) and to the caller, by default
-the guard's ``origin``; ``scope:`` lists the parts instead (``origin``,
-``state:NAME`` for ``request.state.NAME``, ``header:NAME``, ``query:NAME``,
-``param:NAME``). The seed binds its token to the user and the course ids:
+Scopes (``docs/scopes.md``): a key or token is bound to the route (the resource) and to
+the parts listed in ``scope:``, by default ``[origin, credentials]``: the guard's origin
+and a digest of the request's ``Authorization`` and ``Cookie`` headers, so two callers
+with different credentials never share a key or a token. The other parts are
+``state:NAME`` (``request.state.NAME``), ``header:NAME``, ``query:NAME`` and
+``param:NAME``. The seed binds its token to the user and the course ids:
 ``scope: [state:user, query:course_ids]`` with ``request.state.user`` set by an
-authentication middleware that runs outside :class:`GuardMiddleware`.
+authentication middleware that runs outside :class:`GuardMiddleware`. Scope values reach
+the store only as a SHA-256 digest of a length-prefixed encoding: keys are injective and
+of one size whatever the client sends, and hold no credentials.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import math
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -57,6 +63,11 @@ from .types import Message, Receive, Scope, Send
 log = logging.getLogger("ymguard")
 
 _SCOPE_KINDS = ("state", "header", "query", "param")
+_SCOPE_WORDS = ("origin", "credentials")
+#: The default ``scope``: one caller never meets another caller's keys or tokens.
+DEFAULT_SCOPE = ("origin", "credentials")
+# A header name as HTTP allows it (RFC 9110 token): anything else could never match.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _scope_parts(value: Any) -> Any:
@@ -67,11 +78,15 @@ def _scope_parts(value: Any) -> Any:
             if not isinstance(part, str):
                 continue  # pydantic reports the type
             kind, sep, name = part.partition(":")
-            if part == "origin" or (sep and kind in _SCOPE_KINDS and name):
+            if part in _SCOPE_WORDS:
+                continue
+            if sep and kind in _SCOPE_KINDS and name:
+                if kind == "header" and not _TOKEN.fullmatch(name):
+                    raise ValueError(f"scope part {part!r}: not an HTTP header name")
                 continue
             raise ValueError(
-                f"scope part {part!r}: use origin, state:NAME, header:NAME, query:NAME or "
-                "param:NAME"
+                f"scope part {part!r}: use origin, credentials, state:NAME, header:NAME, "
+                "query:NAME or param:NAME (see docs/scopes.md)"
             )
     return parts
 
@@ -81,8 +96,8 @@ class SubmitTokenRule(RuleModel):
 
     header: str = Field("X-Submit-Token", min_length=1, description="header carrying the token")
     scope: list[str] = Field(
-        default_factory=lambda: ["origin"],
-        description="what, besides the route, a token is bound to",
+        default_factory=lambda: list(DEFAULT_SCOPE),
+        description="what, besides the route, a token is bound to (docs/scopes.md)",
     )
     ttl_seconds: float = Field(900, gt=0, description="how long an issued token lives")
 
@@ -100,7 +115,8 @@ class IdempotencyRule(RuleModel):
     )
     methods: list[str] = Field(default_factory=lambda: ["POST", "PATCH"], min_length=1)
     scope: list[str] = Field(
-        default_factory=lambda: ["origin"], description="what, besides the route, keys are per"
+        default_factory=lambda: list(DEFAULT_SCOPE),
+        description="what, besides the route, keys are per (docs/scopes.md)",
     )
     max_key_length: int = Field(255, ge=1, le=4096)
     max_body_bytes: int = Field(
@@ -125,6 +141,61 @@ def _header(scope: Scope, name: bytes) -> list[bytes]:
     return [v for k, v in scope.get("headers", ()) if k == name]
 
 
+def credentials_of(scope: Scope) -> str:
+    """A digest of the request's ``Authorization`` and ``Cookie`` headers (the ``credentials``
+    scope part): equal for equal credentials, and never the credentials themselves."""
+    auth = _header(scope, b"authorization")
+    cookie = _header(scope, b"cookie")
+    # The counts make the encoding injective: no split of values between the two headers
+    # (or between repeated headers) digests like another.
+    return _digest(
+        b"authorization", b"%d" % len(auth), *auth, b"cookie", b"%d" % len(cookie), *cookie
+    )
+
+
+# The state names already warned about: names come from the rules file, so it is bounded.
+_unset_state_warned: set[str] = set()
+
+
+def _warn_unset_state(name: str) -> None:
+    """Say once per name that a ``state:`` scope part was unset: every caller without it
+    shares one scope, which is right for anonymous callers and wrong when it is because
+    the middleware that sets it runs inside :class:`GuardMiddleware` (or is a dependency,
+    which runs after the guard)."""
+    if name not in _unset_state_warned:
+        _unset_state_warned.add(name)
+        log.warning(
+            "ymguard: scope part state:%s is not set on a request; callers without it share "
+            "idempotency keys and submit tokens. Set request.state.%s in a middleware added "
+            "after GuardMiddleware (so it runs first), see docs/scopes.md",
+            name,
+            name,
+        )
+
+
+_ROUTE_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+
+
+def _warn_unknown_params(resource: str, kind: str, parts: Sequence[str]) -> None:
+    """Warn about a ``param:NAME`` part that names no parameter of the resource's route:
+    its value would be unset for every request, so every caller would share it."""
+    path = resource.partition(" ")[2]
+    if not path.startswith("/"):
+        return  # a code resource: no route to compare with
+    names = set(_ROUTE_PARAM.findall(path))
+    for part in parts:
+        kind_, _, name = part.partition(":")
+        if kind_ == "param" and name not in names:
+            log.warning(
+                "ymguard: %s: %s.scope part %r names no parameter of the route (it has %s); "
+                "see docs/scopes.md",
+                resource,
+                kind,
+                part,
+                ", ".join(sorted(names)) or "none",
+            )
+
+
 def scope_of(
     parts: Sequence[str],
     resource: str,
@@ -134,8 +205,10 @@ def scope_of(
 ) -> str:
     """The scope a rule's keys are bound to: the resource and each part's value.
 
+    See ``docs/scopes.md`` for the parts.
+
     Args:
-        parts: the rule's ``scope`` list (``origin``, ``state:NAME``, ...).
+        parts: the rule's ``scope`` list (``origin``, ``credentials``, ``state:NAME``, ...).
         resource: the resource the rule guards (``POST /orders``).
         origin: the caller's origin.
         scope: the ASGI scope of the request.
@@ -143,31 +216,38 @@ def scope_of(
 
     Returns:
         An unambiguous string (JSON), the same for the request that gets a token and the
-        request that spends it, as long as both see the same part values.
+        request that spends it, as long as both see the same part values. Stores only
+        ever see its digest.
     """
     if params is None:
         params = scope.get("path_params") or {}
-    values: list[str] = [resource]
+    values: list[Any] = [resource]
     for part in parts:
         kind, _, name = part.partition(":")
         if part == "origin":
             values.append(origin)
+        elif part == "credentials":
+            values.append(credentials_of(scope))
         elif kind == "state":
             value = (scope.get("state") or {}).get(name)
-            values.append("" if value is None else str(value))
+            if value is None:
+                _warn_unset_state(name)
+            values.append(None if value is None else str(value))
         elif kind == "header":
             raw = _header(scope, name.lower().encode("latin-1"))
-            values.append(",".join(v.decode("latin-1") for v in raw))
+            values.append([v.decode("latin-1") for v in raw])
         elif kind == "query":
             query = scope.get("query_string", b"").decode("latin-1")
-            values.append(",".join(v for k, v in parse_qsl(query) if k == name))
+            values.append([v for k, v in parse_qsl(query, keep_blank_values=True) if k == name])
         else:
             value = params.get(name)
-            values.append("" if value is None else str(value))
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+            values.append(None if value is None else str(value))
+    # ASCII escapes: a lone surrogate in a state value still encodes (and digests).
+    return json.dumps(values, separators=(",", ":"))
 
 
 def _digest(*parts: str | bytes) -> str:
+    """SHA-256 of the length-prefixed parts (injective: no two part lists share an input)."""
     h = hashlib.sha256()
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
@@ -382,6 +462,7 @@ class SubmitTokenCheck:
         self.rule = rule
         self.header = rule.header.lower().encode("latin-1")
         self.description = f"submit_token header={rule.header}"
+        _warn_unknown_params(resource, "submit_token", rule.scope)
 
     def __repr__(self) -> str:
         return f"SubmitTokenCheck({self.resource!r}, {self.description!r})"
@@ -583,12 +664,27 @@ class _MemoryIdempotency:
         self.store = store
         self._writes = 0
 
+    def __len__(self) -> int:
+        return len(self.store.data)
+
     def _live(self, key: str) -> _Record | None:
         record: _Record | None = self.store.data.get(key)
         if record is not None and record.expires_at <= self.store.now():
             del self.store.data[key]
             return None
         return record
+
+    def has(self, key: str) -> bool:
+        """Whether a live record (in flight or done) is kept under ``key``."""
+        return self._live(key) is not None
+
+    def hold(self, key: str, fp: str, lease_id: str) -> None:
+        """Mirror a lease this process holds on another store (it ends with :meth:`forget`)."""
+        self.store.data[key] = _Record(fp, math.inf, lease=lease_id)
+
+    def forget(self, key: str) -> None:
+        """Drop whatever is kept under ``key``."""
+        self.store.data.pop(key, None)
 
     async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
         record = self._live(key)
@@ -602,8 +698,15 @@ class _MemoryIdempotency:
         if record.fp != fp:
             return Begun("mismatch")
         if record.lease is not None:
-            return Begun("in_flight", lease_left=record.expires_at - now)
+            return Begun("in_flight", lease_left=min(record.expires_at - now, lease))
         return Begun("done", response=record.response)
+
+    async def renew(self, key: str, lease_id: str, lease: float) -> bool:
+        record = self._live(key)
+        if record is None or record.lease != lease_id:
+            return False
+        record.expires_at = max(record.expires_at, self.store.now() + lease)
+        return True
 
     async def complete(
         self, key: str, lease_id: str, fp: str, response: KeptResponse, ttl: float
@@ -628,6 +731,7 @@ class _RedisIdempotency:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._begin = store.script(lua("idempotency_begin"))
+        self._renew = store.script(lua("idempotency_renew"))
         self._complete = store.script(lua("idempotency_complete"))
         self._abort = store.script(lua("idempotency_abort"))
 
@@ -646,8 +750,18 @@ class _RedisIdempotency:
             response=KeptResponse(int(status), _decode_headers(headers), body, kept == b"1"),
         )
 
+    async def renew(self, key: str, lease_id: str, lease: float) -> bool:
+        return bool(await self.store.run(self._renew, (key,), (lease_id, math.ceil(lease * 1000))))
+
     async def complete(
-        self, key: str, lease_id: str, fp: str, response: KeptResponse, ttl: float
+        self,
+        key: str,
+        lease_id: str,
+        fp: str,
+        response: KeptResponse,
+        ttl: float,
+        *,
+        always_try: bool = False,
     ) -> bool:
         args = (
             lease_id,
@@ -656,12 +770,12 @@ class _RedisIdempotency:
             _encode_headers(response.headers),
             response.body,
             "1" if response.kept else "0",
-            math.ceil(ttl * 1000),
+            max(1, math.ceil(ttl * 1000)),
         )
-        return bool(await self.store.run(self._complete, (key,), args))
+        return bool(await self.store.run(self._complete, (key,), args, always_try=always_try))
 
-    async def abort(self, key: str, lease_id: str) -> bool:
-        return bool(await self.store.run(self._abort, (key,), (lease_id,)))
+    async def abort(self, key: str, lease_id: str, *, always_try: bool = False) -> bool:
+        return bool(await self.store.run(self._abort, (key,), (lease_id,), always_try=always_try))
 
 
 IdempotencyBackend = _MemoryIdempotency | _RedisIdempotency
@@ -687,19 +801,100 @@ def _replaying(chunks: list[Message], receive: Receive) -> Receive:
     return replay
 
 
-@dataclass(slots=True)
+# -- background work: lease renewals and writes that waited for the store ---------------
+
+# The tasks of each store, so that Guard.aclose can stop them (close_idempotency_tasks).
+_tasks: weakref.WeakKeyDictionary[Store, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
+
+
+def _spawn(store: Store, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(work)
+    running = _tasks.setdefault(store, set())
+    running.add(task)
+    task.add_done_callback(running.discard)
+    return task
+
+
+async def close_idempotency_tasks(store: Store) -> None:
+    """Stop the idempotency work left running on ``store`` (renewals, pending writes).
+
+    ``Guard.aclose`` calls it. A response whose write still waited for the store is then
+    kept by no one: its lease expires on the store, and the key can run again after it.
+    """
+    running = _tasks.pop(store, set())
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+#: Most records kept in process per idempotent resource while the store is down
+#: (``on_storage_error: local | open``); past it, new keys are refused (local) or pass
+#: unguarded (open). Each is a few hundred bytes plus its kept body.
+MAX_LOCAL_RECORDS = 100_000
+#: Most bytes of kept bodies waiting in process for the store per idempotent resource;
+#: past it a response waits with its status only (a retry then gets 409 "not kept", but
+#: never a second run).
+MAX_WAITING_BYTES = 64 << 20
+# First pause between two rounds of writes that wait for the store; it doubles up to 1 s
+# while the store stays down.
+_SYNC_PAUSE = 0.1
+
+
+@dataclass(eq=False, slots=True)
 class _Held:
-    """What the idempotency check's ``enter`` gives its ``exit``."""
+    """What the idempotency check's ``enter`` gives its ``exit``: a lease, kept alive.
+
+    The lease is renewed every third of its length while the request runs (a timer that
+    starts a renewal task only for requests that live that long), and while a finished
+    response waits for the store to answer.
+    """
 
     backend: IdempotencyBackend
     key: str
     lease_id: str
     fp: str
     recorder: _Recorder
+    timer: asyncio.TimerHandle | None = None
+    renewer: asyncio.Task[None] | None = None
+    renewing: bool = False
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """Stop renewing (the lease is released, stored over, or left to expire)."""
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        # Not while a renewal is on the wire: it sees ``stopped`` when it returns.
+        if self.renewer is not None and not self.renewing:
+            self.renewer.cancel()
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """A finished request whose outcome the store has not taken yet."""
+
+    lease_id: str
+    fp: str
+    response: KeptResponse | None  # None: free the key (the request failed)
+    deadline: float  # event-loop clock: the response would have expired by then
+    held: _Held | None
 
 
 class IdempotencyCheck:
-    """``idempotency``: run each ``Idempotency-Key`` once, replay its response to retries."""
+    """``idempotency``: run each ``Idempotency-Key`` once, replay its response to retries.
+
+    Keys are scoped as ``docs/scopes.md`` says. On Redis this process also remembers, in
+    memory, the keys it holds and the responses the store has not taken yet (Redis hung
+    or down while they were stored): a retry in this process is answered from there (409
+    while in flight, the response once done), and a background task writes the response
+    to Redis once it answers again, keeping the lease until then. So an outage never runs
+    one key twice in one process, under every ``on_storage_error``; across processes it
+    never does while the outage is shorter than ``lease_seconds`` (the lease on Redis is
+    what tells other processes). While Redis is down, ``local`` and ``open`` take new keys
+    in process (and store them on Redis afterwards); ``closed`` refuses them (503).
+    """
 
     def __init__(self, store: Store, resource: str, rule: IdempotencyRule) -> None:
         self.store = store
@@ -708,16 +903,18 @@ class IdempotencyCheck:
         self.methods = frozenset(rule.methods)
         self.header = rule.header.lower().encode("latin-1")
         self.backend = idempotency_backend(store)
+        # On Redis: the keys this process holds, and the responses Redis has not taken.
         self._local: _MemoryIdempotency | None = None
+        if isinstance(self.backend, _RedisIdempotency):
+            self._local = _MemoryIdempotency(MemoryStore(key_prefix=store.key_prefix))
+        self._waiting: dict[str, _Waiting] = {}
+        self._waiting_bytes = 0
+        self._syncer: asyncio.Task[None] | None = None
         self.description = f"idempotency header={rule.header}"
+        _warn_unknown_params(resource, "idempotency", rule.scope)
 
     def __repr__(self) -> str:
         return f"IdempotencyCheck({self.resource!r}, {self.description!r})"
-
-    def _local_backend(self) -> _MemoryIdempotency:
-        if self._local is None:
-            self._local = _MemoryIdempotency(MemoryStore(key_prefix=self.store.key_prefix))
-        return self._local
 
     def _missing(self, detail: str) -> IdempotencyKeyMissing:
         return IdempotencyKeyMissing(self.resource, self.description, detail=detail)
@@ -751,6 +948,28 @@ class IdempotencyCheck:
         )
         return body
 
+    async def _begin(self, key: str, fp: str, lease_id: str) -> tuple[IdempotencyBackend, Begun]:
+        """Look the key up where it lives: this process first, then the store."""
+        lease = self.rule.lease_seconds
+        local = self._local
+        if local is None:
+            return self.backend, await self.backend.begin(key, fp, lease_id, lease)
+        if local.has(key):  # held here, or finished while the store was down
+            return local, await local.begin(key, fp, lease_id, lease)
+        try:
+            begun = await self.backend.begin(key, fp, lease_id, lease)
+        except StorageUnavailable:
+            if self.store.on_storage_error == "closed":
+                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            if len(local) >= MAX_LOCAL_RECORDS and not local.has(key):
+                if self.store.on_storage_error == "open":
+                    return self.backend, Begun("done")  # pass, unguarded (see enter)
+                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            return local, await local.begin(key, fp, lease_id, lease)
+        if begun.state == "new":
+            local.hold(key, fp, lease_id)
+        return self.backend, begun
+
     async def enter(self, ctx: Context) -> Any:
         """Take the key's lease (token: what ``exit`` needs to keep the response), or
         answer from the kept response (:class:`ShortCircuit`), or refuse (400/409/413/422).
@@ -776,22 +995,17 @@ class IdempotencyCheck:
         caller = scope_of(self.rule.scope, self.resource, ctx.origin, scope, ctx.params)
         record_key = self.store.key("idem", f"{self.resource}:{_digest(caller, key)}")
         lease_id = secrets.token_hex(8)
-        backend: IdempotencyBackend = self.backend
-        try:
-            begun = await backend.begin(record_key, fp, lease_id, self.rule.lease_seconds)
-        except StorageUnavailable:
-            if self.store.on_storage_error == "closed":
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
-            if self.store.on_storage_error == "open":
-                return None
-            backend = self._local_backend()
-            begun = await backend.begin(record_key, fp, lease_id, self.rule.lease_seconds)
+        backend, begun = await self._begin(record_key, fp, lease_id)
         if begun.state == "new":
             recorder = _Recorder(self.rule.max_response_bytes)
             if ctx.on_send is None:
                 ctx.on_send = []
             ctx.on_send.append(recorder)
-            return _Held(backend, record_key, lease_id, fp, recorder)
+            held = _Held(backend, record_key, lease_id, fp, recorder)
+            held.timer = asyncio.get_running_loop().call_later(
+                self.rule.lease_seconds / 3, self._start_renewing, held
+            )
+            return held
         if begun.state == "mismatch":
             raise IdempotencyKeyMismatch(
                 self.resource,
@@ -803,7 +1017,8 @@ class IdempotencyCheck:
                 self.resource, self.description, retry_after=min(1.0, begun.lease_left)
             )
         response = begun.response
-        assert response is not None
+        if response is None:  # open, store down, too many keys in process: pass unguarded
+            return None
         if not response.kept:
             raise IdempotencyResponseNotKept(
                 self.resource,
@@ -812,6 +1027,36 @@ class IdempotencyCheck:
                 "too large or streamed in a way that cannot be kept",
             )
         raise ShortCircuit(response, response.status)
+
+    # -- the lease, kept while the request runs ------------------------------------------
+
+    def _start_renewing(self, held: _Held) -> None:
+        held.timer = None
+        if not held.stopped:
+            held.renewer = _spawn(self.store, self._renew(held))
+
+    async def _renew(self, held: _Held) -> None:
+        """Renew the lease every third of its length until ``held.stop()``."""
+        lease = self.rule.lease_seconds
+        while not held.stopped:
+            held.renewing = True
+            try:
+                renewed = await held.backend.renew(held.key, held.lease_id, lease)
+            except StorageUnavailable:
+                renewed = None  # try again sooner, while two thirds of the lease remain
+            except Exception:
+                log.exception("ymguard: %s: renewing an in-flight lease failed", self)
+                return
+            finally:
+                held.renewing = False
+            if held.stopped:
+                return
+            if renewed is False:
+                log.warning("ymguard: %s: an in-flight lease expired before its renewal", self)
+                return
+            await asyncio.sleep(lease / 6 if renewed is None else lease / 3)
+
+    # -- exit: keep the response, or free the key ----------------------------------------
 
     async def exit(self, ctx: Context, token: Any) -> None:
         """Keep the finished response under the key, or free the key for a retry."""
@@ -827,17 +1072,124 @@ class IdempotencyCheck:
             and rec.status < 500
             and rec.status not in _RETRYABLE
         )
+        response = None
+        if keep:
+            response = KeptResponse(rec.status, rec.headers, b"".join(rec.body), rec.kept)
+        ttl = self.rule.ttl_seconds
+        local = self._local
+        if held.backend is local:
+            # Taken in process while the store was down: settle it here, then tell the
+            # store, so that other processes replay it too.
+            held.stop()
+            assert local is not None
+            if response is None:
+                await local.abort(held.key, held.lease_id)
+            elif await local.complete(held.key, held.lease_id, held.fp, response, ttl):
+                self._wait_for_store(held.key, _Waiting(held.lease_id, held.fp, response, 0, None))
+            return
         try:
-            if keep:
-                response = KeptResponse(rec.status, rec.headers, b"".join(rec.body), rec.kept)
-                await held.backend.complete(
-                    held.key, held.lease_id, held.fp, response, self.rule.ttl_seconds
+            if response is not None:
+                stored = await held.backend.complete(
+                    held.key, held.lease_id, held.fp, response, ttl
                 )
             else:
-                await held.backend.abort(held.key, held.lease_id)
+                stored = await held.backend.abort(held.key, held.lease_id)
         except StorageUnavailable:
-            # The lease runs out by itself; until then retries get 409.
-            log.warning("ymguard: %s: could not finish idempotency key, storage down", self)
+            if local is None:  # pragma: no cover - the memory store is never unavailable
+                raise
+            # The client has its answer; the store must learn it before the lease ends.
+            # Until then the lease stays held (renewed) and this process answers retries.
+            if response is not None:
+                await local.complete(held.key, held.lease_id, held.fp, response, ttl)
+            else:
+                local.forget(held.key)
+            self._wait_for_store(held.key, _Waiting(held.lease_id, held.fp, response, 0, held))
+            return
+        except BaseException:
+            # A bug reply, or cancelled: nothing is kept here, the lease runs out.
+            held.stop()
+            if local is not None:
+                local.forget(held.key)
+            raise
+        held.stop()
+        if local is not None:
+            local.forget(held.key)
+        if not stored and response is not None:
+            log.warning(
+                "ymguard: %s: a response was not kept: its lease had expired and another "
+                "request took the key",
+                self,
+            )
+
+    def _wait_for_store(self, key: str, waiting: _Waiting) -> None:
+        """Queue an outcome for the store, bounded in bytes; the sync task writes it."""
+        response = waiting.response
+        if response is not None and response.kept:
+            size = len(response.body)
+            if self._waiting_bytes + size > MAX_WAITING_BYTES:
+                response = KeptResponse(response.status, response.headers, b"", kept=False)
+                waiting.response = response
+                record = self._local.store.data.get(key) if self._local is not None else None
+                if record is not None:
+                    record.response = response
+            else:
+                self._waiting_bytes += size
+        waiting.deadline = asyncio.get_running_loop().time() + self.rule.ttl_seconds
+        self._forget_waiting(key)
+        self._waiting[key] = waiting
+        if self._syncer is None or self._syncer.done():
+            self._syncer = _spawn(self.store, self._sync())
+
+    def _forget_waiting(self, key: str) -> None:
+        waiting = self._waiting.pop(key, None)
+        if waiting is None:
+            return
+        if waiting.response is not None and waiting.response.kept:
+            self._waiting_bytes -= len(waiting.response.body)
+        if waiting.held is not None:
+            waiting.held.stop()
+
+    async def _sync(self) -> None:
+        """Write what waited for the store, as soon as it answers; then forget it here."""
+        backend = self.backend
+        local = self._local
+        assert local is not None and isinstance(backend, _RedisIdempotency)
+        loop = asyncio.get_running_loop()
+        pause = _SYNC_PAUSE
+        while self._waiting:
+            down = False
+            for key, waiting in list(self._waiting.items()):
+                left = waiting.deadline - loop.time()
+                try:
+                    if left <= 0:  # expired here too, unwritten: nothing to keep
+                        pass
+                    # Past the store's fail-fast window: the write lands as soon as
+                    # Redis answers, before other processes' retries find the key free.
+                    elif waiting.response is None:
+                        await backend.abort(key, waiting.lease_id, always_try=True)
+                    else:
+                        await backend.complete(
+                            key,
+                            waiting.lease_id,
+                            waiting.fp,
+                            waiting.response,
+                            left,
+                            always_try=True,
+                        )
+                except StorageUnavailable:
+                    down = True
+                    break  # still down: the next round tries again
+                except Exception:
+                    log.exception("ymguard: %s: storing a response that waited failed", self)
+                if self._waiting.get(key) is waiting:
+                    self._forget_waiting(key)
+                    record = local.store.data.get(key)
+                    if record is not None and record.lease is None:
+                        local.forget(key)  # the store answers for it from now on
+            if self._waiting:
+                # A long outage costs a connection attempt a second, not ten.
+                pause = min(pause * 2, 1.0) if down else _SYNC_PAUSE
+                await asyncio.sleep(pause)
 
 
 def build_antiresubmit_checks(
@@ -861,6 +1213,9 @@ def build_antiresubmit_checks(
 
 
 __all__ = [
+    "DEFAULT_SCOPE",
+    "MAX_LOCAL_RECORDS",
+    "MAX_WAITING_BYTES",
     "Begun",
     "IdempotencyBodyTooLarge",
     "IdempotencyCheck",
@@ -871,6 +1226,8 @@ __all__ = [
     "SubmitTokenRule",
     "SubmitTokens",
     "build_antiresubmit_checks",
+    "close_idempotency_tasks",
+    "credentials_of",
     "fingerprint",
     "idempotency_backend",
     "parse_idempotency_key",

@@ -24,7 +24,12 @@ import pybreaker
 from limits import parse_many
 from starlette.requests import Request
 
-from .antiresubmit import SubmitTokenRule, SubmitTokens, build_antiresubmit_checks
+from .antiresubmit import (
+    SubmitTokenRule,
+    SubmitTokens,
+    build_antiresubmit_checks,
+    close_idempotency_tasks,
+)
 from .breaker import (
     BreakerCheck,
     BreakerRule,
@@ -510,10 +515,12 @@ class Guard:
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
 
-        The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper.
+        The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
+        and idempotency leases and writes still waiting for the store.
         """
         await close_breakers(self.store)
         await close_store_tasks(self.store)
+        await close_idempotency_tasks(self.store)
         await self.store.aclose()
 
 

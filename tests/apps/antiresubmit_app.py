@@ -34,17 +34,20 @@ class FakeAuth:
         await self.app(scope, receive, send)
 
 
-def rules(prefix: str, lease_seconds: float, on_storage_error: str = "local") -> dict[str, Any]:
+def rules(
+    prefix: str, lease_seconds: float, on_storage_error: str = "local", origin: bool = True
+) -> dict[str, Any]:
     idem = {"required": True, "lease_seconds": lease_seconds, "max_response_bytes": 1000}
     return {
         "key_prefix": prefix,
         "on_storage_error": on_storage_error,
-        "origin": {"from": "state", "name": "user"},
+        **({"origin": {"from": "state", "name": "user"}} if origin else {}),
         "resources": {
             "POST /orders": {
                 "submit_token": {"scope": ["state:user", "query:course_ids"]},
                 "flow": [{"qps": 100000}],
             },
+            "POST /checkout": {"submit_token": {}},  # the default scope
             "POST /pay": {"idempotency": idem, "flow": [{"qps": 100000}]},
             "POST /slow": {"idempotency": idem},
             "POST /fail": {"idempotency": idem},
@@ -56,10 +59,18 @@ def rules(prefix: str, lease_seconds: float, on_storage_error: str = "local") ->
 
 
 def create_app(
-    storage: str | Store, prefix: str, lease_seconds: float = 60.0, on_storage_error: str = "local"
+    storage: str | Store,
+    prefix: str,
+    lease_seconds: float = 60.0,
+    on_storage_error: str = "local",
+    origin: bool = True,
 ) -> FastAPI:
-    """The test shop on ``storage``; ``app.state.runs`` counts endpoint runs per route."""
-    guard = Guard(rules(prefix, lease_seconds, on_storage_error), storage=storage)
+    """The test shop on ``storage``; ``app.state.runs`` counts endpoint runs per route.
+
+    ``origin=False`` leaves the guard without an ``origin:`` (every caller's origin is
+    the same), so that only the ``credentials`` scope part tells callers apart.
+    """
+    guard = Guard(rules(prefix, lease_seconds, on_storage_error, origin), storage=storage)
     app = FastAPI()
     runs: Counter[str] = Counter()
     app.state.runs = runs
@@ -79,6 +90,15 @@ def create_app(
         runs["orders"] += 1
         return {"order": f"order-{runs['orders']}", "courses": course_ids}
 
+    @app.get("/checkout/confirm")
+    async def checkout_confirm(request: Request) -> dict[str, str]:
+        return {"token": await guard.submit_tokens.issue_for(request, "POST /checkout")}
+
+    @app.post("/checkout")
+    async def checkout() -> dict[str, int]:
+        runs["checkout"] += 1
+        return {"checkout": runs["checkout"]}
+
     @app.post("/pay", status_code=201)
     async def pay(request: Request) -> JSONResponse:
         body = await request.json()
@@ -89,7 +109,9 @@ def create_app(
             status_code=201,
             headers={"Location": f"/pay/{runs['pay']}", "X-Run": str(runs["pay"])},
         )
-        response.set_cookie("session", f"s{runs['pay']}")
+        # Kept off the test routes: a client that sent it back would change its own
+        # `credentials` scope part, and its retries would no longer match (docs/scopes.md).
+        response.set_cookie("session", f"s{runs['pay']}", path="/account")
         return response
 
     @app.put("/pay")
