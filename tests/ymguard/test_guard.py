@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from ymguard import Guard, GuardMiddleware, SyncResourceError
 from ymguard.chain import ORIGIN_MAX_CHARS, cap_origin
@@ -30,6 +30,27 @@ def test_guard_limit_above_the_route_decorator_fails_at_decoration_time() -> Non
         @app.get("/search")
         async def search() -> str:
             return "found"
+
+
+def test_guard_limit_above_a_routers_decorator_fails_too() -> None:
+    guard = Guard()
+    router = APIRouter()
+    with pytest.raises(TypeError, match=r"Put @guard\.limit"):
+
+        @guard.limit("1/second")
+        @router.post("/orders")
+        def order() -> str:
+            return "ordered"
+
+
+def test_guard_limit_applied_by_call_to_a_named_function_wraps_it() -> None:
+    guard = Guard()
+
+    def report() -> str:
+        return "report"
+
+    limited = guard.limit("1/second")(report)
+    assert limited is not report and limited() == "report"
 
 
 async def test_guard_limit_names_the_route_the_same_way_in_both_forms(
