@@ -439,9 +439,12 @@ class Guard:
     def limit(self, spec: str) -> RouteLimit:
         """A limit such as ``"100/second"`` or ``"10/second;500/minute"`` (``limits`` syntax).
 
-        Use it as a decorator on an endpoint, or as a FastAPI dependency
-        (``dependencies=[Depends(guard.limit("10/second"))]``); the endpoint need not take
-        a ``request`` parameter either way.
+        Use it as a decorator on an endpoint, below ``@app.get(...)`` (above it raises
+        ``TypeError``: the route would call the undecorated function), or as a FastAPI
+        dependency (``dependencies=[Depends(guard.limit("10/second"))]``); the endpoint
+        need not take a ``request`` parameter either way. Both forms count per route and
+        name it the same: ``METHOD /route/{template} limit SPEC`` in a refusal's
+        ``resource``.
         """
         return RouteLimit(self, spec)
 
