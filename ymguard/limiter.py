@@ -406,11 +406,12 @@ class ConcurrencyCheck(_FlowCheckBase):
         assert rule.concurrency is not None
         self.limit = rule.concurrency
         self._local_store: MemoryStore | None = None
-        # Per origin suffix: [the store's permits, the local fallback's (made on demand)].
-        # A count with calls in flight stays; an idle one is empty and may go.
+        # Per origin suffix: [suffix, the store's permits, the local fallback's (made on
+        # demand)]. A count with calls in flight stays; one without holds no state at all,
+        # so a second unused is idle enough (a returning caller reuses its entry).
         self._default: list[Any] | None = None
         self._origins: OriginTable[list[Any]] = OriginTable(
-            self._entry, _drop_permits, idle_seconds=rule.lease_seconds, busy=_holds_permits
+            self._entry, _drop_permits, idle_seconds=1.0, busy=_holds_permits
         )
 
     def _entry(self, suffix: str) -> list[Any]:

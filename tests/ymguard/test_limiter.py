@@ -222,3 +222,14 @@ async def test_an_origin_with_calls_in_flight_keeps_its_count(
     assert not await attempt(guard, origin="holder")  # still at its limit of 1
     await chain.exit(held, tokens)
     assert await attempt(guard, origin="holder")
+
+
+async def test_idle_concurrency_counts_are_swept(store: Store) -> None:
+    guard = guard_with(store, [{"concurrency": 1, "origin": "other"}])
+    for i in range(50):
+        assert await attempt(guard, origin=f"caller-{i}")
+    await asyncio.sleep(1.1)  # nothing in flight: their counts hold no state
+    assert await attempt(guard, origin="newcomer")
+    assert len(flow_check(guard)._origins) == 1
+    if isinstance(store, MemoryStore):
+        assert len(store.data) == 4  # the newcomer's (empty) count
