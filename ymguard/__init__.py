@@ -25,6 +25,7 @@ from .errors import (
     SemaphoreFull,
     StorageBlocked,
     StorageUnavailable,
+    SyncResourceError,
     SystemOverloaded,
 )
 from .guard import Guard, RouteLimit
@@ -75,6 +76,7 @@ __all__ = [
     "Store",
     "SubmitTokenRule",
     "SubmitTokens",
+    "SyncResourceError",
     "SystemOverloaded",
     "load_rules",
     "parse_rules",

@@ -13,7 +13,9 @@ A check may also answer the call itself (an idempotent replay) by raising
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,26 @@ log = logging.getLogger("ymguard")
 
 # Unwinds running in tasks of their own, kept referenced until they finish.
 _background: set[asyncio.Task[None]] = set()
+
+#: Origin values longer than this (in characters) are replaced by a digest.
+ORIGIN_MAX_CHARS = 128
+# Kept as sent: 1-128 printable ASCII characters other than space and "~". A digest starts
+# with "~", which a kept value never does, so two different origins never share state.
+_PLAIN_ORIGIN = re.compile(rf"[!-}}]{{1,{ORIGIN_MAX_CHARS}}}")
+
+
+def cap_origin(value: str) -> str:
+    """The origin as rules and keys use it: bounded in size and safe in a key.
+
+    Origins come from clients (a header, ``request.state``), so a 60 KB or binary value
+    must not be kept whole in every per-origin structure and Redis key. A value of 1-128
+    printable ASCII characters (no space, no ``~``) is kept as is; any other non-empty value
+    becomes ``~`` and 32 hex digits of its SHA-256 (33 characters).
+    """
+    if not value or _PLAIN_ORIGIN.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return "~" + digest[:32]
 
 
 @dataclass(slots=True, eq=False)

@@ -30,6 +30,18 @@ class StorageUnavailable(YmguardError):
     """The store (Redis) refused, timed out or is in a known outage."""
 
 
+class SyncResourceError(YmguardError, RuntimeError):
+    """A sync guarded function was called where its guard cannot run.
+
+    A sync ``@guard.resource`` (or sync ``@guard.limit`` endpoint) enters its chain by
+    hopping to the app's event loop from the caller's thread. Called on the event loop's
+    own thread that hop would deadlock and any store I/O would block the loop, so the call
+    is refused the same way on every store; on Redis it is also refused when no app loop
+    is running to hop to. Raised at call time, before anything is spent; a ``fallback``
+    receives it like any other failure of the call.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RuleProblem:
     """One problem found in a rules file: where it is and why it is wrong."""
@@ -346,6 +358,7 @@ __all__ = [
     "SemaphoreFull",
     "StorageBlocked",
     "StorageUnavailable",
+    "SyncResourceError",
     "SystemOverloaded",
     "YmguardError",
     "blocked_response",

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import gc
 import importlib
 import inspect
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
@@ -39,8 +41,14 @@ from .breaker import (
     build_breaker_checks,
     close_breakers,
 )
-from .chain import DEFAULT_ERROR_STATUSES, Chain, Context
-from .errors import Blocked, ProblemResponse, blocked_response, install_http_problems
+from .chain import DEFAULT_ERROR_STATUSES, Chain, Context, cap_origin
+from .errors import (
+    Blocked,
+    ProblemResponse,
+    SyncResourceError,
+    blocked_response,
+    install_http_problems,
+)
 from .limiter import FlowRule, QpsCheck, build_flow_checks
 from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
 from .semaphore import (
@@ -67,7 +75,7 @@ def _import_exception(path: str) -> type[BaseException]:
     module_name, _, attr = path.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error
         raise ValueError(f"errors: cannot import {path!r}: {exc}") from None
     if not (isinstance(obj, type) and issubclass(obj, BaseException)):
         raise ValueError(f"errors: {path!r} is not an exception class")
@@ -98,7 +106,10 @@ def _run_now(coro: Awaitable[Any]) -> Any:
     except StopIteration as stop:
         return stop.value
     gen.close()
-    raise RuntimeError("ymguard: this guard needs I/O; call the guarded function from async code")
+    raise SyncResourceError(
+        "ymguard: this guard needs I/O; call the guarded function from a worker thread of a "
+        "running app, or make it async"
+    )
 
 
 class Guard:
@@ -137,6 +148,11 @@ class Guard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin()
+        # Apps that install() registered the exception mapper on; errors: is imported at
+        # their startup (not at install: the classes may live in the app's own module).
+        self._apps: list[Any] = []
+        self._errors_resolved = False
+        self._warned_sync: set[str] = set()
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage: str | Store | None = None) -> Guard:
@@ -153,6 +169,7 @@ class Guard:
         self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules)
         self._origin_of = self._compile_origin()
         self._chains = {}
+        self._errors_resolved = False
 
     def stats(self, resource: str) -> ResourceStats:
         """The sliding-window statistics of a resource (created on first use)."""
@@ -192,6 +209,12 @@ class Guard:
     # -- origin --------------------------------------------------------------------------
 
     def _compile_origin(self) -> Callable[[Scope], str]:
+        if self.rules.origin is None:
+            return lambda scope: ""
+        read = self._read_origin()
+        return lambda scope: cap_origin(read(scope))
+
+    def _read_origin(self) -> Callable[[Scope], str]:
         rule = self.rules.origin
         if rule is None:
             return lambda scope: ""
@@ -216,7 +239,11 @@ class Guard:
         return from_state
 
     def origin_of(self, scope: Scope) -> str:
-        """The caller's origin for an ASGI scope, as the ``origin:`` rule says."""
+        """The caller's origin for an ASGI scope, as the ``origin:`` rule says.
+
+        Capped by :func:`~ymguard.chain.cap_origin`: over 128 characters, or with
+        characters other than printable ASCII, it is a 33-character digest.
+        """
         return self._origin_of(scope)
 
     # -- breakers ------------------------------------------------------------------------
@@ -297,7 +324,10 @@ class Guard:
         Args:
             name: the resource name its rules are under.
             fallback: called with the same arguments (and ``exc=`` if it takes it) when the
-                call fails, and when it is blocked if there is no ``block_handler``.
+                call fails, and when it is blocked if there is no ``block_handler``. A sync
+                function called on the event loop's thread fails with
+                :class:`~ymguard.errors.SyncResourceError` on every store (its guard would
+                block the loop): the fallback gets that error, or it is raised.
             block_handler: called the same way when a rule blocks the call.
             exceptions_to_ignore: exceptions that pass through untouched and do not count
                 as errors.
@@ -348,7 +378,13 @@ class Guard:
                 ctx = Context(name, outer.origin if outer else "", kwargs)
                 chain = self.chain(name)
                 try:
-                    tokens = self._run_sync(chain.enter(ctx))
+                    tokens = self._run_sync(chain.enter(ctx), name)
+                except SyncResourceError as exc:
+                    if fallback is None:
+                        raise
+                    return fallback(
+                        *args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {})
+                    )
                 except Blocked as exc:
                     handler = block_handler or fallback
                     if handler is None:
@@ -368,38 +404,52 @@ class Guard:
                         *args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {})
                     )
                 finally:
-                    self._run_sync(chain.exit(ctx, tokens))
+                    self._run_sync(chain.exit(ctx, tokens), name)
 
             return cast(F, sync_wrapper)
 
         return decorate
 
-    def _run_sync(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a chain step for sync code: on the guard's loop from another thread, or
-        at once on the memory store; on Redis with no loop to hop to, refuse before
-        anything is spent."""
+    def _run_sync(self, coro: Coroutine[Any, Any, Any], name: str) -> Any:
+        """Run a chain step for sync code: on the guard's loop from another thread, or at
+        once on the memory store when no loop runs at all. Refuse, before anything is
+        spent, on the event loop's own thread (the same on every store: waiting there for
+        the loop would deadlock it, and Redis I/O would block it), and on Redis with no
+        loop to hop to."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            if name not in self._warned_sync:
+                self._warned_sync.add(name)
+                log.error("ymguard: sync resource %r called on the event loop's thread", name)
+            raise SyncResourceError(
+                f"ymguard: the sync function guarded as {name!r} was called on the event "
+                "loop's thread, where its guard would block the loop: make it async, or "
+                "call it from a worker thread (a sync endpoint, asyncio.to_thread)"
+            )
         loop = self._loop
         if loop is not None and loop.is_running():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                return asyncio.run_coroutine_threadsafe(coro, loop).result()
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
         if self.store.kind != "memory":
             coro.close()
-            raise RuntimeError(
-                "ymguard: a sync function guarded on Redis must be called from a worker "
-                "thread of a running app (or make it async)"
+            raise SyncResourceError(
+                f"ymguard: the sync function guarded as {name!r} on Redis must be called "
+                "from a worker thread of a running app (or make it async)"
             )
         return _run_now(coro)
 
     def limit(self, spec: str) -> RouteLimit:
         """A limit such as ``"100/second"`` or ``"10/second;500/minute"`` (``limits`` syntax).
 
-        Use it as a decorator on an endpoint, or as a FastAPI dependency
-        (``dependencies=[Depends(guard.limit("10/second"))]``); the endpoint need not take
-        a ``request`` parameter either way.
+        Use it as a decorator on an endpoint, below ``@app.get(...)`` (above it raises
+        ``TypeError``: the route would call the undecorated function), or as a FastAPI
+        dependency (``dependencies=[Depends(guard.limit("10/second"))]``); the endpoint
+        need not take a ``request`` parameter either way. Both forms count per route and
+        name it the same: ``METHOD /route/{template} limit SPEC`` in a refusal's
+        ``resource``.
         """
         return RouteLimit(self, spec)
 
@@ -450,13 +500,21 @@ class Guard:
         type: str | None = None,
         detail: str | None = None,
     ) -> None:
-        """Render ``exc_type`` (raised by the app) as problem+json with this status and title."""
+        """Render ``exc_type`` (raised by the app) as problem+json with this status and title.
+
+        Works before or after :meth:`install`: a mapping added later is registered on
+        every installed app, and once an app has started, ``GuardMiddleware`` renders it.
+        """
         self._exception_map[exc_type] = ErrorMapping(
             status=status, title=title, type=type, detail=detail
         )
+        for app in self._apps:
+            app.add_exception_handler(exc_type, self._handle_exception)
 
     def problem_for(self, exc: BaseException) -> ProblemResponse | None:
         """The problem response for an exception, or None if it is not mapped."""
+        if not self._errors_resolved:
+            self.resolve_errors()
         if isinstance(exc, Blocked):
             ctx = current_context.get()
             if ctx is not None and ctx.blocked is None and ctx.status is None:
@@ -487,8 +545,12 @@ class Guard:
         """Register the global exception mapper on a Starlette or FastAPI app.
 
         Maps :class:`Blocked` errors raised inside endpoints, the ``errors:`` of the rules
-        and every ``map_exception`` to problem+json responses. Import errors in
-        ``errors:`` are reported here, naming the entry.
+        and every ``map_exception`` (also one made after this call) to problem+json
+        responses. The classes ``errors:`` names are imported when the app starts (its
+        first ASGI call), not here, so they may live in the module that calls
+        ``install``; one that does not import stops the startup with a ``ValueError``
+        naming the entry. ``errors:`` imports code: it is a trust boundary, so rules
+        that arrive at run time must never carry it.
 
         Args:
             app: the Starlette or FastAPI application.
@@ -499,18 +561,62 @@ class Guard:
         """
         if http_errors:
             install_http_problems(app)
-        for path, mapping in self.rules.errors.items():
-            self._exception_map.setdefault(_import_exception(path), mapping)
-
-        async def handler(request: Any, exc: Exception) -> Any:
-            response = self.problem_for(exc)
-            if response is None:  # pragma: no cover - only registered for mapped types
-                raise exc
-            return response
-
-        app.add_exception_handler(Blocked, handler)
+        if app not in self._apps:
+            self._apps.append(app)
+        app.add_exception_handler(Blocked, self._handle_exception)
         for exc_type in self._exception_map:
-            app.add_exception_handler(exc_type, handler)
+            app.add_exception_handler(exc_type, self._handle_exception)
+        build = getattr(app, "build_middleware_stack", None)
+        if self._errors_resolved or build is None or getattr(app, "middleware_stack", None):
+            self.resolve_errors()  # already started, or not Starlette: no startup to wait for
+            return
+
+        # Starlette builds its middleware stack (and copies the exception handlers into
+        # it) on its first ASGI call: import errors: just before, once every module is in.
+        def build_after_resolving() -> Any:
+            self.resolve_errors()
+            return build()
+
+        app.build_middleware_stack = build_after_resolving
+
+    def resolve_errors(self) -> None:
+        """Import the classes ``errors:`` names and register them on installed apps.
+
+        Runs once per rule set, at the app's startup (or the first mapped error).
+
+        Raises:
+            ValueError: naming the entry whose class does not import.
+        """
+        if self._errors_resolved:
+            return
+        for path, mapping in self.rules.errors.items():
+            exc_type = _import_exception(path)
+            if exc_type not in self._exception_map:
+                self._exception_map[exc_type] = mapping
+                for app in self._apps:
+                    app.add_exception_handler(exc_type, self._handle_exception)
+        self._errors_resolved = True
+
+    def startup_checks(self) -> None:
+        """What ``GuardMiddleware`` checks on the app's first ASGI call.
+
+        Imports ``errors:`` (a clear ``ValueError`` if an entry does not import) and warns
+        when ``errors:`` maps exceptions but :meth:`install` was never called, so they
+        would answer 500.
+        """
+        self.resolve_errors()
+        if self.rules.errors and not self._apps:
+            log.warning(
+                "ymguard: errors: maps %d exception(s) but guard.install(app) was never "
+                "called: they will answer 500 instead of problem+json",
+                len(self.rules.errors),
+            )
+
+    async def _handle_exception(self, request: Any, exc: Exception) -> Any:
+        response = self.problem_for(exc)
+        if response is None:  # pragma: no cover - only registered for mapped types
+            raise exc
+        return response
 
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
@@ -524,13 +630,77 @@ class Guard:
         await self.store.aclose()
 
 
+#: The keyword the decorator form adds to an endpoint's signature so FastAPI hands it the
+#: request (the route names the limit); removed before the endpoint is called.
+_REQUEST_PARAM = "ymguard_limit_request"
+
+
+def _route_holding(func: Callable[..., Any], refs: int) -> Any:
+    """A route object that already holds ``func`` as its endpoint, or None.
+
+    ``@app.get`` registers the function it is given and returns it unchanged, so a
+    decorator placed above it wraps a function no route calls. The route is found among
+    the objects referring to ``func``. That search walks the heap (tens of ms in a big
+    app), so it only runs when ``func`` has more references (``refs``) than a function
+    fresh from its ``def`` has on its way through ``RouteLimit`` (measured once, with a
+    probe taking the same path): a registered endpoint has several more.
+    """
+    if refs <= _fresh_refs():
+        return None
+    for ref in gc.get_referrers(func):
+        if isinstance(ref, dict):  # an instance __dict__ that was materialised
+            if ref.get("endpoint") is func and "path" in ref:
+                return ref
+        elif getattr(ref, "endpoint", None) is func and hasattr(ref, "path"):
+            return ref
+    return None
+
+
+def _with_request_param(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature plus a keyword-only ``Request`` parameter for FastAPI."""
+    try:
+        sig = inspect.signature(func, eval_str=True)
+    except Exception:  # a forward reference not defined yet: FastAPI resolves it later
+        sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params.insert(len(params) - 1, extra)
+    else:
+        params.append(extra)
+    return sig.replace(parameters=params)
+
+
+@functools.cache
+def _fresh_refs() -> int:
+    def probe() -> None:  # pragma: no cover - never called
+        pass
+
+    limit = RouteLimit.__new__(RouteLimit)
+    limit._measure_only = True
+    # The same way in as ``@limit``; the probe is held by a local name too, which a
+    # function under a decorator is not.
+    return cast(int, limit(probe)) - 1
+
+
 class RouteLimit:
     """``guard.limit(spec)``: a FastAPI dependency and an endpoint decorator in one.
 
+    Both forms limit the route they guard, under one name: ``METHOD /route/{template}``
+    (the resource name of ``RULES.md``), so the same spec counts the same way either way.
     As a dependency FastAPI calls it with the request; as a decorator it wraps the
-    endpoint, keeping its signature. ``__wrapped__`` points at the dependency coroutine so
-    that FastAPI sees ``(request: Request)`` and awaits it.
+    endpoint, keeping its parameters and adding one for the request, which FastAPI fills
+    in. Called outside a request (a plain call in a test or a script), the decorated
+    function is limited under ``module.qualname``.
+
+    The decorator must sit below ``@app.get(...)`` (nearer the function): above it, the
+    route already holds the undecorated function, so it raises ``TypeError`` at once.
+    ``__wrapped__`` points at the dependency coroutine so that FastAPI sees
+    ``(request: Request)`` and awaits it.
     """
+
+    #: Routes one limit keeps counters for (a limit object is normally on one route).
+    MAX_ROUTES = 1024
 
     def __init__(self, guard: Guard, spec: str) -> None:
         self.guard = guard
@@ -555,6 +725,8 @@ class RouteLimit:
                         window_seconds=float(item.get_expiry()),
                     )
                 )
+            if len(self._chains) >= self.MAX_ROUTES:  # stays bounded whatever happens
+                self._chains.clear()
             chain = self._chains[resource] = Chain(resource, checks, ResourceStats())
         return chain
 
@@ -566,10 +738,20 @@ class RouteLimit:
         # statistics must not count the call in flight forever).
         await chain.exit(ctx, await chain.enter(ctx))
 
+    @staticmethod
+    def _resource_of(request: Request | None, default: str) -> str:
+        if request is not None:
+            route = request.scope.get("route")
+            path = getattr(route, "path_format", None)
+            # Without a route template the raw path is client input: never a name.
+            return f"{request.method} {path}" if path else default
+        outer = current_context.get()
+        if outer is not None and outer.scope is not None:  # inside GuardMiddleware
+            return outer.resource
+        return default
+
     async def _dependency(self, request: Request) -> None:
-        route = request.scope.get("route")
-        path = getattr(route, "path_format", None) or request.url.path
-        await self._check(f"{request.method} {path}")
+        await self._check(self._resource_of(request, f"{request.method} (no route)"))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if "request" in kwargs and not args:
@@ -578,22 +760,44 @@ class RouteLimit:
             return self._decorate(args[0])
         raise TypeError("guard.limit(...) decorates a function or is used with Depends()")
 
+    #: Set on the one probe that measures how many references a fresh function has here.
+    _measure_only = False
+
+    @staticmethod
+    def _refs_of(func: Any) -> int:
+        return sys.getrefcount(func)
+
     def _decorate(self, func: F) -> F:
-        resource = f"{func.__module__}.{func.__qualname__}"
+        refs = self._refs_of(func)
+        if self._measure_only:
+            return cast(F, refs)
+        name = f"{func.__module__}.{func.__qualname__}"
+        if _route_holding(func, refs) is not None:
+            raise TypeError(
+                f"@guard.limit({self.spec!r}) is above the route decorator of {name}: the "
+                "route already holds the undecorated function, so the limit would never run. "
+                "Put @guard.limit(...) below @app.get(...), or use "
+                "dependencies=[Depends(guard.limit(...))]"
+            )
+        signature = _with_request_param(func)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                await self._check(resource)
+                request = kwargs.pop(_REQUEST_PARAM, None)
+                await self._check(self._resource_of(request, name))
                 return await func(*args, **kwargs)
 
+            async_wrapper.__signature__ = signature  # type: ignore[attr-defined]
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.guard._run_sync(self._check(resource))
+            request = kwargs.pop(_REQUEST_PARAM, None)
+            self.guard._run_sync(self._check(self._resource_of(request, name)), name)
             return func(*args, **kwargs)
 
+        sync_wrapper.__signature__ = signature  # type: ignore[attr-defined]
         return cast(F, sync_wrapper)
 
 

@@ -16,20 +16,28 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from typing import Any, Literal, NamedTuple
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
 from ._model import RuleModel
-from .chain import Context
+from .chain import Context, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .lua import lua
-from .semaphore import keep_lease, permits_backend
+from .semaphore import _MemoryPermits, keep_lease, permits_backend
 from .storage import MemoryStore, RedisStore, Store
 
 BUCKETS = 10
-#: Per-origin objects a check keeps at most (``other`` rules see client-chosen origins).
+#: Origins one check keeps state for at most (``other`` rules see client-chosen origins).
 ORIGIN_CACHE_MAX = 10_000
+# How many least-recently-used entries a full table looks at for one that holds nothing
+# (a concurrency count with calls in flight is kept if another entry can go instead).
+_EVICT_SCAN = 8
+
+T = TypeVar("T")
 
 
 class FlowRule(RuleModel):
@@ -161,6 +169,96 @@ def window_backend(store: Store) -> Window:
     return _MemoryWindow(store)
 
 
+# -- per-origin state -----------------------------------------------------------------
+
+
+class OriginTable(Generic[T]):
+    """A check's per-origin state: at most ``max_entries`` origins, idle ones swept.
+
+    Origins are client input, so a check may not keep one entry per origin forever. The
+    table is a least-recently-used map: when a new origin arrives, entries idle for
+    ``idle_seconds`` (their state has lapsed, dropping them changes no answer) are swept
+    from the old end, and if it is still full the least recently used entry goes
+    (preferring one that holds nothing). ``drop`` is told of every entry that leaves, so
+    that the memory store frees the state kept under its keys; on Redis the keys expire.
+
+    Args:
+        make: builds the entry of an origin suffix.
+        drop: frees an entry's state when it leaves.
+        idle_seconds: after this long unused, an entry is swept.
+        busy: whether an entry holds something (calls in flight) and should stay.
+        max_entries: the bound (default :data:`ORIGIN_CACHE_MAX`).
+    """
+
+    __slots__ = ("_busy", "_drop", "_entries", "_make", "idle_seconds", "max_entries")
+
+    def __init__(
+        self,
+        make: Callable[[str], T],
+        drop: Callable[[T], None],
+        idle_seconds: float,
+        busy: Callable[[T], bool] | None = None,
+        max_entries: int | None = None,
+    ) -> None:
+        self._make = make
+        self._drop = drop
+        self._busy = busy
+        self.idle_seconds = idle_seconds
+        self.max_entries = max_entries if max_entries is not None else ORIGIN_CACHE_MAX
+        # suffix -> [entry, last used (monotonic)], least recently used first.
+        self._entries: OrderedDict[str, list[Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, suffix: str) -> T:
+        """The entry of ``suffix``, made (and the table swept) if it is new."""
+        now = time.monotonic()
+        item = self._entries.get(suffix)
+        if item is not None:
+            item[1] = now
+            self._entries.move_to_end(suffix)
+            return item[0]  # type: ignore[no-any-return]
+        self._sweep(now)
+        entry = self._make(suffix)
+        self._entries[suffix] = [entry, now]
+        return entry
+
+    def _sweep(self, now: float) -> None:
+        entries = self._entries
+        idle_before = now - self.idle_seconds
+        kept = 0
+        while entries:
+            suffix, item = next(iter(entries.items()))
+            if item[1] > idle_before:
+                break
+            if self._busy is not None and self._busy(item[0]):
+                if kept >= _EVICT_SCAN:
+                    break
+                kept += 1  # in use: it counts as used now, and the sweep goes on past it
+                item[1] = now
+                entries.move_to_end(suffix)
+                continue
+            del entries[suffix]
+            self._drop(item[0])
+        if len(entries) < self.max_entries:
+            return
+        victim = next(iter(entries))
+        if self._busy is not None:
+            for i, suffix in enumerate(entries):
+                if i >= _EVICT_SCAN:
+                    break
+                if not self._busy(entries[suffix][0]):
+                    victim = suffix
+                    break
+        self._drop(entries.pop(victim)[0])
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        while self._entries:
+            self._drop(self._entries.popitem(last=False)[1][0])
+
+
 # -- checks ----------------------------------------------------------------------------
 
 
@@ -170,8 +268,9 @@ class _OriginScope:
     __slots__ = ("named", "origin")
 
     def __init__(self, origin: str, named: frozenset[str]) -> None:
-        self.origin = origin
-        self.named = named
+        # Callers' origins are capped (``cap_origin``): a rule's names are compared capped.
+        self.origin = origin if origin in ("default", "other") else cap_origin(origin)
+        self.named = frozenset(cap_origin(name) for name in named)
 
     def key_for(self, origin: str) -> str | None:
         """The counter suffix for a caller, or ``None`` when the rule does not apply."""
@@ -233,8 +332,13 @@ class QpsCheck(_FlowCheckBase):
         self._memory = self.window if isinstance(self.window, _MemoryWindow) else None
         self._redis = self.window if isinstance(self.window, _RedisWindow) else None
         self._local: _MemoryWindow | None = None
-        # Per origin suffix: the key and, on Redis, the call packed once.
-        self._keys: dict[str, tuple[str, bytes | None]] = {}
+        # Per origin suffix: the key and, on Redis, the call packed once. Every caller
+        # shares one entry unless the rule is per origin; then the table bounds them (a
+        # window idle for a whole window is empty: dropping it changes no answer).
+        self._default = self._key("")
+        self._origins: OriginTable[tuple[str, bytes | None]] = OriginTable(
+            self._key, self._drop_key, idle_seconds=window_seconds * (1 + 1 / BUCKETS)
+        )
 
     def _local_window(self) -> _MemoryWindow:
         if self._local is None:
@@ -246,16 +350,18 @@ class QpsCheck(_FlowCheckBase):
         packed = None
         if self._redis is not None:
             packed = self._redis.pack(key, self.limit, self.window_seconds)
-        if len(self._keys) >= ORIGIN_CACHE_MAX:  # origins come from clients: stay bounded
-            self._keys.clear()
-        entry = self._keys[suffix] = (key, packed)
-        return entry
+        return (key, packed)
+
+    def _drop_key(self, entry: tuple[str, bytes | None]) -> None:
+        for window in (self._memory, self._local):
+            if window is not None:
+                window.store.data.pop(entry[0], None)
 
     async def enter(self, ctx: Context) -> Any:
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
-        key, packed = self._keys.get(suffix) or self._key(suffix)
+        key, packed = self._origins.get(suffix) if suffix else self._default
         window: Window
         if self._redis is None:
             assert self._memory is not None
@@ -299,23 +405,33 @@ class ConcurrencyCheck(_FlowCheckBase):
         super().__init__(store, resource, index, rule, named)
         assert rule.concurrency is not None
         self.limit = rule.concurrency
-        self._backends: dict[str, Any] = {}
         self._local_store: MemoryStore | None = None
+        # Per origin suffix: [suffix, the store's permits, the local fallback's (made on
+        # demand)]. A count with calls in flight stays; one without holds no state at all,
+        # so a second unused is idle enough (a returning caller reuses its entry).
+        self._default: list[Any] | None = None
+        self._origins: OriginTable[list[Any]] = OriginTable(
+            self._entry, _drop_permits, idle_seconds=1.0, busy=_holds_permits
+        )
+
+    def _entry(self, suffix: str) -> list[Any]:
+        return [suffix, permits_backend(self.store, self._name(suffix), "conc"), None]
+
+    def _name(self, suffix: str) -> str:
+        return f"{self.key_base}:{suffix}" if suffix else self.key_base
 
     def _backend(self, suffix: str, local: bool = False) -> Any:
-        cache_key = ("local:" if local else "") + suffix
-        backend = self._backends.get(cache_key)
-        if backend is None:
-            store: Store = self.store
-            if local:
-                if self._local_store is None:
-                    self._local_store = MemoryStore(key_prefix=self.store.key_prefix)
-                store = self._local_store
-            name = f"{self.key_base}:{suffix}" if suffix else self.key_base
-            if len(self._backends) >= ORIGIN_CACHE_MAX:  # origins come from clients
-                self._backends.clear()
-            backend = self._backends[cache_key] = permits_backend(store, name, "conc")
-        return backend
+        if suffix:
+            entry = self._origins.get(suffix)
+        else:
+            entry = self._default = self._default or self._entry("")
+        if not local:
+            return entry[1]
+        if entry[2] is None:
+            if self._local_store is None:
+                self._local_store = MemoryStore(key_prefix=self.store.key_prefix)
+            entry[2] = permits_backend(self._local_store, self._name(suffix), "conc")
+        return entry[2]
 
     async def enter(self, ctx: Context) -> Any:
         suffix = self.scope.key_for(ctx.origin)
@@ -350,6 +466,23 @@ class ConcurrencyCheck(_FlowCheckBase):
                 await backend.release(permit_id)
             except StorageUnavailable:
                 pass  # the lease frees it
+
+
+def _memory_permits(entry: list[Any]) -> list[_MemoryPermits]:
+    return [b for b in entry[1:] if isinstance(b, _MemoryPermits)]
+
+
+def _holds_permits(entry: list[Any]) -> bool:
+    """Whether a per-origin count has calls in flight (or waiting) in process."""
+    return any(b._holders or b._line for b in _memory_permits(entry))
+
+
+def _drop_permits(entry: list[Any]) -> None:
+    """Free a per-origin count's in-process state (on Redis its keys expire)."""
+    for backend in _memory_permits(entry):
+        keys = backend.keys
+        for key in (*keys.all, keys.holders + ":heap", keys.channel):
+            backend.store.data.pop(key, None)
 
 
 FlowCheck = QpsCheck | ConcurrencyCheck

@@ -3,6 +3,12 @@
 It names the resource (``METHOD /route/{template}`` from the matched route, mounted
 sub-apps included), reads the caller's origin, runs the resource's chain, and renders a
 refusal as problem+json. Everything else (algorithms, storage) lives behind the chain.
+
+Methods and paths are client input, so only what the app serves becomes a resource: a
+method the matched route does not serve passes through unguarded to the app's own 405, a
+path no route matches to its 404, and a mounted app without routes is named only for the
+standard HTTP methods. The resources, their chains and statistics are therefore bounded
+by the app's routes, whatever clients send.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ from .guard import Guard, current_context
 from .routecheck import warn_unmatched_rules
 from .types import ASGIApp, Message, Receive, Scope, Send
 
+#: Resolved (method, root path, path) entries the middleware keeps.
 _CACHE_MAX = 4096
+#: Longer paths are resolved every time rather than cached (the cache stays small).
+_CACHE_PATH_MAX = 256
+#: The methods a mounted app without routes (no method list to ask) is named for.
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -32,35 +45,32 @@ def resolve_route(
 ) -> tuple[str, Mapping[str, Any]] | None:
     """The route template that serves ``scope`` and its path params, or None.
 
-    Mounted apps are searched too; their templates are joined to the mount's path.
-    A route that matches the path but not the method still names the resource.
+    Mounted apps are searched too; their templates are joined to the mount's path. A
+    route that matches the path but not the method serves nothing (the app answers 405):
+    None, so that invented methods never become resources.
     """
-    partial: tuple[str, Mapping[str, Any]] | None = None
     for route in routes:
         match, child = route.matches(scope)
-        if match is Match.NONE:
+        if match is not Match.FULL:
             continue
         candidates = getattr(route, "effective_candidates", None)
         if candidates is not None:
             # FastAPI >= 0.120 keeps included routers whole; their candidates carry the
             # prefixed templates and match the full path themselves.
             found = resolve_route(candidates(), scope, prefix)
-            if found is not None and match is Match.FULL:
+            if found is not None:
                 return found
-            if partial is None:
-                partial = found
             continue
         params = child.get("path_params", {})
         if isinstance(route, Mount):
-            if match is Match.FULL:
-                found = resolve_route(route.routes, {**scope, **child}, prefix + route.path)
-                return found or (prefix + _template(route), params)
-            continue
-        if match is Match.FULL:
+            found = resolve_route(route.routes, {**scope, **child}, prefix + route.path)
+            if found is not None:
+                return found
+            if route.routes or scope["method"] not in STANDARD_METHODS:
+                return None  # its router answers 404/405; an invented method is no name
             return prefix + _template(route), params
-        if partial is None:
-            partial = (prefix + _template(route), params)
-    return partial
+        return prefix + _template(route), params
+    return None
 
 
 async def run_until_disconnect(
@@ -115,6 +125,8 @@ class GuardMiddleware:
         self.app = app
         self.guard = guard
         self._resources: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]] | None] = {}
+        self._router = getattr(app, "router", None)
+        self._started = False
 
     def _resolve(self, scope: Scope) -> tuple[str, Mapping[str, Any]] | None:
         method = scope["method"]
@@ -123,19 +135,25 @@ class GuardMiddleware:
             return self._resources[cache_key]
         except KeyError:
             pass
-        router = getattr(scope.get("app"), "router", None)
+        router = getattr(scope.get("app"), "router", None) or self._router
         found: tuple[str, Mapping[str, Any]] | None
         if router is not None:
             found = resolve_route(router.routes, scope)
+        elif f"{method} {scope['path']}" in self.guard.rules.resources:
+            found = (scope["path"], {})  # no routes to ask: only paths the rules name
         else:
-            found = (scope["path"], {})
+            found = None
         resolved = (f"{method} {found[0]}", found[1]) if found is not None else None
-        if len(self._resources) >= _CACHE_MAX:
-            self._resources.clear()
-        self._resources[cache_key] = resolved
+        if len(scope["path"]) <= _CACHE_PATH_MAX:
+            if len(self._resources) >= _CACHE_MAX:
+                self._resources.clear()
+            self._resources[cache_key] = resolved
         return resolved
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._started:  # the app's first ASGI call (its lifespan startup, usually)
+            self._started = True
+            self.guard.startup_checks()
         if scope["type"] != "http":
             if scope["type"] == "lifespan":  # the routes are known now: rules naming none?
                 warn_unmatched_rules(self.guard, scope.get("app", self.app))
@@ -188,6 +206,14 @@ class GuardMiddleware:
             if started:
                 raise
             await guard.problem_for(exc)(scope, receive, send_status)  # type: ignore[misc]
+        except Exception as exc:
+            # A map_exception made after the app started is not in its handlers: render
+            # it here, as install() would have (not counted as an error, like a handled one).
+            response = None if started or not guard._apps else guard.problem_for(exc)
+            if response is None:
+                ctx.error = exc
+                raise
+            await response(scope, receive, send_status)
         except BaseException as exc:
             ctx.error = exc
             raise

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ymguard import Blocked, Context, FlowLimited, Guard
-from ymguard.storage import Store
+from ymguard import Blocked, Context, FlowLimited, Guard, limiter
+from ymguard.storage import MemoryStore, Store
 
 
 def guard_with(store: Store, flow: list[dict[str, Any]], resource: str = "GET /r") -> Guard:
@@ -159,3 +159,77 @@ async def test_redis_keys_carry_the_prefix_and_one_hash_tag(redis_url: str, pref
     await client.aclose()
     await guard.aclose()
     assert keys == [f"{prefix}:{{flow:POST /kill/%7Bid%7D#0}}"]  # braces escaped
+
+
+# -- per-origin state is bounded (origins are client input) ------------------------------
+
+
+def flow_check(guard: Guard, resource: str = "GET /r") -> Any:
+    (check,) = guard.chain(resource).checks
+    return check
+
+
+async def test_50000_origins_keep_at_most_10000_windows_in_memory(prefix: str) -> None:
+    guard = Guard(
+        {"key_prefix": prefix, "resources": {"GET /r": {"flow": [{"qps": 1, "origin": "other"}]}}}
+    )
+    for i in range(50_000):
+        assert await attempt(guard, origin=f"caller-{i}")
+    check = flow_check(guard)
+    assert len(check._origins) == limiter.ORIGIN_CACHE_MAX == 10_000
+    assert len(guard.store.data) == 10_000  # type: ignore[attr-defined]
+    # The most recent callers kept their count.
+    assert not await attempt(guard, origin="caller-49999")
+
+
+async def test_per_origin_state_is_bounded_on_both_stores(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limiter, "ORIGIN_CACHE_MAX", 100)
+    guard = guard_with(
+        store, [{"qps": 1, "origin": "other"}, {"concurrency": 5, "origin": "other"}]
+    )
+    for batch in range(5):
+        await asyncio.gather(*(attempt(guard, origin=f"c{batch}-{i}") for i in range(100)))
+    qps, concurrency = guard.chain("GET /r").checks
+    assert len(qps._origins) <= 100 and len(concurrency._origins) <= 100
+    if isinstance(store, MemoryStore):
+        # per kept origin: one window, and the four (empty) structures of its count
+        assert len(store.data) <= 100 + 4 * 100
+
+
+async def test_idle_origins_are_swept(store: Store) -> None:
+    guard = guard_with(store, [{"qps": 1, "origin": "other"}])
+    for i in range(50):
+        assert await attempt(guard, origin=f"caller-{i}")
+    await asyncio.sleep(1.2)  # past the window: the counts have lapsed
+    assert await attempt(guard, origin="newcomer")
+    assert len(flow_check(guard)._origins) == 1
+    if isinstance(store, MemoryStore):
+        assert len(store.data) == 1
+
+
+async def test_an_origin_with_calls_in_flight_keeps_its_count(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limiter, "ORIGIN_CACHE_MAX", 20)
+    guard = guard_with(store, [{"concurrency": 1, "origin": "other"}])
+    chain = guard.chain("GET /r")
+    held = Context("GET /r", "holder")
+    tokens = await chain.enter(held)
+    for i in range(100):  # many newer origins push the table past its bound
+        assert await attempt(guard, origin=f"caller-{i}")
+    assert not await attempt(guard, origin="holder")  # still at its limit of 1
+    await chain.exit(held, tokens)
+    assert await attempt(guard, origin="holder")
+
+
+async def test_idle_concurrency_counts_are_swept(store: Store) -> None:
+    guard = guard_with(store, [{"concurrency": 1, "origin": "other"}])
+    for i in range(50):
+        assert await attempt(guard, origin=f"caller-{i}")
+    await asyncio.sleep(1.1)  # nothing in flight: their counts hold no state
+    assert await attempt(guard, origin="newcomer")
+    assert len(flow_check(guard)._origins) == 1
+    if isinstance(store, MemoryStore):
+        assert len(store.data) == 4  # the newcomer's (empty) count

@@ -93,10 +93,11 @@ async def test_plain_starlette_routes_are_resources_too() -> None:
     app = Starlette(routes=[Route("/p/{x}", page)])
     app = GuardMiddleware(app, guard=guard)  # type: ignore[assignment]
     async with client(app) as c:
-        # Without Starlette's scope["app"] router the raw path is the resource; wrap it
-        # the usual way to get templates.
-        assert (await c.get("/p/1")).status_code == 200
+        # Wrapped from outside, before Starlette sets scope["app"]: the wrapped app's
+        # router still names the route by its template.
+        assert [(await c.get(f"/p/{i}")).status_code for i in range(2)] == [200, 429]
 
+    guard = Guard({"resources": {"GET /p/{x}": {"flow": [{"qps": 1}]}}})
     app2 = Starlette(routes=[Route("/p/{x}", page)])
     app2.add_middleware(GuardMiddleware, guard=guard)
     async with client(app2) as c:
@@ -140,10 +141,13 @@ async def test_map_exception_with_a_code_attribute() -> None:
     assert response.json()["type"].endswith("/activity-not-ongoing")
 
 
-async def test_a_bad_errors_entry_is_a_clear_error_at_install() -> None:
+async def test_a_bad_errors_entry_is_a_clear_error_at_startup() -> None:
     guard = Guard({"errors": {"no_such_module:Boom": {"status": 400, "title": "x"}}})
+    app = FastAPI()
+    guard.install(app)  # imports nothing yet: the class may be defined after this line
     with pytest.raises(ValueError, match="cannot import 'no_such_module:Boom'"):
-        guard.install(FastAPI())
+        async with client(app) as c:
+            await c.get("/")
 
 
 async def test_guard_limit_as_a_dependency_and_as_a_decorator(
@@ -269,15 +273,16 @@ async def test_resource_decorator_guards_async_and_sync_code(storage_uri: str, p
     assert await pay(5) == 5
     with pytest.raises(FlowLimited):
         await pay(6)
-    if storage_uri == "memory://":
+    guard._loop = asyncio.get_running_loop()
 
-        @guard.resource("sync")
-        def sync_call(x: int) -> int:
-            return x * 2
+    @guard.resource("sync")
+    def sync_call(x: int) -> int:
+        return x * 2
 
-        assert sync_call(2) == 4
-        with pytest.raises(FlowLimited):
-            sync_call(3)
+    # Sync code runs its guard from a worker thread (a sync endpoint's), on either store.
+    assert await asyncio.to_thread(sync_call, 2) == 4
+    with pytest.raises(FlowLimited):
+        await asyncio.to_thread(sync_call, 3)
     await guard.aclose()
 
 
@@ -406,7 +411,8 @@ async def test_routes_of_included_routers_are_named_with_their_prefix() -> None:
         ]
         assert (await c.get("/shop/nothing")).status_code == 404
         assert (await c.delete("/shop/orders/a")).status_code == 405
-    assert guard.stats("DELETE /shop/orders/{order_no}").counts().passed == 1
+    # A method the route does not serve is no resource: it falls through to the 405.
+    assert "DELETE /shop/orders/{order_no}" not in guard._chains
 
 
 async def test_a_disconnect_after_the_response_does_not_cancel_background_work() -> None:
@@ -459,3 +465,90 @@ async def test_a_disconnect_after_the_response_does_not_cancel_background_work()
     assert done.is_set()
     assert sent[0]["status"] == 200
     assert await guard.semaphore("GET /job").available() == 1
+
+
+# -- methods and paths are client input: resources stay bounded ---------------------------
+
+
+def guard_middleware(app: Any) -> GuardMiddleware:
+    """The GuardMiddleware instance of a started Starlette app's stack."""
+    node = app.middleware_stack
+    while not isinstance(node, GuardMiddleware):
+        node = node.app
+    return node
+
+
+async def call(app: Any, method: str, path: str) -> int:
+    """One request straight through the ASGI app (no HTTP client: 50,000 of them are fast)."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return statuses[0]
+
+
+async def test_50000_invented_methods_make_no_resources() -> None:
+    guard = Guard({"resources": {"GET /items/{item_id}": {"flow": [{"qps": 1000}]}}})
+    app = shop(guard)
+    assert await call(app, "GET", "/items/1") == 200
+    for i in range(50_000):
+        assert await call(app, f"M{i}", "/items/1") == 405  # the app's own answer
+    assert list(guard._chains) == ["GET /items/{item_id}"]
+    assert list(guard._stats) == ["GET /items/{item_id}"]
+    assert len(guard_middleware(app)._resources) <= 4096
+
+
+async def test_a_mounted_app_without_routes_is_named_only_for_standard_methods() -> None:
+    guard = Guard()
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("raw")(scope, receive, send)
+
+    app = Starlette()
+    app.mount("/raw", raw)
+    app.add_middleware(GuardMiddleware, guard=guard)
+    assert await call(app, "GET", "/raw/x") == 200
+    for i in range(100):
+        assert await call(app, f"M{i}", "/raw/x") == 200
+    assert list(guard._chains) == ["GET /raw/{path}"]
+
+
+async def test_an_app_without_routes_only_guards_paths_the_rules_name() -> None:
+    guard = Guard({"resources": {"GET /limited": {"flow": [{"qps": 1}]}}})
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("raw")(scope, receive, send)
+
+    app = GuardMiddleware(raw, guard=guard)
+    for i in range(1_000):
+        assert await call(app, "GET", f"/page/{i}") == 200
+    assert [await call(app, "GET", "/limited") for _ in range(2)] == [200, 429]
+    assert list(guard._chains) == ["GET /limited"]
+
+
+async def test_long_paths_are_not_cached() -> None:
+    guard = Guard()
+    app = shop(guard)
+    for i in range(100):
+        await call(app, "GET", f"/items/{i}{'0' * 10_000}")
+    assert sum(len(path) for _, _, path in guard_middleware(app)._resources) < 1_000
