@@ -221,6 +221,8 @@ def test_a_test_session_deletes_its_keys_and_no_other_runs(tmp_path: Path) -> No
 # -- the user docs ------------------------------------------------------------------------
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
 def _doc_pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -250,8 +252,7 @@ def test_links_of_readme_and_docs_reach_files_of_the_repository() -> None:
         f"{page.relative_to(ROOT)}: {target}"
         for page in _doc_pages()
         for target, path in _relative_links(page)
-        if path.is_relative_to(ROOT)
-        and not path.exists()
+        if path.is_relative_to(ROOT) and not path.exists()
     ]
     assert broken == []
 
