@@ -14,7 +14,10 @@ lives in one hash per breaker, changed only by the ``breaker_*.lua`` scripts, an
 transition is published. Each process keeps a local copy of each breaker, refreshed by
 one pub/sub subscriber task per store, so a closed (or open) breaker answers without a
 Redis call; only the few calls that change the state (trip, probe, probe result) run a
-script.
+script. A copy is read from Redis when the breaker is built, and the first calls wait for
+that read: a process started while a breaker is open never admits a call through it. A
+trip opens the local copy at once and then tells Redis, so the calls that arrive during
+that round trip are refused too.
 
 Listeners follow pybreaker's ``CircuitBreakerListener`` protocol (``state_change``,
 ``failure``, ``success``); a ``pybreaker.CircuitBreaker`` with in-memory storage can also
@@ -163,24 +166,30 @@ class _State:
     ``time.monotonic()`` instants. ``version`` is the version of the Redis state the copy
     holds (0: no hash, closed), or ``-1`` once the copy has moved on its own while Redis
     was unavailable: it then differs from Redis, so whatever Redis says next wins.
+    ``known`` is False on Redis until a first reply or message arrives: until then the
+    closed copy is only a default, and no call may be admitted on it.
     """
 
     __slots__ = (
         "breaker",
         "busy",
+        "known",
         "lease_until",
         "listeners",
         "owner",
         "probe_at",
+        "reading",
         "reset_at",
         "state",
         "version",
         "watchers",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, known: bool = True) -> None:
         self.state = CLOSED
         self.version = 0
+        self.known = known
+        self.reading: asyncio.Task[None] | None = None  # the first read from Redis
         self.probe_at = 0.0
         self.lease_until = 0.0
         self.owner = ""
@@ -228,6 +237,7 @@ class _State:
         attempt's) is also taken at the same version (its timers are newer) and with a
         missing hash (Redis lost it: closed is the truth).
         """
+        self.known = True  # any answer from Redis, even an older one, ends the default
         version = int(reply[2])
         if version <= self.version and not (fresh and version in (0, self.version)):
             return
@@ -259,7 +269,7 @@ class _Hub:
         self.uri = store.uri
         self.states: dict[str, tuple[str, _State]] = {}  # channel -> (hash key, state)
         self.pattern = _glob_escape(store.key_prefix) + ":{breaker:*}:events"
-        self.ready = False
+        self.ready = False  # subscribed, and every copy read since
         self.closing = False
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the task's, while it runs
@@ -267,15 +277,45 @@ class _Hub:
         self._side: set[asyncio.Task[None]] = set()
 
     def state(self, key: str, channel: str) -> _State:
-        """The local copy of the breaker at ``key``, created (and read) on first use."""
+        """The local copy of the breaker at ``key``, created (and its read started) on first use."""
         found = self.states.get(channel)
         if found is not None:
             return found[1]
-        st = _State()
+        st = _State(known=False)
         self.states[channel] = (key, st)
-        if self.ready:  # subscribed already: read this one now, the others are fresh
-            self._spawn(self._resync(channel))
+        self.learn(channel)  # read it now, so the first call rarely waits
         return st
+
+    def learn(self, channel: str) -> asyncio.Task[None] | None:
+        """The read of a copy not yet known: the one in flight, or a new one.
+
+        None when no event loop runs (it is started at the first call instead).
+        """
+        st = self.states[channel][1]
+        task = st.reading
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = st.reading = loop.create_task(self._read_one(channel))
+            self._side.add(task)
+            task.add_done_callback(self._read_done)
+        return task
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._side.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that awaited it got it too
+
+    async def _read_one(self, channel: str) -> None:
+        key, st = self.states[channel]
+        store = self._store()
+        if store is None:
+            raise StorageUnavailable("the store was closed")
+        reply = await store.run(self._read, (key,), ())
+        del store
+        st.apply(reply)
 
     def start(self) -> bool:
         """Start the subscriber unless it runs on this loop; False if it cannot run.
@@ -317,12 +357,8 @@ class _Hub:
         task.add_done_callback(self._side.discard)
 
     async def _resync(self, channel: str) -> None:
-        key, st = self.states[channel]
-        store = self._store()
-        if store is None:
-            return
         try:
-            st.apply(await store.run(self._read, (key,), ()))
+            await self._read_one(channel)
         except StorageUnavailable:
             pass  # the next (re)subscription reads it again
 
@@ -332,9 +368,9 @@ class _Hub:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.psubscribe(self.pattern)
-                self.ready = True
                 for channel in list(self.states):
                     await self._resync(channel)
+                self.ready = True  # subscribed, and every copy read since
                 if warned:
                     log.warning("ymguard breakers: pub/sub on %s is back", self.uri)
                     warned = False
@@ -477,7 +513,7 @@ class Breaker:
             assert isinstance(store, MemoryStore)
             st = store.data.get(self.key)
             if not isinstance(st, _State):
-                st = store.data[self.key] = _State()
+                st = store.data[self.key] = _State()  # in process, the copy is the truth
             self._st = st
         self._st.breaker = weakref.ref(self)
 
@@ -499,6 +535,14 @@ class Breaker:
     def state(self) -> BreakerState:
         """The state as this process sees it (on Redis: the local copy)."""
         return self._st.state
+
+    @property
+    def known(self) -> bool:
+        """Whether the local copy has been read from the store (always, on memory).
+
+        Until then no call is admitted: the first ones wait for that read.
+        """
+        return self._st.known
 
     @property
     def current_state(self) -> str:
@@ -561,9 +605,11 @@ class Breaker:
 
     async def acquire(self) -> _Probe | None:
         """Admit a call: ``None`` for an ordinary call, a probe token, or raise CircuitOpen."""
+        st = self._st
         if self._hub is not None:
             self._hub.start()
-        st = self._st
+            if not st.known:
+                await self._learn()
         if st.state is CLOSED:
             return None
         now = time.monotonic()
@@ -602,27 +648,56 @@ class Breaker:
             raise self._refusal(int(reply[3]) / 1000.0)
         raise self._refusal(1.0)
 
+    async def _learn(self) -> None:
+        """Wait for the first read of the state from Redis before admitting a call.
+
+        Until it has answered, the local copy's CLOSED is only a default: a process started
+        while the breaker is open would let calls through it. Every caller waits for the
+        one read in flight. If Redis cannot answer, ``on_storage_error`` decides: ``closed``
+        refuses the call, ``local`` and ``open`` decide on the local copy (the next
+        (re)subscription of the subscriber reads it again).
+        """
+        assert self._hub is not None
+        task = self._hub.learn(self.channel)
+        if task is None:  # pragma: no cover - acquire runs on a loop
+            return
+        try:
+            await asyncio.shield(task)
+        except StorageUnavailable:
+            if self._st.known:  # a message taught it meanwhile
+                return
+            if self.store.on_storage_error == "closed":
+                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+
     def _probe_locally(self) -> _Probe:
         owner = secrets.token_hex(8)
         self._st.move_locally(HALF_OPEN, lease_in=self.lease_seconds, owner=owner)
         return _Probe(owner, local=True)
 
     async def trip(self) -> None:
-        """Open a closed breaker (a no-op if it is not closed any more)."""
+        """Open a closed breaker (a no-op if it is not closed any more).
+
+        The local copy opens at once, before Redis is told: the calls that arrive during
+        the round trip are refused, so a trip lets no more errors through on Redis than
+        on the memory store. The copy keeps its version, so Redis's reply (or the trip's
+        own message) replaces its timers with the server's.
+        """
         st = self._st
-        if st.state is not CLOSED or st.busy:
+        if st.state is not CLOSED:
             return
         if self._hub is None:
             st.move_locally(OPEN, probe_in=self.open_seconds)
             return
-        st.busy = True
+        st.move(OPEN, probe_in=self.open_seconds)
+        st.busy = True  # no probe attempt of this process before Redis has the trip
         try:
             reply = await self._redis.run(
                 self._open, self._keys, (math.ceil(self.open_seconds * 1000),)
             )
         except StorageUnavailable:
-            # Every policy opens the local copy: it only refuses this process's calls.
-            st.move_locally(OPEN, probe_in=self.open_seconds)
+            # Every policy keeps the local copy open: it only refuses this process's
+            # calls. It has moved on its own now: whatever Redis says next wins.
+            st.version = -1
             return
         finally:
             st.busy = False
@@ -693,9 +768,11 @@ class BreakerCheck:
 
     async def enter(self, ctx: Context) -> Any:
         """Admit the call (``None``, or the probe token) or raise :class:`CircuitOpen`."""
-        if self._st.state is CLOSED:
-            # A closed local copy answers alone while it is kept fresh: always on memory,
-            # on Redis while the subscriber runs on this loop (else ``acquire`` starts it).
+        st = self._st
+        if st.state is CLOSED and st.known:
+            # A closed local copy answers alone once read and while it is kept fresh:
+            # always on memory, on Redis while the subscriber runs on this loop (else
+            # ``acquire`` starts it, and a copy never read waits for its first read).
             hub = self._hub
             if hub is None or hub.loop is _get_running_loop():
                 return None

@@ -40,7 +40,7 @@ from .chain import Context
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
 from .lua import lua
 from .storage import MemoryStore, RedisStore, Store, store_from_uri
-from .storage.redis import OUTAGE_ERRORS
+from .storage.redis import OUTAGE_ERRORS, Unanswered
 
 log = logging.getLogger("ymguard.semaphore")
 
@@ -109,6 +109,13 @@ async def _finish(aw: Awaitable[T]) -> T:
         _background.add(task)  # the clean-up goes on in its own task
         task.add_done_callback(_forget)
         raise
+
+
+def _in_background(aw: Awaitable[Any]) -> None:
+    """Run a clean-up in a task of its own, which nobody waits for."""
+    task = asyncio.ensure_future(aw)
+    _background.add(task)
+    task.add_done_callback(_forget)
 
 
 async def _stopped(tasks: Sequence[asyncio.Task[Any]]) -> None:
@@ -948,8 +955,17 @@ class Semaphore:
                         event, reliable = await backend.listen(permit_id, deadline)
                     event.clear()  # before the try: a wake-up during it must not be lost
                 place = min(self.lease_seconds, left) + _PLACE_GRACE if joining else 0.0
-                dirty = True
-                result = await backend.acquire(permit_id, self.permits, self.lease_seconds, place)
+                placed, dirty = dirty, True  # placed: an earlier try left a place in line
+                try:
+                    result = await backend.acquire(
+                        permit_id, self.permits, self.lease_seconds, place
+                    )
+                except StorageUnavailable as exc:
+                    # A try Redis never ran (the store fails fast, or refused it) took
+                    # nothing: only an earlier try's place is left to give back. A try
+                    # that got no answer may have run, so it is given back too.
+                    dirty = placed or isinstance(exc, Unanswered)
+                    raise
                 dirty = joining and not result.acquired
                 if result.acquired:
                     return Permit(self, permit_id, result.expires_at, _backend=backend)
@@ -975,8 +991,14 @@ class Semaphore:
         finally:
             backend.unlisten(permit_id)  # also when cancelled while listening (event unset)
             if dirty:  # cancelled or failed mid-way: give back whatever the store gave us
-                with contextlib.suppress(StorageUnavailable):
-                    await _finish(backend.release(permit_id))
+                if backend.store.available:
+                    with contextlib.suppress(StorageUnavailable):
+                        await _finish(backend.release(permit_id))
+                else:
+                    # In an outage the caller must not wait on the store (the release may
+                    # hang for a whole socket timeout); if it cannot land, the lease (or
+                    # the place's own expiry) frees what it would have.
+                    _in_background(backend.release(permit_id))
 
     @contextlib.asynccontextmanager
     async def hold(

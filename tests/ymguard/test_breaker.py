@@ -373,6 +373,34 @@ async def test_resource_exceptions_count_unless_ignored(make_guard: MakeGuard) -
     assert seen == ["ValueError", "CircuitOpen"]
 
 
+# -- a trip refuses the very next call ---------------------------------------------------
+
+
+async def test_a_trip_refuses_the_next_call_before_the_store_has_answered(
+    make_guard: MakeGuard,
+) -> None:
+    # "Admitted" means the chain let the call through to the endpoint. Calls arrive one
+    # per event-loop turn, as requests do, and each fails at once: the one whose error
+    # passes the threshold (the third: errors > 2) must be the last one admitted, on
+    # Redis too, where telling the store takes a round trip during which calls go on.
+    guard = make_guard(rule("error_count", threshold=2, open_seconds=30))
+    chain = guard.chain(RES)
+    assert await call(chain) == "passed"  # the state is known and kept fresh from here
+    in_flight = Context(RES)
+    in_flight_tokens = await chain.enter(in_flight)  # admitted before the trip
+    arrivals: list[asyncio.Future[str]] = []
+    for _ in range(30):
+        arrivals.append(asyncio.ensure_future(call(chain, "error")))
+        await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*arrivals)
+    assert outcomes == ["passed"] * 3 + ["blocked"] * 27
+    # A call already in flight when it tripped finishes normally and changes nothing.
+    in_flight.status = 200
+    await chain.exit(in_flight, in_flight_tokens)
+    assert state(guard) == "open"
+    assert await call(chain) == "blocked"
+
+
 # -- a probe never sticks (alibaba/Sentinel#1638) -----------------------------------------
 
 
@@ -444,7 +472,9 @@ async def test_a_probe_whose_exit_never_comes_is_replaced_after_its_lease(
 async def test_half_open_lets_exactly_one_of_50_concurrent_requests_in(
     make_guard: MakeGuard,
 ) -> None:
-    guard = make_guard(rule())
+    # The probe's lease outlives the test: with the default (open_seconds, 0.2 s), a
+    # loaded machine that takes longer to refuse the 49 would rightly admit a new probe.
+    guard = make_guard(rule(probe_lease_seconds=30))
     backend = Backend()
     async with client(http_app(guard, backend)) as c:
         await c.get("/work", params={"mode": "fail"})
@@ -580,8 +610,37 @@ async def test_a_trip_in_one_process_opens_it_everywhere_without_redis_calls(
     assert calls_b[0] == 0  # an open breaker too, until its timer ends
 
 
+async def test_a_process_started_after_a_trip_admits_nothing_to_the_open_breaker(
+    two_stores: list[RedisStore],
+) -> None:
+    rules = {"resources": {RES: {"breaker": [rule(open_seconds=30)]}}}
+    tripped = Guard(rules, storage=two_stores[0])
+    await call(tripped.chain(RES), "error")
+    assert state(tripped) == "open"
+    fresh = Guard(rules, storage=two_stores[1])  # a worker started (or scaled up) now
+    chain = fresh.chain(RES)
+    outcomes = await asyncio.gather(*(call(chain) for _ in range(20)))
+    assert outcomes == ["blocked"] * 20
+    assert state(fresh) == "open"
+    assert 29 < (fresh.breakers()[0].retry_after or 0) <= 30  # Redis's timer, not a new one
+
+
+async def test_a_fresh_guard_on_the_same_store_admits_nothing_to_the_open_breaker(
+    store: Store,
+) -> None:
+    # The memory store's twin of the test above: one process, a second Guard (a reload).
+    rules = {"resources": {RES: {"breaker": [rule(open_seconds=30)]}}}
+    try:
+        await call(Guard(rules, storage=store).chain(RES), "error")
+        chain = Guard(rules, storage=store).chain(RES)
+        assert await asyncio.gather(*(call(chain) for _ in range(20))) == ["blocked"] * 20
+    finally:
+        await close_breakers(store)
+
+
 async def test_one_probe_across_two_processes(two_stores: list[RedisStore]) -> None:
-    guards = [Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in two_stores]
+    rules = {"resources": {RES: {"breaker": [rule(probe_lease_seconds=30)]}}}
+    guards = [Guard(rules, storage=s) for s in two_stores]
     backend = Backend()
     apps = [http_app(g, backend) for g in guards]
     async with client(apps[0]) as c0, client(apps[1]) as c1:
@@ -617,6 +676,28 @@ async def test_redis_outage_falls_back_to_a_local_breaker(private_redis: RedisSe
         await asyncio.sleep(OPEN + 0.05)
         assert await call(chain) == "passed"  # a local probe
         assert state(guard) == "closed"
+    finally:
+        await guard.aclose()
+
+
+@pytest.mark.parametrize(("policy", "status"), [("local", 200), ("open", 200), ("closed", 503)])
+async def test_a_breaker_redis_never_answered_for_follows_on_storage_error(
+    private_redis: RedisServer, prefix: str, policy: str, status: int
+) -> None:
+    # A process starting during an outage cannot know the state: the policy decides.
+    url = private_redis.url + "?socket_timeout=0.3&socket_connect_timeout=0.3"
+    rules = {"on_storage_error": policy, "resources": {RES: {"breaker": [rule()]}}}
+    guard = Guard(rules, storage=RedisStore(url, key_prefix=prefix, on_storage_error=policy))
+    private_redis.stop()
+    try:
+        async with client(http_app(guard, Backend())) as c:
+            responses = await asyncio.wait_for(
+                asyncio.gather(*(c.get("/work") for _ in range(5))), timeout=10
+            )  # a liveness bound, not a timing
+        assert [r.status_code for r in responses] == [status] * 5
+        if policy == "closed":
+            assert responses[0].json()["type"] == PROBLEM_BASE + "storage-unavailable"
+        assert state(guard) == "closed"  # nothing was learnt, nothing was tripped
     finally:
         await guard.aclose()
 
@@ -675,6 +756,27 @@ async def test_two_uvicorn_processes_share_the_breaker_and_its_one_probe(
                 if time.monotonic() > deadline:  # a liveness bound, not a timing
                     pytest.fail("a process never saw the close")
                 await asyncio.sleep(0.01)
+
+
+async def test_a_uvicorn_worker_started_after_a_trip_admits_nothing(
+    redis_url: str, prefix: str
+) -> None:
+    env = {
+        "YMGUARD_TEST_REDIS": redis_url,
+        "YMGUARD_TEST_PREFIX": prefix,
+        "YMGUARD_TEST_OPEN_SECONDS": "60",
+    }
+    async with httpx.AsyncClient(timeout=30) as c:
+        with running([Uvicorn("tests.apps.breaker_app:app", env=env)]) as (first,):
+            assert (await c.get(first.url + "/work", params={"fail": 1})).status_code == 500
+        # A worker started (restarted, scaled up) while the breaker is open: its very
+        # first requests, all at once, find it open.
+        with running([Uvicorn("tests.apps.breaker_app:app", env=env)]) as (late,):
+            responses = await asyncio.gather(*(c.get(late.url + "/work") for _ in range(30)))
+            hits = (await c.get(late.url + "/hits")).json()["hits"]
+    print(f"admitted by the late worker: {hits}")
+    assert [r.status_code for r in responses] == [503] * 30
+    assert hits == 0
 
 
 async def test_a_probe_result_lost_in_an_outage_never_stops_it_opening(
@@ -754,7 +856,9 @@ async def test_a_store_dropped_without_aclose_is_collected(redis_url: str, prefi
     store = RedisStore(redis_url, key_prefix=prefix)
     breaker = Breaker(store, "dropped", open_seconds=OPEN)
     hub = _hub_for(store)
-    await eventually(lambda: hub.ready, "the subscriber listens")
+    # A read in flight holds the store (its call does) until Redis answers.
+    copy = breaker._st  # holds no store
+    await eventually(lambda: hub.ready and copy.known and not hub._side, "reads are done")
     pipe, dropped = store._pipe, weakref.ref(store)
     del store, breaker
     gc.collect()

@@ -534,7 +534,9 @@ async def test_a_process_killed_holding_3_permits_leaks_nothing_once_the_lease_p
             worker.kill()
             await worker.wait()
     store = store_from_uri(redis_url, key_prefix=prefix)
-    sem = Semaphore("doomed", 5, 2, store)
+    # The test's own permits get a lease far longer than its wait: with the dead worker's
+    # 2 s, the two taken at once would expire as the fifth is taken (and be counted free).
+    sem = Semaphore("doomed", 5, 60, store)
     assert await sem.held() == 3  # the dead process's permits are still leased ...
     # ... until their lease passes; these waiters are woken by those expiries.
     permits = [await sem.acquire(timeout=10) for _ in range(5)]

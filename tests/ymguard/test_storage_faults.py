@@ -152,3 +152,53 @@ def test_cluster_and_sentinel_uris_build_their_clients() -> None:
 
 def test_guard_middleware_is_exported() -> None:
     assert GuardMiddleware.__module__ == "ymguard.middleware"
+
+
+@pytest.mark.parametrize(("policy", "status"), [("local", 200), ("open", 200), ("closed", 503)])
+async def test_semaphore_requests_during_a_hang_never_wait_on_the_hung_redis(
+    private_redis: RedisServer, policy: str, status: int
+) -> None:
+    # Once the store has seen the outage it fails fast; a semaphore acquire that failed
+    # fast took nothing, so it must neither release against the hung server (a whole
+    # socket timeout per request) nor wait beyond its own wait_ms.
+    rules = {
+        "on_storage_error": policy,
+        "resources": {RESOURCE: {"semaphore": {"permits": 2, "wait_ms": 100, "lease_seconds": 1}}},
+    }
+    guard = Guard(rules, storage=private_redis.url + "?socket_timeout=0.3")
+    async with client(shop(guard)) as c:
+        assert await burst(c, 2) == [200, 200]
+        private_redis.pause()
+        try:
+            first = await asyncio.wait_for(c.get("/items/0"), timeout=10)  # sees the hang
+            assert first.status_code == status
+            assert not guard.store.available
+            statuses: list[int] = []
+            try:
+                # Sequential: on a hung Redis each request would cost >= 0.3 s (9 s for 30).
+                async with asyncio.timeout(5):  # a liveness bound, not a timing
+                    for i in range(30):
+                        statuses.append((await c.get(f"/items/{i}")).status_code)
+            except TimeoutError:
+                pytest.fail(f"only {len(statuses)} of 30 requests answered during the hang")
+            assert statuses == [status] * 30
+            if policy == "closed":
+                problem = (await c.get("/items/1")).json()
+                assert problem["type"].endswith("/storage-unavailable")
+        finally:
+            private_redis.resume()
+        deadline = time.monotonic() + 8
+        while not guard.store.available:
+            await c.get("/items/1")
+            if time.monotonic() > deadline:  # a liveness bound, not a timing
+                pytest.fail("no recovery within 8 s")
+            await asyncio.sleep(0.1)
+        # The try that saw the hang may run when Redis resumes, and its release (sent on
+        # another connection) before it: then its lease frees it. Nothing stays held.
+        sem = guard.semaphore(RESOURCE)
+        while await sem.held():
+            if time.monotonic() > deadline + 5:  # a liveness bound, not a timing
+                pytest.fail("a permit taken during the hang was never freed")
+            await asyncio.sleep(0.1)
+        assert await burst(c, 2) == [200, 200]  # decided on Redis again
+    await guard.aclose()

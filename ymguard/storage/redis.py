@@ -46,6 +46,16 @@ UNAVAILABLE_REPLIES = re.compile(r"(?:^|-)(?:READONLY|OOM|BUSY|LOADING|MASTERDOW
 _DEFAULTS = {"socket_timeout": "0.5", "socket_connect_timeout": "0.5"}
 
 
+class Unanswered(StorageUnavailable):
+    """A call was sent (or being sent) but no answer came: it may or may not have run.
+
+    The other :class:`StorageUnavailable` errors of this store mean it did not run: the
+    call was refused before it was sent (the store fails fast after an outage), or Redis
+    answered that it cannot serve. A caller that must undo what a call may have done (a
+    semaphore's acquire) tells the two apart.
+    """
+
+
 def _with_defaults(uri: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
@@ -212,7 +222,7 @@ class RedisStore(Store):
             result = await make()
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
-            raise StorageUnavailable(f"{self.uri} is unavailable: {exc}") from exc
+            raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
         except ResponseError as exc:
             if not UNAVAILABLE_REPLIES.search(str(exc)):
                 raise  # a bug in a script: let it be seen
