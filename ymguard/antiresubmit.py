@@ -33,18 +33,24 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import re
 import secrets
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qsl
 
 from pydantic import Field, field_validator
 
 from ._model import RuleModel
+from .backends.responses import (
+    Begun,
+    KeptResponse,
+    KeptResponses,
+    MemoryResponses,
+)
+from .backends.tokens import Tokens
 from .chain import Context, ShortCircuit
 from .errors import (
     DuplicateSubmission,
@@ -56,9 +62,8 @@ from .errors import (
     StorageBlocked,
     StorageUnavailable,
 )
-from .lua import lua
-from .storage import MemoryStore, RedisStore, Store, store_from_uri
-from .types import Message, Receive, Scope, Send
+from .storage import MemoryStore, Store, store_from_uri
+from .types import Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
 
@@ -256,76 +261,6 @@ def _digest(*parts: str | bytes) -> str:
     return h.hexdigest()[:32]
 
 
-# -- submit tokens, on each store ------------------------------------------------------
-
-_SWEEP_EVERY = 1024
-
-
-def _sweep(store: MemoryStore, kind: type[Any]) -> None:
-    """Drop expired entries of one kind: Redis expires keys, the memory store must sweep.
-
-    Called once per ``_SWEEP_EVERY`` writes, so its cost (one pass over the store) is
-    spread thin, and keys nobody reads again do not pile up.
-    """
-    now = store.now()
-    data = store.data
-    for key in [k for k, v in data.items() if isinstance(v, kind) and v.expires_at <= now]:
-        del data[key]
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    token: str
-    expires_at: float
-
-
-class _MemoryTokens:
-    """Tokens in process: a :class:`_Token` under the scope's key."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self._writes = 0
-
-    async def issue(self, key: str, token: str, ttl: float) -> None:
-        self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
-            _sweep(self.store, _Token)
-        self.store.data[key] = _Token(token, self.store.now() + ttl)
-
-    async def consume(self, key: str, token: str) -> bool:
-        entry: _Token | None = self.store.data.get(key)
-        if entry is None:
-            return False
-        if entry.expires_at <= self.store.now():
-            del self.store.data[key]
-            return False
-        if not secrets.compare_digest(entry.token, token):
-            return False
-        del self.store.data[key]
-        return True
-
-
-class _RedisTokens:
-    """Tokens on Redis: ``SET PX`` to issue, ``antiresubmit_consume.lua`` to spend."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
-        self._consume = store.script(lua("antiresubmit_consume"))
-
-    async def issue(self, key: str, token: str, ttl: float) -> None:
-        await self.store.call("SET", key, token, "PX", math.ceil(ttl * 1000))
-
-    async def consume(self, key: str, token: str) -> bool:
-        return bool(await self.store.run(self._consume, (key,), (token,)))
-
-
-def _tokens_backend(store: Store) -> _MemoryTokens | _RedisTokens:
-    if isinstance(store, RedisStore):
-        return _RedisTokens(store)
-    assert isinstance(store, MemoryStore)
-    return _MemoryTokens(store)
-
-
 _MAX_TOKEN_LENGTH = 256
 
 
@@ -364,8 +299,8 @@ class SubmitTokens:
         self.prefix = prefix
         self._rules = rules
         self._origin_of = origin_of
-        self._backend = _tokens_backend(self.store)
-        self._local: _MemoryTokens | None = None
+        self._backend: Tokens = self.store.tokens()
+        self._local: Tokens | None = None
 
     def __repr__(self) -> str:
         return f"SubmitTokens(store={self.store!r}, ttl_seconds={self.ttl_seconds})"
@@ -374,9 +309,9 @@ class SubmitTokens:
         """The store key of a scope's token (the scope is hashed: any length, no PII)."""
         return self.store.key(self.prefix, _digest(scope))
 
-    def _local_backend(self) -> _MemoryTokens:
+    def _local_backend(self) -> Tokens:
         if self._local is None:
-            self._local = _MemoryTokens(MemoryStore(key_prefix=self.store.key_prefix))
+            self._local = self.store.local.tokens()
         return self._local
 
     async def issue(self, scope: str, ttl_seconds: float | None = None) -> str:
@@ -395,9 +330,8 @@ class SubmitTokens:
         key = self.key(scope)
         try:
             await self._backend.issue(key, token, ttl)
-        except StorageUnavailable:
-            if self.store.on_storage_error == "closed":
-                raise
+        except StorageUnavailable as exc:
+            self.store.on_outage(exc)  # closed: raised; open and local: issued in process
             await self._local_backend().issue(key, token, ttl)
         return token
 
@@ -412,10 +346,8 @@ class SubmitTokens:
         key = self.key(scope)
         try:
             return await self._backend.consume(key, token)
-        except StorageUnavailable:
-            if self.store.on_storage_error == "closed":
-                raise
-            if self.store.on_storage_error == "open":
+        except StorageUnavailable as exc:
+            if self.store.on_outage(exc) == "open":
                 return True
             return await self._local_backend().consume(key, token)
 
@@ -597,198 +529,6 @@ class _Recorder:
                 self.complete = True
 
 
-@dataclass(frozen=True, slots=True)
-class KeptResponse:
-    """A finished response kept under an idempotency key.
-
-    Attributes:
-        status: the HTTP status.
-        headers: the kept headers (lower-case names), in order.
-        body: the body, byte for byte; empty when ``kept`` is False.
-        kept: False when the response was too large or not storable: only its status is
-            known, and retries get :class:`IdempotencyResponseNotKept`.
-    """
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    kept: bool = True
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Replay the response, marked ``Idempotent-Replayed: true``."""
-        headers = [
-            *self.headers,
-            (b"content-length", str(len(self.body)).encode()),
-            (b"idempotent-replayed", b"true"),
-        ]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-def _encode_headers(headers: list[tuple[bytes, bytes]]) -> str:
-    return json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers])
-
-
-def _decode_headers(raw: bytes | str) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(raw)]
-
-
-@dataclass(frozen=True, slots=True)
-class Begun:
-    """What :meth:`begin` found under a key.
-
-    Attributes:
-        state: ``new`` (the lease is ours), ``mismatch`` (another fingerprint),
-            ``in_flight`` (another holder's lease), or ``done``.
-        lease_left: seconds left on another holder's lease (``in_flight``).
-        response: the kept response (``done``).
-    """
-
-    state: Literal["new", "mismatch", "in_flight", "done"]
-    lease_left: float = 0.0
-    response: KeptResponse | None = None
-
-
-@dataclass(slots=True)
-class _Record:
-    fp: str
-    expires_at: float
-    lease: str | None = None
-    response: KeptResponse | None = None
-
-
-class _MemoryIdempotency:
-    """Idempotency records in process: a :class:`_Record` under each key."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self._writes = 0
-
-    def __len__(self) -> int:
-        return len(self.store.data)
-
-    def _live(self, key: str) -> _Record | None:
-        record: _Record | None = self.store.data.get(key)
-        if record is not None and record.expires_at <= self.store.now():
-            del self.store.data[key]
-            return None
-        return record
-
-    def has(self, key: str) -> bool:
-        """Whether a live record (in flight or done) is kept under ``key``."""
-        return self._live(key) is not None
-
-    def hold(self, key: str, fp: str, lease_id: str) -> None:
-        """Mirror a lease this process holds on another store (it ends with :meth:`forget`)."""
-        self.store.data[key] = _Record(fp, math.inf, lease=lease_id)
-
-    def forget(self, key: str) -> None:
-        """Drop whatever is kept under ``key``."""
-        self.store.data.pop(key, None)
-
-    async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
-        record = self._live(key)
-        now = self.store.now()
-        if record is None:
-            self._writes += 1
-            if self._writes % _SWEEP_EVERY == 0:
-                _sweep(self.store, _Record)
-            self.store.data[key] = _Record(fp, now + lease, lease=lease_id)
-            return Begun("new")
-        if record.fp != fp:
-            return Begun("mismatch")
-        if record.lease is not None:
-            return Begun("in_flight", lease_left=min(record.expires_at - now, lease))
-        return Begun("done", response=record.response)
-
-    async def renew(self, key: str, lease_id: str, lease: float) -> bool:
-        record = self._live(key)
-        if record is None or record.lease != lease_id:
-            return False
-        record.expires_at = max(record.expires_at, self.store.now() + lease)
-        return True
-
-    async def complete(
-        self, key: str, lease_id: str, fp: str, response: KeptResponse, ttl: float
-    ) -> bool:
-        record = self._live(key)
-        if record is not None and record.lease != lease_id:
-            return False
-        self.store.data[key] = _Record(fp, self.store.now() + ttl, response=response)
-        return True
-
-    async def abort(self, key: str, lease_id: str) -> bool:
-        record = self._live(key)
-        if record is None or record.lease != lease_id:
-            return False
-        del self.store.data[key]
-        return True
-
-
-class _RedisIdempotency:
-    """Idempotency records on Redis: one hash per key, one Lua call per state change."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
-        self._begin = store.script(lua("idempotency_begin"))
-        self._renew = store.script(lua("idempotency_renew"))
-        self._complete = store.script(lua("idempotency_complete"))
-        self._abort = store.script(lua("idempotency_abort"))
-
-    async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
-        reply = await self.store.run(self._begin, (key,), (fp, lease_id, math.ceil(lease * 1000)))
-        state = int(reply[0])
-        if state == 0:
-            return Begun("new")
-        if state == 1:
-            return Begun("mismatch")
-        if state == 2:
-            return Begun("in_flight", lease_left=max(0, int(reply[1])) / 1000.0)
-        status, headers, body, kept = reply[1:5]
-        return Begun(
-            "done",
-            response=KeptResponse(int(status), _decode_headers(headers), body, kept == b"1"),
-        )
-
-    async def renew(self, key: str, lease_id: str, lease: float) -> bool:
-        return bool(await self.store.run(self._renew, (key,), (lease_id, math.ceil(lease * 1000))))
-
-    async def complete(
-        self,
-        key: str,
-        lease_id: str,
-        fp: str,
-        response: KeptResponse,
-        ttl: float,
-        *,
-        always_try: bool = False,
-    ) -> bool:
-        args = (
-            lease_id,
-            fp,
-            response.status,
-            _encode_headers(response.headers),
-            response.body,
-            "1" if response.kept else "0",
-            max(1, math.ceil(ttl * 1000)),
-        )
-        return bool(await self.store.run(self._complete, (key,), args, always_try=always_try))
-
-    async def abort(self, key: str, lease_id: str, *, always_try: bool = False) -> bool:
-        return bool(await self.store.run(self._abort, (key,), (lease_id,), always_try=always_try))
-
-
-IdempotencyBackend = _MemoryIdempotency | _RedisIdempotency
-
-
-def idempotency_backend(store: Store) -> IdempotencyBackend:
-    """The idempotency-record implementation for a store (memory or Redis)."""
-    if isinstance(store, RedisStore):
-        return _RedisIdempotency(store)
-    assert isinstance(store, MemoryStore)
-    return _MemoryIdempotency(store)
-
-
 def _replaying(chunks: list[Message], receive: Receive) -> Receive:
     """A ``receive`` that hands out ``chunks`` again, then defers to the real one."""
     pending = list(chunks)
@@ -850,7 +590,7 @@ class _Held:
     response waits for the store to answer.
     """
 
-    backend: IdempotencyBackend
+    backend: KeptResponses
     key: str
     lease_id: str
     fp: str
@@ -902,11 +642,13 @@ class IdempotencyCheck:
         self.rule = rule
         self.methods = frozenset(rule.methods)
         self.header = rule.header.lower().encode("latin-1")
-        self.backend = idempotency_backend(store)
-        # On Redis: the keys this process holds, and the responses Redis has not taken.
-        self._local: _MemoryIdempotency | None = None
-        if isinstance(self.backend, _RedisIdempotency):
-            self._local = _MemoryIdempotency(MemoryStore(key_prefix=store.key_prefix))
+        self.backend: KeptResponses = store.responses()
+        # On a remote store: the keys this process holds, and the responses the store has
+        # not taken yet. Records of this check only (its write-behind, not a fallback):
+        # their count bounds what one resource keeps in process during an outage.
+        self._local: MemoryResponses | None = None
+        if store.remote:
+            self._local = MemoryResponses(MemoryStore(key_prefix=store.key_prefix))
         self._waiting: dict[str, _Waiting] = {}
         self._waiting_bytes = 0
         self._syncer: asyncio.Task[None] | None = None
@@ -915,6 +657,9 @@ class IdempotencyCheck:
 
     def __repr__(self) -> str:
         return f"IdempotencyCheck({self.resource!r}, {self.description!r})"
+
+    def _refusal(self) -> StorageBlocked:
+        return StorageBlocked(self.resource, self.description, retry_after=1.0)
 
     def _missing(self, detail: str) -> IdempotencyKeyMissing:
         return IdempotencyKeyMissing(self.resource, self.description, detail=detail)
@@ -948,7 +693,7 @@ class IdempotencyCheck:
         )
         return body
 
-    async def _begin(self, key: str, fp: str, lease_id: str) -> tuple[IdempotencyBackend, Begun]:
+    async def _begin(self, key: str, fp: str, lease_id: str) -> tuple[KeptResponses, Begun]:
         """Look the key up where it lives: this process first, then the store."""
         lease = self.rule.lease_seconds
         local = self._local
@@ -959,12 +704,11 @@ class IdempotencyCheck:
         try:
             begun = await self.backend.begin(key, fp, lease_id, lease)
         except StorageUnavailable:
-            if self.store.on_storage_error == "closed":
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            policy = self.store.on_outage(self._refusal())
             if len(local) >= MAX_LOCAL_RECORDS and not local.has(key):
-                if self.store.on_storage_error == "open":
+                if policy == "open":
                     return self.backend, Begun("done")  # pass, unguarded (see enter)
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+                raise self._refusal() from None
             return local, await local.begin(key, fp, lease_id, lease)
         if begun.state == "new":
             local.hold(key, fp, lease_id)
@@ -1153,7 +897,7 @@ class IdempotencyCheck:
         """Write what waited for the store, as soon as it answers; then forget it here."""
         backend = self.backend
         local = self._local
-        assert local is not None and isinstance(backend, _RedisIdempotency)
+        assert local is not None
         loop = asyncio.get_running_loop()
         pause = _SYNC_PAUSE
         while self._waiting:
@@ -1229,7 +973,6 @@ __all__ = [
     "close_idempotency_tasks",
     "credentials_of",
     "fingerprint",
-    "idempotency_backend",
     "parse_idempotency_key",
     "scope_of",
 ]

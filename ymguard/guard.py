@@ -39,7 +39,6 @@ from .breaker import (
     PybreakerCheck,
     breaker_error_statuses,
     build_breaker_checks,
-    close_breakers,
 )
 from .chain import DEFAULT_ERROR_STATUSES, Chain, Context, cap_origin
 from .errors import (
@@ -54,7 +53,6 @@ from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
 from .semaphore import (
     Semaphore,
     build_semaphore_checks,
-    close_store_tasks,
     semaphore_for_rule,
 )
 from .stats import ResourceStats
@@ -624,8 +622,7 @@ class Guard:
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
         and idempotency leases and writes still waiting for the store.
         """
-        await close_breakers(self.store)
-        await close_store_tasks(self.store)
+        await self.store.close_tasks()
         await close_idempotency_tasks(self.store)
         await self.store.aclose()
 

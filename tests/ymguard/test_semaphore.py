@@ -406,7 +406,7 @@ async def test_a_short_wait_is_not_held_up_by_an_unconfirmed_subscription(
 
     monkeypatch.setattr(store.client, "pubsub", subscribe_hangs)
     # Were the wait for a confirmation bounded by this alone, the acquires would hang.
-    monkeypatch.setattr("ymguard.semaphore._SUBSCRIBE_TIMEOUT", 3600.0)
+    monkeypatch.setattr("ymguard.backends.permits._SUBSCRIBE_TIMEOUT", 3600.0)
     sem = Semaphore("s", 1, 3600, store)
     holder = await sem.acquire()
     async with asyncio.timeout(30):  # a guard against a hang, not a measure

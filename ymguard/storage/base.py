@@ -1,10 +1,18 @@
-"""The part every store shares: key layout and the storage-error policy."""
+"""The part every store shares: key layout, the outage policy, the primitive factories."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NoReturn
+
+if TYPE_CHECKING:
+    from ..backends.breaker_state import BreakerStore
+    from ..backends.permits import Permits
+    from ..backends.responses import KeptResponses
+    from ..backends.tokens import Tokens
+    from ..backends.window import Window
+    from .memory import MemoryStore
 
 StoragePolicy = Literal["local", "open", "closed"]
 
@@ -75,7 +83,8 @@ class Store:
     """Base of the stores.
 
     Attributes:
-        kind: ``"memory"`` or ``"redis"``; a rule kind picks its implementation by it.
+        kind: ``"memory"`` or ``"redis"`` (for messages; a rule kind never branches on it:
+            it asks the store for its primitives, :meth:`window`, :meth:`permits`...).
         key_prefix: the first part of every key.
         on_storage_error: ``local`` | ``open`` | ``closed``.
     """
@@ -110,3 +119,58 @@ class Store:
 
     async def aclose(self) -> None:
         """Release connections; the store is unusable afterwards."""
+
+    #: Whether the state lives outside this process (and can be unavailable).
+    remote: bool = False
+
+    # -- the primitives, chosen once by the store ------------------------------------------
+
+    def window(self) -> Window:
+        """The sliding window on this store (``backends/window.py``)."""
+        raise NotImplementedError
+
+    def permits(self, name: str, kind: str = "sem") -> Permits:
+        """The leased permits called ``name`` (``kind``: ``sem`` | ``conc``) on this store."""
+        raise NotImplementedError
+
+    def tokens(self) -> Tokens:
+        """The one-use submit tokens on this store."""
+        raise NotImplementedError
+
+    def responses(self) -> KeptResponses:
+        """The Idempotency-Key records on this store."""
+        raise NotImplementedError
+
+    def breaker(self, name: str) -> BreakerStore:
+        """The state of the breaker called ``name`` on this store."""
+        raise NotImplementedError
+
+    # -- outages ---------------------------------------------------------------------------
+
+    @property
+    def local(self) -> MemoryStore:
+        """The in-process store checks fall back on while this one is unavailable.
+
+        One per store (the memory store is its own), so every check of the store shares
+        it and it survives a reload of the rules.
+        """
+        raise NotImplementedError
+
+    def on_outage(self, refusal: BaseException) -> Literal["open", "local"]:
+        """Apply ``on_storage_error`` to a call the store could not serve.
+
+        The one place the policy is read: ``closed`` raises ``refusal``; ``open`` and
+        ``local`` are returned for the caller to let the call pass unguarded or decide it
+        on :attr:`local`.
+        """
+        policy = self.on_storage_error
+        if policy == "closed":
+            _refuse(refusal)
+        return policy
+
+    async def close_tasks(self) -> None:
+        """Stop the background tasks tied to this store (pub/sub, lease keeper)."""
+
+
+def _refuse(refusal: BaseException) -> NoReturn:
+    raise refusal from None
