@@ -35,8 +35,7 @@ import json
 import logging
 import re
 import secrets
-import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -541,33 +540,6 @@ def _replaying(chunks: list[Message], receive: Receive) -> Receive:
     return replay
 
 
-# -- background work: lease renewals and writes that waited for the store ---------------
-
-# The tasks of each store, so that Guard.aclose can stop them (close_idempotency_tasks).
-_tasks: weakref.WeakKeyDictionary[Store, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
-
-
-def _spawn(store: Store, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    task = asyncio.get_running_loop().create_task(work)
-    running = _tasks.setdefault(store, set())
-    running.add(task)
-    task.add_done_callback(running.discard)
-    return task
-
-
-async def close_idempotency_tasks(store: Store) -> None:
-    """Stop the idempotency work left running on ``store`` (renewals, pending writes).
-
-    ``Guard.aclose`` calls it. A response whose write still waited for the store is then
-    kept by no one: its lease expires on the store, and the key can run again after it.
-    """
-    running = _tasks.pop(store, set())
-    for task in running:
-        task.cancel()
-    if running:
-        await asyncio.gather(*running, return_exceptions=True)
-
-
 #: Most records kept in process per idempotent resource while the store is down
 #: (``on_storage_error: local | open``); past it, new keys are refused (local) or pass
 #: unguarded (open). Each is a few hundred bytes plus its kept body.
@@ -777,7 +749,7 @@ class IdempotencyCheck:
     def _start_renewing(self, held: _Held) -> None:
         held.timer = None
         if not held.stopped:
-            held.renewer = _spawn(self.store, self._renew(held))
+            held.renewer = self.store.spawn(self._renew(held))
 
     async def _renew(self, held: _Held) -> None:
         """Renew the lease every third of its length until ``held.stop()``."""
@@ -882,7 +854,7 @@ class IdempotencyCheck:
         self._forget_waiting(key)
         self._waiting[key] = waiting
         if self._syncer is None or self._syncer.done():
-            self._syncer = _spawn(self.store, self._sync())
+            self._syncer = self.store.spawn(self._sync())
 
     def _forget_waiting(self, key: str) -> None:
         waiting = self._waiting.pop(key, None)
@@ -970,7 +942,6 @@ __all__ = [
     "SubmitTokenRule",
     "SubmitTokens",
     "build_antiresubmit_checks",
-    "close_idempotency_tasks",
     "credentials_of",
     "fingerprint",
     "parse_idempotency_key",

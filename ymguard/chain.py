@@ -23,12 +23,10 @@ from typing import Any, Protocol
 
 from .errors import Blocked
 from .stats import ResourceStats
+from .storage.tasks import in_background
 from .types import ASGIApp, Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
-
-# Unwinds running in tasks of their own, kept referenced until they finish.
-_background: set[asyncio.Task[None]] = set()
 
 #: Origin values longer than this (in characters) are replaced by a digest.
 ORIGIN_MAX_CHARS = 128
@@ -207,9 +205,7 @@ class Chain:
                 # Give back what was taken in a task of its own: awaiting it here could
                 # be cancelled again, leaking a permit until its lease ends.
                 ctx.error = exc
-                task = asyncio.ensure_future(self._unwind(ctx, tokens))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+                in_background(self._unwind(ctx, tokens))
                 raise
             except BaseException as exc:
                 ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success

@@ -30,7 +30,6 @@ from .antiresubmit import (
     SubmitTokenRule,
     SubmitTokens,
     build_antiresubmit_checks,
-    close_idempotency_tasks,
 )
 from .breaker import (
     BreakerCheck,
@@ -623,7 +622,6 @@ class Guard:
         and idempotency leases and writes still waiting for the store.
         """
         await self.store.close_tasks()
-        await close_idempotency_tasks(self.store)
         await self.store.aclose()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
-from typing import TYPE_CHECKING, Literal, NoReturn
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 if TYPE_CHECKING:
     from ..backends.breaker_state import BreakerStore
@@ -97,6 +99,9 @@ class Store:
         except ValueError as exc:
             raise ValueError(f"key_prefix {key_prefix!r} {exc}") from None
         self.on_storage_error: StoragePolicy = on_storage_error
+        # The background work of the checks on this store (lease renewals, writes that
+        # wait for the store): stopped by close_tasks (Guard.aclose).
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
@@ -168,8 +173,25 @@ class Store:
             _refuse(refusal)
         return policy
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task owned by the store, until it ends or :meth:`close_tasks`."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close_tasks(self) -> None:
-        """Stop the background tasks tied to this store (pub/sub, lease keeper)."""
+        """Stop the background tasks tied to this store; using it again starts them afresh.
+
+        The tasks :meth:`spawn` started (a response whose write still waited for the store
+        is then kept by no one: its lease expires, and the key can run again after it),
+        and in the subclasses the pub/sub readers and the lease keeper.
+        """
+        running, self._tasks = self._tasks, set()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 def _refuse(refusal: BaseException) -> NoReturn:

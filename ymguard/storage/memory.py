@@ -74,7 +74,8 @@ class MemoryStore(Store):
         return self
 
     async def close_tasks(self) -> None:
-        """Stop the lease keeper of this store."""
+        """Stop the spawned tasks and the lease keeper of this store."""
         from ..backends.permits import close_store_tasks
 
+        await super().close_tasks()
         await close_store_tasks(self)

@@ -307,10 +307,11 @@ class RedisStore(Store):
         return self._local
 
     async def close_tasks(self) -> None:
-        """Stop the breakers' subscriber, the semaphores' wake-ups and the lease keeper."""
+        """Stop the spawned tasks, the pub/sub readers and the lease keepers."""
         from ..backends.breaker_state import close_breakers
         from ..backends.permits import close_store_tasks
 
+        await super().close_tasks()
         await close_breakers(self)
         await close_store_tasks(self)
         await self.local.close_tasks()
