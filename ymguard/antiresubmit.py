@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl
 
 from pydantic import Field, field_validator
 
+from ._kind import Env, Kind
 from ._model import RuleModel
 from .backends.responses import (
     Begun,
@@ -908,6 +909,26 @@ class IdempotencyCheck:
                 await asyncio.sleep(pause)
 
 
+def _build_idempotency(
+    env: Env, resource: str, rule: IdempotencyRule | None
+) -> list[IdempotencyCheck]:
+    return [] if rule is None else [IdempotencyCheck(env.store, resource, rule)]
+
+
+def _build_submit_token(
+    env: Env, resource: str, rule: SubmitTokenRule | None
+) -> list[SubmitTokenCheck]:
+    return [] if rule is None else [SubmitTokenCheck(env.submit_tokens(), resource, rule)]
+
+
+#: The ``idempotency`` kind's registry entry. It runs before ``submit_token``, so that a
+#: retry with the same key is replayed rather than refused as a duplicate submission (its
+#: token was spent by the first request).
+IDEMPOTENCY_KIND = Kind("idempotency", 70, IdempotencyRule, _build_idempotency)
+#: The ``submit_token`` kind's registry entry.
+SUBMIT_TOKEN_KIND = Kind("submit_token", 80, SubmitTokenRule, _build_submit_token)
+
+
 def build_antiresubmit_checks(
     store: Store,
     resource: str,
@@ -930,8 +951,10 @@ def build_antiresubmit_checks(
 
 __all__ = [
     "DEFAULT_SCOPE",
+    "IDEMPOTENCY_KIND",
     "MAX_LOCAL_RECORDS",
     "MAX_WAITING_BYTES",
+    "SUBMIT_TOKEN_KIND",
     "Begun",
     "IdempotencyBodyTooLarge",
     "IdempotencyCheck",

@@ -42,7 +42,8 @@ from typing import Any, Literal
 import pybreaker
 from pydantic import Field, field_validator, model_validator
 
-from ._model import RuleModel
+from ._kind import Env, Kind
+from ._model import RuleModel, rule_ids
 from .backends.breaker_state import (
     CLOSED,
     HALF_OPEN,
@@ -171,6 +172,8 @@ class Breaker:
         lease_seconds: how long a probe may run before another caller may probe.
         resource: the resource named in refusals.
         description: the rule named in refusals (``breaker[0] error_ratio>0.5``).
+        identity: what keys the state (default: ``name``); a rule's breaker is keyed by
+            the rule's identity, so its state stays with the rule, wherever it moves.
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class Breaker:
         lease_seconds: float | None = None,
         resource: str | None = None,
         description: str = "breaker",
+        identity: str | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -189,8 +193,9 @@ class Breaker:
         self.description = description
         self.open_seconds = open_seconds
         self.lease_seconds = lease_seconds or open_seconds
-        self.key = store.key("breaker", name)
-        self._state: BreakerStore = store.breaker(name)
+        state_name = identity if identity is not None else name
+        self.key = store.key("breaker", state_name)
+        self._state: BreakerStore = store.breaker(state_name)
         self._remote = self._state.remote
         self._st = self._state.copy
         self._st.breaker = weakref.ref(self)
@@ -679,6 +684,21 @@ def breaker_error_statuses(rules: Sequence[BreakerRule]) -> frozenset[int]:
     return frozenset(s for rule in rules for s in rule.error_statuses)
 
 
+def _error_statuses(rules: Sequence[BreakerRule]) -> frozenset[int] | None:
+    return frozenset(s for rule in rules for s in rule.error_statuses) if rules else None
+
+
+def _build(env: Env, resource: str, rules: Sequence[BreakerRule]) -> list[Any]:
+    checks: list[Any] = build_breaker_checks(
+        env.store, resource, rules, env.stats(resource), env.listeners(resource)
+    )
+    return checks + list(env.attached(resource))  # pybreakers attached by code
+
+
+#: The ``breaker`` kind's registry entry (pybreakers attached by code run after the rules').
+KIND = Kind("breaker", 50, BreakerRule, _build, _error_statuses)
+
+
 def build_breaker_checks(
     store: Store,
     resource: str,
@@ -697,7 +717,7 @@ def build_breaker_checks(
     """
     listeners = list(listeners)
     checks: list[BreakerCheck] = []
-    for index, rule in enumerate(rules):
+    for index, (rule, identity) in enumerate(zip(rules, rule_ids(rules), strict=True)):
         threshold = f"{rule.threshold:g}"
         if rule.strategy == "slow_ratio":
             threshold += f" max_rt_ms={rule.max_rt_ms:g}"
@@ -708,6 +728,7 @@ def build_breaker_checks(
             lease_seconds=rule.lease_seconds,
             resource=resource,
             description=f"breaker[{index}] {rule.strategy}>{threshold}",
+            identity=f"{resource}#{identity}",  # the rule, not its place in the list
         )
         for listener in listeners:
             breaker.add_listener(listener)
@@ -716,6 +737,7 @@ def build_breaker_checks(
 
 
 __all__ = [
+    "KIND",
     "Breaker",
     "BreakerCheck",
     "BreakerRule",

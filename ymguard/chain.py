@@ -13,6 +13,7 @@ A check may also answer the call itself (an idempotent replay) by raising
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import re
@@ -83,6 +84,12 @@ class Context:
     receive: Receive | None = None
     on_send: list[Callable[[Message], None]] | None = None
     replayed: bool = False
+
+
+#: The call being guarded in this task (set by the middleware and ``@guard.resource``).
+current_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "ymguard_context", default=None
+)
 
 
 class ShortCircuit(Exception):

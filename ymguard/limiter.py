@@ -22,7 +22,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
-from ._model import RuleModel
+from ._kind import Env, Kind
+from ._model import RuleModel, rule_ids
 from .backends.permits import Permits, keep_lease
 from .backends.window import BUCKETS, AcquireNow, Window, WindowResult
 from .chain import Context, cap_origin
@@ -184,14 +185,21 @@ class _FlowCheckBase:
     """What the QPS and concurrency checks share: identity, origin scope, the fallback."""
 
     def __init__(
-        self, store: Store, resource: str, index: int, rule: FlowRule, named: frozenset[str]
+        self,
+        store: Store,
+        resource: str,
+        index: int,
+        rule: FlowRule,
+        named: frozenset[str],
+        identity: str | None = None,
     ):
         self.store = store
         self.resource = resource
         self.index = index
         self.rule = rule
         self.scope = _OriginScope(rule.origin, named)
-        self.key_base = f"{resource}#{index}"
+        # State is keyed by the rule's identity (``rule_ids``), not its place in the list.
+        self.key_base = f"{resource}#{identity if identity is not None else index}"
         self.policy_name = rule.name or ("flow" if index == 0 else f"flow-{index}")
         grade = f"qps={rule.qps}" if rule.qps is not None else f"concurrency={rule.concurrency}"
         origin = "" if rule.origin == "default" else f" origin={rule.origin}"
@@ -222,8 +230,9 @@ class QpsCheck(_FlowCheckBase):
         rule: FlowRule,
         named: frozenset[str],
         window_seconds: float = 1.0,
+        identity: str | None = None,
     ):
-        super().__init__(store, resource, index, rule, named)
+        super().__init__(store, resource, index, rule, named, identity)
         assert rule.qps is not None
         self.limit = rule.qps
         self.window_seconds = window_seconds
@@ -289,9 +298,15 @@ class ConcurrencyCheck(_FlowCheckBase):
     """``concurrency``: at most this many calls in flight, counted with leased permits."""
 
     def __init__(
-        self, store: Store, resource: str, index: int, rule: FlowRule, named: frozenset[str]
+        self,
+        store: Store,
+        resource: str,
+        index: int,
+        rule: FlowRule,
+        named: frozenset[str],
+        identity: str | None = None,
     ):
-        super().__init__(store, resource, index, rule, named)
+        super().__init__(store, resource, index, rule, named, identity)
         assert rule.concurrency is not None
         self.limit = rule.concurrency
         # Per origin suffix: the store's permits and the local fallback's (made on
@@ -375,17 +390,28 @@ class _Count:
 FlowCheck = QpsCheck | ConcurrencyCheck
 
 
+def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
+    return build_flow_checks(env.store, resource, rules)
+
+
+#: The ``flow`` kind's registry entry.
+KIND = Kind("flow", 40, FlowRule, _build)
+
+
 def build_flow_checks(store: Store, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
     """The checks for a resource's ``flow`` rules, in file order."""
     named = frozenset(r.origin for r in rules if r.origin not in ("default", "other"))
     checks: list[FlowCheck] = []
-    for index, rule in enumerate(rules):
-        cls = QpsCheck if rule.qps is not None else ConcurrencyCheck
-        checks.append(cls(store, resource, index, rule, named))
+    for index, (rule, identity) in enumerate(zip(rules, rule_ids(rules), strict=True)):
+        if rule.qps is not None:
+            checks.append(QpsCheck(store, resource, index, rule, named, identity=identity))
+        else:
+            checks.append(ConcurrencyCheck(store, resource, index, rule, named, identity))
     return checks
 
 
 __all__ = [
+    "KIND",
     "ConcurrencyCheck",
     "FlowRule",
     "QpsCheck",

@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ._kind import Env, Kind
 from ._model import RuleModel
 from .backends.permits import (
     AcquireResult,
@@ -377,6 +378,14 @@ def semaphore_for_rule(
     return sem
 
 
+def _build(env: Env, resource: str, rule: SemaphoreRule | None) -> list[SemaphoreCheck]:
+    return build_semaphore_checks(env.store, resource, rule, env.semaphores)
+
+
+#: The ``semaphore`` kind's registry entry.
+KIND = Kind("semaphore", 60, SemaphoreRule, _build)
+
+
 def build_semaphore_checks(
     store: Store, resource: str, rule: SemaphoreRule | None, registry: dict[str, Semaphore]
 ) -> list[SemaphoreCheck]:
@@ -387,6 +396,7 @@ def build_semaphore_checks(
 
 
 __all__ = [
+    "KIND",
     "AcquireResult",
     "KeptLease",
     "LeaseKeeper",

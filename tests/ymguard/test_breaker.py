@@ -798,7 +798,7 @@ async def test_a_probe_result_lost_in_an_outage_never_stops_it_opening(
         await chain.exit(ctx, tokens)  # its success never reaches Redis
         assert state(guard) == "closed"  # closed on the local copy only
         private_redis.start()
-        key = store.key("breaker", f"{RES}#0")
+        key = guard.chain(RES).checks[0].breaker.key  # type: ignore[attr-defined]
 
         async def on_redis() -> bytes | None:
             try:
