@@ -51,7 +51,7 @@ from .backends.responses import (
     MemoryResponses,
 )
 from .backends.tokens import Tokens
-from .chain import Context, ShortCircuit
+from .chain import CheckStatus, Context, ShortCircuit
 from .errors import (
     DuplicateSubmission,
     IdempotencyBodyTooLarge,
@@ -388,6 +388,8 @@ class SubmitTokens:
 class SubmitTokenCheck:
     """``submit_token``: spend the request's token before the endpoint; none or spent → 409."""
 
+    kind = "submit_token"
+
     def __init__(self, tokens: SubmitTokens, resource: str, rule: SubmitTokenRule) -> None:
         self.tokens = tokens
         self.resource = resource
@@ -398,6 +400,11 @@ class SubmitTokenCheck:
 
     def __repr__(self) -> str:
         return f"SubmitTokenCheck({self.resource!r}, {self.description!r})"
+
+    def status(self) -> CheckStatus:
+        """The header and the tokens' lifetime."""
+        state = {"header": self.rule.header, "ttl_seconds": self.rule.ttl_seconds}
+        return CheckStatus("submit_token", self.resource, self.description, state)
 
     async def enter(self, ctx: Context) -> Any:
         """Spend the token in the header for this caller's scope, or raise 409."""
@@ -609,6 +616,8 @@ class IdempotencyCheck:
     in process (and store them on Redis afterwards); ``closed`` refuses them (503).
     """
 
+    kind = "idempotency"
+
     def __init__(self, store: Store, resource: str, rule: IdempotencyRule) -> None:
         self.store = store
         self.resource = resource
@@ -630,6 +639,15 @@ class IdempotencyCheck:
 
     def __repr__(self) -> str:
         return f"IdempotencyCheck({self.resource!r}, {self.description!r})"
+
+    def status(self) -> CheckStatus:
+        """Keys held in process and responses still waiting for the store."""
+        state = {
+            "local_records": len(self._local) if self._local is not None else 0,
+            "waiting_for_store": len(self._waiting),
+            "waiting_bytes": self._waiting_bytes,
+        }
+        return CheckStatus("idempotency", self.resource, self.description, state)
 
     def _refusal(self) -> StorageBlocked:
         return StorageBlocked(self.resource, self.description, retry_after=1.0)

@@ -416,6 +416,8 @@ class BreakerCheck:
             threshold here).
     """
 
+    kind = "breaker"
+
     def __init__(self, breaker: Breaker, rule: BreakerRule, stats: ResourceStats) -> None:
         self.breaker = breaker
         self.rule = rule
@@ -570,6 +572,8 @@ class PybreakerCheck:
     accepted: ``CircuitRedisStorage`` is synchronous redis-py, a blocking call on every
     state read (use a ``breaker:`` rule on a Redis store for shared state).
     """
+
+    kind = "breaker"
 
     def __init__(
         self,

@@ -21,7 +21,14 @@ import pybreaker
 from ._kind import Env
 from .antiresubmit import SubmitTokenRule, SubmitTokens
 from .breaker import BreakerCheck, BreakerStatus, PybreakerCheck
-from .chain import DEFAULT_ERROR_STATUSES, Chain, Check, cap_origin, current_context
+from .chain import (
+    DEFAULT_ERROR_STATUSES,
+    Chain,
+    Check,
+    Observer,
+    cap_origin,
+    current_context,
+)
 from .errors import ProblemResponse
 from .mapper import ExceptionMapper
 from .registry import build_checks
@@ -68,6 +75,7 @@ class Guard:
         self._semaphores: dict[str, Semaphore] = {}
         self._breaker_listeners: list[tuple[str | None, Any]] = []
         self._attached: dict[str, list[PybreakerCheck]] = {}
+        self._observers: list[Observer] = []
         self._sync = SyncBridge(self.store)
         self._mapper = ExceptionMapper(lambda: self.rules.errors)
         self._lock = threading.Lock()
@@ -131,7 +139,26 @@ class Guard:
     def _compile(self, resource: str, rules: RulesFile) -> Chain:
         found = rules.resources.get(resource)
         checks, statuses = build_checks(self._env, resource, found or _NO_RULES)
-        return Chain(resource, checks, self.stats(resource), statuses)
+        return Chain(resource, checks, self.stats(resource), statuses, self._observers)
+
+    def observe(self, observer: Observer) -> None:
+        """Tell ``observer`` of every call of every chain: passed, blocked, finished.
+
+        For metrics and dashboards (the statistics listen the same way). It stays through
+        reloads; it is called on the event loop for every call, so keep it quick.
+        """
+        with self._lock:
+            self._observers.append(observer)
+            for chain in self._chains.values():
+                chain.observers = (*chain.observers, observer)
+
+    def status(self) -> list[object]:
+        """What every check of every resource shows a dashboard now (no store call).
+
+        A :class:`~ymguard.chain.CheckStatus` per check, a
+        :class:`~ymguard.breaker.BreakerStatus` per breaker.
+        """
+        return [check.status() for chain in list(self._chains.values()) for check in chain.checks]
 
     def _listeners_for(self, resource: str) -> list[Any]:
         return [x for name, x in self._breaker_listeners if name in (None, resource)]

@@ -26,7 +26,7 @@ from ._kind import Env, Kind
 from ._model import RuleModel, rule_ids
 from .backends.permits import Permits, keep_lease
 from .backends.window import BUCKETS, AcquireNow, Window, WindowResult
-from .chain import Context, cap_origin
+from .chain import CheckStatus, Context, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .storage import Store
 from .storage.tasks import in_background
@@ -184,6 +184,9 @@ class _OriginScope:
 class _FlowCheckBase:
     """What the QPS and concurrency checks share: identity, origin scope, the fallback."""
 
+    limit: int
+    _origins: OriginTable[Any]
+
     def __init__(
         self,
         store: Store,
@@ -214,9 +217,17 @@ class _FlowCheckBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.resource!r}, {self.description!r})"
 
+    def status(self) -> CheckStatus:
+        """The limit, and how many origins the check keeps state for."""
+        grade = "qps" if self.rule.qps is not None else "concurrency"
+        state = {grade: self.limit, "origins": len(self._origins)}
+        return CheckStatus("flow", self.resource, self.description, state)
+
 
 class QpsCheck(_FlowCheckBase):
     """``qps``: at most ``qps`` calls admitted in any one-second sliding window."""
+
+    kind = "flow"
 
     #: A QPS window only gives back when a later check blocks: a finished call has
     #: nothing to return, so the chain skips this check's exit then.
@@ -296,6 +307,8 @@ class QpsCheck(_FlowCheckBase):
 
 class ConcurrencyCheck(_FlowCheckBase):
     """``concurrency``: at most this many calls in flight, counted with leased permits."""
+
+    kind = "flow"
 
     def __init__(
         self,

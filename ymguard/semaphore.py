@@ -42,7 +42,7 @@ from .backends.permits import (
     close_store_tasks,
     keep_lease,
 )
-from .chain import Context
+from .chain import CheckStatus, Context
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
 from .storage import Store, store_from_uri
 from .storage.redis import Unanswered
@@ -328,6 +328,7 @@ class SemaphoreCheck:
     check blocked the call. Full: :class:`SemaphoreFull` (429 ``concurrency-limited``).
     """
 
+    kind = "semaphore"
     #: The middleware cancels a call whose client went away, so its permit comes back.
     release_on_disconnect = True
 
@@ -340,6 +341,12 @@ class SemaphoreCheck:
 
     def __repr__(self) -> str:
         return f"SemaphoreCheck({self.resource!r}, {self.description!r})"
+
+    def status(self) -> CheckStatus:
+        """The semaphore's name, permits and lease (held counts need the store)."""
+        sem = self.semaphore
+        state = {"name": sem.name, "permits": sem.permits, "lease_seconds": sem.lease_seconds}
+        return CheckStatus("semaphore", self.resource, self.description, state)
 
     async def enter(self, ctx: Context) -> Permit:
         """Take a permit or raise :class:`SemaphoreFull` (or ``StorageBlocked``)."""
