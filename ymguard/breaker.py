@@ -50,16 +50,11 @@ from .backends.breaker_state import (
     OPEN,
     BreakerState,
     BreakerStore,
-    close_breakers,
-    hub_for,
 )
 from .chain import DEFAULT_ERROR_STATUSES, Context, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
 from .stats import Counts, ResourceStats
 from .storage import Store
-
-# Tests reach the hub under its old name.
-_hub_for = hub_for
 
 log = logging.getLogger("ymguard.breaker")
 
@@ -752,5 +747,4 @@ __all__ = [
     "SlowCall",
     "breaker_error_statuses",
     "build_breaker_checks",
-    "close_breakers",
 ]

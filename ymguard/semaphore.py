@@ -38,9 +38,6 @@ from .backends.permits import (
     KeptLease,
     LeaseKeeper,
     Permits,
-    RedisWaker,
-    close_store_tasks,
-    keep_lease,
 )
 from .chain import CheckStatus, Context
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
@@ -50,9 +47,6 @@ from .storage.tasks import EPSILON as _EPSILON
 from .storage.tasks import finish as _finish
 from .storage.tasks import in_background as _in_background
 from .storage.tasks import nap as _nap
-
-# Tests and tools reach the waker under its old name.
-_RedisWaker = RedisWaker
 
 #: A waiter's place in line outlives its wait by this much, so that its last try still has it.
 _PLACE_GRACE = 0.5
@@ -405,14 +399,10 @@ def build_semaphore_checks(
 __all__ = [
     "KIND",
     "AcquireResult",
-    "KeptLease",
-    "LeaseKeeper",
     "Permit",
     "Semaphore",
     "SemaphoreCheck",
     "SemaphoreRule",
     "build_semaphore_checks",
-    "close_store_tasks",
-    "keep_lease",
     "semaphore_for_rule",
 ]
