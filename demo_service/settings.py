@@ -46,6 +46,12 @@ class Settings:
     sweeper_interval_seconds: float = 30.0
     alipay_notify_delays: tuple[float, ...] = DEFAULT_NOTIFY_DELAYS
     demo_admin_password: str | None = None
+    #: ``DEMO_REDIS_PREFIX``: the first part of every key the shop itself keeps in Redis
+    #: (stock, buyers, streams); tests use one per run on a shared Redis.
+    redis_prefix: str = "demo"
+    #: ``DEMO_TOKEN_SECRET``: signs bearer tokens; unset, one is generated and shared
+    #: through Redis so that every worker and host accepts every other's tokens.
+    token_secret: str | None = None
     #: Where the default SQLite file and the embedded Redis live (relative to the working
     #: directory, like the default ``DATABASE_URL``).
     var_dir: Path = Path("var")
@@ -86,6 +92,8 @@ class Settings:
             ),
             alipay_notify_delays=get("ALIPAY_NOTIFY_DELAYS", _delays, d.alipay_notify_delays),
             demo_admin_password=get("DEMO_ADMIN_PASSWORD", str, d.demo_admin_password),
+            redis_prefix=get("DEMO_REDIS_PREFIX", str, d.redis_prefix),
+            token_secret=get("DEMO_TOKEN_SECRET", str, d.token_secret),
         )
 
     def with_redis(self, url: str) -> Settings:
