@@ -5,7 +5,7 @@
   than the machine has cores (each hash takes 64 MiB).
 - Tokens are JWTs (``PyJWT``, HS256) carrying the user's id, name and role: the hot routes
   (seckill) learn who calls without a database query. The secret is ``DEMO_TOKEN_SECRET``,
-  else one generated once and shared through Redis, so every worker and host of one shop
+  else one generated once and kept in the database, so every worker and host of one shop
   accepts every other's tokens.
 - :class:`AuthMiddleware` reads the token before the guards run and sets
   ``request.state.user`` (the user id as a string): ``state:user`` scopes in ``rules.yaml``
@@ -32,14 +32,13 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import BadCredentials, Forbidden, Unauthorized, UsernameTaken
-from .models import User
+from .models import ShopSecret, User
 
 log = logging.getLogger("demo_service.accounts")
 
@@ -48,6 +47,7 @@ ADMIN_USERNAME = "admin"
 #: How long a bearer token is valid.
 TOKEN_TTL_SECONDS = 24 * 3600
 _ALGORITHM = "HS256"
+_SECRET_NAME = "token-signing-key"
 _HASHER = PasswordHasher()
 #: The threads that hash: at most one per core per process (each hash takes a core and
 #: 64 MiB); a thread pool, not an asyncio semaphore, so it serves any event loop.
@@ -107,16 +107,26 @@ class TokenCodec:
             return None
 
 
-async def token_secret(redis: Redis, prefix: str, configured: str | None) -> str:
-    """``configured`` if given; else the shop's shared secret, generated on first start."""
+async def token_secret(sessions: async_sessionmaker[AsyncSession], configured: str | None) -> str:
+    """``configured`` if given; else the shop's shared secret, generated on first start.
+
+    Kept in the database (``shop_secrets``), so every worker and host accepts every
+    other's tokens; of several workers starting at once, the first insert wins.
+    """
     if configured:
         return configured
-    key = f"{prefix}:auth:token-secret"
-    # SET NX: of several workers starting at once, the first one's secret is everyone's.
-    await redis.set(key, secrets.token_urlsafe(48), nx=True)
-    value = await redis.get(key)
-    assert value is not None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    async with sessions() as session:
+        row = await session.get(ShopSecret, _SECRET_NAME)
+        if row is not None:
+            return row.value
+        session.add(ShopSecret(name=_SECRET_NAME, value=secrets.token_urlsafe(48)))
+        try:
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()
+        row = await session.get(ShopSecret, _SECRET_NAME, populate_existing=True)
+        assert row is not None
+        return row.value
 
 
 async def hash_password(password: str) -> str:

@@ -263,6 +263,19 @@ class PayFlow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ShopSecret(Base):
+    """A secret every worker and host of one shop shares (the token signing key).
+
+    Kept in the database, the shop's durable store: created once by whichever worker
+    starts first, read by all others.
+    """
+
+    __tablename__ = "shop_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
 __all__ = [
     "Base",
     "Course",
@@ -280,6 +293,7 @@ __all__ = [
     "PayOrder",
     "PayStatus",
     "ProcessedMessage",
+    "ShopSecret",
     "UTCDateTime",
     "User",
     "UserCourse",

@@ -49,8 +49,8 @@ class Settings:
     #: ``DEMO_REDIS_PREFIX``: the first part of every key the shop itself keeps in Redis
     #: (stock, buyers, streams); tests use one per run on a shared Redis.
     redis_prefix: str = "demo"
-    #: ``DEMO_TOKEN_SECRET``: signs bearer tokens; unset, one is generated and shared
-    #: through Redis so that every worker and host accepts every other's tokens.
+    #: ``DEMO_TOKEN_SECRET``: signs bearer tokens; unset, one is generated and kept in
+    #: the database so that every worker and host accepts every other's tokens.
     token_secret: str | None = None
     #: Where the default SQLite file and the embedded Redis live (relative to the working
     #: directory, like the default ``DATABASE_URL``).

@@ -224,23 +224,24 @@ def test_health_is_503_while_redis_is_down(tmp_path: Path, monkeypatch: pytest.M
 def test_errors_are_problem_json(shared_redis_env: str) -> None:
     app = create_app()
 
-    @app.post("/kill/{kill_course_id}")
+    @app.post("/raise/{kill_course_id}")
     async def kill(kill_course_id: int) -> None:
         if kill_course_id == 1:
             raise SoldOut("kill course 1 is sold out")
         raise AlreadyPurchased()
 
     with TestClient(app) as client:
-        sold_out = client.post("/kill/1")
-        already = client.post("/kill/2")
-        invalid = client.post("/kill/abc")
+        sold_out = client.post("/raise/1")
+        already = client.post("/raise/2")
+        invalid = client.post("/raise/abc")
         missing = client.get("/nowhere")
+        unauthorized = client.post("/kill/1")
 
     assert sold_out.status_code == 409  # mapped by rules.yaml's errors:
     assert sold_out.headers["content-type"] == PROBLEM_MEDIA_TYPE
     assert sold_out.json()["type"] == PROBLEM_BASE + "sold-out"
     assert sold_out.json()["detail"] == "kill course 1 is sold out"
-    assert sold_out.json()["resource"] == "POST /kill/{kill_course_id}"
+    assert sold_out.json()["resource"] == "POST /raise/{kill_course_id}"
     assert (already.status_code, already.json()["type"]) == (
         409,
         PROBLEM_BASE + "already-purchased",
@@ -251,3 +252,8 @@ def test_errors_are_problem_json(shared_redis_env: str) -> None:
     )
     assert (missing.status_code, missing.json()["type"]) == (404, PROBLEM_BASE + "not-found")
     assert missing.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    assert (unauthorized.status_code, unauthorized.json()["type"]) == (
+        401,
+        PROBLEM_BASE + "unauthorized",
+    )
+    assert unauthorized.json()["resource"] == "POST /kill/{kill_course_id}"
