@@ -26,8 +26,10 @@ log = logging.getLogger("demo_service")
 
 #: Socket timeouts of the app's own Redis client (the guards' store has its own, 0.5 s).
 REDIS_TIMEOUT_SECONDS = 1.0
-#: Connections of the app's own Redis client per process.
-REDIS_MAX_CONNECTIONS = 64
+#: Connections of the app's own Redis client per process, and the longest a request waits
+#: for one in a burst before it is answered 503 (a queue, not a failure, up to then).
+REDIS_MAX_CONNECTIONS = 128
+REDIS_POOL_WAIT_SECONDS = 5.0
 
 
 def _shown(url: str) -> str:
@@ -102,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 BlockingConnectionPool.from_url(
                     redis_url,
                     max_connections=REDIS_MAX_CONNECTIONS,
-                    timeout=REDIS_TIMEOUT_SECONDS,
+                    timeout=REDIS_POOL_WAIT_SECONDS,
                     socket_timeout=REDIS_TIMEOUT_SECONDS,
                     socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
                 )

@@ -113,6 +113,14 @@ class InvalidRequest(BusinessError):
     title = "Invalid request"
 
 
+class ServiceUnavailable(BusinessError):
+    """A store the answer depends on (Redis for seckill) did not answer in time: retry."""
+
+    code = "service-unavailable"
+    status = 503
+    title = "Service unavailable"
+
+
 def problem(status: int, code: str, title: str, detail: str = "", **extra: Any) -> Response:
     """An ``application/problem+json`` response in the same shape as ymguard's."""
     return ProblemResponse(status, code, title, detail, extra=extra or None)
@@ -177,6 +185,7 @@ __all__ = [
     "Forbidden",
     "InvalidRequest",
     "NotFound",
+    "ServiceUnavailable",
     "SoldOut",
     "Unauthorized",
     "UsernameTaken",

@@ -67,7 +67,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .accounts import CurrentUser
-from .errors import ActivityNotOngoing, AlreadyPurchased, NotFound, SoldOut
+from .errors import ActivityNotOngoing, AlreadyPurchased, NotFound, ServiceUnavailable, SoldOut
 from .models import KillOrder, KillOrderStatus
 
 log = logging.getLogger("demo_service.seckill")
@@ -233,17 +233,22 @@ class Seckill:
         """Try to buy one unit; the kill order number, or the business error that says no.
 
         Raises:
-            SoldOut, AlreadyPurchased, ActivityNotOngoing, NotFound.
+            SoldOut, AlreadyPurchased, ActivityNotOngoing, NotFound, ServiceUnavailable.
         """
         if self.sold_out(kill_course_id):
             raise SoldOut("this kill course is sold out")
         generation = self._generation
         kill_order_no = new_kill_order_no(kill_course_id)
         keys = course_keys(self.prefix, kill_course_id)
-        code, left = await self._kill(
-            keys=[keys["stock"], keys["buyers"], keys["meta"], keys["pending"], self.stream],
-            args=[int(user_id), kill_order_no, int(kill_course_id)],
-        )
+        try:
+            code, left = await self._kill(
+                keys=[keys["stock"], keys["buyers"], keys["meta"], keys["pending"], self.stream],
+                args=[int(user_id), kill_order_no, int(kill_course_id)],
+            )
+        except (RedisError, OSError) as exc:
+            # No answer is no sale: without the script nothing was taken, and if it ran
+            # after all, the pre-order is in the stream and reaches the buyer's orders.
+            raise ServiceUnavailable("the stock store did not answer; try again") from exc
         code = int(code)
         if code == ADMITTED:
             if int(left) <= 0:

@@ -9,6 +9,7 @@ talks to it over ASGI with httpx.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -51,12 +52,12 @@ def pg_url(schema: str) -> str:
     return f"postgresql+asyncpg://{rest}?options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database of each kind (SQLite file; PostgreSQL schema of its own)."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
-        return
+@contextlib.asynccontextmanager
+async def temp_postgres() -> AsyncIterator[str]:
+    """The URL of a fresh schema in the test database, dropped afterwards.
+
+    Skips when PostgreSQL does not answer, or fails under ``YMGUARD_REQUIRE_REDIS=1`` (CI).
+    """
     schema = "t_" + uuid.uuid4().hex[:12]
     try:
         await _pg(f"CREATE SCHEMA {schema}")
@@ -69,6 +70,16 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield pg_url(schema)
     finally:
         await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database of each kind (SQLite file; PostgreSQL schema of its own)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
+        return
+    async with temp_postgres() as url:
+        yield url
 
 
 @pytest.fixture
@@ -183,7 +194,7 @@ class Shop:
         return activity
 
 
-async def _delete_prefixed(redis_url: str, *prefixes: str) -> None:
+async def delete_prefixed(redis_url: str, *prefixes: str) -> None:
     client = Redis.from_url(redis_url)
     try:
         for prefix in prefixes:
@@ -203,7 +214,7 @@ async def shop(shop_settings: Settings) -> AsyncIterator[Shop]:
         stack.push_async_callback(s.client.aclose)
         yield s
     assert shop_settings.redis_url is not None
-    await _delete_prefixed(
+    await delete_prefixed(
         shop_settings.redis_url, shop_settings.key_prefix or "", shop_settings.redis_prefix
     )
 

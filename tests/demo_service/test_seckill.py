@@ -11,17 +11,21 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
+from demo_service import db
 from demo_service import seckill as seckill_module
+from demo_service.accounts import Principal, TokenCodec
 from demo_service.errors import ActivityNotOngoing, AlreadyPurchased, NotFound, SoldOut
-from demo_service.models import KillOrder
+from demo_service.models import KillOrder, User
 from demo_service.seckill import (
     Seckill,
     course_keys,
@@ -30,7 +34,15 @@ from demo_service.seckill import (
     return_stock,
     warm_course,
 )
-from tests.demo_service.conftest import Shop
+from tests.conftest import require_redis
+from tests.demo_service.conftest import (
+    ADMIN_PASSWORD,
+    TOKEN_SECRET,
+    Shop,
+    delete_prefixed,
+    temp_postgres,
+)
+from tests.demo_service.test_start import Demo
 from tests.helpers import unique_prefix
 from ymguard.errors import PROBLEM_BASE
 
@@ -226,8 +238,6 @@ async def test_sold_out_is_answered_locally_until_stock_comes_back(shop: Shop) -
 @pytest.fixture
 async def seckill() -> AsyncIterator[Seckill]:
     """A :class:`Seckill` on the shared Redis under a prefix of its own, listening."""
-    from tests.conftest import require_redis
-
     redis = Redis.from_url(require_redis())
     prefix = unique_prefix()
     s = Seckill(redis, prefix)
@@ -334,3 +344,125 @@ def test_kill_order_numbers_name_their_course_and_nothing_else_parses() -> None:
         "K99999999999-" + "0" * 25,
     ]:
         assert kill_course_of(bogus) is None
+
+
+async def test_the_kill_semaphore_stands_in_front_of_the_script(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_sem = shop.app.state.guard.semaphore("killSem")
+    held = [await kill_sem.acquire() for _ in range(kill_sem.permits)]
+    try:
+        refused = await shop.client.post(f"/kill/{kc}", headers=alice)
+    finally:
+        for permit in held:
+            await permit.release()
+    admitted = await shop.client.post(f"/kill/{kc}", headers=alice)
+
+    assert (refused.status_code, code(refused)) == (429, "concurrency-limited")
+    assert refused.json()["resource"] == "POST /kill/{kill_course_id}"
+    assert admitted.status_code == 200
+    keys = course_keys(shop.settings.redis_prefix, kc)
+    assert await shop.redis.get(keys["stock"]) == b"4"  # the refused call took nothing
+
+
+async def test_500_buyers_on_two_workers_and_postgresql_get_exactly_50(tmp_path: Path) -> None:
+    """The real front door: ``python -m demo_service`` with WORKERS=2 on PostgreSQL."""
+    redis_url = require_redis()
+    async with AsyncExitStack() as stack:
+        database_url = await stack.enter_async_context(temp_postgres())
+        redis_prefix, key_prefix = unique_prefix(), unique_prefix()
+        demo = Demo(
+            tmp_path,
+            WORKERS="2",
+            DATABASE_URL=database_url,
+            REDIS_URL=redis_url.split("?")[0],
+            YMGUARD_KEY_PREFIX=key_prefix,
+            DEMO_REDIS_PREFIX=redis_prefix,
+            DEMO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+            DEMO_TOKEN_SECRET=TOKEN_SECRET,
+        )
+        stack.callback(demo.close)
+        stack.push_async_callback(delete_prefixed, redis_url, redis_prefix, key_prefix)
+        await asyncio.to_thread(demo.wait_ready)
+        client = httpx.AsyncClient(
+            base_url=demo.url, timeout=60, limits=httpx.Limits(max_connections=100)
+        )
+        stack.push_async_callback(client.aclose)
+        await wait_healthy(client, demo)
+
+        login = await client.post(
+            "/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+        )
+        admin = Shop.auth(login.json()["token"])
+        course = await client.post(
+            "/admin/courses", json={"name": "Go", "price": "99.00"}, headers=admin
+        )
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        activity = await client.post(
+            "/admin/activities",
+            json={
+                "name": "Two workers",
+                "start_time": start.isoformat(),
+                "end_time": (start + timedelta(hours=1)).isoformat(),
+                "courses": [
+                    {
+                        "course_id": course.json()["course_id"],
+                        "kill_price": "1.00",
+                        "kill_count": 50,
+                    }
+                ],
+            },
+            headers=admin,
+        )
+        kc = activity.json()["courses"][0]["kill_course_id"]
+        published = await client.post(
+            f"/admin/activities/{activity.json()['activity_id']}/publish", headers=admin
+        )
+        assert published.status_code == 200, published.text
+
+        # 500 buyers, straight into the database (hashing 500 passwords is not the test).
+        engine = db.make_engine(database_url)
+        stack.push_async_callback(engine.dispose)
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(User),
+                [{"username": f"b{i}", "password_hash": "x"} for i in range(500)],
+            )
+            ids = (await conn.execute(select(User.id).where(User.username.like("b%")))).scalars()
+            codec = TokenCodec(TOKEN_SECRET)
+            buyers = [Shop.auth(codec.issue(Principal(i, "b", False))) for i in ids]
+        assert len(buyers) == 500
+
+        async def attempt(headers: dict[str, str]) -> httpx.Response:
+            for _ in range(200):
+                response = await client.post(f"/kill/{kc}", headers=headers)
+                if response.status_code not in (429, 503):
+                    return response
+                await asyncio.sleep(0.01)
+            pytest.fail(f"still refused by the guards after 200 tries: {response.text}")
+
+        responses = await asyncio.gather(*(attempt(h) for h in buyers))
+
+        outcomes = Counter(code(r) for r in responses)
+        assert outcomes == {"": 50, "sold-out": 450}, outcomes
+        redis = Redis.from_url(redis_url)
+        stack.push_async_callback(redis.aclose)
+        keys = course_keys(redis_prefix, kc)
+        assert await redis.get(keys["stock"]) == b"0"
+        holdings = [int(v) for v in (await redis.hgetall(keys["buyers"])).values()]
+        assert sorted(holdings) == [1] * 50
+
+
+async def wait_healthy(client: httpx.AsyncClient, demo: Demo) -> None:
+    """Wait until the shop answers /health 200 (both workers have started their lifespan)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the shop never became healthy:\n{demo.output()}")
+        await asyncio.sleep(0.1)
