@@ -41,10 +41,10 @@ A kill order number is ``K<kill_course_id>-<13-digit ms><12 hex>``: unique, orde
 unguessable, and it names its course so that the pending entry is found in its tag.
 
 Every process keeps a sold-out flag per kill course: once the script says sold out, this
-process answers ``sold-out`` without Redis. A stock return publishes on the
-``stock-returned`` channel and every process clears its flag; flags also lapse after
-:data:`SOLD_OUT_FLAG_SECONDS` and are all cleared when the subscription (re)connects, so a
-missed message costs seconds, never a sale.
+process answers ``sold-out`` without Redis, before the guards (:class:`SoldOutShortcut`).
+A stock return publishes on the ``stock-returned`` channel and every process clears its
+flag; flags also lapse after :data:`SOLD_OUT_FLAG_SECONDS` and are all cleared when the
+subscription (re)connects, so a missed message costs seconds, never a sale.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ymguard.errors import ProblemResponse
 
 from .accounts import CurrentUser
 from .errors import ActivityNotOngoing, AlreadyPurchased, NotFound, ServiceUnavailable, SoldOut
@@ -203,6 +206,7 @@ class Seckill:
         #: before a bump must not set a flag after it.
         self._generation = 0
         self._listening = False
+        self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def sold_out(self, kill_course_id: int) -> bool:
@@ -274,6 +278,7 @@ class Seckill:
                 await pubsub.subscribe(self.channel)
                 self._listening = True
                 self._clear()  # anything may have come back while we were not listening
+                self._subscribed.set()
                 delay = 0.1
                 while True:
                     message = await pubsub.get_message(timeout=0.5)
@@ -294,10 +299,17 @@ class Seckill:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def start(self) -> None:
-        """Start listening for stock returns."""
+    async def start(self, wait: float = 2.0) -> None:
+        """Start listening for stock returns; wait up to ``wait`` s for the subscription.
+
+        Until it is subscribed this process sets no sold-out flag (it could miss the
+        message clearing it); with Redis down it starts anyway and subscribes later.
+        """
         if self._task is None:
             self._task = asyncio.create_task(self._listen(), name="seckill-stock-returned")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._subscribed.wait()
 
     async def stop(self) -> None:
         """Stop listening."""
@@ -306,6 +318,39 @@ class Seckill:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+KILL_RESOURCE = "POST /kill/{kill_course_id}"
+_KILL_PATH = re.compile(r"^/kill/([1-9][0-9]{0,9})/?$")
+
+
+class SoldOutShortcut:
+    """Answers ``POST /kill/{id}`` of a kill course this process knows is sold out, at once.
+
+    It sits outside the guards: once stock is gone, the flood of late buyers costs no
+    Redis call at all (no semaphore permit, no flow count, no script), so the shop
+    answers them about as fast as a constant endpoint. Everything else passes through.
+    The answer is the same problem+json the route itself would give.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _KILL_PATH.match(scope["path"])
+            seckill: Seckill | None = getattr(scope["app"].state, "seckill", None)
+            if match is not None and seckill is not None and seckill.sold_out(int(match[1])):
+                response = ProblemResponse(
+                    409,
+                    SoldOut.code,
+                    SoldOut.title,
+                    "this kill course is sold out",
+                    resource=KILL_RESOURCE,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 router = APIRouter(tags=["seckill"])
@@ -378,6 +423,7 @@ async def stop(app: FastAPI) -> None:
 __all__ = [
     "SOLD_OUT_FLAG_SECONDS",
     "Seckill",
+    "SoldOutShortcut",
     "course_keys",
     "kill_course_of",
     "new_kill_order_no",

@@ -466,3 +466,25 @@ async def wait_healthy(client: httpx.AsyncClient, demo: Demo) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"the shop never became healthy:\n{demo.output()}")
         await asyncio.sleep(0.1)
+
+
+async def test_a_sold_out_course_is_answered_before_the_guards(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=1)
+    kc = activity["courses"][0]["kill_course_id"]
+    alice, bob = await shop.users(2)
+    assert (await shop.client.post(f"/kill/{kc}", headers=alice)).status_code == 200
+    kill_sem = shop.app.state.guard.semaphore("killSem")
+    held = [await kill_sem.acquire() for _ in range(kill_sem.permits)]
+    try:
+        # Every permit is taken, yet late buyers learn at once that nothing is left: the
+        # process's flag answers without a permit, a flow count or a script call.
+        late = await shop.client.post(f"/kill/{kc}", headers=bob)
+        other = await shop.client.post(f"/kill/{kc + 1}", headers=bob)
+    finally:
+        for permit in held:
+            await permit.release()
+
+    assert (late.status_code, code(late)) == (409, "sold-out")
+    assert late.json()["resource"] == "POST /kill/{kill_course_id}"
+    assert late.headers["content-type"] == "application/problem+json"
+    assert (other.status_code, code(other)) == (429, "concurrency-limited")
