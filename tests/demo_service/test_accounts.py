@@ -13,7 +13,8 @@ import jwt
 import pytest
 from sqlalchemy import select
 
-from demo_service.accounts import TokenCodec, bearer_token
+from demo_service import accounts
+from demo_service.accounts import Principal, TokenCodec, bearer_token
 from demo_service.models import User
 from tests.demo_service.conftest import TOKEN_SECRET, Shop, settings_for
 from ymguard.errors import PROBLEM_BASE
@@ -173,3 +174,21 @@ def test_bearer_token_reads_only_the_bearer_scheme() -> None:
     assert bearer_token(scope(b"Basic abc")) is None
     assert bearer_token(scope(b"Bearer ")) is None
     assert bearer_token({"headers": []}) is None
+
+
+def test_verified_tokens_are_remembered_bounded_and_never_past_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    codec = TokenCodec(TOKEN_SECRET, ttl_seconds=60)
+    monkeypatch.setattr(accounts, "VERIFIED_CACHE_SIZE", 5)
+    tokens = [codec.issue(Principal(i, f"u{i}", False)) for i in range(1, 9)]
+    assert [p.id for t in tokens if (p := codec.read(t)) is not None] == list(range(1, 9))
+    assert len(codec._verified) == 5  # the oldest went out
+    assert codec.read("forged." + tokens[-1]) is None
+    assert len(codec._verified) == 5  # refused tokens are never remembered
+
+    remembered = tokens[-1]
+    expiry = codec._verified[remembered][1]
+    monkeypatch.setattr(accounts.time, "time", lambda: expiry + 1)
+    assert codec.read(remembered) is None
+    assert remembered not in codec._verified
