@@ -1,6 +1,6 @@
 """The seckill route with all its guards vs a plain FastAPI endpoint, and its Redis cost.
 
-One run, three phases against uvicorn processes (one worker each, no access log), loaded
+One run, four phases against uvicorn processes (one worker each, no access log), loaded
 with wrk:
 
 - ``plain``: ``bench.apps:app`` with ``BENCH_VARIANT=plain`` (FastAPI returning a constant);
@@ -9,6 +9,8 @@ with wrk:
   course with stock for the whole run, each request from one of 200 buyers in turn;
 - ``sold-out``: the same route on a sold-out kill course: the process's sold-out flag
   answers 409 without calling the script.
+- ``unguarded``: ``selling`` on a second shop process whose rules leave the seckill route
+  unguarded (what the semaphore and flow rule cost, by difference).
 
 Redis commands per request come from ``INFO commandstats`` deltas on a private
 redis-server during each shop phase, less the idle background traffic (pub/sub, lease
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "bench-admin-password"
 TOKEN_SECRET = "bench-token-secret-" + "s" * 32
 BUYERS = 200
+KILL_RESOURCE = "POST /kill/{kill_course_id}"
 
 
 def _request(
@@ -97,14 +100,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _bench_rules(workdir: Path) -> Path:
-    """The shipped rules with every flow limit out of reach (checked, never refusing)."""
+def _bench_rules(workdir: Path, guarded: bool = True) -> Path:
+    """The shipped rules with every flow limit out of reach (checked, never refusing);
+    without the seckill route's rules when not ``guarded``."""
     rules = yaml.safe_load((ROOT / "demo_service" / "rules.yaml").read_text())
     for resource in rules["resources"].values():
         for flow in resource.get("flow", []):
             if "qps" in flow:
                 flow["qps"] = 10_000_000
-    path = workdir / "rules.yaml"
+    if not guarded:
+        del rules["resources"][KILL_RESOURCE]
+    path = workdir / ("rules.yaml" if guarded else "rules-unguarded.yaml")
     path.write_text(yaml.safe_dump(rules))
     return path
 
@@ -198,6 +204,12 @@ def main() -> int:
             server_pin, "demo_service.app:create_app", env, workdir, factory=True
         )
         procs.append(shop_proc)
+        # The same shop (database, Redis) without the seckill route's guards: what they cost.
+        bare_env = {**env, "YMGUARD_RULES": str(_bench_rules(workdir, guarded=False))}
+        bare_proc, bare_url = _serve(
+            server_pin, "demo_service.app:create_app", bare_env, workdir, factory=True
+        )
+        procs.append(bare_proc)
 
         status, login = _request(
             shop_url + "/auth/login",
@@ -237,6 +249,7 @@ def main() -> int:
         phases = [
             ("plain", plain_proc.pid, plain_url + "/items/1", None),
             ("selling", shop_proc.pid, shop_url, _kill_script(workdir, selling, tokens)),
+            ("unguarded", bare_proc.pid, bare_url, _kill_script(workdir, selling, tokens)),
             ("sold-out", shop_proc.pid, shop_url, _kill_script(workdir, sold_out, tokens)),
         ]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in phases}
@@ -255,7 +268,7 @@ def main() -> int:
                 if cpu_before is not None and cpu_after is not None:
                     run["cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / n
                 runs[name].append(run)
-                if name == "selling" and run["errors"]:
+                if name in ("selling", "unguarded") and run["errors"]:
                     failures.append(f"selling: {run['errors']} non-2xx or socket errors")
                 if name == "sold-out" and run["errors"] < run["requests"]:
                     failures.append("sold-out: some requests were answered 2xx")
