@@ -794,10 +794,12 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
         self._inflight: set[asyncio.Task[str]] = set()
+        self._stopping = False
 
     def start(self) -> Notifier:
         """Start the background task (idempotent)."""
         if self._task is None:
+            self._stopping = False
             self._http = self.http_client_factory()
             self._task = asyncio.create_task(self._run(), name="alipay-sandbox-notifier")
         return self
@@ -805,7 +807,9 @@ class Notifier:
     async def stop(self) -> None:
         """Stop the task and close the HTTP client; a claim in flight is picked up later."""
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
+            self.sandbox.wakeup.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -818,7 +822,9 @@ class Notifier:
             await http.aclose()
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only cancel(): a cancel that lands inside a library call which
+        # swallows it must not leave the loop running (and stop() waiting) for ever.
+        while not self._stopping:
             try:
                 await self.run_once()
             except asyncio.CancelledError:
@@ -826,8 +832,11 @@ class Notifier:
             except Exception:  # Redis away for a moment: the next poll tries again
                 log.warning("alipay sandbox notifier: polling failed", exc_info=True)
             self.sandbox.wakeup.clear()
+            if self._stopping:
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.sandbox.wakeup.wait(), self._sleep_seconds())
+                async with asyncio.timeout(self._sleep_seconds()):
+                    await self.sandbox.wakeup.wait()
 
     def _sleep_seconds(self) -> float:
         return min([self.poll_seconds, *[d for d in self.sandbox.notify_delays if d > 0]])
