@@ -49,7 +49,17 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .alipay_sign import CST, TIME_FORMAT, AlipayKeys, alipay_time, sign, sign_text, verify
+from .alipay_sign import (
+    CST,
+    TIME_FORMAT,
+    AlipayKeys,
+    alipay_time,
+    load_or_create_keys,
+    sign,
+    sign_text,
+    verify,
+)
+from .settings import Settings
 
 log = logging.getLogger("demo_service.alipay_sandbox")
 
@@ -967,8 +977,50 @@ def start_notifier(app: Starlette, **options: Any) -> Notifier:
     return Notifier(app.state.sandbox, app.state.http_client_factory, **options).start()
 
 
+# -- the demo's wiring ------------------------------------------------------------------------
+
+#: Where the demo mounts the sandbox.
+MOUNT_PATH = "/sandbox/alipay"
+
+
+def install(app: Starlette, settings: Settings, redis_url: str) -> Starlette:
+    """Mount the sandbox on the demo ``app`` (``app.state.alipay_sandbox``); run its notifier
+    with :func:`start`/:func:`stop` in the app's lifespan.
+
+    The keys are ``settings.alipay_keys_path``'s (written on first start); trades live under
+    ``settings.redis_prefix``. Notifies are posted over real HTTP to the ``notify_url`` the
+    shop gave; tests may replace ``app.state.alipay_sandbox.state.http_client_factory``
+    before the app starts.
+    """
+    redis = Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    sandbox = create_sandbox_app(
+        keys=load_or_create_keys(settings.alipay_keys_path),
+        app_id=settings.alipay_app_id,
+        redis=redis,
+        notify_delays=settings.alipay_notify_delays,
+        key_prefix=f"{settings.redis_prefix}:",
+    )
+    app.mount(MOUNT_PATH, sandbox)
+    app.state.alipay_sandbox = sandbox
+    return sandbox
+
+
+async def start(app: Starlette) -> None:
+    """Start this process's notifier (every worker runs one; leases keep them apart)."""
+    app.state.alipay_notifier = start_notifier(app.state.alipay_sandbox)
+
+
+async def stop(app: Starlette) -> None:
+    """Stop the notifier and close the sandbox's Redis client."""
+    notifier: Notifier | None = getattr(app.state, "alipay_notifier", None)
+    if notifier is not None:
+        await notifier.stop()
+    await app.state.alipay_sandbox.state.sandbox.redis.aclose()
+
+
 __all__ = [
     "CLOSE",
+    "MOUNT_PATH",
     "PAGE_PAY",
     "QUERY",
     "REFUND",
@@ -979,6 +1031,9 @@ __all__ = [
     "Notifier",
     "cents",
     "create_sandbox_app",
+    "install",
     "money",
+    "start",
     "start_notifier",
+    "stop",
 ]

@@ -17,7 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
 
-from . import accounts, activities, db, health, seckill
+from . import accounts, activities, alipay_sandbox, db, health, seckill
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
 from .settings import Settings
@@ -125,6 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await accounts.ensure_admin(sessions, settings.demo_admin_password)
             await seckill.start(app)
             stack.push_async_callback(seckill.stop, app)
+            # ALIPAY: the sandbox's notifier of this process (and its Redis client).
+            stack.push_async_callback(alipay_sandbox.stop, app)
+            await alipay_sandbox.start(app)
             yield
 
     app = FastAPI(title="ymguard demo shop", version=__version__, lifespan=lifespan)
@@ -141,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(activities.router)
     app.include_router(seckill.router)
+    alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
     return app
 
 

@@ -11,11 +11,14 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
 from alipay import AliPay  # type: ignore[import-untyped]  # python-alipay-sdk
+from fastapi.testclient import TestClient
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,7 +35,14 @@ from demo_service.alipay_sandbox import (
     create_sandbox_app,
     start_notifier,
 )
-from demo_service.alipay_sign import AlipayKeys, private_pem, public_pem, verify
+from demo_service.alipay_sign import (
+    AlipayKeys,
+    load_or_create_keys,
+    private_pem,
+    public_pem,
+    verify,
+)
+from demo_service.app import create_app
 from tests.helpers import unique_prefix
 
 APP_ID = "2021000000000000"
@@ -503,3 +513,38 @@ async def test_refund_is_idempotent_by_out_request_no_and_never_exceeds_the_paym
     query = await env.client.query("O800")
     assert (query["trade_status"], query["refund_fee"]) == (TRADE_CLOSED, "100.00")
     assert (await env.client.refund("O800", "70.00", "R2"))["fund_change"] == "N"
+
+
+# -- the demo mounts it ----------------------------------------------------------------------
+
+
+def test_the_demo_mounts_the_sandbox_with_its_keys_and_runs_a_notifier(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = unique_prefix()
+    monkeypatch.chdir(tmp_path)
+    for name in ("DATABASE_URL", "YMGUARD_RULES", "YMGUARD_STORAGE", "ALIPAY_KEYS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("YMGUARD_KEY_PREFIX", prefix)
+    monkeypatch.setenv("DEMO_REDIS_PREFIX", prefix)
+    app = create_app()
+    try:
+        with TestClient(app) as browser:
+            keys = load_or_create_keys(tmp_path / "var" / "alipay")  # the demo wrote them
+            assert app.state.alipay_sandbox.state.sandbox.keys.app_public.public_numbers() == (
+                keys.app_public.public_numbers()
+            )
+            assert app.state.alipay_notifier._task is not None
+            shop = AlipayClient("http://testserver/sandbox/alipay/gateway.do", APP_ID, keys, None)  # type: ignore[arg-type]
+            params = shop.signed_params("alipay.trade.query", {"out_trade_no": "O900"})
+            answer = browser.post("/sandbox/alipay/gateway.do", data=params)
+            assert shop._verified(answer, "alipay.trade.query")["sub_code"] == "ACQ.TRADE_NOT_EXIST"
+            assert browser.get(f"/sandbox/alipay/cashier/{'x' * 32}").status_code == 404
+        assert app.state.alipay_notifier._task is None  # stopped with the app
+    finally:
+        client = SyncRedis.from_url(redis_url)
+        left = list(client.scan_iter(match=prefix + "*"))
+        if left:
+            client.delete(*left)
+        client.close()
