@@ -13,11 +13,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
 
-from . import db, health
+from . import accounts, activities, alipay_sandbox, db, health, seckill
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
 from .settings import Settings
@@ -26,6 +26,10 @@ log = logging.getLogger("demo_service")
 
 #: Socket timeouts of the app's own Redis client (the guards' store has its own, 0.5 s).
 REDIS_TIMEOUT_SECONDS = 1.0
+#: Connections of the app's own Redis client per process, and the longest a request waits
+#: for one in a burst before it is answered 503 (a queue, not a failure, up to then).
+REDIS_MAX_CONNECTIONS = 128
+REDIS_POOL_WAIT_SECONDS = 5.0
 
 
 def _shown(url: str) -> str:
@@ -94,10 +98,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 where = engine.url.render_as_string(hide_password=True)
                 raise RuntimeError(f"the database at {where} does not answer: {exc}") from exc
 
-            redis = Redis.from_url(
-                redis_url,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            # A blocking pool: a burst (a flash sale) waits a moment for a connection
+            # instead of failing with "too many connections".
+            redis = Redis.from_pool(
+                BlockingConnectionPool.from_url(
+                    redis_url,
+                    max_connections=REDIS_MAX_CONNECTIONS,
+                    timeout=REDIS_POOL_WAIT_SECONDS,
+                    socket_timeout=REDIS_TIMEOUT_SECONDS,
+                    socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                )
             )
             stack.push_async_callback(redis.aclose)
             try:
@@ -107,6 +117,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             app.state.engine = engine
             app.state.redis = redis
+            await db.create_schema(engine)
+            sessions = db.make_sessionmaker(engine)
+            app.state.sessionmaker = sessions
+            secret = await accounts.token_secret(sessions, settings.token_secret)
+            app.state.tokens = accounts.TokenCodec(secret)
+            await accounts.ensure_admin(sessions, settings.demo_admin_password)
+            await seckill.start(app)
+            stack.push_async_callback(seckill.stop, app)
+            # ALIPAY: the sandbox's notifier of this process (and its Redis client).
+            stack.push_async_callback(alipay_sandbox.stop, app)
+            await alipay_sandbox.start(app)
             yield
 
     app = FastAPI(title="ymguard demo shop", version=__version__, lifespan=lifespan)
@@ -115,7 +136,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     guard.install(app)
     app.add_middleware(GuardMiddleware, guard=guard)
+    # Outside the guards: late buyers of a sold-out course cost no Redis call at all.
+    app.add_middleware(seckill.SoldOutShortcut)
+    # Outside the guards: they see who calls (``state:user``) before they decide.
+    app.add_middleware(accounts.AuthMiddleware)
     health.add_health(app)
+    app.include_router(accounts.router)
+    app.include_router(activities.router)
+    app.include_router(seckill.router)
+    alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
     return app
 
 

@@ -49,6 +49,78 @@ class NotFound(BusinessError):
     title = "Not found"
 
 
+class AlreadyPurchased(BusinessError):
+    """The buyer already holds as many of this kill course as ``kill_limit`` allows."""
+
+    code = "already-purchased"
+    status = 409
+    title = "Already purchased"
+
+
+class ActivityNotOngoing(BusinessError):
+    """The activity has not started yet, or has ended (by the server's clock)."""
+
+    code = "activity-not-ongoing"
+    status = 409
+    title = "Activity not ongoing"
+
+
+class AlreadyPublished(BusinessError):
+    """The activity was published before (publishing warms the cache exactly once)."""
+
+    code = "already-published"
+    status = 409
+    title = "Already published"
+
+
+class UsernameTaken(BusinessError):
+    """Another account has this username."""
+
+    code = "username-taken"
+    status = 409
+    title = "Username taken"
+
+
+class BadCredentials(BusinessError):
+    """No account has this username and password."""
+
+    code = "bad-credentials"
+    status = 401
+    title = "Bad credentials"
+
+
+class Unauthorized(BusinessError):
+    """The request carries no valid bearer token."""
+
+    code = "unauthorized"
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(BusinessError):
+    """The caller is signed in but lacks the role (``/admin/*`` needs the admin)."""
+
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class InvalidRequest(BusinessError):
+    """The request is well-formed but asks for something that cannot be (end before start)."""
+
+    code = "invalid-request"
+    status = 422
+    title = "Invalid request"
+
+
+class ServiceUnavailable(BusinessError):
+    """A store the answer depends on (Redis for seckill) did not answer in time: retry."""
+
+    code = "service-unavailable"
+    status = 503
+    title = "Service unavailable"
+
+
 def problem(status: int, code: str, title: str, detail: str = "", **extra: Any) -> Response:
     """An ``application/problem+json`` response in the same shape as ymguard's."""
     return ProblemResponse(status, code, title, detail, extra=extra or None)
@@ -104,4 +176,19 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _crash)
 
 
-__all__ = ["BusinessError", "NotFound", "SoldOut", "install_problem_handlers", "problem"]
+__all__ = [
+    "ActivityNotOngoing",
+    "AlreadyPublished",
+    "AlreadyPurchased",
+    "BadCredentials",
+    "BusinessError",
+    "Forbidden",
+    "InvalidRequest",
+    "NotFound",
+    "ServiceUnavailable",
+    "SoldOut",
+    "Unauthorized",
+    "UsernameTaken",
+    "install_problem_handlers",
+    "problem",
+]

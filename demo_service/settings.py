@@ -20,6 +20,9 @@ PACKAGED_RULES = Path(__file__).resolve().parent / "rules.yaml"
 #: 15 h, shrunk so that a person watching the demo sees the retries).
 DEFAULT_NOTIFY_DELAYS = (0.0, 2.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 
+#: A sandbox app id of Alipay's shape (16 digits).
+DEFAULT_ALIPAY_APP_ID = "2021000000000000"
+
 T = TypeVar("T")
 
 
@@ -45,7 +48,17 @@ class Settings:
     order_pay_timeout_seconds: int = 1800
     sweeper_interval_seconds: float = 30.0
     alipay_notify_delays: tuple[float, ...] = DEFAULT_NOTIFY_DELAYS
+    #: ``ALIPAY_APP_ID``: the app the shop calls Alipay as (the sandbox knows only it).
+    alipay_app_id: str = DEFAULT_ALIPAY_APP_ID
+    #: ``ALIPAY_KEYS_DIR``: the four RSA2 PEMs; None means ``var_dir/alipay``.
+    alipay_keys_dir: Path | None = None
     demo_admin_password: str | None = None
+    #: ``DEMO_REDIS_PREFIX``: the first part of every key the shop itself keeps in Redis
+    #: (stock, buyers, streams); tests use one per run on a shared Redis.
+    redis_prefix: str = "demo"
+    #: ``DEMO_TOKEN_SECRET``: signs bearer tokens; unset, one is generated and kept in
+    #: the database so that every worker and host accepts every other's tokens.
+    token_secret: str | None = None
     #: Where the default SQLite file and the embedded Redis live (relative to the working
     #: directory, like the default ``DATABASE_URL``).
     var_dir: Path = Path("var")
@@ -85,8 +98,17 @@ class Settings:
                 "SWEEPER_INTERVAL_SECONDS", _positive_float, d.sweeper_interval_seconds
             ),
             alipay_notify_delays=get("ALIPAY_NOTIFY_DELAYS", _delays, d.alipay_notify_delays),
+            alipay_app_id=get("ALIPAY_APP_ID", str, d.alipay_app_id),
+            alipay_keys_dir=get("ALIPAY_KEYS_DIR", Path, d.alipay_keys_dir),
             demo_admin_password=get("DEMO_ADMIN_PASSWORD", str, d.demo_admin_password),
+            redis_prefix=get("DEMO_REDIS_PREFIX", str, d.redis_prefix),
+            token_secret=get("DEMO_TOKEN_SECRET", str, d.token_secret),
         )
+
+    @property
+    def alipay_keys_path(self) -> Path:
+        """``ALIPAY_KEYS_DIR``, else ``var_dir/alipay``."""
+        return self.alipay_keys_dir or self.var_dir / "alipay"
 
     def with_redis(self, url: str) -> Settings:
         """A copy of these settings using the Redis at ``url``."""

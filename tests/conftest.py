@@ -28,7 +28,7 @@ from ymguard.storage import Store, store_from_uri
 
 def require_redis() -> str:
     """The shared Redis URL; skip (or, in CI, fail) when Redis does not answer."""
-    if not redis_answers(SHARED_REDIS_URL):
+    if not redis_answers(SHARED_REDIS_URL, within=15 if REQUIRE_REDIS else 0):
         message = f"Redis does not answer at {SHARED_REDIS_URL}"
         if REQUIRE_REDIS:
             pytest.fail(message + " (YMGUARD_REQUIRE_REDIS=1: Redis tests must run)")

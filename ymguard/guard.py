@@ -185,8 +185,8 @@ class Guard:
 
             def from_header(scope: Scope) -> str:
                 for name, value in scope.get("headers", ()):
-                    if name == header:
-                        return cast(bytes, value).decode("latin-1")
+                    if name == header:  # UTF-8 like the rules file; odd bytes stay distinct
+                        return cast(bytes, value).decode("utf-8", "surrogateescape")
                 return ""
 
             return from_header

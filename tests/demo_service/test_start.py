@@ -9,11 +9,14 @@ machine's shared Redis under a key prefix of their own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -38,6 +41,9 @@ _DEMO_ENV = (
     "HOST",
     "PORT",
     "WORKERS",
+    "DEMO_ADMIN_PASSWORD",
+    "DEMO_TOKEN_SECRET",
+    "DEMO_REDIS_PREFIX",
 )
 
 
@@ -162,6 +168,69 @@ def test_workers_share_one_embedded_redis(demo_dir: Path) -> None:
         demo.close()
 
 
+def test_the_shop_sells_on_embedded_defaults_with_two_workers(demo_dir: Path) -> None:
+    """The front door as a person runs it: the generated admin password is printed once
+    (whichever worker created the admin), and register, publish and seckill work."""
+    demo = Demo(demo_dir, WORKERS="2")
+    try:
+        demo.wait_ready()
+        deadline = time.monotonic() + 30
+        while "admin password" not in demo.output() or health(demo.url).status_code != 200:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no admin password printed, or not healthy:\n{demo.output()}")
+            time.sleep(0.1)
+        password = re.findall(r"admin password \(generated, shown once\): (\S+)", demo.output())
+        assert len(password) == 1, demo.output()
+
+        with httpx.Client(base_url=demo.url, timeout=10) as client:
+            login = client.post("/auth/login", json={"username": "admin", "password": password[0]})
+            assert login.status_code == 200, login.text
+            admin = {"Authorization": f"Bearer {login.json()['token']}"}
+            course = client.post(
+                "/admin/courses", json={"name": "Rust", "price": "59.00"}, headers=admin
+            )
+            start = datetime.now(UTC) - timedelta(minutes=1)
+            activity = client.post(
+                "/admin/activities",
+                json={
+                    "name": "Launch",
+                    "start_time": start.isoformat(),
+                    "end_time": (start + timedelta(hours=1)).isoformat(),
+                    "courses": [
+                        {
+                            "course_id": course.json()["course_id"],
+                            "kill_price": "9.00",
+                            "kill_count": 1,
+                        }
+                    ],
+                },
+                headers=admin,
+            ).json()
+            published = client.post(
+                f"/admin/activities/{activity['activity_id']}/publish", headers=admin
+            )
+            assert published.status_code == 200, published.text
+            kc = activity["courses"][0]["kill_course_id"]
+            client.post("/auth/register", json={"username": "zoe", "password": "zoe-password"})
+            token = client.post(
+                "/auth/login", json={"username": "zoe", "password": "zoe-password"}
+            ).json()["token"]
+            zoe = {"Authorization": f"Bearer {token}"}
+            bought = client.post(f"/kill/{kc}", headers=zoe)
+            again = client.post(f"/kill/{kc}", headers=zoe)
+            order = client.get(f"/kill/orders/{bought.json()['kill_order_no']}", headers=zoe)
+            listed = client.get(f"/activities/{activity['activity_id']}").json()
+
+        assert bought.status_code == 200, bought.text
+        assert again.status_code == 409  # sold out, or already purchased: both say no
+        assert order.status_code == 200
+        assert listed["courses"][0]["stock_left"] == 0
+        assert demo.stop(signal.SIGTERM) == 0, demo.output()
+        assert demo.output().count("admin password (generated, shown once)") == 1
+    finally:
+        demo.close()
+
+
 # -- the factory, in process --------------------------------------------------------------
 
 
@@ -224,23 +293,24 @@ def test_health_is_503_while_redis_is_down(tmp_path: Path, monkeypatch: pytest.M
 def test_errors_are_problem_json(shared_redis_env: str) -> None:
     app = create_app()
 
-    @app.post("/kill/{kill_course_id}")
+    @app.post("/raise/{kill_course_id}")
     async def kill(kill_course_id: int) -> None:
         if kill_course_id == 1:
             raise SoldOut("kill course 1 is sold out")
         raise AlreadyPurchased()
 
     with TestClient(app) as client:
-        sold_out = client.post("/kill/1")
-        already = client.post("/kill/2")
-        invalid = client.post("/kill/abc")
+        sold_out = client.post("/raise/1")
+        already = client.post("/raise/2")
+        invalid = client.post("/raise/abc")
         missing = client.get("/nowhere")
+        unauthorized = client.post("/kill/1")
 
     assert sold_out.status_code == 409  # mapped by rules.yaml's errors:
     assert sold_out.headers["content-type"] == PROBLEM_MEDIA_TYPE
     assert sold_out.json()["type"] == PROBLEM_BASE + "sold-out"
     assert sold_out.json()["detail"] == "kill course 1 is sold out"
-    assert sold_out.json()["resource"] == "POST /kill/{kill_course_id}"
+    assert sold_out.json()["resource"] == "POST /raise/{kill_course_id}"
     assert (already.status_code, already.json()["type"]) == (
         409,
         PROBLEM_BASE + "already-purchased",
@@ -251,3 +321,8 @@ def test_errors_are_problem_json(shared_redis_env: str) -> None:
     )
     assert (missing.status_code, missing.json()["type"]) == (404, PROBLEM_BASE + "not-found")
     assert missing.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    assert (unauthorized.status_code, unauthorized.json()["type"]) == (
+        401,
+        PROBLEM_BASE + "unauthorized",
+    )
+    assert unauthorized.json()["resource"] == "POST /kill/{kill_course_id}"

@@ -48,6 +48,27 @@ def test_long_or_odd_origins_become_a_fixed_length_digest() -> None:
     assert len(guard.origin_of(scope_with(b"x" * (ORIGIN_MAX_CHARS + 1)))) == 33
 
 
+async def test_a_non_ascii_origin_named_in_the_rules_matches_the_header_it_names() -> None:
+    # The rules file is UTF-8; a header origin read as latin-1 never matched "café".
+    rules = {"origin": {"from": "header", "name": "X-Caller"}}
+    rules["resources"] = {"GET /x": {"flow": [{"qps": 1, "origin": "caf\u00e9"}]}}
+    guard = Guard(rules)
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x() -> str:
+        return "ok"
+
+    app.add_middleware(GuardMiddleware, guard=guard)
+    cafe = {"x-caller": "caf\u00e9".encode()}
+    async with client(app) as c:
+        statuses = [(await c.get("/x", headers=cafe)).status_code for _ in range(3)]
+        other = (await c.get("/x", headers={"x-caller": "tea"})).status_code
+    assert (statuses, other) == ([200, 429, 429], 200)
+    # Bytes that are not UTF-8 still give distinct origins.
+    assert guard.origin_of(scope_with(b"\xff")) != guard.origin_of(scope_with(b"\xfe"))
+
+
 def test_a_digest_sent_as_an_origin_is_not_the_origin_it_digests() -> None:
     # Else a caller could send another caller's digest and share its state.
     victim = "v" * 200
