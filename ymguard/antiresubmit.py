@@ -602,6 +602,23 @@ class _Waiting:
     held: _Held | None
 
 
+class _InProcess:
+    """What one idempotent resource keeps in this process, for every check made of it.
+
+    On a remote store: the keys this process holds and the responses the store has not
+    taken yet (its own records, whose count bounds what the resource keeps during an
+    outage), and the task that writes them once the store answers.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.local: MemoryResponses | None = None
+        if store.remote:
+            self.local = MemoryResponses(MemoryStore(key_prefix=store.key_prefix))
+        self.waiting: dict[str, _Waiting] = {}
+        self.waiting_bytes = 0
+        self.syncer: asyncio.Task[None] | None = None
+
+
 class IdempotencyCheck:
     """``idempotency``: run each ``Idempotency-Key`` once, replay its response to retries.
 
@@ -625,15 +642,10 @@ class IdempotencyCheck:
         self.methods = frozenset(rule.methods)
         self.header = rule.header.lower().encode("latin-1")
         self.backend: KeptResponses = store.responses()
-        # On a remote store: the keys this process holds, and the responses the store has
-        # not taken yet. Records of this check only (its write-behind, not a fallback):
-        # their count bounds what one resource keeps in process during an outage.
-        self._local: MemoryResponses | None = None
-        if store.remote:
-            self._local = MemoryResponses(MemoryStore(key_prefix=store.key_prefix))
-        self._waiting: dict[str, _Waiting] = {}
-        self._waiting_bytes = 0
-        self._syncer: asyncio.Task[None] | None = None
+        # What this process keeps for the resource: owned by the store, so that a reload
+        # (a new check) still answers the keys held here and writes what waits.
+        self._kept = store.keep(f"idempotency:{resource}", lambda: _InProcess(store))
+        self._local = self._kept.local
         self.description = f"idempotency header={rule.header}"
         _warn_unknown_params(resource, "idempotency", rule.scope)
 
@@ -644,8 +656,8 @@ class IdempotencyCheck:
         """Keys held in process and responses still waiting for the store."""
         state = {
             "local_records": len(self._local) if self._local is not None else 0,
-            "waiting_for_store": len(self._waiting),
-            "waiting_bytes": self._waiting_bytes,
+            "waiting_for_store": len(self._kept.waiting),
+            "waiting_bytes": self._kept.waiting_bytes,
         }
         return CheckStatus("idempotency", self.resource, self.description, state)
 
@@ -861,26 +873,26 @@ class IdempotencyCheck:
         response = waiting.response
         if response is not None and response.kept:
             size = len(response.body)
-            if self._waiting_bytes + size > MAX_WAITING_BYTES:
+            if self._kept.waiting_bytes + size > MAX_WAITING_BYTES:
                 response = KeptResponse(response.status, response.headers, b"", kept=False)
                 waiting.response = response
                 record = self._local.store.data.get(key) if self._local is not None else None
                 if record is not None:
                     record.response = response
             else:
-                self._waiting_bytes += size
+                self._kept.waiting_bytes += size
         waiting.deadline = asyncio.get_running_loop().time() + self.rule.ttl_seconds
         self._forget_waiting(key)
-        self._waiting[key] = waiting
-        if self._syncer is None or self._syncer.done():
-            self._syncer = self.store.spawn(self._sync())
+        self._kept.waiting[key] = waiting
+        if self._kept.syncer is None or self._kept.syncer.done():
+            self._kept.syncer = self.store.spawn(self._sync())
 
     def _forget_waiting(self, key: str) -> None:
-        waiting = self._waiting.pop(key, None)
+        waiting = self._kept.waiting.pop(key, None)
         if waiting is None:
             return
         if waiting.response is not None and waiting.response.kept:
-            self._waiting_bytes -= len(waiting.response.body)
+            self._kept.waiting_bytes -= len(waiting.response.body)
         if waiting.held is not None:
             waiting.held.stop()
 
@@ -891,9 +903,9 @@ class IdempotencyCheck:
         assert local is not None
         loop = asyncio.get_running_loop()
         pause = _SYNC_PAUSE
-        while self._waiting:
+        while self._kept.waiting:
             down = False
-            for key, waiting in list(self._waiting.items()):
+            for key, waiting in list(self._kept.waiting.items()):
                 left = waiting.deadline - loop.time()
                 try:
                     if left <= 0:  # expired here too, unwritten: nothing to keep
@@ -916,12 +928,12 @@ class IdempotencyCheck:
                     break  # still down: the next round tries again
                 except Exception:
                     log.exception("ymguard: %s: storing a response that waited failed", self)
-                if self._waiting.get(key) is waiting:
+                if self._kept.waiting.get(key) is waiting:
                     self._forget_waiting(key)
                     record = local.store.data.get(key)
                     if record is not None and record.lease is None:
                         local.forget(key)  # the store answers for it from now on
-            if self._waiting:
+            if self._kept.waiting:
                 # A long outage costs a connection attempt a second, not ten.
                 pause = min(pause * 2, 1.0) if down else _SYNC_PAUSE
                 await asyncio.sleep(pause)

@@ -585,6 +585,26 @@ async def test_a_storage_outage_follows_on_storage_error(
     assert new_token == expected["new_token"]
 
 
+@pytest.mark.parametrize("policy", ["local", "open"])
+async def test_a_reload_during_an_outage_keeps_the_keys_answered_in_process(
+    private_redis: RedisServer, prefix: str, policy: str
+) -> None:
+    # What the process keeps for an idempotent resource while Redis is down belongs to
+    # the store, not to the check: the check a reload makes still replays the key.
+    app = create_app(private_redis.url, prefix, on_storage_error=policy)
+    headers = {"X-User": "alice", "Idempotency-Key": key()}
+    async with client(app) as c:
+        await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})  # connect
+        private_redis.stop()
+        first = await c.post("/pay", json={"amount": 1}, headers=headers)
+        app.state.guard.reload(app.state.guard.rules)
+        again = await c.post("/pay", json={"amount": 1}, headers=headers)
+    await app.state.guard.aclose()
+    assert first.status_code == 201 and again.status_code == 201
+    assert again.headers.get("idempotent-replayed") == "true" and again.content == first.content
+    assert app.state.runs["pay"] == 1 + 1  # the connecting call, then the key once
+
+
 def patient(server: RedisServer) -> str:
     """The server's URL with 2 s timeouts: on a loaded machine a slow answer must not look
     like the outage a test is about to cause."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
 if TYPE_CHECKING:
     from ..backends.breaker_state import BreakerStore
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from .memory import MemoryStore
 
 StoragePolicy = Literal["local", "open", "closed"]
+
+T = TypeVar("T")
 
 #: A key part longer than this (after escaping) keeps a readable head and a digest.
 MAX_KEY_PART = 128
@@ -102,6 +104,8 @@ class Store:
         # The background work of the checks on this store (lease renewals, writes that
         # wait for the store): stopped by close_tasks (Guard.aclose).
         self._tasks: set[asyncio.Task[None]] = set()
+        # In-process state that outlives the checks (a reload makes new ones): by name.
+        self._kept: dict[str, Any] = {}
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
@@ -172,6 +176,17 @@ class Store:
         if policy == "closed":
             _refuse(refusal)
         return policy
+
+    def keep(self, name: str, make: Callable[[], T]) -> T:
+        """The store's in-process object called ``name``, made by ``make`` on first use.
+
+        For what a check keeps in process and must not lose when a reload replaces the
+        check (names come from the rules, never from clients: the map stays bounded).
+        """
+        found = self._kept.get(name)
+        if found is None:
+            found = self._kept[name] = make()
+        return cast(T, found)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in a task owned by the store, until it ends or :meth:`close_tasks`."""
