@@ -6,7 +6,7 @@ here, and its field in ``rules.ResourceRules``.
 
 from __future__ import annotations
 
-from . import antiresubmit, breaker, limiter, semaphore
+from . import antiresubmit, breaker, idempotency, limiter, semaphore
 from ._kind import Env, Kind
 from .chain import DEFAULT_ERROR_STATUSES, Check
 from .rules import ResourceRules
@@ -18,7 +18,7 @@ KINDS: tuple[Kind, ...] = tuple(
             limiter.KIND,
             breaker.KIND,
             semaphore.KIND,
-            antiresubmit.IDEMPOTENCY_KIND,
+            idempotency.KIND,
             antiresubmit.SUBMIT_TOKEN_KIND,
         ),
         key=lambda kind: kind.order,

@@ -13,9 +13,10 @@ import redis.asyncio
 
 from tests.apps.antiresubmit_app import create_app
 from tests.helpers import RedisServer, Uvicorn
-from ymguard import Guard, RulesError, antiresubmit
-from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key, scope_of
+from ymguard import Guard, RulesError, antiresubmit, idempotency
+from ymguard.antiresubmit import SubmitTokens, scope_of
 from ymguard.errors import PROBLEM_BASE
+from ymguard.idempotency import parse_idempotency_key
 from ymguard.storage import Store, store_from_uri
 
 
@@ -692,8 +693,8 @@ async def test_what_an_outage_keeps_in_process_is_bounded(
     # Keys taken in process while Redis is down are bounded in number, and the bodies
     # that wait for Redis in bytes: past the bounds a key is refused (local) or passes
     # unguarded (open), and a body waits as its status only. Still one run per key.
-    monkeypatch.setattr(antiresubmit, "MAX_LOCAL_RECORDS", 2)
-    monkeypatch.setattr(antiresubmit, "MAX_WAITING_BYTES", 40)
+    monkeypatch.setattr(idempotency, "MAX_LOCAL_RECORDS", 2)
+    monkeypatch.setattr(idempotency, "MAX_WAITING_BYTES", 40)
     app = create_app(patient(private_redis), prefix, on_storage_error=policy)
     keys = [{"Idempotency-Key": key()} for _ in range(3)]
     async with client(app) as c:
