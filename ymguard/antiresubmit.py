@@ -985,11 +985,18 @@ class IdempotencyCheck:
     memory, the keys it holds and the responses the store has not taken yet (Redis hung
     or down while they were stored): a retry in this process is answered from there (409
     while in flight, the response once done), and a background task writes the response
-    to Redis once it answers again, keeping the lease until then. So an outage never runs
-    one key twice in one process, under every ``on_storage_error``; across processes it
-    never does while the outage is shorter than ``lease_seconds`` (the lease on Redis is
-    what tells other processes). While Redis is down, ``local`` and ``open`` take new keys
-    in process (and store them on Redis afterwards); ``closed`` refuses them (503).
+    to Redis once it answers again, keeping the lease until then. While Redis is down a
+    key this process does not hold cannot be proven free (another process may hold it or
+    have finished it): ``local`` and ``closed`` refuse it (503 with ``Retry-After``;
+    idempotent requests are retryable by design), ``open`` lets it pass unguarded, so
+    ``open`` is the one policy under which an outage can run a key twice. Otherwise one
+    key runs once, across processes, as long as the outage is shorter than
+    ``lease_seconds`` (the lease on Redis is what tells other processes). A begin that got
+    no answer may still run when Redis resumes; its lease is then aborted.
+
+    On the memory store the records of one resource are bounded (:data:`MAX_LOCAL_RECORDS`
+    records, :data:`MAX_KEPT_BYTES` of kept bodies): past either, new keys are refused
+    with 503 and ``Retry-After`` while known keys are still answered.
     """
 
     def __init__(self, store: Store, resource: str, rule: IdempotencyRule) -> None:
