@@ -265,7 +265,7 @@ def _digest(*parts: str | bytes) -> str:
 _SWEEP_BATCH = 64
 #: Most live submit tokens kept per :class:`SubmitTokens` on the memory store (and in
 #: process while Redis is down); past it the oldest is dropped (spending it is then a
-#: 409 duplicate submission: safe). Each is about 260 bytes.
+#: 409 duplicate submission: safe). Each is about 300 bytes.
 MAX_TOKENS = 100_000
 
 
