@@ -301,8 +301,15 @@ class _MemoryTokens:
 
     def __init__(self, store: MemoryStore, table: str = "") -> None:
         self.store = store
-        table = table or store.key("submit", "", "tokens")
-        self.tokens: OrderedDict[str, _Token] = store.data.setdefault(table, OrderedDict())
+        self.table = table or store.key("submit", "", "tokens")
+
+    @property
+    def tokens(self) -> OrderedDict[str, _Token]:
+        """The table, made at first use (a guard that issues no token keeps none)."""
+        tokens: OrderedDict[str, _Token] | None = self.store.data.get(self.table)
+        if tokens is None:
+            tokens = self.store.data[self.table] = OrderedDict()
+        return tokens
 
     async def issue(self, key: str, token: str, ttl: float) -> None:
         tokens = self.tokens
@@ -725,8 +732,15 @@ class _MemoryIdempotency:
 
     def __init__(self, store: MemoryStore, table: str = "") -> None:
         self.store = store
-        table = table or store.key("idem", "", "records")
-        self.records: _Records = store.data.setdefault(table, _Records())
+        self.table = table or store.key("idem", "", "records")
+
+    @property
+    def records(self) -> _Records:
+        """The table, made at first use."""
+        records: _Records | None = self.store.data.get(self.table)
+        if records is None:
+            records = self.store.data[self.table] = _Records()
+        return records
 
     def __len__(self) -> int:
         return len(self.records)
