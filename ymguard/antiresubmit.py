@@ -37,8 +37,9 @@ import math
 import re
 import secrets
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -58,6 +59,7 @@ from .errors import (
 )
 from .lua import lua
 from .storage import MemoryStore, RedisStore, Store, store_from_uri
+from .storage.redis import Unanswered
 from .types import Message, Receive, Scope, Send
 
 log = logging.getLogger("ymguard")
@@ -258,19 +260,27 @@ def _digest(*parts: str | bytes) -> str:
 
 # -- submit tokens, on each store ------------------------------------------------------
 
-_SWEEP_EVERY = 1024
+#: Most expired entries one write drops (memory store): each write drops at least as many
+#: as it adds, so the expired never pile up, and no write scans the whole store.
+_SWEEP_BATCH = 64
+#: Most live submit tokens kept per :class:`SubmitTokens` on the memory store (and in
+#: process while Redis is down); past it the oldest is dropped (spending it is then a
+#: 409 duplicate submission: safe). Each is about 300 bytes.
+MAX_TOKENS = 100_000
 
 
-def _sweep(store: MemoryStore, kind: type[Any]) -> None:
-    """Drop expired entries of one kind: Redis expires keys, the memory store must sweep.
+def _sweep(entries: OrderedDict[str, Any], now: float) -> None:
+    """Drop expired entries from the head of ``entries`` (kept in expiry order).
 
-    Called once per ``_SWEEP_EVERY`` writes, so its cost (one pass over the store) is
-    spread thin, and keys nobody reads again do not pile up.
+    Redis expires keys; the memory store drops them here, a bounded batch per write.
     """
-    now = store.now()
-    data = store.data
-    for key in [k for k, v in data.items() if isinstance(v, kind) and v.expires_at <= now]:
-        del data[key]
+    for _ in range(_SWEEP_BATCH):
+        if not entries:
+            return
+        key, entry = next(iter(entries.items()))
+        if entry.expires_at > now:
+            return
+        del entries[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,28 +290,46 @@ class _Token:
 
 
 class _MemoryTokens:
-    """Tokens in process: a :class:`_Token` under the scope's key."""
+    """Tokens in process: a :class:`_Token` per scope key, oldest first.
 
-    def __init__(self, store: MemoryStore) -> None:
+    The tokens of one token family live in one ordered dict in ``store.data`` (under
+    ``table``), so that objects of one store and prefix share them, the expired ones are
+    dropped from the head, and the oldest is dropped past :data:`MAX_TOKENS`. (With one
+    ``ttl_seconds`` insertion order is expiry order; with several, an expired token behind
+    a live one waits for its read or for the bound.)
+    """
+
+    def __init__(self, store: MemoryStore, table: str = "") -> None:
         self.store = store
-        self._writes = 0
+        self.table = table or store.key("submit", "", "tokens")
+
+    @property
+    def tokens(self) -> OrderedDict[str, _Token]:
+        """The table, made at first use (a guard that issues no token keeps none)."""
+        tokens: OrderedDict[str, _Token] | None = self.store.data.get(self.table)
+        if tokens is None:
+            tokens = self.store.data[self.table] = OrderedDict()
+        return tokens
 
     async def issue(self, key: str, token: str, ttl: float) -> None:
-        self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
-            _sweep(self.store, _Token)
-        self.store.data[key] = _Token(token, self.store.now() + ttl)
+        tokens = self.tokens
+        now = self.store.now()
+        _sweep(tokens, now)
+        tokens.pop(key, None)
+        tokens[key] = _Token(token, now + ttl)
+        while len(tokens) > MAX_TOKENS:
+            tokens.popitem(last=False)
 
     async def consume(self, key: str, token: str) -> bool:
-        entry: _Token | None = self.store.data.get(key)
+        entry = self.tokens.get(key)
         if entry is None:
             return False
         if entry.expires_at <= self.store.now():
-            del self.store.data[key]
+            del self.tokens[key]
             return False
         if not secrets.compare_digest(entry.token, token):
             return False
-        del self.store.data[key]
+        del self.tokens[key]
         return True
 
 
@@ -319,11 +347,11 @@ class _RedisTokens:
         return bool(await self.store.run(self._consume, (key,), (token,)))
 
 
-def _tokens_backend(store: Store) -> _MemoryTokens | _RedisTokens:
+def _tokens_backend(store: Store, prefix: str) -> _MemoryTokens | _RedisTokens:
     if isinstance(store, RedisStore):
         return _RedisTokens(store)
     assert isinstance(store, MemoryStore)
-    return _MemoryTokens(store)
+    return _MemoryTokens(store, store.key(prefix, "", "tokens"))
 
 
 _MAX_TOKEN_LENGTH = 256
@@ -364,7 +392,7 @@ class SubmitTokens:
         self.prefix = prefix
         self._rules = rules
         self._origin_of = origin_of
-        self._backend = _tokens_backend(self.store)
+        self._backend = _tokens_backend(self.store, prefix)
         self._local: _MemoryTokens | None = None
 
     def __repr__(self) -> str:
@@ -376,7 +404,8 @@ class SubmitTokens:
 
     def _local_backend(self) -> _MemoryTokens:
         if self._local is None:
-            self._local = _MemoryTokens(MemoryStore(key_prefix=self.store.key_prefix))
+            local = MemoryStore(key_prefix=self.store.key_prefix)
+            self._local = _MemoryTokens(local, local.key(self.prefix, "", "tokens"))
         return self._local
 
     async def issue(self, scope: str, ttl_seconds: float | None = None) -> str:
@@ -657,20 +686,69 @@ class _Record:
     response: KeptResponse | None = None
 
 
-class _MemoryIdempotency:
-    """Idempotency records in process: a :class:`_Record` under each key."""
+@dataclass(slots=True)
+class _Records:
+    """One idempotent resource's records in process, each kind in expiry order.
 
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self._writes = 0
+    One rule has one lease length and one ttl, so insertion order is expiry order in each
+    dict (a renewal moves its lease to the end): the sweep only ever looks at the heads.
+    """
+
+    leases: OrderedDict[str, _Record] = field(default_factory=OrderedDict)
+    done: OrderedDict[str, _Record] = field(default_factory=OrderedDict)
+    kept_bytes: int = 0  # the bodies of ``done``
 
     def __len__(self) -> int:
-        return len(self.store.data)
+        return len(self.leases) + len(self.done)
+
+    def get(self, key: str) -> _Record | None:
+        return self.leases.get(key) or self.done.get(key)
+
+    def pop(self, key: str) -> None:
+        self.leases.pop(key, None)
+        record = self.done.pop(key, None)
+        if record is not None and record.response is not None:
+            self.kept_bytes -= len(record.response.body)
+
+    def sweep(self, now: float) -> None:
+        _sweep(self.leases, now)
+        for _ in range(_SWEEP_BATCH):
+            if not self.done:
+                return
+            key, record = next(iter(self.done.items()))
+            if record.expires_at > now:
+                return
+            self.pop(key)
+
+
+class _MemoryIdempotency:
+    """Idempotency records in process: a :class:`_Record` under each key.
+
+    The records of one resource live in one :class:`_Records` in ``store.data`` (under
+    ``table``), bounded by :data:`MAX_LOCAL_RECORDS` records and :data:`MAX_KEPT_BYTES` of
+    kept bodies: past either, new keys are refused (:meth:`refuses`), never a record
+    dropped (a dropped finished record would let its retry run again).
+    """
+
+    def __init__(self, store: MemoryStore, table: str = "") -> None:
+        self.store = store
+        self.table = table or store.key("idem", "", "records")
+
+    @property
+    def records(self) -> _Records:
+        """The table, made at first use."""
+        records: _Records | None = self.store.data.get(self.table)
+        if records is None:
+            records = self.store.data[self.table] = _Records()
+        return records
+
+    def __len__(self) -> int:
+        return len(self.records)
 
     def _live(self, key: str) -> _Record | None:
-        record: _Record | None = self.store.data.get(key)
+        record = self.records.get(key)
         if record is not None and record.expires_at <= self.store.now():
-            del self.store.data[key]
+            self.records.pop(key)
             return None
         return record
 
@@ -678,22 +756,34 @@ class _MemoryIdempotency:
         """Whether a live record (in flight or done) is kept under ``key``."""
         return self._live(key) is not None
 
+    def refuses(self, key: str) -> float | None:
+        """Seconds to wait if a new ``key`` is refused (the bounds are reached), else None."""
+        records = self.records
+        now = self.store.now()
+        records.sweep(now)
+        if len(records) < MAX_LOCAL_RECORDS and records.kept_bytes < MAX_KEPT_BYTES:
+            return None
+        if self._live(key) is not None:
+            return None  # known here: answered from its record, nothing new is kept
+        # The soonest a record may expire (a lease), at least a second, at most a minute.
+        heads = [next(iter(d.values())).expires_at for d in (records.leases, records.done) if d]
+        return min(60.0, max(1.0, min(heads, default=now + 1.0) - now))
+
     def hold(self, key: str, fp: str, lease_id: str) -> None:
         """Mirror a lease this process holds on another store (it ends with :meth:`forget`)."""
-        self.store.data[key] = _Record(fp, math.inf, lease=lease_id)
+        self.records.pop(key)
+        self.records.leases[key] = _Record(fp, math.inf, lease=lease_id)
 
     def forget(self, key: str) -> None:
         """Drop whatever is kept under ``key``."""
-        self.store.data.pop(key, None)
+        self.records.pop(key)
 
     async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
         record = self._live(key)
         now = self.store.now()
         if record is None:
-            self._writes += 1
-            if self._writes % _SWEEP_EVERY == 0:
-                _sweep(self.store, _Record)
-            self.store.data[key] = _Record(fp, now + lease, lease=lease_id)
+            self.records.sweep(now)
+            self.records.leases[key] = _Record(fp, now + lease, lease=lease_id)
             return Begun("new")
         if record.fp != fp:
             return Begun("mismatch")
@@ -706,6 +796,7 @@ class _MemoryIdempotency:
         if record is None or record.lease != lease_id:
             return False
         record.expires_at = max(record.expires_at, self.store.now() + lease)
+        self.records.leases.move_to_end(key)  # still in expiry order
         return True
 
     async def complete(
@@ -714,14 +805,23 @@ class _MemoryIdempotency:
         record = self._live(key)
         if record is not None and record.lease != lease_id:
             return False
-        self.store.data[key] = _Record(fp, self.store.now() + ttl, response=response)
+        records = self.records
+        records.pop(key)
+        size = len(response.body)
+        if response.kept and records.kept_bytes + size > MAX_KEPT_BYTES:
+            # Over the bound: keep the status only (a retry gets 409 "not kept", never
+            # a second run).
+            response = KeptResponse(response.status, response.headers, b"", kept=False)
+            size = 0
+        records.done[key] = _Record(fp, self.store.now() + ttl, response=response)
+        records.kept_bytes += size
         return True
 
     async def abort(self, key: str, lease_id: str) -> bool:
         record = self._live(key)
         if record is None or record.lease != lease_id:
             return False
-        del self.store.data[key]
+        self.records.pop(key)
         return True
 
 
@@ -781,12 +881,15 @@ class _RedisIdempotency:
 IdempotencyBackend = _MemoryIdempotency | _RedisIdempotency
 
 
-def idempotency_backend(store: Store) -> IdempotencyBackend:
-    """The idempotency-record implementation for a store (memory or Redis)."""
+def idempotency_backend(store: Store, resource: str = "") -> IdempotencyBackend:
+    """The idempotency-record implementation for a store (memory or Redis).
+
+    On the memory store the records of ``resource`` are bounded together (one table).
+    """
     if isinstance(store, RedisStore):
         return _RedisIdempotency(store)
     assert isinstance(store, MemoryStore)
-    return _MemoryIdempotency(store)
+    return _MemoryIdempotency(store, store.key("idem", resource, "records"))
 
 
 def _replaying(chunks: list[Message], receive: Receive) -> Receive:
@@ -828,10 +931,14 @@ async def close_idempotency_tasks(store: Store) -> None:
         await asyncio.gather(*running, return_exceptions=True)
 
 
-#: Most records kept in process per idempotent resource while the store is down
-#: (``on_storage_error: local | open``); past it, new keys are refused (local) or pass
-#: unguarded (open). Each is a few hundred bytes plus its kept body.
+#: Most idempotency records kept in process per idempotent resource (the memory store;
+#: on Redis, what this process holds while Redis is down). Past it new keys are refused
+#: with 503 and ``Retry-After`` (keys already known are still answered). Each is about
+#: 900 bytes plus its kept body.
 MAX_LOCAL_RECORDS = 100_000
+#: Most bytes of kept response bodies per idempotent resource in process; past it new
+#: keys are refused (503), and a response that would cross it is kept as its status only.
+MAX_KEPT_BYTES = 64 << 20
 #: Most bytes of kept bodies waiting in process for the store per idempotent resource;
 #: past it a response waits with its status only (a retry then gets 409 "not kept", but
 #: never a second run).
@@ -880,6 +987,9 @@ class _Waiting:
     response: KeptResponse | None  # None: free the key (the request failed)
     deadline: float  # event-loop clock: the response would have expired by then
     held: _Held | None
+    # The record's key when it is not the queue's key: the abort of a lease an unanswered
+    # begin may have taken, queued beside whatever else waits for that record.
+    key: str | None = None
 
 
 class IdempotencyCheck:
@@ -889,11 +999,18 @@ class IdempotencyCheck:
     memory, the keys it holds and the responses the store has not taken yet (Redis hung
     or down while they were stored): a retry in this process is answered from there (409
     while in flight, the response once done), and a background task writes the response
-    to Redis once it answers again, keeping the lease until then. So an outage never runs
-    one key twice in one process, under every ``on_storage_error``; across processes it
-    never does while the outage is shorter than ``lease_seconds`` (the lease on Redis is
-    what tells other processes). While Redis is down, ``local`` and ``open`` take new keys
-    in process (and store them on Redis afterwards); ``closed`` refuses them (503).
+    to Redis once it answers again, keeping the lease until then. While Redis is down a
+    key this process does not hold cannot be proven free (another process may hold it or
+    have finished it): ``local`` and ``closed`` refuse it (503 with ``Retry-After``;
+    idempotent requests are retryable by design), ``open`` lets it pass unguarded, so
+    ``open`` is the one policy under which an outage can run a key twice. Otherwise one
+    key runs once, across processes, as long as the outage is shorter than
+    ``lease_seconds`` (the lease on Redis is what tells other processes). A begin that got
+    no answer may still run when Redis resumes; its lease is then aborted.
+
+    On the memory store the records of one resource are bounded (:data:`MAX_LOCAL_RECORDS`
+    records, :data:`MAX_KEPT_BYTES` of kept bodies): past either, new keys are refused
+    with 503 and ``Retry-After`` while known keys are still answered.
     """
 
     def __init__(self, store: Store, resource: str, rule: IdempotencyRule) -> None:
@@ -902,7 +1019,7 @@ class IdempotencyCheck:
         self.rule = rule
         self.methods = frozenset(rule.methods)
         self.header = rule.header.lower().encode("latin-1")
-        self.backend = idempotency_backend(store)
+        self.backend = idempotency_backend(store, resource)
         # On Redis: the keys this process holds, and the responses Redis has not taken.
         self._local: _MemoryIdempotency | None = None
         if isinstance(self.backend, _RedisIdempotency):
@@ -953,19 +1070,35 @@ class IdempotencyCheck:
         lease = self.rule.lease_seconds
         local = self._local
         if local is None:
+            assert isinstance(self.backend, _MemoryIdempotency)
+            wait = self.backend.refuses(key)
+            if wait is not None:
+                raise StorageBlocked(
+                    self.resource,
+                    self.description,
+                    retry_after=wait,
+                    detail=f"too many idempotency keys kept for {self.resource} "
+                    f"(at most {MAX_LOCAL_RECORDS} records and {MAX_KEPT_BYTES} bytes of "
+                    "responses); try again later",
+                )
             return self.backend, await self.backend.begin(key, fp, lease_id, lease)
         if local.has(key):  # held here, or finished while the store was down
             return local, await local.begin(key, fp, lease_id, lease)
         try:
             begun = await self.backend.begin(key, fp, lease_id, lease)
-        except StorageUnavailable:
-            if self.store.on_storage_error == "closed":
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
-            if len(local) >= MAX_LOCAL_RECORDS and not local.has(key):
-                if self.store.on_storage_error == "open":
-                    return self.backend, Begun("done")  # pass, unguarded (see enter)
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
-            return local, await local.begin(key, fp, lease_id, lease)
+        except StorageUnavailable as exc:
+            if isinstance(exc, Unanswered):
+                # The begin may still run when Redis resumes and take a lease nobody
+                # holds (every retry 409 for lease_seconds): queue its abort.
+                self._wait_for_store(
+                    f"{key}\n{lease_id}", _Waiting(lease_id, fp, None, 0, None, key=key)
+                )
+            # Another process may hold this key, or have finished it: nothing here can
+            # prove it free. Refuse (idempotent requests are retryable), unless the user
+            # chose availability over protection (open: it passes unguarded).
+            if self.store.on_storage_error == "open":
+                return self.backend, Begun("done")  # pass, unguarded (see enter)
+            raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
         if begun.state == "new":
             local.hold(key, fp, lease_id)
         return self.backend, begun
@@ -1017,7 +1150,7 @@ class IdempotencyCheck:
                 self.resource, self.description, retry_after=min(1.0, begun.lease_left)
             )
         response = begun.response
-        if response is None:  # open, store down, too many keys in process: pass unguarded
+        if response is None:  # open, store down, a key not held here: pass unguarded
             return None
         if not response.kept:
             raise IdempotencyResponseNotKept(
@@ -1077,16 +1210,6 @@ class IdempotencyCheck:
             response = KeptResponse(rec.status, rec.headers, b"".join(rec.body), rec.kept)
         ttl = self.rule.ttl_seconds
         local = self._local
-        if held.backend is local:
-            # Taken in process while the store was down: settle it here, then tell the
-            # store, so that other processes replay it too.
-            held.stop()
-            assert local is not None
-            if response is None:
-                await local.abort(held.key, held.lease_id)
-            elif await local.complete(held.key, held.lease_id, held.fp, response, ttl):
-                self._wait_for_store(held.key, _Waiting(held.lease_id, held.fp, response, 0, None))
-            return
         try:
             if response is not None:
                 stored = await held.backend.complete(
@@ -1129,8 +1252,10 @@ class IdempotencyCheck:
             if self._waiting_bytes + size > MAX_WAITING_BYTES:
                 response = KeptResponse(response.status, response.headers, b"", kept=False)
                 waiting.response = response
-                record = self._local.store.data.get(key) if self._local is not None else None
-                if record is not None:
+                records = self._local.records if self._local is not None else None
+                record = records.done.get(key) if records is not None else None
+                if records is not None and record is not None and record.response is not None:
+                    records.kept_bytes -= len(record.response.body)
                     record.response = response
             else:
                 self._waiting_bytes += size
@@ -1166,7 +1291,7 @@ class IdempotencyCheck:
                     # Past the store's fail-fast window: the write lands as soon as
                     # Redis answers, before other processes' retries find the key free.
                     elif waiting.response is None:
-                        await backend.abort(key, waiting.lease_id, always_try=True)
+                        await backend.abort(waiting.key or key, waiting.lease_id, always_try=True)
                     else:
                         await backend.complete(
                             key,
@@ -1183,7 +1308,7 @@ class IdempotencyCheck:
                     log.exception("ymguard: %s: storing a response that waited failed", self)
                 if self._waiting.get(key) is waiting:
                     self._forget_waiting(key)
-                    record = local.store.data.get(key)
+                    record = local.records.get(key)
                     if record is not None and record.lease is None:
                         local.forget(key)  # the store answers for it from now on
             if self._waiting:
@@ -1214,7 +1339,9 @@ def build_antiresubmit_checks(
 
 __all__ = [
     "DEFAULT_SCOPE",
+    "MAX_KEPT_BYTES",
     "MAX_LOCAL_RECORDS",
+    "MAX_TOKENS",
     "MAX_WAITING_BYTES",
     "Begun",
     "IdempotencyBodyTooLarge",
