@@ -250,7 +250,7 @@ class SubmitTokens:
         self.prefix = prefix
         self._rules = rules
         self._origin_of = origin_of
-        self._backend: Tokens = self.store.tokens()
+        self._backend: Tokens = self.store.tokens(prefix)
         self._local: Tokens | None = None
 
     def __repr__(self) -> str:
@@ -262,7 +262,7 @@ class SubmitTokens:
 
     def _local_backend(self) -> Tokens:
         if self._local is None:
-            self._local = self.store.local.tokens()
+            self._local = self.store.local.tokens(self.prefix)
         return self._local
 
     async def issue(self, scope: str, ttl_seconds: float | None = None) -> str:

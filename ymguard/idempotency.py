@@ -30,6 +30,7 @@ from .antiresubmit import (
     _warn_unknown_params,
     scope_of,
 )
+from .backends import responses
 from .backends.responses import Begun, KeptResponse, KeptResponses, MemoryResponses
 from .chain import CheckStatus, Context, ShortCircuit
 from .errors import (
@@ -42,6 +43,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .storage import MemoryStore, Store
+from .storage.redis import Unanswered
 from .types import Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
@@ -192,10 +194,6 @@ def _replaying(chunks: list[Message], receive: Receive) -> Receive:
     return replay
 
 
-#: Most records kept in process per idempotent resource while the store is down
-#: (``on_storage_error: local | open``); past it, new keys are refused (local) or pass
-#: unguarded (open). Each is a few hundred bytes plus its kept body.
-MAX_LOCAL_RECORDS = 100_000
 #: Most bytes of kept bodies waiting in process for the store per idempotent resource;
 #: past it a response waits with its status only (a retry then gets 409 "not kept", but
 #: never a second run).
@@ -244,6 +242,9 @@ class _Waiting:
     response: KeptResponse | None  # None: free the key (the request failed)
     deadline: float  # event-loop clock: the response would have expired by then
     held: _Held | None
+    # The record's key when it is not the queue's key: the abort of a lease an unanswered
+    # begin may have taken, queued beside whatever else waits for that record.
+    key: str | None = None
 
 
 class _InProcess:
@@ -270,11 +271,19 @@ class IdempotencyCheck:
     memory, the keys it holds and the responses the store has not taken yet (Redis hung
     or down while they were stored): a retry in this process is answered from there (409
     while in flight, the response once done), and a background task writes the response
-    to Redis once it answers again, keeping the lease until then. So an outage never runs
-    one key twice in one process, under every ``on_storage_error``; across processes it
-    never does while the outage is shorter than ``lease_seconds`` (the lease on Redis is
-    what tells other processes). While Redis is down, ``local`` and ``open`` take new keys
-    in process (and store them on Redis afterwards); ``closed`` refuses them (503).
+    to Redis once it answers again, keeping the lease until then. While Redis is down a
+    key this process does not hold cannot be proven free (another process may hold it or
+    have finished it): ``local`` and ``closed`` refuse it (503 with ``Retry-After``;
+    idempotent requests are retryable by design), ``open`` lets it pass unguarded, so
+    ``open`` is the one policy under which an outage can run a key twice. Otherwise one
+    key runs once, across processes, as long as the outage is shorter than
+    ``lease_seconds`` (the lease on Redis is what tells other processes). A begin that got
+    no answer may still run when Redis resumes; its lease is then aborted.
+
+    On the memory store the records of one resource are bounded
+    (``backends.responses.MAX_LOCAL_RECORDS`` records, ``MAX_KEPT_BYTES`` of kept bodies):
+    past either, new keys are refused with 503 and ``Retry-After`` while known keys are
+    still answered.
     """
 
     kind = "idempotency"
@@ -285,7 +294,7 @@ class IdempotencyCheck:
         self.rule = rule
         self.methods = frozenset(rule.methods)
         self.header = rule.header.lower().encode("latin-1")
-        self.backend: KeptResponses = store.responses()
+        self.backend: KeptResponses = store.responses(resource)
         # What this process keeps for the resource: owned by the store, so that a reload
         # (a new check) still answers the keys held here and writes what waits.
         self._kept = store.keep(f"idempotency:{resource}", lambda: _InProcess(store))
@@ -345,18 +354,34 @@ class IdempotencyCheck:
         lease = self.rule.lease_seconds
         local = self._local
         if local is None:
+            wait = self.backend.refuses(key)
+            if wait is not None:
+                raise StorageBlocked(
+                    self.resource,
+                    self.description,
+                    retry_after=wait,
+                    detail=f"too many idempotency keys kept for {self.resource} "
+                    f"(at most {responses.MAX_LOCAL_RECORDS} records and "
+                    f"{responses.MAX_KEPT_BYTES} bytes of responses); try again later",
+                )
             return self.backend, await self.backend.begin(key, fp, lease_id, lease)
         if local.has(key):  # held here, or finished while the store was down
             return local, await local.begin(key, fp, lease_id, lease)
         try:
             begun = await self.backend.begin(key, fp, lease_id, lease)
-        except StorageUnavailable:
-            policy = self.store.on_outage(self._refusal())
-            if len(local) >= MAX_LOCAL_RECORDS and not local.has(key):
-                if policy == "open":
-                    return self.backend, Begun("done")  # pass, unguarded (see enter)
-                raise self._refusal() from None
-            return local, await local.begin(key, fp, lease_id, lease)
+        except StorageUnavailable as exc:
+            if isinstance(exc, Unanswered):
+                # The begin may still run when Redis resumes and take a lease nobody
+                # holds (every retry 409 for lease_seconds): queue its abort.
+                self._wait_for_store(
+                    f"{key}\n{lease_id}", _Waiting(lease_id, fp, None, 0, None, key=key)
+                )
+            # Another process may hold this key, or have finished it: nothing here can
+            # prove it free. Refuse (idempotent requests are retryable), unless the user
+            # chose availability over protection (open: it passes unguarded).
+            if self.store.on_outage(self._refusal()) == "open":
+                return self.backend, Begun("done")  # pass, unguarded (see enter)
+            raise self._refusal() from None
         if begun.state == "new":
             local.hold(key, fp, lease_id)
         return self.backend, begun
@@ -408,7 +433,7 @@ class IdempotencyCheck:
                 self.resource, self.description, retry_after=min(1.0, begun.lease_left)
             )
         response = begun.response
-        if response is None:  # open, store down, too many keys in process: pass unguarded
+        if response is None:  # open, store down, a key not held here: pass unguarded
             return None
         if not response.kept:
             raise IdempotencyResponseNotKept(
@@ -468,16 +493,6 @@ class IdempotencyCheck:
             response = KeptResponse(rec.status, rec.headers, b"".join(rec.body), rec.kept)
         ttl = self.rule.ttl_seconds
         local = self._local
-        if held.backend is local:
-            # Taken in process while the store was down: settle it here, then tell the
-            # store, so that other processes replay it too.
-            held.stop()
-            assert local is not None
-            if response is None:
-                await local.abort(held.key, held.lease_id)
-            elif await local.complete(held.key, held.lease_id, held.fp, response, ttl):
-                self._wait_for_store(held.key, _Waiting(held.lease_id, held.fp, response, 0, None))
-            return
         try:
             if response is not None:
                 stored = await held.backend.complete(
@@ -520,8 +535,10 @@ class IdempotencyCheck:
             if self._kept.waiting_bytes + size > MAX_WAITING_BYTES:
                 response = KeptResponse(response.status, response.headers, b"", kept=False)
                 waiting.response = response
-                record = self._local.store.data.get(key) if self._local is not None else None
-                if record is not None:
+                records = self._local.records if self._local is not None else None
+                record = records.done.get(key) if records is not None else None
+                if records is not None and record is not None and record.response is not None:
+                    records.kept_bytes -= len(record.response.body)
                     record.response = response
             else:
                 self._kept.waiting_bytes += size
@@ -557,7 +574,7 @@ class IdempotencyCheck:
                     # Past the store's fail-fast window: the write lands as soon as
                     # Redis answers, before other processes' retries find the key free.
                     elif waiting.response is None:
-                        await backend.abort(key, waiting.lease_id, always_try=True)
+                        await backend.abort(waiting.key or key, waiting.lease_id, always_try=True)
                     else:
                         await backend.complete(
                             key,
@@ -574,7 +591,7 @@ class IdempotencyCheck:
                     log.exception("ymguard: %s: storing a response that waited failed", self)
                 if self._kept.waiting.get(key) is waiting:
                     self._forget_waiting(key)
-                    record = local.store.data.get(key)
+                    record = local.records.get(key)
                     if record is not None and record.lease is None:
                         local.forget(key)  # the store answers for it from now on
             if self._kept.waiting:
@@ -595,7 +612,6 @@ KIND = Kind("idempotency", 70, IdempotencyRule, _build)
 
 __all__ = [
     "KIND",
-    "MAX_LOCAL_RECORDS",
     "MAX_WAITING_BYTES",
     "Begun",
     "IdempotencyCheck",

@@ -15,6 +15,8 @@ from tests.apps.antiresubmit_app import create_app
 from tests.helpers import RedisServer, Uvicorn
 from ymguard import Guard, RulesError, antiresubmit, idempotency
 from ymguard.antiresubmit import SubmitTokens, scope_of
+from ymguard.backends import responses
+from ymguard.backends import tokens as token_tables
 from ymguard.errors import PROBLEM_BASE
 from ymguard.idempotency import parse_idempotency_key
 from ymguard.storage import Store, store_from_uri
@@ -550,11 +552,12 @@ async def test_a_remote_request_keeps_its_key_past_the_lease_until_its_process_i
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
-        # local: keys and tokens work in process (a token from before the outage is refused)
-        ("local", {"pay": [201, 201], "runs": 1, "old_token": 409, "new_token": 200}),
-        # open: no token check while the store is down; keys still work in process (an
-        # outage never runs one key twice)
-        ("open", {"pay": [201, 201], "runs": 1, "old_token": 200, "new_token": 200}),
+        # local: tokens work in process (a token from before the outage is refused); a
+        # key this process does not hold cannot be proven free (another may hold it): 503
+        ("local", {"pay": [503, 503], "runs": 0, "old_token": 409, "new_token": 200}),
+        # open: no token check while the store is down, and a key this process does not
+        # hold passes unguarded (the one policy that can run a key twice)
+        ("open", {"pay": [201, 201], "runs": 2, "old_token": 200, "new_token": 200}),
         # closed: refuse what cannot be checked
         ("closed", {"pay": [503, 503], "runs": 0, "old_token": 503, "new_token": None}),
     ],
@@ -578,32 +581,12 @@ async def test_a_storage_outage_follows_on_storage_error(
     await app.state.guard.aclose()
     assert [r.status_code for r in pay] == expected["pay"]
     assert app.state.runs["pay"] == expected["runs"]
-    if policy == "closed":
-        assert problem(pay[0]) == "storage-unavailable"
-    if policy != "closed":
-        assert pay[1].content == pay[0].content and "idempotent-replayed" in pay[1].headers
+    if policy != "open":
+        assert problem(pay[0]) == "storage-unavailable" and pay[0].headers["retry-after"]
+    else:
+        assert "idempotent-replayed" not in pay[1].headers
     assert spend_old.status_code == expected["old_token"]
     assert new_token == expected["new_token"]
-
-
-@pytest.mark.parametrize("policy", ["local", "open"])
-async def test_a_reload_during_an_outage_keeps_the_keys_answered_in_process(
-    private_redis: RedisServer, prefix: str, policy: str
-) -> None:
-    # What the process keeps for an idempotent resource while Redis is down belongs to
-    # the store, not to the check: the check a reload makes still replays the key.
-    app = create_app(private_redis.url, prefix, on_storage_error=policy)
-    headers = {"X-User": "alice", "Idempotency-Key": key()}
-    async with client(app) as c:
-        await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})  # connect
-        private_redis.stop()
-        first = await c.post("/pay", json={"amount": 1}, headers=headers)
-        app.state.guard.reload(app.state.guard.rules)
-        again = await c.post("/pay", json={"amount": 1}, headers=headers)
-    await app.state.guard.aclose()
-    assert first.status_code == 201 and again.status_code == 201
-    assert again.headers.get("idempotent-replayed") == "true" and again.content == first.content
-    assert app.state.runs["pay"] == 1 + 1  # the connecting call, then the key once
 
 
 def patient(server: RedisServer) -> str:
@@ -645,14 +628,14 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
         app.state.release.set()
         done = await first
         during = await c.post("/slow", headers=slow)
-        # A key first seen during the outage: kept in process (local, open) or refused.
+        # A key first seen during the outage: refused (local, closed), unguarded (open).
         new = [await c.post("/pay", json={"amount": 3}, headers=fresh) for _ in range(2)]
         private_redis.resume() if outage == "hang" else private_redis.start()
         if outage == "restart":
             # A restart lost the lease, so another process may take the key until the
             # write lands (docs/scopes.md); a hang kept it, and the next part shows that.
             await wait_for(
-                lambda: stored_in(patient(private_redis), prefix, 1 if policy == "closed" else 2),
+                lambda: stored_in(patient(private_redis), prefix, 1),
                 "the responses are written to the restarted Redis",
             )
         other = create_app(patient(private_redis), prefix, on_storage_error=policy)
@@ -669,7 +652,6 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
 
             await wait_for(slow_stored, "another process replays the response")
             after = await c.post("/slow", headers=slow)
-            new_elsewhere = await replayed("/pay", fresh) if policy != "closed" else None
         await other.state.guard.aclose()
     await app.state.guard.aclose()
     assert done.status_code == 200
@@ -677,40 +659,212 @@ async def test_a_response_finished_while_redis_is_out_is_stored_once_it_answers(
         assert replay.status_code == 200 and replay.content == done.content
         assert replay.headers["idempotent-replayed"] == "true"
     assert app.state.runs["slow"] == 1 and other.state.runs["slow"] == 0
-    if policy == "closed":
+    if policy != "open":
         assert [r.status_code for r in new] == [503, 503] and app.state.runs["pay"] == 0
     else:
-        assert [r.status_code for r in new] == [201, 201] and app.state.runs["pay"] == 1
-        assert new[1].headers["idempotent-replayed"] == "true"
-        assert new_elsewhere is not None and new_elsewhere.content == new[0].content
-        assert other.state.runs["pay"] == 0
+        assert [r.status_code for r in new] == [201, 201] and app.state.runs["pay"] == 2
 
 
-@pytest.mark.parametrize("policy", ["open", "local"])
+@pytest.mark.parametrize("policy", ["closed", "open", "local"])
 async def test_what_an_outage_keeps_in_process_is_bounded(
     private_redis: RedisServer, prefix: str, policy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Keys taken in process while Redis is down are bounded in number, and the bodies
-    # that wait for Redis in bytes: past the bounds a key is refused (local) or passes
-    # unguarded (open), and a body waits as its status only. Still one run per key.
-    monkeypatch.setattr(idempotency, "MAX_LOCAL_RECORDS", 2)
-    monkeypatch.setattr(idempotency, "MAX_WAITING_BYTES", 40)
+    # Only keys this process held before the outage are kept in process, and the bodies
+    # that wait for Redis are bounded in bytes: past the bound a body waits as its status
+    # (a retry gets 409 "not kept", never a second run).
+    monkeypatch.setattr(idempotency, "MAX_WAITING_BYTES", 15)
     app = create_app(patient(private_redis), prefix, on_storage_error=policy)
-    keys = [{"Idempotency-Key": key()} for _ in range(3)]
+    keys = [{"Idempotency-Key": key()} for _ in range(2)]
     async with client(app) as c:
-        await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})  # connect
+        first = [asyncio.ensure_future(c.post("/slow", headers=h)) for h in keys]
+
+        async def both_run() -> bool:
+            return bool(app.state.runs["slow"] == 2)
+
+        await wait_for(both_run, "both requests run")
         private_redis.stop()
-        first = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
-        again = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
+        app.state.release.set()
+        done = [await f for f in first]
+        again = [await c.post("/slow", headers=h) for h in keys]
     await app.state.guard.aclose()
-    assert [r.status_code for r in first[:2]] == [201, 201]
-    # The first body (about 30 bytes) fits the 40 bytes; the second waits as its status.
-    assert again[0].headers["idempotent-replayed"] == "true"
-    assert again[0].content == first[0].content
-    assert again[1].status_code == 409 and problem(again[1]) == "idempotency-response-not-kept"
-    if policy == "local":
-        assert first[2].status_code == 503 and again[2].status_code == 503
-        assert app.state.runs["pay"] == 1 + 2
-    else:
-        assert first[2].status_code == 201 and again[2].status_code == 201
-        assert app.state.runs["pay"] == 1 + 2 + 2
+    assert [r.status_code for r in done] == [200, 200]
+    assert app.state.runs["slow"] == 2
+    # One body ({"slow":N}, 10 bytes) fits the 15 bytes; the other waits as its status.
+    replayed = [r for r in again if r.status_code == 200]
+    assert len(replayed) == 1 and replayed[0].headers["idempotent-replayed"] == "true"
+    assert replayed[0].content in {d.content for d in done}
+    not_kept = [r for r in again if r.status_code == 409]
+    assert len(not_kept) == 1 and problem(not_kept[0]) == "idempotency-response-not-kept"
+
+
+@pytest.mark.parametrize("case", ["held_before", "first_seen_during"])
+@pytest.mark.parametrize("policy", ["local", "closed"])
+async def test_an_outage_never_runs_a_key_twice_across_processes(
+    private_redis: RedisServer, prefix: str, policy: str, case: str
+) -> None:
+    # Two processes (two guards) on one Redis, which hangs (SIGSTOP). A key this process
+    # does not hold cannot be proven free while Redis hangs: refused (503, retryable),
+    # never run. A begin that got no answer may still run when Redis resumes: its lease
+    # is aborted, so a retry afterwards runs (once), not 409 for lease_seconds.
+    one = create_app(patient(private_redis), prefix, on_storage_error=policy)
+    two = create_app(patient(private_redis), prefix, on_storage_error=policy)
+    two.state.release.set()  # were it to run the request, it would not hang
+    headers = {"Idempotency-Key": key(), "X-User": "alice"}
+    async with client(one) as c1, client(two) as c2:
+        for c in (c1, c2):  # connect both, load the scripts
+            await c.post("/pay", json={"amount": 0}, headers={"Idempotency-Key": key()})
+        first = None
+        during: list[httpx.Response] = []
+        if case == "held_before":
+            first = asyncio.ensure_future(c1.post("/slow", headers=headers))
+
+            async def runs() -> bool:
+                return bool(one.state.runs["slow"] == 1)
+
+            await wait_for(runs, "the request runs")
+            private_redis.pause()
+        else:
+            private_redis.pause()
+            one.state.release.set()
+            during.append(await c1.post("/slow", headers=headers))
+        during += [await c2.post("/slow", headers=headers) for _ in range(2)]
+        if first is not None:
+            one.state.release.set()
+            during.append(await first)
+        during.append(await c1.post("/slow", headers=headers))
+        private_redis.resume()
+
+        async def answered() -> bool:
+            # A store in its fail-fast second after the outage still answers 503: ask again.
+            responses = [await c.post("/slow", headers=headers) for c in (c2, c1)]
+            return all(r.status_code == 200 for r in responses)
+
+        await wait_for(answered, "both processes answer the key after the outage", tries=100)
+        after = [await c1.post("/slow", headers=headers), await c2.post("/slow", headers=headers)]
+    await one.state.guard.aclose()
+    await two.state.guard.aclose()
+    assert one.state.runs["slow"] + two.state.runs["slow"] == 1
+    refused = [r for r in during if r.status_code == 503]
+    assert refused and all(problem(r) == "storage-unavailable" for r in refused)
+    assert all(r.headers["retry-after"] for r in refused)
+    assert all(r.status_code in {200, 409, 503} for r in during)
+    assert [r.status_code for r in after] == [200, 200]
+    assert after[0].content == after[1].content
+    assert all(r.headers["idempotent-replayed"] == "true" for r in after)
+
+
+@pytest.mark.parametrize("policy", ["local", "open", "closed"])
+async def test_a_reload_during_an_outage_still_answers_the_keys_held_here(
+    private_redis: RedisServer, prefix: str, policy: str
+) -> None:
+    # What the process keeps for an idempotent resource while Redis is down (the keys it
+    # held, the responses waiting for Redis) belongs to the store, not to the check: the
+    # check a reload makes replays the key instead of refusing or running it again.
+    app = create_app(patient(private_redis), prefix, on_storage_error=policy)
+    headers = {"Idempotency-Key": key(), "X-User": "alice"}
+    async with client(app) as c:
+        first = asyncio.ensure_future(c.post("/slow", headers=headers))
+
+        async def runs() -> bool:
+            return bool(app.state.runs["slow"] == 1)
+
+        await wait_for(runs, "the request runs")
+        private_redis.stop()
+        app.state.release.set()
+        done = await first
+        app.state.guard.reload(app.state.guard.rules)
+        again = await c.post("/slow", headers=headers)
+    await app.state.guard.aclose()
+    assert done.status_code == 200 and again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true" and again.content == done.content
+    assert app.state.runs["slow"] == 1
+
+
+# -- the memory store: bounded against client input ------------------------------------
+
+
+async def test_memory_idempotency_keys_are_bounded_in_number(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A unique key per request must not grow the process without bound: past the cap
+    # new keys are refused (503, Retry-After), known keys are still replayed, and no
+    # finished record is dropped (that would let its retry run again).
+    monkeypatch.setattr(responses, "MAX_LOCAL_RECORDS", 5)
+    app = create_app("memory://", prefix)
+    keys = [{"Idempotency-Key": key()} for _ in range(6)]
+    async with client(app) as c:
+        first = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
+        again = await c.post("/pay", json={"amount": 1}, headers=keys[0])
+    guard: Guard = app.state.guard
+    store = guard.store
+    await guard.aclose()
+    assert [r.status_code for r in first] == [201] * 5 + [503]
+    assert problem(first[5]) == "storage-unavailable" and first[5].headers["retry-after"]
+    assert again.headers["idempotent-replayed"] == "true" and again.content == first[0].content
+    assert app.state.runs["pay"] == 5
+    tables = [v for v in store.data.values() if isinstance(v, responses.Records)]
+    assert [len(t) for t in tables] == [5]
+
+
+async def test_memory_idempotency_kept_bytes_are_bounded(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # {"pay_flow":1,"amount":1} is 25 bytes: the first response fills the bound, so the
+    # next new key is refused until it expires; the first is still replayed.
+    monkeypatch.setattr(responses, "MAX_KEPT_BYTES", 25)
+    app = create_app("memory://", prefix)
+    keys = [{"Idempotency-Key": key()} for _ in range(2)]
+    async with client(app) as c:
+        first = [await c.post("/pay", json={"amount": 1}, headers=h) for h in keys]
+        again = await c.post("/pay", json={"amount": 1}, headers=keys[0])
+    await app.state.guard.aclose()
+    assert len(first[0].content) == 25
+    assert [r.status_code for r in first] == [201, 503]
+    assert again.headers["idempotent-replayed"] == "true" and again.content == first[0].content
+    assert app.state.runs["pay"] == 1
+
+
+async def test_a_response_over_the_memory_byte_bound_is_kept_as_its_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two requests in flight at once may both finish past the bound: the second keeps
+    # its status only, so its retry is refused (409), never run again.
+    monkeypatch.setattr(responses, "MAX_KEPT_BYTES", 10)
+    backend = store_from_uri("memory://").responses("POST /x")
+    body = responses.KeptResponse(200, [], b"0123456789")
+    assert (await backend.begin("a", "fp", "l1", 60)).state == "new"
+    assert (await backend.begin("b", "fp", "l2", 60)).state == "new"
+    assert await backend.complete("a", "l1", "fp", body, 60)
+    assert await backend.complete("b", "l2", "fp", body, 60)
+    a, b = await backend.begin("a", "fp", "l3", 60), await backend.begin("b", "fp", "l4", 60)
+    assert a.response is not None and a.response.kept and a.response.body == body.body
+    assert b.response is not None and not b.response.kept and b.response.status == 200
+
+
+async def test_expired_memory_records_are_dropped_a_batch_per_write() -> None:
+    # Expired records go from the head of an expiry-ordered table, a bounded batch per
+    # new key: 1,000 expired records are gone after 16 new keys (64 each), without any
+    # write scanning the live ones.
+    backend = store_from_uri("memory://").responses("POST /x")
+    response = responses.KeptResponse(200, [], b"ok")
+    for i in range(1000):
+        assert (await backend.begin(f"old{i}", "fp", "l", 60)).state == "new"
+        assert await backend.complete(f"old{i}", "l", "fp", response, 0.01)
+    await asyncio.sleep(0.05)  # past their ttl (no timing is asserted)
+    for i in range(16):
+        assert (await backend.begin(f"new{i}", "fp", "l", 60)).state == "new"
+    assert len(backend) == 16
+
+
+async def test_memory_submit_tokens_are_bounded_the_oldest_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One token per unique cookie must not grow the process without bound: past the cap
+    # the oldest token is dropped (spending it is then a duplicate submission: safe).
+    monkeypatch.setattr(token_tables, "MAX_TOKENS", 100)
+    store = store_from_uri("memory://")
+    tokens = SubmitTokens(storage=store, ttl_seconds=60)
+    issued = [await tokens.issue(f"cookie-{i}") for i in range(150)]
+    assert sum(len(v) for v in store.data.values()) == 100  # type: ignore[attr-defined]
+    assert await tokens.consume("cookie-0", issued[0]) is False
+    assert await tokens.consume("cookie-149", issued[149]) is True

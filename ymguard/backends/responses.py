@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..types import Receive, Scope, Send
 from ._lua import lua
-from .tokens import SWEEP_EVERY, sweep
+from .tokens import SWEEP_BATCH, sweep
 
 if TYPE_CHECKING:
     from ..storage.memory import MemoryStore
@@ -80,8 +81,21 @@ class Record:
     response: KeptResponse | None = None
 
 
+#: Most idempotency records kept in process per idempotent resource (the memory store;
+#: on Redis, what this process holds while Redis is down). Past it new keys are refused
+#: with 503 and ``Retry-After`` (keys already known are still answered). Each is about
+#: 900 bytes plus its kept body.
+MAX_LOCAL_RECORDS = 100_000
+#: Most bytes of kept response bodies per idempotent resource in process; past it new
+#: keys are refused (503), and a response that would cross it is kept as its status only.
+MAX_KEPT_BYTES = 64 << 20
+
+
 class KeptResponses(Protocol):
     """Idempotency records on one store: begin (take the lease), renew, complete, abort."""
+
+    def refuses(self, key: str) -> float | None:
+        """Seconds to wait if a new ``key`` is refused (a bound in process), else None."""
 
     async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
         """Look ``key`` up and, if it is new, take its in-flight lease."""
@@ -105,20 +119,72 @@ class KeptResponses(Protocol):
         """Free the key for a retry; whether the lease was ours."""
 
 
-class MemoryResponses:
-    """Idempotency records in process: a :class:`Record` under each key."""
+@dataclass(slots=True)
+class Records:
+    """One idempotent resource's records in process, each kind in expiry order.
 
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self._writes = 0
+    One rule has one lease length and one ttl, so insertion order is expiry order in each
+    dict (a renewal moves its lease to the end): the sweep only ever looks at the heads.
+    """
+
+    leases: OrderedDict[str, Record] = field(default_factory=OrderedDict)
+    done: OrderedDict[str, Record] = field(default_factory=OrderedDict)
+    kept_bytes: int = 0  # the bodies of ``done``
 
     def __len__(self) -> int:
-        return len(self.store.data)
+        return len(self.leases) + len(self.done)
+
+    def get(self, key: str) -> Record | None:
+        """The record under ``key``, in flight or done."""
+        return self.leases.get(key) or self.done.get(key)
+
+    def pop(self, key: str) -> None:
+        """Drop the record under ``key``."""
+        self.leases.pop(key, None)
+        record = self.done.pop(key, None)
+        if record is not None and record.response is not None:
+            self.kept_bytes -= len(record.response.body)
+
+    def sweep(self, now: float) -> None:
+        """Drop a bounded batch of expired records from the heads."""
+        sweep(self.leases, now)
+        for _ in range(SWEEP_BATCH):
+            if not self.done:
+                return
+            key, record = next(iter(self.done.items()))
+            if record.expires_at > now:
+                return
+            self.pop(key)
+
+
+class MemoryResponses:
+    """Idempotency records in process: a :class:`Record` under each key.
+
+    The records of one resource live in one :class:`Records` in ``store.data`` (under
+    ``table``), bounded by :data:`MAX_LOCAL_RECORDS` records and :data:`MAX_KEPT_BYTES` of
+    kept bodies: past either, new keys are refused (:meth:`refuses`), never a record
+    dropped (a dropped finished record would let its retry run again).
+    """
+
+    def __init__(self, store: MemoryStore, table: str = "") -> None:
+        self.store = store
+        self.table = table or store.key("idem", "", "records")
+
+    @property
+    def records(self) -> Records:
+        """The table, made at first use."""
+        records: Records | None = self.store.data.get(self.table)
+        if records is None:
+            records = self.store.data[self.table] = Records()
+        return records
+
+    def __len__(self) -> int:
+        return len(self.records)
 
     def _live(self, key: str) -> Record | None:
-        record: Record | None = self.store.data.get(key)
+        record = self.records.get(key)
         if record is not None and record.expires_at <= self.store.now():
-            del self.store.data[key]
+            self.records.pop(key)
             return None
         return record
 
@@ -126,22 +192,35 @@ class MemoryResponses:
         """Whether a live record (in flight or done) is kept under ``key``."""
         return self._live(key) is not None
 
+    def refuses(self, key: str) -> float | None:
+        """Seconds to wait if a new ``key`` is refused (the bounds are reached), else None."""
+        records = self.records
+        now = self.store.now()
+        records.sweep(now)
+        if len(records) < MAX_LOCAL_RECORDS and records.kept_bytes < MAX_KEPT_BYTES:
+            return None
+        if self._live(key) is not None:
+            return None  # known here: answered from its record, nothing new is kept
+        # The soonest a record may expire (a lease), at least a second, at most a minute.
+        heads = [next(iter(d.values())).expires_at for d in (records.leases, records.done) if d]
+        return min(60.0, max(1.0, min(heads, default=now + 1.0) - now))
+
     def hold(self, key: str, fp: str, lease_id: str) -> None:
         """Mirror a lease this process holds on another store (it ends with :meth:`forget`)."""
-        self.store.data[key] = Record(fp, math.inf, lease=lease_id)
+        self.records.pop(key)
+        self.records.leases[key] = Record(fp, math.inf, lease=lease_id)
 
     def forget(self, key: str) -> None:
         """Drop whatever is kept under ``key``."""
-        self.store.data.pop(key, None)
+        self.records.pop(key)
 
     async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
+        """Look ``key`` up and, if it is new, take its in-flight lease."""
         record = self._live(key)
         now = self.store.now()
         if record is None:
-            self._writes += 1
-            if self._writes % SWEEP_EVERY == 0:
-                sweep(self.store, Record)
-            self.store.data[key] = Record(fp, now + lease, lease=lease_id)
+            self.records.sweep(now)
+            self.records.leases[key] = Record(fp, now + lease, lease=lease_id)
             return Begun("new")
         if record.fp != fp:
             return Begun("mismatch")
@@ -150,10 +229,12 @@ class MemoryResponses:
         return Begun("done", response=record.response)
 
     async def renew(self, key: str, lease_id: str, lease: float) -> bool:
+        """Extend the in-flight lease ``lease_id`` holds; whether it still held it."""
         record = self._live(key)
         if record is None or record.lease != lease_id:
             return False
         record.expires_at = max(record.expires_at, self.store.now() + lease)
+        self.records.leases.move_to_end(key)  # still in expiry order
         return True
 
     async def complete(
@@ -170,7 +251,16 @@ class MemoryResponses:
         record = self._live(key)
         if record is not None and record.lease != lease_id:
             return False
-        self.store.data[key] = Record(fp, self.store.now() + ttl, response=response)
+        records = self.records
+        records.pop(key)
+        size = len(response.body)
+        if response.kept and records.kept_bytes + size > MAX_KEPT_BYTES:
+            # Over the bound: keep the status only (a retry gets 409 "not kept", never
+            # a second run).
+            response = KeptResponse(response.status, response.headers, b"", kept=False)
+            size = 0
+        records.done[key] = Record(fp, self.store.now() + ttl, response=response)
+        records.kept_bytes += size
         return True
 
     async def abort(self, key: str, lease_id: str, *, always_try: bool = False) -> bool:
@@ -178,7 +268,7 @@ class MemoryResponses:
         record = self._live(key)
         if record is None or record.lease != lease_id:
             return False
-        del self.store.data[key]
+        self.records.pop(key)
         return True
 
 
@@ -191,6 +281,10 @@ class RedisResponses:
         self._renew = store.script(lua("responses_renew"))
         self._complete = store.script(lua("responses_complete"))
         self._abort = store.script(lua("responses_abort"))
+
+    def refuses(self, key: str) -> float | None:
+        """Redis bounds its keys itself: nothing is refused here."""
+        return None
 
     async def begin(self, key: str, fp: str, lease_id: str, lease: float) -> Begun:
         reply = await self.store.run(self._begin, (key,), (fp, lease_id, math.ceil(lease * 1000)))
@@ -235,4 +329,14 @@ class RedisResponses:
         return bool(await self.store.run(self._abort, (key,), (lease_id,), always_try=always_try))
 
 
-__all__ = ["Begun", "KeptResponse", "KeptResponses", "MemoryResponses", "RedisResponses"]
+__all__ = [
+    "MAX_KEPT_BYTES",
+    "MAX_LOCAL_RECORDS",
+    "Begun",
+    "KeptResponse",
+    "KeptResponses",
+    "MemoryResponses",
+    "Record",
+    "Records",
+    "RedisResponses",
+]

@@ -142,12 +142,12 @@ class Store:
         """The leased permits called ``name`` (``kind``: ``sem`` | ``conc``) on this store."""
         raise NotImplementedError
 
-    def tokens(self) -> Tokens:
-        """The one-use submit tokens on this store."""
+    def tokens(self, family: str = "submit") -> Tokens:
+        """The one-use submit tokens of a token family (a key prefix) on this store."""
         raise NotImplementedError
 
-    def responses(self) -> KeptResponses:
-        """The Idempotency-Key records on this store."""
+    def responses(self, resource: str = "") -> KeptResponses:
+        """The Idempotency-Key records of a resource on this store (bounded together)."""
         raise NotImplementedError
 
     def breaker(self, name: str) -> BreakerStore:

@@ -50,17 +50,17 @@ class MemoryStore(Store):
 
         return MemoryPermits(self, permit_keys(self, name, kind))
 
-    def tokens(self) -> Tokens:
+    def tokens(self, family: str = "submit") -> Tokens:
         """Submit tokens in process."""
         from ..backends.tokens import MemoryTokens
 
-        return MemoryTokens(self)
+        return MemoryTokens(self, self.key(family, "", "tokens"))
 
-    def responses(self) -> KeptResponses:
+    def responses(self, resource: str = "") -> KeptResponses:
         """Idempotency records in process."""
         from ..backends.responses import MemoryResponses
 
-        return MemoryResponses(self)
+        return MemoryResponses(self, self.key("idem", resource, "records"))
 
     def breaker(self, name: str) -> BreakerStore:
         """A breaker's state in process."""

@@ -281,13 +281,13 @@ class RedisStore(Store):
 
         return RedisPermits(self, permit_keys(self, name, kind))
 
-    def tokens(self) -> Tokens:
+    def tokens(self, family: str = "submit") -> Tokens:
         """Submit tokens on Redis."""
         from ..backends.tokens import RedisTokens
 
         return RedisTokens(self)
 
-    def responses(self) -> KeptResponses:
+    def responses(self, resource: str = "") -> KeptResponses:
         """Idempotency records on Redis."""
         from ..backends.responses import RedisResponses
 
