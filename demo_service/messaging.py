@@ -258,6 +258,7 @@ class Consumer:
         sessionmaker: async_sessionmaker[AsyncSession],
         handler: Handler,
         prepare: Prepare | None = None,
+        after: Prepare | None = None,
         topic: str = "",
         max_deliveries: int = 5,
         claim_idle_seconds: float = 10.0,
@@ -272,6 +273,7 @@ class Consumer:
         self.sessionmaker = sessionmaker
         self.handler = handler
         self.prepare = prepare
+        self.after = after
         self.topic = topic or stream
         self.max_deliveries = max_deliveries
         self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
@@ -380,6 +382,9 @@ class Consumer:
                 exc,
             )
             return False
+        if self.after is not None:  # clean-up that may be lost (e.g. a cache entry)
+            with contextlib.suppress(Exception):
+                await self.after(message)
         # Only now, after the commit: a crash before this line redelivers, and the
         # processed row turns the redelivery into a plain ack.
         await self.redis.xack(self.stream, self.group, message.entry_id)
@@ -419,6 +424,53 @@ class Consumer:
                 await asyncio.sleep(1.0)
 
 
+def relay_of(app: Any) -> Relay:
+    """The process's relay (``app.state.relay``), created on first use."""
+    relay: Relay | None = getattr(app.state, "relay", None)
+    if relay is None:
+        relay = Relay(
+            app.state.sessionmaker, app.state.redis, prefix=app.state.settings.redis_prefix
+        )
+        app.state.relay = relay
+    return relay
+
+
+def workers_of(app: Any) -> Workers:
+    """The process's background tasks (``app.state.flow_workers``), created on first use."""
+    workers: Workers | None = getattr(app.state, "flow_workers", None)
+    if workers is None:
+        workers = Workers()
+        app.state.flow_workers = workers
+    return workers
+
+
+def consumer_for(app: Any, group: str, topic: str, handler: Handler, **kw: Any) -> Consumer:
+    """A consumer of ``topic`` on the app's Redis and database, with the app's settings."""
+    settings = app.state.settings
+    return Consumer(
+        group=group,
+        stream=kw.pop("stream", None) or stream_key(settings.redis_prefix, topic),
+        redis=app.state.redis,
+        sessionmaker=app.state.sessionmaker,
+        handler=handler,
+        topic=topic,
+        claim_idle_seconds=settings.claim_idle_seconds,
+        block_seconds=0.1,
+        **kw,
+    )
+
+
+async def start(app: Any) -> None:
+    """Start the relay of this process (consumers are started by their modules)."""
+    relay = relay_of(app)
+    workers_of(app).spawn(relay.run(), "outbox-relay")
+
+
+async def stop(app: Any) -> None:
+    """Stop the relay and every consumer and sweeper of this process."""
+    await workers_of(app).stop()
+
+
 class Workers:
     """Background tasks of a process (relay, consumers, sweeper), started and stopped together."""
 
@@ -451,8 +503,13 @@ __all__ = [
     "Prepare",
     "Relay",
     "Workers",
+    "consumer_for",
     "dead_letter_key",
     "enqueue",
     "parse_entry",
+    "relay_of",
+    "start",
+    "stop",
     "stream_key",
+    "workers_of",
 ]
