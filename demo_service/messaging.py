@@ -149,6 +149,17 @@ def parse_entry(entry_id: Any, raw: Mapping[Any, Any], deliveries: int, topic: s
     )
 
 
+def raise_if_cancelled() -> None:
+    """Stop a loop whose task was cancelled even if a library swallowed the cancellation.
+
+    (A cancellation that lands inside a redis-py command can be absorbed by its retry
+    logic; the task then stays "cancelling" and a plain ``while True`` never ends.)
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Relay:
     """Publishes due outbox rows to their streams (see the module docstring)."""
 
@@ -228,6 +239,7 @@ class Relay:
     async def run(self) -> None:
         """Publish due rows until cancelled; errors are logged and retried next tick."""
         while True:
+            raise_if_cancelled()
             try:
                 while await self.run_once() >= self.batch:
                     pass  # a backlog: keep going without waiting
@@ -404,6 +416,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         next_claim = 0.0
         while True:
+            raise_if_cancelled()
             try:
                 if not self._group_ready:
                     await self.ensure_group()
@@ -507,6 +520,7 @@ __all__ = [
     "dead_letter_key",
     "enqueue",
     "parse_entry",
+    "raise_if_cancelled",
     "relay_of",
     "start",
     "stop",

@@ -204,6 +204,7 @@ async def run_sweeper(app: Any) -> None:
     unlock = redis.register_script(_UNLOCK_LUA)
     interval = float(settings.sweeper_interval_seconds)
     while True:
+        messaging.raise_if_cancelled()
         await asyncio.sleep(interval)
         token = secrets.token_hex(8)
         try:
