@@ -5,9 +5,11 @@ Runs on SQLite and PostgreSQL and the shared Redis, with a one-second payment ti
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import httpx
 import pytest
 from sqlalchemy import delete
 
@@ -72,3 +74,48 @@ async def test_an_unpaid_order_times_out_and_its_stock_comes_back_once(
     again = await shop.client.post(f"/kill/{kc}", headers=alice)
     assert again.status_code == 200, again.text
     assert await stock_left(shop, activity) == 2
+
+
+async def test_pay_racing_the_timeout_never_both_and_stock_is_conserved(shop: Shop) -> None:
+    """Trials of a payment at about the timeout: PAID xor TIMEOUT_CANCEL, stock conserved."""
+    import random
+
+    trials = 6
+    activity = await shop.activity(kill_count=trials)
+    kc = activity["courses"][0]["kill_course_id"]
+    buyers = await shop.users(trials)
+    orders: list[tuple[dict[str, str], str]] = []
+    for buyer in buyers:
+        placed = await place(shop, buyer, await seckill(shop, buyer, kc))
+        assert placed.status_code == 201, placed.text
+        orders.append((buyer, placed.json()["order_no"]))
+
+    async def race(buyer: dict[str, str], order_no: str) -> None:
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        pay = await shop.client.post(f"/pay/{order_no}", headers=buyer)
+        if pay.status_code == 200:
+            await shop.client.post(
+                httpx.URL(pay.json()["pay_url"]).raw_path.decode(), data={"action": "pay"}
+            )
+
+    await asyncio.gather(*(race(b, o) for b, o in orders))
+
+    async def settled() -> list[dict[str, object]]:
+        states = [await order_of(shop, b, o) for b, o in orders]
+        done = all(
+            s["status"] == "PAID" or (s["status"] == "TIMEOUT_CANCEL" and s["pay_status"] != "PAID")
+            for s in states
+        )
+        return states if done else []
+
+    states = await eventually(settled, "every order settled")
+    paid = sum(1 for s in states if s["status"] == "PAID")
+    for s in states:
+        assert s["status"] in ("PAID", "TIMEOUT_CANCEL")
+        if s["status"] == "PAID":
+            assert s["pay_status"] == "PAID"
+
+    async def conserved() -> bool:
+        return await stock_left(shop, activity) == trials - paid
+
+    await eventually(conserved, "sold + left == initial")
