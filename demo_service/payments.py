@@ -59,6 +59,18 @@ def _money(value: Decimal) -> str:
     return f"{value:.2f}"
 
 
+#: The made-up origin of the in-process client: URLs the sandbox answers with it are moved
+#: to the origin the caller used (a browser cannot reach ``http://shop``).
+IN_PROCESS_BASE = "http://shop"
+
+
+def public_url(url: str, base: str) -> str:
+    """``url`` as the caller can reach it: the in-process origin replaced by ``base``."""
+    if url.startswith(IN_PROCESS_BASE + "/"):
+        return base + url[len(IN_PROCESS_BASE) :]
+    return url
+
+
 def alipay_client(app: Any) -> AlipayClient:
     """The shop's Alipay client (``app.state.alipay_client``), made on first use.
 
@@ -69,11 +81,11 @@ def alipay_client(app: Any) -> AlipayClient:
     if client is None:
         settings = app.state.settings
         http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://shop", timeout=10.0
+            transport=httpx.ASGITransport(app=app), base_url=IN_PROCESS_BASE, timeout=10.0
         )
         app.state.alipay_http = http
         client = AlipayClient(
-            "http://shop/sandbox/alipay/gateway.do",
+            f"{IN_PROCESS_BASE}/sandbox/alipay/gateway.do",
             settings.alipay_app_id,
             load_or_create_keys(settings.alipay_keys_path),
             http,
@@ -124,7 +136,7 @@ async def pay(order_no: str, request: Request, user: CurrentUser) -> dict[str, A
         notify_url=f"{base}/pay/notify/alipay",
         return_url=f"{base}/orders/{order.order_no}",
     )
-    return {"pay_url": pay_url, "pay_order_no": pay_order.pay_order_no}
+    return {"pay_url": public_url(pay_url, base), "pay_order_no": pay_order.pay_order_no}
 
 
 async def _read_form(request: Request) -> dict[str, str] | None:

@@ -104,6 +104,7 @@ async def pay_on_cashier(shop: Shop, user: dict[str, str], order_no: str) -> htt
     pay = await shop.client.post(f"/pay/{order_no}", headers=user)
     assert pay.status_code == 200, pay.text
     url = httpx.URL(pay.json()["pay_url"])
+    assert (url.scheme, url.host) == (shop.client.base_url.scheme, shop.client.base_url.host)
     return await shop.client.post(url.raw_path.decode(), data={"action": "pay"})
 
 
