@@ -17,7 +17,18 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
 
-from . import accounts, activities, alipay_sandbox, db, health, seckill
+from . import (
+    accounts,
+    activities,
+    alipay_sandbox,
+    db,
+    health,
+    messaging,
+    orders,
+    payments,
+    seckill,
+    timeouts,
+)
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
 from .settings import Settings
@@ -125,6 +136,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await accounts.ensure_admin(sessions, settings.demo_admin_password)
             await seckill.start(app)
             stack.push_async_callback(seckill.stop, app)
+            # FLOW: the outbox relay, the consumers and the sweeper of this process.
+            stack.push_async_callback(payments.stop, app)
+            stack.push_async_callback(messaging.stop, app)
+            await messaging.start(app)
+            await orders.start(app)
+            await payments.start(app)
+            await timeouts.start(app)
             # ALIPAY: the sandbox's notifier of this process (and its Redis client).
             stack.push_async_callback(alipay_sandbox.stop, app)
             await alipay_sandbox.start(app)
@@ -144,6 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(activities.router)
     app.include_router(seckill.router)
+    app.include_router(orders.router)
+    app.include_router(payments.router)
     alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
     return app
 

@@ -149,6 +149,17 @@ def parse_entry(entry_id: Any, raw: Mapping[Any, Any], deliveries: int, topic: s
     )
 
 
+def raise_if_cancelled() -> None:
+    """Stop a loop whose task was cancelled even if a library swallowed the cancellation.
+
+    (A cancellation that lands inside a redis-py command can be absorbed by its retry
+    logic; the task then stays "cancelling" and a plain ``while True`` never ends.)
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Relay:
     """Publishes due outbox rows to their streams (see the module docstring)."""
 
@@ -228,6 +239,7 @@ class Relay:
     async def run(self) -> None:
         """Publish due rows until cancelled; errors are logged and retried next tick."""
         while True:
+            raise_if_cancelled()
             try:
                 while await self.run_once() >= self.batch:
                     pass  # a backlog: keep going without waiting
@@ -258,6 +270,7 @@ class Consumer:
         sessionmaker: async_sessionmaker[AsyncSession],
         handler: Handler,
         prepare: Prepare | None = None,
+        after: Prepare | None = None,
         topic: str = "",
         max_deliveries: int = 5,
         claim_idle_seconds: float = 10.0,
@@ -272,6 +285,7 @@ class Consumer:
         self.sessionmaker = sessionmaker
         self.handler = handler
         self.prepare = prepare
+        self.after = after
         self.topic = topic or stream
         self.max_deliveries = max_deliveries
         self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
@@ -380,6 +394,9 @@ class Consumer:
                 exc,
             )
             return False
+        if self.after is not None:  # clean-up that may be lost (e.g. a cache entry)
+            with contextlib.suppress(Exception):
+                await self.after(message)
         # Only now, after the commit: a crash before this line redelivers, and the
         # processed row turns the redelivery into a plain ack.
         await self.redis.xack(self.stream, self.group, message.entry_id)
@@ -399,6 +416,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         next_claim = 0.0
         while True:
+            raise_if_cancelled()
             try:
                 if not self._group_ready:
                     await self.ensure_group()
@@ -417,6 +435,53 @@ class Consumer:
             except Exception:
                 log.exception("%s: consumer failed; retrying", self.group)
                 await asyncio.sleep(1.0)
+
+
+def relay_of(app: Any) -> Relay:
+    """The process's relay (``app.state.relay``), created on first use."""
+    relay: Relay | None = getattr(app.state, "relay", None)
+    if relay is None:
+        relay = Relay(
+            app.state.sessionmaker, app.state.redis, prefix=app.state.settings.redis_prefix
+        )
+        app.state.relay = relay
+    return relay
+
+
+def workers_of(app: Any) -> Workers:
+    """The process's background tasks (``app.state.flow_workers``), created on first use."""
+    workers: Workers | None = getattr(app.state, "flow_workers", None)
+    if workers is None:
+        workers = Workers()
+        app.state.flow_workers = workers
+    return workers
+
+
+def consumer_for(app: Any, group: str, topic: str, handler: Handler, **kw: Any) -> Consumer:
+    """A consumer of ``topic`` on the app's Redis and database, with the app's settings."""
+    settings = app.state.settings
+    return Consumer(
+        group=group,
+        stream=kw.pop("stream", None) or stream_key(settings.redis_prefix, topic),
+        redis=app.state.redis,
+        sessionmaker=app.state.sessionmaker,
+        handler=handler,
+        topic=topic,
+        claim_idle_seconds=settings.claim_idle_seconds,
+        block_seconds=0.1,
+        **kw,
+    )
+
+
+async def start(app: Any) -> None:
+    """Start the relay of this process (consumers are started by their modules)."""
+    relay = relay_of(app)
+    workers_of(app).spawn(relay.run(), "outbox-relay")
+
+
+async def stop(app: Any) -> None:
+    """Stop the relay and every consumer and sweeper of this process."""
+    await workers_of(app).stop()
 
 
 class Workers:
@@ -451,8 +516,14 @@ __all__ = [
     "Prepare",
     "Relay",
     "Workers",
+    "consumer_for",
     "dead_letter_key",
     "enqueue",
     "parse_entry",
+    "raise_if_cancelled",
+    "relay_of",
+    "start",
+    "stop",
     "stream_key",
+    "workers_of",
 ]

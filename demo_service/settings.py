@@ -47,6 +47,11 @@ class Settings:
     workers: int = 1
     order_pay_timeout_seconds: int = 1800
     sweeper_interval_seconds: float = 30.0
+    #: ``KILL_ORDER_TIMEOUT_SECONDS``: a kill order not ordered within this expires.
+    kill_order_timeout_seconds: int = 1800
+    #: ``DEMO_CLAIM_IDLE_SECONDS``: a message pending this long on a consumer that does not
+    #: ack it (it died) is taken over by another.
+    claim_idle_seconds: float = 10.0
     alipay_notify_delays: tuple[float, ...] = DEFAULT_NOTIFY_DELAYS
     #: ``ALIPAY_APP_ID``: the app the shop calls Alipay as (the sandbox knows only it).
     alipay_app_id: str = DEFAULT_ALIPAY_APP_ID
@@ -96,6 +101,12 @@ class Settings:
             ),
             sweeper_interval_seconds=get(
                 "SWEEPER_INTERVAL_SECONDS", _positive_float, d.sweeper_interval_seconds
+            ),
+            kill_order_timeout_seconds=get(
+                "KILL_ORDER_TIMEOUT_SECONDS", _positive_int, d.kill_order_timeout_seconds
+            ),
+            claim_idle_seconds=get(
+                "DEMO_CLAIM_IDLE_SECONDS", _positive_float, d.claim_idle_seconds
             ),
             alipay_notify_delays=get("ALIPAY_NOTIFY_DELAYS", _delays, d.alipay_notify_delays),
             alipay_app_id=get("ALIPAY_APP_ID", str, d.alipay_app_id),

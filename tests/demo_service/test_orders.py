@@ -1,0 +1,194 @@
+"""Orders over HTTP: submit token, one transaction with its messages, pay, PAID, courses.
+
+Runs on SQLite and PostgreSQL (``database_url`` of conftest) and the shared Redis. The
+Alipay sandbox is mounted in the app (unless the app mounts it already) and its notifier
+delivers to the app in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from demo_service.models import Order, Outbox
+from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED
+from demo_service.settings import Settings
+from tests.demo_service.conftest import Shop, delete_prefixed
+from ymguard.errors import PROBLEM_BASE
+
+
+def code(response: httpx.Response) -> str:
+    if response.status_code < 400:
+        return ""
+    return str(response.json()["type"]).removeprefix(PROBLEM_BASE)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, seconds: float = 30) -> Any:
+    """Poll ``check`` until it returns something truthy; fail past ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {seconds} s")
+        await asyncio.sleep(0.05)
+
+
+def notify_in_process(shop: Shop) -> None:
+    """Have the sandbox deliver its notifies to the app in process (no socket)."""
+    app = shop.app
+    app.state.alipay_sandbox.state.http_client_factory = lambda: httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://shop", timeout=10
+    )
+
+
+@pytest.fixture
+def flow_settings(shop_settings: Settings) -> Settings:
+    """Fast messaging: quick reclaim; a long payment timeout unless a test shortens it."""
+    return replace(
+        shop_settings,
+        claim_idle_seconds=1.0,
+        sweeper_interval_seconds=0.5,
+        alipay_notify_delays=(0.0, 0.5, 1.0),
+    )
+
+
+@contextlib.asynccontextmanager
+async def started_shop(settings: Settings) -> AsyncIterator[Shop]:
+    s = Shop(settings)
+    notify_in_process(s)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(s.app.router.lifespan_context(s.app))
+        stack.push_async_callback(s.client.aclose)
+        yield s
+    assert settings.redis_url is not None
+    await delete_prefixed(settings.redis_url, settings.key_prefix or "", settings.redis_prefix)
+
+
+@pytest.fixture
+async def shop(flow_settings: Settings) -> AsyncIterator[Shop]:
+    async with started_shop(flow_settings) as s:
+        yield s
+
+
+async def seckill(shop: Shop, user: dict[str, str], kc: int) -> str:
+    response = await shop.client.post(f"/kill/{kc}", headers=user)
+    assert response.status_code == 200, response.text
+    return str(response.json()["kill_order_no"])
+
+
+async def place(shop: Shop, user: dict[str, str], kill_order_no: str) -> httpx.Response:
+    token = await shop.client.get(
+        "/orders/submit-token", params={"kill_order_no": kill_order_no}, headers=user
+    )
+    assert token.status_code == 200, token.text
+    return await shop.client.post(
+        "/orders",
+        json={"kill_order_no": kill_order_no, "pay_type": "alipay"},
+        headers={**user, "X-Submit-Token": token.json()["token"]},
+    )
+
+
+async def pay_on_cashier(shop: Shop, user: dict[str, str], order_no: str) -> httpx.Response:
+    """POST /pay, then press Pay on the cashier page; answers the cashier's response."""
+    pay = await shop.client.post(f"/pay/{order_no}", headers=user)
+    assert pay.status_code == 200, pay.text
+    url = httpx.URL(pay.json()["pay_url"])
+    assert (url.scheme, url.host) == (shop.client.base_url.scheme, shop.client.base_url.host)
+    return await shop.client.post(url.raw_path.decode(), data={"action": "pay"})
+
+
+async def order_of(shop: Shop, user: dict[str, str], order_no: str) -> dict[str, Any]:
+    response = await shop.client.get(f"/orders/{order_no}", headers=user)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_the_whole_flow_seckill_token_order_pay_notify_paid_courses(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+
+    placed = await place(shop, alice, kill_order_no)
+    assert placed.status_code == 201, placed.text
+    body = placed.json()
+    assert body["status"] == "TO_PAY" and body["amount"] == "9.90"
+    order_no = body["order_no"]
+
+    # One transaction wrote the order and both messages (the check is a delayed one).
+    async with shop.app.state.sessionmaker() as session:
+        topics = (await session.scalars(select(Outbox.topic).order_by(Outbox.id))).all()
+    assert ORDER_CREATED in topics and CHECK_PAYMENT in topics
+
+    # The token is spent: the same submit again is a duplicate.
+    again = await shop.client.post(
+        "/orders",
+        json={"kill_order_no": kill_order_no, "pay_type": "alipay"},
+        headers={**alice, "X-Submit-Token": "used-or-made-up"},
+    )
+    assert (again.status_code, code(again)) == (409, "duplicate-submission")
+
+    async def pay_order_made() -> bool:
+        return (await order_of(shop, alice, order_no))["pay_status"] == "TO_PAY"
+
+    await eventually(pay_order_made, "the order.created consumer made the pay order")
+    cashier = await pay_on_cashier(shop, alice, order_no)
+    assert cashier.status_code in (200, 303), cashier.text
+
+    async def paid() -> bool:
+        return (await order_of(shop, alice, order_no))["status"] == "PAID"
+
+    await eventually(paid, "the notify and the pay.finished consumer marked the order PAID")
+    assert (await order_of(shop, alice, order_no))["pay_status"] == "PAID"
+    courses = (await shop.client.get("/me/courses", headers=alice)).json()["courses"]
+    assert [c["course_id"] for c in courses] == [activity["courses"][0]["course_id"]]
+    assert courses[0]["order_no"] == order_no
+
+    kill = (await shop.client.get(f"/kill/orders/{kill_order_no}", headers=alice)).json()
+    assert kill["status"] == "ORDERED"
+
+
+async def test_a_kill_order_reaches_created_and_an_order_of_it_is_placed_once(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (bob, eve) = await shop.users(2)
+    kill_order_no = await seckill(shop, bob, kc)
+
+    async def created() -> bool:
+        r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=bob)
+        return bool(r.json()["status"] == "CREATED")
+
+    await eventually(created, "the pre-order consumer wrote the kill order")
+    stolen = await place(shop, eve, kill_order_no)
+    assert (stolen.status_code, code(stolen)) == (404, "not-found")
+    first = await place(shop, bob, kill_order_no)
+    assert first.status_code == 201, first.text
+    second = await place(shop, bob, kill_order_no)
+    assert (second.status_code, code(second)) == (409, "already-purchased")
+    async with shop.app.state.sessionmaker() as session:
+        count = await session.scalar(select(func.count()).select_from(Order))
+    assert count == 1
+
+
+async def test_someone_elses_order_is_not_found(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (bob, eve) = await shop.users(2)
+    placed = await place(shop, bob, await seckill(shop, bob, kc))
+    order_no = placed.json()["order_no"]
+    other = await shop.client.get(f"/orders/{order_no}", headers=eve)
+    assert (other.status_code, code(other)) == (404, "not-found")
+    pay = await shop.client.post(f"/pay/{order_no}", headers=eve)
+    assert (pay.status_code, code(pay)) == (404, "not-found")
