@@ -36,7 +36,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from ymguard import Context, Guard, GuardMiddleware
-from ymguard.breaker import close_breakers
+from ymguard.backends.breaker_state import close_breakers
 from ymguard.storage import Store, store_from_uri
 
 RESOURCE = "GET /work"

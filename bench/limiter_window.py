@@ -8,7 +8,7 @@ reached, on the same Redis and the same event loop:
   Lua limiter on redis-py (what ``limits.aio`` uses).
 - ``floor-ym-store``: the same trivial script through ``RedisStore.run`` (ymguard's own
   transport, auto-pipelined where the store has one): the floor under ymguard's window.
-- ``ymguard``: ``ymguard.limiter.window_backend(store).acquire(key, limit, 1.0)``.
+- ``ymguard``: ``store.window().acquire(key, limit, 1.0)`` (``ymguard/backends/window.py``).
 - ``limits-moving``, ``limits-sliding``, ``limits-fixed``: ``limits.aio``'s
   ``MovingWindowRateLimiter``, ``SlidingWindowCounterRateLimiter`` and
   ``FixedWindowRateLimiter`` ``.hit()``, on ``RedisStorage(..., implementation="redispy")``.
@@ -57,7 +57,6 @@ async def make_contenders(url: str, prefix: str, limit: int) -> tuple[dict[str, 
     )
     from redis.asyncio import Redis
 
-    from ymguard.limiter import window_backend
     from ymguard.storage import RedisStore
 
     floor = Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -70,7 +69,7 @@ async def make_contenders(url: str, prefix: str, limit: int) -> tuple[dict[str, 
         return await trivial(keys=[f"{prefix}:floor"], args=[]) == 1
 
     store = RedisStore(url, key_prefix=f"{prefix}:ym")
-    window = window_backend(store)
+    window = store.window()
     trivial_ym = store.script("return 1")
 
     async def floor_ymguard() -> bool:

@@ -7,7 +7,7 @@ YAML; one process on memory, many on Redis.
 
 from __future__ import annotations
 
-from .antiresubmit import IdempotencyRule, SubmitTokenRule, SubmitTokens
+from .antiresubmit import SubmitTokenRule, SubmitTokens
 from .breaker import Breaker, BreakerRule, BreakerState, BreakerStatus
 from .chain import Check, Context, ShortCircuit
 from .errors import (
@@ -29,6 +29,7 @@ from .errors import (
     SystemOverloaded,
 )
 from .guard import Guard, RouteLimit
+from .idempotency import IdempotencyRule
 from .limiter import FlowRule
 from .middleware import GuardMiddleware
 from .rules import RulesFile, load_rules, parse_rules

@@ -17,7 +17,9 @@ A value that passes here can be used at run time: a rule that loads never fails 
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -97,3 +99,21 @@ class RuleModel(BaseModel):
 def not_supported_yet(kind: str) -> ValueError:
     """The error for a rule kind the rules file names but this version cannot enforce."""
     return ValueError(f"{kind} rules are not supported yet by this version of ymguard")
+
+
+def rule_ids(rules: Sequence[RuleModel]) -> list[str]:
+    """The identity of each of a resource's rules of one kind, which keys its state.
+
+    A digest of the rule's content (16 hex digits of BLAKE2b over its canonical JSON), not
+    its position: a rule inserted before it, or a reload that keeps it, leaves its state
+    (window counts, breaker state, held permits) where it is. A rule repeated word for
+    word gets ``~2``, ``~3``... after its digest, so the copies keep counting apart.
+    """
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for rule in rules:
+        text = rule.model_dump_json(by_alias=True)
+        digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        n = seen[digest] = seen.get(digest, 0) + 1
+        ids.append(digest if n == 1 else f"{digest}~{n}")
+    return ids

@@ -32,24 +32,29 @@ import math
 import secrets
 import time
 import weakref
-from asyncio import _get_running_loop
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from itertools import zip_longest
 from typing import Any, Literal
 
 import pybreaker
 from pydantic import Field, field_validator, model_validator
 
-from ._model import RuleModel
+from ._kind import Env, Kind
+from ._model import RuleModel, rule_ids
+from .backends.breaker_state import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    BreakerState,
+    BreakerStore,
+)
 from .chain import DEFAULT_ERROR_STATUSES, Context, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
-from .lua import lua
 from .stats import Counts, ResourceStats
-from .storage import MemoryStore, RedisStore, Store
+from .storage import Store
 
 log = logging.getLogger("ymguard.breaker")
 
@@ -96,17 +101,6 @@ class BreakerRule(RuleModel):
         """How long a probe may run before another caller may probe."""
         return self.probe_lease_seconds or self.open_seconds
 
-
-class BreakerState(StrEnum):
-    """A breaker's state; the values are pybreaker's state names."""
-
-    CLOSED = pybreaker.STATE_CLOSED
-    OPEN = pybreaker.STATE_OPEN
-    HALF_OPEN = pybreaker.STATE_HALF_OPEN
-
-
-CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
-_BY_CODE = (CLOSED, OPEN, HALF_OPEN)  # the Lua scripts' state codes
 
 _PB_STATES: dict[BreakerState, Any] = {
     CLOSED: pybreaker.CircuitClosedState,
@@ -155,312 +149,6 @@ class BreakerStatus:
     retry_after: float | None
 
 
-# -- state, local copy and transitions ---------------------------------------------------
-
-
-class _State:
-    """One breaker's state in this process: the truth on memory, a fresh copy on Redis.
-
-    Shared by every :class:`Breaker` object of one name on one store (a reload builds
-    new objects; they find the same state, listeners included). Times are
-    ``time.monotonic()`` instants. ``version`` is the version of the Redis state the copy
-    holds (0: no hash, closed), or ``-1`` once the copy has moved on its own while Redis
-    was unavailable: it then differs from Redis, so whatever Redis says next wins.
-    ``known`` is False on Redis until a first reply or message arrives: until then the
-    closed copy is only a default, and no call may be admitted on it.
-    """
-
-    __slots__ = (
-        "breaker",
-        "busy",
-        "known",
-        "lease_until",
-        "listeners",
-        "owner",
-        "probe_at",
-        "reading",
-        "reset_at",
-        "state",
-        "version",
-        "watchers",
-    )
-
-    def __init__(self, known: bool = True) -> None:
-        self.state = CLOSED
-        self.version = 0
-        self.known = known
-        self.reading: asyncio.Task[None] | None = None  # the first read from Redis
-        self.probe_at = 0.0
-        self.lease_until = 0.0
-        self.owner = ""
-        self.reset_at: float | None = None
-        self.busy = False  # one Redis transition of this process at a time, per breaker
-        self.listeners: list[Any] = []
-        self.watchers: weakref.WeakSet[BreakerCheck] = weakref.WeakSet()
-        # The newest Breaker object, for the listeners; weak, as the hub keeps this state
-        # and a Breaker keeps its store (the hub's weak key) alive.
-        self.breaker: weakref.ref[Breaker] | None = None
-
-    def move(
-        self, new: BreakerState, probe_in: float = 0.0, lease_in: float = 0.0, owner: str = ""
-    ) -> None:
-        """Enter ``new``; a close resets the window, a change notifies the listeners."""
-        old = self.state
-        now = time.monotonic()
-        self.state = new
-        self.probe_at = now + probe_in
-        self.lease_until = now + lease_in
-        self.owner = owner
-        if new is CLOSED and old is not CLOSED:
-            self.reset_at = now
-            for check in list(self.watchers):
-                check.on_reset(now)
-        if new is not old and self.listeners:
-            breaker = self.breaker() if self.breaker is not None else None
-            if breaker is None:  # the newest object is gone: any other one will do
-                breaker = next((check.breaker for check in self.watchers), None)
-            if breaker is not None:
-                breaker.notify_state_change(old, new)
-
-    def move_locally(
-        self, new: BreakerState, probe_in: float = 0.0, lease_in: float = 0.0, owner: str = ""
-    ) -> None:
-        """Move without Redis (the memory store, or an outage): the next reply wins."""
-        self.version = -1
-        self.move(new, probe_in, lease_in, owner)
-
-    def apply(self, reply: Sequence[Any], fresh: bool = False) -> None:
-        """Take a state from Redis (a script reply or a published message) if it is newer.
-
-        ``reply`` is ``(_, state code, version, ms until probe, ms until lease end)``;
-        version 0 means the hash does not exist (closed). A ``fresh`` reply (a probe
-        attempt's) is also taken at the same version (its timers are newer) and with a
-        missing hash (Redis lost it: closed is the truth).
-        """
-        self.known = True  # any answer from Redis, even an older one, ends the default
-        version = int(reply[2])
-        if version <= self.version and not (fresh and version in (0, self.version)):
-            return
-        self.version = version
-        self.move(_BY_CODE[int(reply[1])], int(reply[3]) / 1000.0, int(reply[4]) / 1000.0)
-
-
-_IDLE_SECONDS = 1.0
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-class _Hub:
-    """One pub/sub subscriber per Redis store keeping every local copy fresh.
-
-    It pattern-subscribes once to every breaker channel under the store's prefix (a
-    breaker created later needs no new subscription) and re-reads every known breaker
-    after each (re)subscription, so a message lost while disconnected costs nothing.
-
-    It holds its store weakly (``_hubs`` is keyed weakly by the store): a store dropped
-    without ``Guard.aclose`` can be collected, and its subscriber then ends by itself.
-    """
-
-    def __init__(self, store: RedisStore) -> None:
-        self._store = weakref.ref(store)
-        self.client: Any = store.client
-        self.uri = store.uri
-        self.states: dict[str, tuple[str, _State]] = {}  # channel -> (hash key, state)
-        self.pattern = _glob_escape(store.key_prefix) + ":{breaker:*}:events"
-        self.ready = False  # subscribed, and every copy read since
-        self.closing = False
-        self.task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # the task's, while it runs
-        self._read = store.script(lua("breaker_read", "breaker_lib"))
-        self._side: set[asyncio.Task[None]] = set()
-
-    def state(self, key: str, channel: str) -> _State:
-        """The local copy of the breaker at ``key``, created (and its read started) on first use."""
-        found = self.states.get(channel)
-        if found is not None:
-            return found[1]
-        st = _State(known=False)
-        self.states[channel] = (key, st)
-        self.learn(channel)  # read it now, so the first call rarely waits
-        return st
-
-    def learn(self, channel: str) -> asyncio.Task[None] | None:
-        """The read of a copy not yet known: the one in flight, or a new one.
-
-        None when no event loop runs (it is started at the first call instead).
-        """
-        st = self.states[channel][1]
-        task = st.reading
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        if task is None or task.done() or task.get_loop() is not loop:
-            task = st.reading = loop.create_task(self._read_one(channel))
-            self._side.add(task)
-            task.add_done_callback(self._read_done)
-        return task
-
-    def _read_done(self, task: asyncio.Task[None]) -> None:
-        self._side.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a caller that awaited it got it too
-
-    async def _read_one(self, channel: str) -> None:
-        key, st = self.states[channel]
-        store = self._store()
-        if store is None:
-            raise StorageUnavailable("the store was closed")
-        reply = await store.run(self._read, (key,), ())
-        del store
-        st.apply(reply)
-
-    def start(self) -> bool:
-        """Start the subscriber unless it runs on this loop; False if it cannot run.
-
-        A task left pending by an event loop that is gone (a new ``asyncio.run``, a test's
-        fresh loop) never runs again: a subscriber on another loop is started anew.
-        """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        if self.loop is loop:
-            return True
-        if self.closing:
-            return False
-        self._side = {t for t in self._side if t.get_loop() is loop}
-        self.ready = False
-        task = loop.create_task(self._run(), name=f"ymguard-breakers {self.uri}")
-        task.add_done_callback(self._ended)
-        self.task, self.loop = task, loop
-        return True
-
-    def running(self) -> bool:
-        """Whether the subscriber runs on the running loop."""
-        loop = self.loop
-        return loop is not None and loop is _get_running_loop()
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        if task is self.task:
-            self.loop = None
-
-    def _spawn(self, coro: Any) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self._side.add(task)
-        task.add_done_callback(self._side.discard)
-
-    async def _resync(self, channel: str) -> None:
-        try:
-            await self._read_one(channel)
-        except StorageUnavailable:
-            pass  # the next (re)subscription reads it again
-
-    async def _run(self) -> None:
-        warned = False
-        while True:
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.psubscribe(self.pattern)
-                for channel in list(self.states):
-                    await self._resync(channel)
-                self.ready = True  # subscribed, and every copy read since
-                if warned:
-                    log.warning("ymguard breakers: pub/sub on %s is back", self.uri)
-                    warned = False
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=_IDLE_SECONDS
-                    )
-                    if self._stopping():
-                        return
-                    if message is None:
-                        # Idle: a PING on the subscribed connection finds a dead server.
-                        await pubsub.ping()
-                    elif message.get("type") == "pmessage":
-                        self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.ready = False
-                if self._stopping():
-                    return
-                if not warned:
-                    log.warning(
-                        "ymguard breakers: pub/sub on %s failed (%s: %s); local copies may "
-                        "lag until it reconnects",
-                        self.uri,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    warned = True
-            finally:
-                self.ready = False
-                with suppress(Exception):
-                    await pubsub.aclose()
-            store = self._store()
-            if store is None:
-                return
-            interval = store.retry_interval
-            del store
-            await asyncio.sleep(interval)
-
-    def _stopping(self) -> bool:
-        # A cancellation that a redis-py read swallowed must still end the loop.
-        task = asyncio.current_task()
-        return self.closing or self._store() is None or (task is not None and task.cancelling() > 0)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = message.get("channel")
-        data = message.get("data")
-        if not isinstance(channel, bytes) or not isinstance(data, bytes):
-            return
-        found = self.states.get(channel.decode())
-        if found is None:
-            return
-        try:
-            version, state, probe_in, lease_in = (int(x) for x in data.split(b","))
-        except ValueError:
-            log.warning("ymguard breakers: ignored a malformed message on %r", channel)
-            return
-        found[1].apply((0, state, version, probe_in, lease_in))
-
-    async def aclose(self) -> None:
-        """Stop the subscriber."""
-        self.closing = True
-        loop = asyncio.get_running_loop()
-        # A task of an event loop that is gone never runs again: nothing to stop there.
-        tasks = [t for t in (self.task, *self._side) if t is not None and t.get_loop() is loop]
-        while not all(t.done() for t in tasks):
-            # Cancel again until it lands: a redis-py read may swallow one cancellation.
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=0.05)
-
-
-_hubs: weakref.WeakKeyDictionary[RedisStore, _Hub] = weakref.WeakKeyDictionary()
-
-
-def _hub_for(store: RedisStore) -> _Hub:
-    hub = _hubs.get(store)
-    if hub is None:
-        hub = _hubs[store] = _Hub(store)
-    return hub
-
-
-async def close_breakers(store: Store) -> None:
-    """Stop the breakers' pub/sub subscriber of a store (``Guard.aclose`` calls it)."""
-    hub = _hubs.pop(store, None) if isinstance(store, RedisStore) else None
-    if hub is not None:
-        await hub.aclose()
-
-
 @dataclass(frozen=True, slots=True)
 class _Probe:
     """The token of the call that is the probe."""
@@ -479,6 +167,8 @@ class Breaker:
         lease_seconds: how long a probe may run before another caller may probe.
         resource: the resource named in refusals.
         description: the rule named in refusals (``breaker[0] error_ratio>0.5``).
+        identity: what keys the state (default: ``name``); a rule's breaker is keyed by
+            the rule's identity, so its state stays with the rule, wherever it moves.
     """
 
     def __init__(
@@ -490,6 +180,7 @@ class Breaker:
         lease_seconds: float | None = None,
         resource: str | None = None,
         description: str = "breaker",
+        identity: str | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -497,24 +188,11 @@ class Breaker:
         self.description = description
         self.open_seconds = open_seconds
         self.lease_seconds = lease_seconds or open_seconds
-        self.key = store.key("breaker", name)
-        self._hub: _Hub | None = None
-        if isinstance(store, RedisStore):
-            self._redis = store
-            self._hub = _hub_for(store)
-            self.channel = store.key("breaker", name, "events")
-            self._st = self._hub.state(self.key, self.channel)
-            self._keys = (self.key, self.channel)
-            self._open = store.script(lua("breaker_open", "breaker_lib"))
-            self._probe = store.script(lua("breaker_probe", "breaker_lib"))
-            self._result = store.script(lua("breaker_result", "breaker_lib"))
-            self._hub.start()
-        else:
-            assert isinstance(store, MemoryStore)
-            st = store.data.get(self.key)
-            if not isinstance(st, _State):
-                st = store.data[self.key] = _State()  # in process, the copy is the truth
-            self._st = st
+        state_name = identity if identity is not None else name
+        self.key = store.key("breaker", state_name)
+        self._state: BreakerStore = store.breaker(state_name)
+        self._remote = self._state.remote
+        self._st = self._state.copy
         self._st.breaker = weakref.ref(self)
 
     def __repr__(self) -> str:
@@ -528,8 +206,8 @@ class Breaker:
 
         On Redis this (re)starts the subscriber when it is not running on the running loop.
         """
-        hub = self._hub
-        return hub is None or hub.running() or hub.start()
+        state = self._state
+        return state.running() or state.start()
 
     @property
     def state(self) -> BreakerState:
@@ -606,8 +284,8 @@ class Breaker:
     async def acquire(self) -> _Probe | None:
         """Admit a call: ``None`` for an ordinary call, a probe token, or raise CircuitOpen."""
         st = self._st
-        if self._hub is not None:
-            self._hub.start()
+        if self._remote:
+            self._state.start()
             if not st.known:
                 await self._learn()
         if st.state is CLOSED:
@@ -619,21 +297,16 @@ class Breaker:
         elif now < st.lease_until:
             # Half-open: the probe is running now, its answer is about to come.
             raise self._refusal(1.0)
-        if self._hub is None:
+        if not self._remote:
             return self._probe_locally()
         if st.busy:  # this process is asking Redis already; one attempt per process
             raise self._refusal(1.0)
         st.busy = True
         owner = secrets.token_hex(8)
         try:
-            reply = await self._redis.run(
-                self._probe, self._keys, (owner, math.ceil(self.lease_seconds * 1000))
-            )
+            reply = await self._state.probe(owner, self.lease_seconds)
         except StorageUnavailable:
-            policy = self.store.on_storage_error
-            if policy == "closed":
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
-            if policy == "open":
+            if self._on_outage() == "open":
                 return None
             return self._probe_locally()
         finally:
@@ -657,8 +330,7 @@ class Breaker:
         refuses the call, ``local`` and ``open`` decide on the local copy (the next
         (re)subscription of the subscriber reads it again).
         """
-        assert self._hub is not None
-        task = self._hub.learn(self.channel)
+        task = self._state.learn()
         if task is None:  # pragma: no cover - acquire runs on a loop
             return
         try:
@@ -666,8 +338,12 @@ class Breaker:
         except StorageUnavailable:
             if self._st.known:  # a message taught it meanwhile
                 return
-            if self.store.on_storage_error == "closed":
-                raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
+            self._on_outage()
+
+    def _on_outage(self) -> str:
+        return self.store.on_outage(
+            StorageBlocked(self.resource, self.description, retry_after=1.0)
+        )
 
     def _probe_locally(self) -> _Probe:
         owner = secrets.token_hex(8)
@@ -685,15 +361,13 @@ class Breaker:
         st = self._st
         if st.state is not CLOSED:
             return
-        if self._hub is None:
+        if not self._remote:
             st.move_locally(OPEN, probe_in=self.open_seconds)
             return
         st.move(OPEN, probe_in=self.open_seconds)
         st.busy = True  # no probe attempt of this process before Redis has the trip
         try:
-            reply = await self._redis.run(
-                self._open, self._keys, (math.ceil(self.open_seconds * 1000),)
-            )
+            reply = await self._state.open(self.open_seconds)
         except StorageUnavailable:
             # Every policy keeps the local copy open: it only refuses this process's
             # calls. It has moved on its own now: whatever Redis says next wins.
@@ -706,13 +380,9 @@ class Breaker:
     async def probe_done(self, probe: _Probe, ok: bool) -> None:
         """The probe's outcome: close the breaker (``ok``) or re-open it with a fresh timer."""
         st = self._st
-        if self._hub is not None and not probe.local:
+        if self._remote and not probe.local:
             try:
-                reply = await self._redis.run(
-                    self._result,
-                    self._keys,
-                    (probe.owner, 1 if ok else 0, math.ceil(self.open_seconds * 1000)),
-                )
+                reply = await self._state.result(probe.owner, ok, self.open_seconds)
             except StorageUnavailable:
                 # Decide on the local copy, as the memory store would. Redis may stay
                 # half-open with this probe's version: the copy is marked as moved on its
@@ -741,6 +411,8 @@ class BreakerCheck:
             threshold here).
     """
 
+    kind = "breaker"
+
     def __init__(self, breaker: Breaker, rule: BreakerRule, stats: ResourceStats) -> None:
         self.breaker = breaker
         self.rule = rule
@@ -761,7 +433,8 @@ class BreakerCheck:
         self._look_at = 0.0  # when a good call looks at the window next
         self._st = breaker._st
         self._st.watchers.add(self)
-        self._hub = breaker._hub
+        self._remote = breaker._remote
+        self._state = breaker._state
 
     def __repr__(self) -> str:
         return f"BreakerCheck({self.breaker.resource!r}, {self.breaker.description!r})"
@@ -773,8 +446,7 @@ class BreakerCheck:
             # A closed local copy answers alone once read and while it is kept fresh:
             # always on memory, on Redis while the subscriber runs on this loop (else
             # ``acquire`` starts it, and a copy never read waits for its first read).
-            hub = self._hub
-            if hub is None or hub.loop is _get_running_loop():
+            if not self._remote or self._state.running():
                 return None
         return await self.breaker.acquire()
 
@@ -896,6 +568,8 @@ class PybreakerCheck:
     state read (use a ``breaker:`` rule on a Redis store for shared state).
     """
 
+    kind = "breaker"
+
     def __init__(
         self,
         resource: str,
@@ -1009,6 +683,21 @@ def breaker_error_statuses(rules: Sequence[BreakerRule]) -> frozenset[int]:
     return frozenset(s for rule in rules for s in rule.error_statuses)
 
 
+def _error_statuses(rules: Sequence[BreakerRule]) -> frozenset[int] | None:
+    return frozenset(s for rule in rules for s in rule.error_statuses) if rules else None
+
+
+def _build(env: Env, resource: str, rules: Sequence[BreakerRule]) -> list[Any]:
+    checks: list[Any] = build_breaker_checks(
+        env.store, resource, rules, env.stats(resource), env.listeners(resource)
+    )
+    return checks + list(env.attached(resource))  # pybreakers attached by code
+
+
+#: The ``breaker`` kind's registry entry (pybreakers attached by code run after the rules').
+KIND = Kind("breaker", 50, BreakerRule, _build, _error_statuses)
+
+
 def build_breaker_checks(
     store: Store,
     resource: str,
@@ -1027,7 +716,7 @@ def build_breaker_checks(
     """
     listeners = list(listeners)
     checks: list[BreakerCheck] = []
-    for index, rule in enumerate(rules):
+    for index, (rule, identity) in enumerate(zip(rules, rule_ids(rules), strict=True)):
         threshold = f"{rule.threshold:g}"
         if rule.strategy == "slow_ratio":
             threshold += f" max_rt_ms={rule.max_rt_ms:g}"
@@ -1038,6 +727,7 @@ def build_breaker_checks(
             lease_seconds=rule.lease_seconds,
             resource=resource,
             description=f"breaker[{index}] {rule.strategy}>{threshold}",
+            identity=f"{resource}#{identity}",  # the rule, not its place in the list
         )
         for listener in listeners:
             breaker.add_listener(listener)
@@ -1046,6 +736,7 @@ def build_breaker_checks(
 
 
 __all__ = [
+    "KIND",
     "Breaker",
     "BreakerCheck",
     "BreakerRule",
@@ -1056,5 +747,4 @@ __all__ = [
     "SlowCall",
     "breaker_error_statuses",
     "build_breaker_checks",
-    "close_breakers",
 ]

@@ -13,22 +13,21 @@ A check may also answer the call itself (an idempotent replay) by raising
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from .errors import Blocked
 from .stats import ResourceStats
+from .storage.tasks import in_background
 from .types import ASGIApp, Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
-
-# Unwinds running in tasks of their own, kept referenced until they finish.
-_background: set[asyncio.Task[None]] = set()
 
 #: Origin values longer than this (in characters) are replaced by a digest.
 ORIGIN_MAX_CHARS = 128
@@ -87,6 +86,12 @@ class Context:
     replayed: bool = False
 
 
+#: The call being guarded in this task (set by the middleware and ``@guard.resource``).
+current_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "ymguard_context", default=None
+)
+
+
 class ShortCircuit(Exception):
     """Raised by a check's ``enter`` to answer the call itself, without the endpoint.
 
@@ -101,8 +106,33 @@ class ShortCircuit(Exception):
         super().__init__(f"answered by a check with {status}")
 
 
+@dataclass(frozen=True, slots=True)
+class CheckStatus:
+    """What a check shows a dashboard (a breaker shows a ``BreakerStatus``).
+
+    Attributes:
+        kind: the rule kind (``flow``, ``semaphore``, ...).
+        resource: the resource it guards.
+        rule: the rule, as refusals name it (``flow[0] qps=10``).
+        state: what it knows now, without asking the store (limits, counts in process).
+    """
+
+    kind: str
+    resource: str
+    rule: str
+    state: Mapping[str, Any]
+
+
 class Check(Protocol):
-    """One rule of one resource, as the chain sees it."""
+    """One rule of one resource, as the chain sees it.
+
+    ``kind`` names its rule kind; ``status()`` is what it shows a dashboard.
+    """
+
+    kind: str
+
+    def status(self) -> object:
+        """What the check shows a dashboard now (no store call)."""
 
     async def enter(self, ctx: Context) -> Any:
         """Admit the call and return a token for ``exit``, or raise :class:`Blocked`."""
@@ -113,6 +143,28 @@ class Check(Protocol):
         A check whose class sets ``exit_after_call = False`` is only exited when a later
         check (or a guard inside the endpoint) blocked the call.
         """
+
+
+#: How a call that passed the chain finished: ``success`` or ``error`` (an outcome the
+#: statistics count), ``none`` (cancelled, abandoned by its client, or replayed: nothing
+#: learnt), ``blocked`` (a guard inside the endpoint refused it).
+Outcome = Literal["success", "error", "none", "blocked"]
+
+
+class Observer(Protocol):
+    """Something that listens to a chain: statistics, metrics, a dashboard.
+
+    Called on the event loop for every call: keep each method quick and never raise.
+    """
+
+    def passed(self, ctx: Context) -> None:
+        """The call passed every check (or a check answered it itself)."""
+
+    def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
+        """``check`` refused the call (``check.kind`` names its rule kind)."""
+
+    def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
+        """A call that passed has finished (``ctx.status``, ``ctx.error`` say how)."""
 
 
 #: The status recorded for a call whose client went away first (nginx's 499).
@@ -151,6 +203,7 @@ class Chain:
         "_after_call",
         "checks",
         "error_statuses",
+        "observers",
         "release_on_disconnect",
         "resource",
         "stats",
@@ -162,11 +215,14 @@ class Chain:
         checks: Sequence[Check],
         stats: ResourceStats,
         error_statuses: frozenset[int] = DEFAULT_ERROR_STATUSES,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.resource = resource
         self.checks = tuple(checks)
         self.stats = stats
         self.error_statuses = error_statuses
+        # The statistics listen first: breakers decide on them in their exit.
+        self.observers: tuple[Observer, ...] = (stats, *observers)
         # The checks whose exit has work after a finished call, last first; a check with
         # exit_after_call = False only undoes when a later check blocks.
         self._after_call = tuple(
@@ -194,38 +250,40 @@ class Chain:
             except Blocked as exc:
                 ctx.blocked = exc
                 await self._unwind(ctx, tokens)
-                self.stats.on_block()
+                for observer in self.observers:
+                    observer.blocked(ctx, exc, check)
                 raise
             except ShortCircuit as exc:
                 # Answered without the endpoint: the earlier checks saw a call that passed.
                 ctx.status = exc.status
                 ctx.replayed = True
-                self.stats.on_pass()
+                for observer in self.observers:
+                    observer.passed(ctx)
                 await self.exit(ctx, tokens)
                 raise
             except asyncio.CancelledError as exc:
                 # Give back what was taken in a task of its own: awaiting it here could
                 # be cancelled again, leaking a permit until its lease ends.
                 ctx.error = exc
-                task = asyncio.ensure_future(self._unwind(ctx, tokens))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+                in_background(self._unwind(ctx, tokens))
                 raise
             except BaseException as exc:
                 ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
                 await self._unwind(ctx, tokens)
                 raise
-        self.stats.on_pass()
+        for observer in self.observers:
+            observer.passed(ctx)
         return tokens
 
     async def exit(self, ctx: Context, tokens: list[Any]) -> None:
         """Record the call's outcome and run every ``exit`` in reverse order."""
         rt_ms = (time.perf_counter() - ctx.start) * 1000.0
         if ctx.blocked is None:
+            outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
             if has_outcome(ctx):
-                self.stats.on_exit(rt_ms, is_error(ctx, self.error_statuses))
-            else:  # cancelled, abandoned by its client, or replayed: no outcome to count
-                self.stats.inflight -= 1
+                outcome = "error" if is_error(ctx, self.error_statuses) else "success"
+            for observer in self.observers:
+                observer.finished(ctx, rt_ms, outcome)
             entered = len(tokens)  # fewer than the checks when one answered the call
             for i in self._after_call:
                 if i < entered:
@@ -233,7 +291,8 @@ class Chain:
             return
         # Blocked inside the endpoint (a nested guard answered for it): a refusal by
         # ymguard is neither a success nor an error of this resource.
-        self.stats.inflight -= 1
+        for observer in self.observers:
+            observer.finished(ctx, rt_ms, "blocked")
         await self._unwind(ctx, tokens)
 
     async def _exit_one(self, i: int, ctx: Context, token: Any) -> None:

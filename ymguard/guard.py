@@ -1,115 +1,47 @@
-"""The Guard: rules compiled into per-resource chains, and the ways an app uses them.
+"""The Guard: the rules, compiled into per-resource chains, swapped whole on reload.
 
-A :class:`Guard` owns the rules, the store, the statistics and the compiled chains. The
-middleware asks it for a resource's chain; ``@guard.resource`` and ``guard.limit`` guard
-code and FastAPI endpoints; ``guard.install(app)`` registers the global exception mapper.
+A :class:`Guard` owns the rules, the store, the statistics and the compiled chains, and
+their lifecycle. Rule kinds come from ``registry.py`` (the guard knows none by name);
+``@guard.resource`` and ``guard.limit`` live in ``resource.py``, the exception mapper in
+``mapper.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import gc
-import importlib
-import inspect
-import logging
 import os
-import re
-import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pybreaker
-from limits import parse_many
-from starlette.requests import Request
 
-from .antiresubmit import (
-    SubmitTokenRule,
-    SubmitTokens,
-    build_antiresubmit_checks,
-    close_idempotency_tasks,
+from ._kind import Env
+from .antiresubmit import SubmitTokenRule, SubmitTokens
+from .breaker import BreakerCheck, BreakerStatus, PybreakerCheck
+from .chain import (
+    DEFAULT_ERROR_STATUSES,
+    Chain,
+    Check,
+    Observer,
+    cap_origin,
+    current_context,
 )
-from .breaker import (
-    BreakerCheck,
-    BreakerRule,
-    BreakerStatus,
-    PybreakerCheck,
-    breaker_error_statuses,
-    build_breaker_checks,
-    close_breakers,
-)
-from .chain import DEFAULT_ERROR_STATUSES, Chain, Context, cap_origin
-from .errors import (
-    Blocked,
-    ProblemResponse,
-    SyncResourceError,
-    blocked_response,
-    install_http_problems,
-)
-from .limiter import FlowRule, QpsCheck, build_flow_checks
-from .rules import ErrorMapping, RulesFile, load_rules, parse_rules
-from .semaphore import (
-    Semaphore,
-    build_semaphore_checks,
-    close_store_tasks,
-    semaphore_for_rule,
-)
+from .errors import ProblemResponse
+from .mapper import ExceptionMapper
+from .registry import build_checks
+from .resource import RouteLimit, SyncBridge, guarded_resource
+from .rules import ResourceRules, RulesFile, load_rules, parse_rules
+from .semaphore import Semaphore, semaphore_for_rule
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .types import Scope
 
-log = logging.getLogger("ymguard")
-
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The call being guarded in this task (set by the middleware and ``@guard.resource``).
-current_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
-    "ymguard_context", default=None
-)
-
-
-def _import_exception(path: str) -> type[BaseException]:
-    module_name, _, attr = path.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # ImportError, AttributeError, or the module's own error
-        raise ValueError(f"errors: cannot import {path!r}: {exc}") from None
-    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
-        raise ValueError(f"errors: {path!r} is not an exception class")
-    return obj
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "error"
-
-
-def _accepts_exc(func: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "exc" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def _run_now(coro: Awaitable[Any]) -> Any:
-    """Run a coroutine that never suspends (memory checks) to completion, synchronously."""
-    gen = coro.__await__()
-    try:
-        gen.send(None)
-    except StopIteration as stop:
-        return stop.value
-    gen.close()
-    raise SyncResourceError(
-        "ymguard: this guard needs I/O; call the guarded function from a worker thread of a "
-        "running app, or make it async"
-    )
+_NO_RULES = ResourceRules()
 
 
 class Guard:
@@ -139,20 +71,26 @@ class Guard:
                 key_prefix=self.rules.key_prefix,
                 on_storage_error=self.rules.on_storage_error,
             )
-        self._chains: dict[str, Chain] = {}
         self._stats: dict[str, ResourceStats] = {}
         self._semaphores: dict[str, Semaphore] = {}
-        self._exception_map: dict[type[BaseException], ErrorMapping] = {}
         self._breaker_listeners: list[tuple[str | None, Any]] = []
         self._attached: dict[str, list[PybreakerCheck]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observers: list[Observer] = []
+        self._sync = SyncBridge(self.store)
+        self._mapper = ExceptionMapper(lambda: self.rules.errors)
         self._lock = threading.Lock()
-        self._origin_of = self._compile_origin()
-        # Apps that install() registered the exception mapper on; errors: is imported at
-        # their startup (not at install: the classes may live in the app's own module).
-        self._apps: list[Any] = []
-        self._errors_resolved = False
-        self._warned_sync: set[str] = set()
+        self._origin_of = self._compile_origin(self.rules)
+        self._env = Env(
+            store=self.store,
+            stats=self.stats,
+            semaphores=self._semaphores,
+            submit_tokens=lambda: self.submit_tokens,
+            listeners=self._listeners_for,
+            attached=self._attached_to,
+        )
+        # Every resource of the rules is compiled now: a rules problem shows at once, and
+        # a reload swaps complete sets.
+        self._chains: dict[str, Chain] = self._compile_all(self.rules)
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage: str | Store | None = None) -> Guard:
@@ -165,11 +103,18 @@ class Guard:
     # -- rules and chains ----------------------------------------------------------------
 
     def reload(self, rules: Mapping[str, Any] | RulesFile) -> None:
-        """Swap the whole rule set at once; calls already inside a chain finish on the old one."""
-        self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules)
-        self._origin_of = self._compile_origin()
-        self._chains = {}
-        self._errors_resolved = False
+        """Swap the whole rule set at once; calls already inside a chain finish on the old one.
+
+        The new chains are compiled before the swap, under the guard's lock; rules that did
+        not change keep their state (window counts, breaker states, held permits), which
+        is keyed by rule identity, not by position.
+        """
+        new = rules if isinstance(rules, RulesFile) else parse_rules(rules)
+        with self._lock:
+            chains = self._compile_all(new)
+            origin_of = self._compile_origin(new)
+            self.rules, self._chains, self._origin_of = new, chains, origin_of
+            self._mapper.rules_changed()
 
     def stats(self, resource: str) -> ResourceStats:
         """The sliding-window statistics of a resource (created on first use)."""
@@ -179,43 +124,60 @@ class Guard:
         return stats
 
     def chain(self, resource: str) -> Chain:
-        """The compiled chain of a resource (compiled once, cached until ``reload``)."""
+        """The compiled chain of a resource (a resource without rules: compiled on first use)."""
         chain = self._chains.get(resource)
         if chain is None:
             with self._lock:
                 chain = self._chains.get(resource)
                 if chain is None:
-                    chain = self._chains[resource] = self._compile(resource)
+                    chain = self._chains[resource] = self._compile(resource, self.rules)
         return chain
 
-    def _compile(self, resource: str) -> Chain:
-        rules = self.rules.resources.get(resource)
-        checks: list[Any] = []
-        if rules is not None:
-            # authority → system → param_flow → flow → breaker → semaphore → idempotency
-            checks += build_flow_checks(self.store, resource, rules.flow)
-            checks += self._breaker_checks(resource, rules.breaker)
-            checks += build_semaphore_checks(
-                self.store, resource, rules.semaphore, self._semaphores
-            )
-            checks += build_antiresubmit_checks(
-                self.store, resource, rules.idempotency, rules.submit_token, self.submit_tokens
-            )
-        else:
-            checks += self._attached.get(resource, [])  # pybreakers attached by code
-        statuses = breaker_error_statuses(rules.breaker if rules is not None else [])
-        return Chain(resource, checks, self.stats(resource), statuses)
+    def _compile_all(self, rules: RulesFile) -> dict[str, Chain]:
+        return {resource: self._compile(resource, rules) for resource in rules.resources}
+
+    def _compile(self, resource: str, rules: RulesFile) -> Chain:
+        found = rules.resources.get(resource)
+        checks, statuses = build_checks(self._env, resource, found or _NO_RULES)
+        return Chain(resource, checks, self.stats(resource), statuses, self._observers)
+
+    def observe(self, observer: Observer) -> None:
+        """Tell ``observer`` of every call of every chain: passed, blocked, finished.
+
+        For metrics and dashboards (the statistics listen the same way). It stays through
+        reloads; it is called on the event loop for every call, so keep it quick.
+        """
+        with self._lock:
+            self._observers.append(observer)
+            for chain in self._chains.values():
+                chain.observers = (*chain.observers, observer)
+
+    def status(self) -> list[object]:
+        """What every check of every resource shows a dashboard now (no store call).
+
+        A :class:`~ymguard.chain.CheckStatus` per check, a
+        :class:`~ymguard.breaker.BreakerStatus` per breaker.
+        """
+        return [check.status() for chain in list(self._chains.values()) for check in chain.checks]
+
+    def _listeners_for(self, resource: str) -> list[Any]:
+        return [x for name, x in self._breaker_listeners if name in (None, resource)]
+
+    def _attached_to(self, resource: str) -> Sequence[Check]:
+        return self._attached.get(resource, [])
 
     # -- origin --------------------------------------------------------------------------
 
-    def _compile_origin(self) -> Callable[[Scope], str]:
-        if self.rules.origin is None:
+    @staticmethod
+    def _compile_origin(rules: RulesFile) -> Callable[[Scope], str]:
+        if rules.origin is None:
             return lambda scope: ""
-        read = self._read_origin()
+        read = Guard._read_origin(rules)
         return lambda scope: cap_origin(read(scope))
 
-    def _read_origin(self) -> Callable[[Scope], str]:
-        rule = self.rules.origin
+    @staticmethod
+    def _read_origin(rules: RulesFile) -> Callable[[Scope], str]:
+        rule = rules.origin
         if rule is None:
             return lambda scope: ""
         if rule.from_ == "header":
@@ -247,13 +209,6 @@ class Guard:
         return self._origin_of(scope)
 
     # -- breakers ------------------------------------------------------------------------
-
-    def _breaker_checks(self, resource: str, rules: list[BreakerRule]) -> list[Any]:
-        listeners = [x for name, x in self._breaker_listeners if name in (None, resource)]
-        checks: list[Any] = build_breaker_checks(
-            self.store, resource, rules, self.stats(resource), listeners
-        )
-        return checks + self._attached.get(resource, [])
 
     def breakers(self) -> list[BreakerStatus]:
         """Every breaker of every resource: name, strategy, state, counts (for metrics).
@@ -333,113 +288,22 @@ class Guard:
                 as errors.
         """
 
-        def decorate(func: F) -> F:
-            async def run(args: tuple[Any, ...], kwargs: dict[str, Any], call: Any) -> Any:
-                outer = current_context.get()
-                ctx = Context(name, outer.origin if outer else "", kwargs)
-                chain = self.chain(name)
-                try:
-                    tokens = await chain.enter(ctx)
-                except Blocked as exc:
-                    handler = block_handler or fallback
-                    if handler is None:
-                        raise
-                    extra = {"exc": exc} if _accepts_exc(handler) else {}
-                    return await _maybe_await(handler(*args, **kwargs, **extra))
-                try:
-                    return await call()
-                except exceptions_to_ignore:
-                    raise
-                except asyncio.CancelledError as exc:
-                    ctx.error = exc  # a cancelled call is no success (a probe re-opens)
-                    raise
-                except Exception as exc:
-                    ctx.error = exc
-                    if fallback is None:
-                        raise
-                    extra_err: dict[str, Any] = {"exc": exc} if _accepts_exc(fallback) else {}
-                    return await _maybe_await(fallback(*args, **kwargs, **extra_err))
-                finally:
-                    await chain.exit(ctx, tokens)
+        return guarded_resource(
+            self,
+            name,
+            fallback=fallback,
+            block_handler=block_handler,
+            exceptions_to_ignore=exceptions_to_ignore,
+        )
 
-            if inspect.iscoroutinefunction(func):
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        """The app's event loop, where sync code's chain steps run (set by the middleware)."""
+        return self._sync.loop
 
-                @functools.wraps(func)
-                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    return await run(args, kwargs, lambda: func(*args, **kwargs))
-
-                return cast(F, async_wrapper)
-
-            @functools.wraps(func)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                # Only entering and leaving the chain hop to the event loop; the body runs
-                # here, in the caller's thread (a sync endpoint's worker thread).
-                outer = current_context.get()
-                ctx = Context(name, outer.origin if outer else "", kwargs)
-                chain = self.chain(name)
-                try:
-                    tokens = self._run_sync(chain.enter(ctx), name)
-                except SyncResourceError as exc:
-                    if fallback is None:
-                        raise
-                    return fallback(
-                        *args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {})
-                    )
-                except Blocked as exc:
-                    handler = block_handler or fallback
-                    if handler is None:
-                        raise
-                    return handler(
-                        *args, **kwargs, **({"exc": exc} if _accepts_exc(handler) else {})
-                    )
-                try:
-                    return func(*args, **kwargs)
-                except exceptions_to_ignore:
-                    raise
-                except Exception as exc:
-                    ctx.error = exc
-                    if fallback is None:
-                        raise
-                    return fallback(
-                        *args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {})
-                    )
-                finally:
-                    self._run_sync(chain.exit(ctx, tokens), name)
-
-            return cast(F, sync_wrapper)
-
-        return decorate
-
-    def _run_sync(self, coro: Coroutine[Any, Any, Any], name: str) -> Any:
-        """Run a chain step for sync code: on the guard's loop from another thread, or at
-        once on the memory store when no loop runs at all. Refuse, before anything is
-        spent, on the event loop's own thread (the same on every store: waiting there for
-        the loop would deadlock it, and Redis I/O would block it), and on Redis with no
-        loop to hop to."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            coro.close()
-            if name not in self._warned_sync:
-                self._warned_sync.add(name)
-                log.error("ymguard: sync resource %r called on the event loop's thread", name)
-            raise SyncResourceError(
-                f"ymguard: the sync function guarded as {name!r} was called on the event "
-                "loop's thread, where its guard would block the loop: make it async, or "
-                "call it from a worker thread (a sync endpoint, asyncio.to_thread)"
-            )
-        loop = self._loop
-        if loop is not None and loop.is_running():
-            return asyncio.run_coroutine_threadsafe(coro, loop).result()
-        if self.store.kind != "memory":
-            coro.close()
-            raise SyncResourceError(
-                f"ymguard: the sync function guarded as {name!r} on Redis must be called "
-                "from a worker thread of a running app (or make it async)"
-            )
-        return _run_now(coro)
+    @_loop.setter
+    def _loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._sync.loop = loop
 
     def limit(self, spec: str) -> RouteLimit:
         """A limit such as ``"100/second"`` or ``"10/second;500/minute"`` (``limits`` syntax).
@@ -489,7 +353,7 @@ class Guard:
             sem = self._semaphores[name] = Semaphore(name, permits, lease_seconds, self.store)
         return sem
 
-    # -- the exception mapper ------------------------------------------------------------
+    # -- the exception mapper (mapper.py) -------------------------------------------------
 
     def map_exception(
         self,
@@ -505,118 +369,33 @@ class Guard:
         Works before or after :meth:`install`: a mapping added later is registered on
         every installed app, and once an app has started, ``GuardMiddleware`` renders it.
         """
-        self._exception_map[exc_type] = ErrorMapping(
-            status=status, title=title, type=type, detail=detail
-        )
-        for app in self._apps:
-            app.add_exception_handler(exc_type, self._handle_exception)
+        self._mapper.map_exception(exc_type, status=status, title=title, type=type, detail=detail)
 
     def problem_for(self, exc: BaseException) -> ProblemResponse | None:
         """The problem response for an exception, or None if it is not mapped."""
-        if not self._errors_resolved:
-            self.resolve_errors()
-        if isinstance(exc, Blocked):
-            ctx = current_context.get()
-            if ctx is not None and ctx.blocked is None and ctx.status is None:
-                # A guard inside the endpoint refused: the request's answer is that
-                # refusal, which the outer resource must not count (its breakers).
-                ctx.blocked = exc
-            return blocked_response(exc)
-        for cls in type(exc).__mro__:
-            mapping = self._exception_map.get(cls)
-            if mapping is not None:
-                code = getattr(exc, "code", None)
-                code = code if isinstance(code, str) and code else _slug(mapping.title)
-                type_uri = mapping.type if mapping.type and "/" in mapping.type else None
-                if mapping.type and type_uri is None:
-                    code = mapping.type
-                ctx = current_context.get()
-                return ProblemResponse(
-                    mapping.status,
-                    code,
-                    mapping.title,
-                    str(exc) or mapping.detail or mapping.title,
-                    resource=ctx.resource if ctx else None,
-                    type_uri=type_uri,
-                )
-        return None
+        return self._mapper.problem_for(exc)
 
     def install(self, app: Any, *, http_errors: bool = True) -> None:
         """Register the global exception mapper on a Starlette or FastAPI app.
 
-        Maps :class:`Blocked` errors raised inside endpoints, the ``errors:`` of the rules
-        and every ``map_exception`` (also one made after this call) to problem+json
-        responses. The classes ``errors:`` names are imported when the app starts (its
-        first ASGI call), not here, so they may live in the module that calls
-        ``install``; one that does not import stops the startup with a ``ValueError``
-        naming the entry. ``errors:`` imports code: it is a trust boundary, so rules
-        that arrive at run time must never carry it.
-
-        Args:
-            app: the Starlette or FastAPI application.
-            http_errors: also render the framework's own errors as problem+json
-                (``HTTPException`` such as 404 and 405, FastAPI's request validation
-                errors as 422 ``validation-error``, and unhandled exceptions as a 500
-                ``internal-error`` without a stack trace).
+        See :meth:`ExceptionMapper.install <ymguard.mapper.ExceptionMapper.install>`:
+        ``Blocked`` errors, the ``errors:`` of the rules (imported when the app starts)
+        and every ``map_exception`` become problem+json responses; ``http_errors`` also
+        renders the framework's own errors.
         """
-        if http_errors:
-            install_http_problems(app)
-        if app not in self._apps:
-            self._apps.append(app)
-        app.add_exception_handler(Blocked, self._handle_exception)
-        for exc_type in self._exception_map:
-            app.add_exception_handler(exc_type, self._handle_exception)
-        build = getattr(app, "build_middleware_stack", None)
-        if self._errors_resolved or build is None or getattr(app, "middleware_stack", None):
-            self.resolve_errors()  # already started, or not Starlette: no startup to wait for
-            return
-
-        # Starlette builds its middleware stack (and copies the exception handlers into
-        # it) on its first ASGI call: import errors: just before, once every module is in.
-        def build_after_resolving() -> Any:
-            self.resolve_errors()
-            return build()
-
-        app.build_middleware_stack = build_after_resolving
+        self._mapper.install(app, http_errors=http_errors)
 
     def resolve_errors(self) -> None:
-        """Import the classes ``errors:`` names and register them on installed apps.
-
-        Runs once per rule set, at the app's startup (or the first mapped error).
-
-        Raises:
-            ValueError: naming the entry whose class does not import.
-        """
-        if self._errors_resolved:
-            return
-        for path, mapping in self.rules.errors.items():
-            exc_type = _import_exception(path)
-            if exc_type not in self._exception_map:
-                self._exception_map[exc_type] = mapping
-                for app in self._apps:
-                    app.add_exception_handler(exc_type, self._handle_exception)
-        self._errors_resolved = True
+        """Import the classes ``errors:`` names and register them on installed apps."""
+        self._mapper.resolve_errors()
 
     def startup_checks(self) -> None:
-        """What ``GuardMiddleware`` checks on the app's first ASGI call.
+        """What ``GuardMiddleware`` checks on the app's first ASGI call (see the mapper)."""
+        self._mapper.startup_checks()
 
-        Imports ``errors:`` (a clear ``ValueError`` if an entry does not import) and warns
-        when ``errors:`` maps exceptions but :meth:`install` was never called, so they
-        would answer 500.
-        """
-        self.resolve_errors()
-        if self.rules.errors and not self._apps:
-            log.warning(
-                "ymguard: errors: maps %d exception(s) but guard.install(app) was never "
-                "called: they will answer 500 instead of problem+json",
-                len(self.rules.errors),
-            )
-
-    async def _handle_exception(self, request: Any, exc: Exception) -> Any:
-        response = self.problem_for(exc)
-        if response is None:  # pragma: no cover - only registered for mapped types
-            raise exc
-        return response
+    @property
+    def _apps(self) -> list[Any]:
+        return self._mapper.apps
 
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
@@ -624,181 +403,8 @@ class Guard:
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
         and idempotency leases and writes still waiting for the store.
         """
-        await close_breakers(self.store)
-        await close_store_tasks(self.store)
-        await close_idempotency_tasks(self.store)
+        await self.store.close_tasks()
         await self.store.aclose()
-
-
-#: The keyword the decorator form adds to an endpoint's signature so FastAPI hands it the
-#: request (the route names the limit); removed before the endpoint is called.
-_REQUEST_PARAM = "ymguard_limit_request"
-
-
-def _route_holding(func: Callable[..., Any], refs: int) -> Any:
-    """A route object that already holds ``func`` as its endpoint, or None.
-
-    ``@app.get`` registers the function it is given and returns it unchanged, so a
-    decorator placed above it wraps a function no route calls. The route is found among
-    the objects referring to ``func``. That search walks the heap (tens of ms in a big
-    app), so it only runs when ``func`` has more references (``refs``) than a function
-    fresh from its ``def`` has on its way through ``RouteLimit`` (measured once, with a
-    probe taking the same path): a registered endpoint has several more.
-    """
-    if refs <= _fresh_refs():
-        return None
-    for ref in gc.get_referrers(func):
-        if isinstance(ref, dict):  # an instance __dict__ that was materialised
-            if ref.get("endpoint") is func and "path" in ref:
-                return ref
-        elif getattr(ref, "endpoint", None) is func and hasattr(ref, "path"):
-            return ref
-    return None
-
-
-def _with_request_param(func: Callable[..., Any]) -> inspect.Signature:
-    """``func``'s signature plus a keyword-only ``Request`` parameter for FastAPI."""
-    try:
-        sig = inspect.signature(func, eval_str=True)
-    except Exception:  # a forward reference not defined yet: FastAPI resolves it later
-        sig = inspect.signature(func)
-    params = list(sig.parameters.values())
-    extra = inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        params.insert(len(params) - 1, extra)
-    else:
-        params.append(extra)
-    return sig.replace(parameters=params)
-
-
-@functools.cache
-def _fresh_refs() -> int:
-    def probe() -> None:  # pragma: no cover - never called
-        pass
-
-    limit = RouteLimit.__new__(RouteLimit)
-    limit._measure_only = True
-    # The same way in as ``@limit``; the probe is held by a local name too, which a
-    # function under a decorator is not.
-    return cast(int, limit(probe)) - 1
-
-
-class RouteLimit:
-    """``guard.limit(spec)``: a FastAPI dependency and an endpoint decorator in one.
-
-    Both forms limit the route they guard, under one name: ``METHOD /route/{template}``
-    (the resource name of ``RULES.md``), so the same spec counts the same way either way.
-    As a dependency FastAPI calls it with the request; as a decorator it wraps the
-    endpoint, keeping its parameters and adding one for the request, which FastAPI fills
-    in. Called outside a request (a plain call in a test or a script), the decorated
-    function is limited under ``module.qualname``.
-
-    The decorator must sit below ``@app.get(...)`` (nearer the function): above it, the
-    route already holds the undecorated function, so it raises ``TypeError`` at once.
-    ``__wrapped__`` points at the dependency coroutine so that FastAPI sees
-    ``(request: Request)`` and awaits it.
-    """
-
-    #: Routes one limit keeps counters for (a limit object is normally on one route).
-    MAX_ROUTES = 1024
-
-    def __init__(self, guard: Guard, spec: str) -> None:
-        self.guard = guard
-        self.spec = spec
-        self.items = parse_many(spec)
-        self._chains: dict[str, Chain] = {}
-        self.__wrapped__ = self._dependency
-
-    def _chain(self, resource: str) -> Chain:
-        chain = self._chains.get(resource)
-        if chain is None:
-            checks = []
-            for index, item in enumerate(self.items):
-                rule = FlowRule(qps=item.amount, name=f"{item.amount}/{item.get_expiry()}s")
-                checks.append(
-                    QpsCheck(
-                        self.guard.store,
-                        f"{resource} limit {self.spec}",
-                        index,
-                        rule,
-                        frozenset(),
-                        window_seconds=float(item.get_expiry()),
-                    )
-                )
-            if len(self._chains) >= self.MAX_ROUTES:  # stays bounded whatever happens
-                self._chains.clear()
-            chain = self._chains[resource] = Chain(resource, checks, ResourceStats())
-        return chain
-
-    async def _check(self, resource: str) -> None:
-        outer = current_context.get()
-        ctx = Context(resource, outer.origin if outer else "")
-        chain = self._chain(resource)
-        # A limit only admits: leave the chain at once (nothing to give back, and the
-        # statistics must not count the call in flight forever).
-        await chain.exit(ctx, await chain.enter(ctx))
-
-    @staticmethod
-    def _resource_of(request: Request | None, default: str) -> str:
-        if request is not None:
-            route = request.scope.get("route")
-            path = getattr(route, "path_format", None)
-            # Without a route template the raw path is client input: never a name.
-            return f"{request.method} {path}" if path else default
-        outer = current_context.get()
-        if outer is not None and outer.scope is not None:  # inside GuardMiddleware
-            return outer.resource
-        return default
-
-    async def _dependency(self, request: Request) -> None:
-        await self._check(self._resource_of(request, f"{request.method} (no route)"))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "request" in kwargs and not args:
-            return self._dependency(kwargs["request"])
-        if len(args) == 1 and callable(args[0]) and not kwargs:
-            return self._decorate(args[0])
-        raise TypeError("guard.limit(...) decorates a function or is used with Depends()")
-
-    #: Set on the one probe that measures how many references a fresh function has here.
-    _measure_only = False
-
-    @staticmethod
-    def _refs_of(func: Any) -> int:
-        return sys.getrefcount(func)
-
-    def _decorate(self, func: F) -> F:
-        refs = self._refs_of(func)
-        if self._measure_only:
-            return cast(F, refs)
-        name = f"{func.__module__}.{func.__qualname__}"
-        if _route_holding(func, refs) is not None:
-            raise TypeError(
-                f"@guard.limit({self.spec!r}) is above the route decorator of {name}: the "
-                "route already holds the undecorated function, so the limit would never run. "
-                "Put @guard.limit(...) below @app.get(...), or use "
-                "dependencies=[Depends(guard.limit(...))]"
-            )
-        signature = _with_request_param(func)
-        if inspect.iscoroutinefunction(func):
-
-            @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                request = kwargs.pop(_REQUEST_PARAM, None)
-                await self._check(self._resource_of(request, name))
-                return await func(*args, **kwargs)
-
-            async_wrapper.__signature__ = signature  # type: ignore[attr-defined]
-            return cast(F, async_wrapper)
-
-        @functools.wraps(func)
-        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            request = kwargs.pop(_REQUEST_PARAM, None)
-            self.guard._run_sync(self._check(self._resource_of(request, name)), name)
-            return func(*args, **kwargs)
-
-        sync_wrapper.__signature__ = signature  # type: ignore[attr-defined]
-        return cast(F, sync_wrapper)
 
 
 __all__ = ["Guard", "RouteLimit", "current_context"]

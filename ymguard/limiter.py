@@ -14,23 +14,23 @@ resource names a limit of its own.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
-from ._model import RuleModel
-from .chain import Context, cap_origin
+from ._kind import Env, Kind
+from ._model import RuleModel, rule_ids
+from .backends.permits import Permits, keep_lease
+from .backends.window import BUCKETS, AcquireNow, Window, WindowResult
+from .chain import CheckStatus, Context, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
-from .lua import lua
-from .semaphore import _MemoryPermits, keep_lease, permits_backend
-from .storage import MemoryStore, RedisStore, Store
+from .storage import Store
+from .storage.tasks import in_background
 
-BUCKETS = 10
 #: Origins one check keeps state for at most (``other`` rules see client-chosen origins).
 ORIGIN_CACHE_MAX = 10_000
 # How many least-recently-used entries a full table looks at for one that holds nothing
@@ -67,106 +67,6 @@ class FlowRule(RuleModel):
         if (self.qps is None) == (self.concurrency is None):
             raise ValueError("set exactly one of qps or concurrency")
         return self
-
-
-# -- the sliding window, on each store -----------------------------------------------
-
-
-class WindowResult(NamedTuple):
-    """One attempt to count calls in a window (a tuple: it is built on every request).
-
-    Attributes:
-        admitted: whether the calls were counted (and so may proceed).
-        remaining: permits left in the window after this attempt.
-        wait_seconds: when refused, seconds until this attempt could succeed (0 when
-            admitted: nothing reads it then, so neither store computes it).
-        slot: the bucket the calls were counted in, for a refund.
-    """
-
-    admitted: bool
-    remaining: int
-    wait_seconds: float
-    slot: int | bytes
-
-
-class _MemoryWindow:
-    """The sliding window in process: ``{slot: count}`` under the key."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-
-    def acquire_now(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
-        """:meth:`acquire` without the coroutine: the memory window never waits."""
-        counts: dict[int, int] = self.store.data.setdefault(key, {})
-        now = self.store.now()
-        blen = window / BUCKETS
-        slot = int(now / blen)
-        if len(counts) > BUCKETS or (counts and next(iter(counts)) <= slot - BUCKETS):
-            first = slot - BUCKETS + 1
-            for old in [s for s in counts if s < first]:
-                del counts[old]
-        total = sum(counts.values())
-        if total + n <= limit:
-            counts[slot] = counts.get(slot, 0) + n
-            return WindowResult(True, limit - total - n, 0.0, slot)
-        wait, freed = window, 0
-        for s in sorted(counts):
-            freed += counts[s]
-            if total - freed + n <= limit:
-                wait = (s + BUCKETS) * blen - now
-                break
-        return WindowResult(False, max(0, limit - total), wait, slot)
-
-    async def acquire(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
-        """Count ``n`` calls in the window ending now if ``limit`` allows."""
-        return self.acquire_now(key, limit, window, n)
-
-    async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
-        """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
-        counts: dict[int, int] | None = self.store.data.get(key)
-        if counts and slot in counts:
-            counts[slot] -= n
-
-
-class _RedisWindow:
-    """The sliding window on Redis (``window_acquire.lua``, ``window_refund.lua``)."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
-        self._acquire = store.script(lua("window_acquire"))
-        self._refund = store.script(lua("window_refund"))
-
-    def pack(self, key: str, limit: int, window: float, n: int = 1) -> bytes | None:
-        """The packed call for a key whose arguments never change (see ``RedisStore.pack``)."""
-        return self.store.pack(self._acquire, (key,), self._args(limit, window, n))
-
-    @staticmethod
-    def _args(limit: int, window: float, n: int) -> tuple[int, int, int, int]:
-        return (limit, math.ceil(window * 1000), BUCKETS, n)
-
-    async def acquire(
-        self, key: str, limit: int, window: float, n: int = 1, packed: bytes | None = None
-    ) -> WindowResult:
-        """Count ``n`` calls in the window ending now (server time) if ``limit`` allows."""
-        admitted, remaining, wait_ms, slot = await self.store.run(
-            self._acquire, (key,), self._args(limit, window, n), packed
-        )
-        return WindowResult(admitted == 1, remaining, wait_ms / 1000.0, slot)
-
-    async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
-        """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
-        await self.store.run(self._refund, (key,), (slot, n), always_try=True)
-
-
-Window = _MemoryWindow | _RedisWindow
-
-
-def window_backend(store: Store) -> Window:
-    """The sliding-window implementation for a store."""
-    if isinstance(store, RedisStore):
-        return _RedisWindow(store)
-    assert isinstance(store, MemoryStore)
-    return _MemoryWindow(store)
 
 
 # -- per-origin state -----------------------------------------------------------------
@@ -284,32 +184,50 @@ class _OriginScope:
 class _FlowCheckBase:
     """What the QPS and concurrency checks share: identity, origin scope, the fallback."""
 
+    limit: int
+    _origins: OriginTable[Any]
+
     def __init__(
-        self, store: Store, resource: str, index: int, rule: FlowRule, named: frozenset[str]
+        self,
+        store: Store,
+        resource: str,
+        index: int,
+        rule: FlowRule,
+        named: frozenset[str],
+        identity: str | None = None,
     ):
         self.store = store
         self.resource = resource
         self.index = index
         self.rule = rule
         self.scope = _OriginScope(rule.origin, named)
-        self.key_base = f"{resource}#{index}"
+        # State is keyed by the rule's identity (``rule_ids``), not its place in the list.
+        self.key_base = f"{resource}#{identity if identity is not None else index}"
         self.policy_name = rule.name or ("flow" if index == 0 else f"flow-{index}")
         grade = f"qps={rule.qps}" if rule.qps is not None else f"concurrency={rule.concurrency}"
         origin = "" if rule.origin == "default" else f" origin={rule.origin}"
         self.description = f"flow[{index}] {grade}{origin}"
 
-    def _unavailable(self) -> StorageBlocked | None:
-        """Apply ``on_storage_error``: an error to raise (closed), or None (open/local)."""
-        if self.store.on_storage_error == "closed":
-            return StorageBlocked(self.resource, self.description, retry_after=1.0)
-        return None
+    def _on_outage(self) -> Literal["open", "local"]:
+        """The store's policy for a call it could not serve (``closed`` raises here)."""
+        return self.store.on_outage(
+            StorageBlocked(self.resource, self.description, retry_after=1.0)
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.resource!r}, {self.description!r})"
 
+    def status(self) -> CheckStatus:
+        """The limit, and how many origins the check keeps state for."""
+        grade = "qps" if self.rule.qps is not None else "concurrency"
+        state = {grade: self.limit, "origins": len(self._origins)}
+        return CheckStatus("flow", self.resource, self.description, state)
+
 
 class QpsCheck(_FlowCheckBase):
     """``qps``: at most ``qps`` calls admitted in any one-second sliding window."""
+
+    kind = "flow"
 
     #: A QPS window only gives back when a later check blocks: a finished call has
     #: nothing to return, so the chain skips this check's exit then.
@@ -323,15 +241,16 @@ class QpsCheck(_FlowCheckBase):
         rule: FlowRule,
         named: frozenset[str],
         window_seconds: float = 1.0,
+        identity: str | None = None,
     ):
-        super().__init__(store, resource, index, rule, named)
+        super().__init__(store, resource, index, rule, named, identity)
         assert rule.qps is not None
         self.limit = rule.qps
         self.window_seconds = window_seconds
-        self.window = window_backend(store)
-        self._memory = self.window if isinstance(self.window, _MemoryWindow) else None
-        self._redis = self.window if isinstance(self.window, _RedisWindow) else None
-        self._local: _MemoryWindow | None = None
+        self.window: Window = store.window()
+        # A window that never waits (memory) is called without a coroutine.
+        self._now: AcquireNow | None = self.window.acquire_now()
+        self._local: Window | None = None
         # Per origin suffix: the key and, on Redis, the call packed once. Every caller
         # shares one entry unless the rule is per origin; then the table bounds them (a
         # window idle for a whole window is empty: dropping it changes no answer).
@@ -340,46 +259,36 @@ class QpsCheck(_FlowCheckBase):
             self._key, self._drop_key, idle_seconds=window_seconds * (1 + 1 / BUCKETS)
         )
 
-    def _local_window(self) -> _MemoryWindow:
+    def _local_window(self) -> Window:
         if self._local is None:
-            self._local = _MemoryWindow(MemoryStore(key_prefix=self.store.key_prefix))
+            self._local = self.store.local.window()
         return self._local
 
     def _key(self, suffix: str) -> tuple[str, bytes | None]:
         key = self.store.key("flow", self.key_base, suffix)
-        packed = None
-        if self._redis is not None:
-            packed = self._redis.pack(key, self.limit, self.window_seconds)
-        return (key, packed)
+        return (key, self.window.pack(key, self.limit, self.window_seconds))
 
     def _drop_key(self, entry: tuple[str, bytes | None]) -> None:
-        for window in (self._memory, self._local):
-            if window is not None:
-                window.store.data.pop(entry[0], None)
+        self.window.forget(entry[0])
+        if self._local is not None:
+            self._local.forget(entry[0])
 
     async def enter(self, ctx: Context) -> Any:
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
         key, packed = self._origins.get(suffix) if suffix else self._default
-        window: Window
-        if self._redis is None:
-            assert self._memory is not None
-            window = self._memory
-            result = window.acquire_now(key, self.limit, self.window_seconds)
+        window = self.window
+        if self._now is not None:
+            result = self._now(key, self.limit, self.window_seconds)
         else:
-            window = self._redis
             try:
-                result = await self._redis.acquire(
-                    key, self.limit, self.window_seconds, packed=packed
-                )
+                result = await window.acquire(key, self.limit, self.window_seconds, packed=packed)
             except StorageUnavailable:
-                if (error := self._unavailable()) is not None:
-                    raise error from None
-                if self.store.on_storage_error == "open":
+                if self._on_outage() == "open":
                     return None
                 window = self._local_window()
-                result = window.acquire_now(key, self.limit, self.window_seconds)
+                result = await window.acquire(key, self.limit, self.window_seconds)
         if not result.admitted:
             quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
             raise FlowLimited(
@@ -399,39 +308,44 @@ class QpsCheck(_FlowCheckBase):
 class ConcurrencyCheck(_FlowCheckBase):
     """``concurrency``: at most this many calls in flight, counted with leased permits."""
 
+    kind = "flow"
+
     def __init__(
-        self, store: Store, resource: str, index: int, rule: FlowRule, named: frozenset[str]
+        self,
+        store: Store,
+        resource: str,
+        index: int,
+        rule: FlowRule,
+        named: frozenset[str],
+        identity: str | None = None,
     ):
-        super().__init__(store, resource, index, rule, named)
+        super().__init__(store, resource, index, rule, named, identity)
         assert rule.concurrency is not None
         self.limit = rule.concurrency
-        self._local_store: MemoryStore | None = None
-        # Per origin suffix: [suffix, the store's permits, the local fallback's (made on
-        # demand)]. A count with calls in flight stays; one without holds no state at all,
+        # Per origin suffix: the store's permits and the local fallback's (made on
+        # demand). A count with calls in flight stays; one without holds no state at all,
         # so a second unused is idle enough (a returning caller reuses its entry).
-        self._default: list[Any] | None = None
-        self._origins: OriginTable[list[Any]] = OriginTable(
-            self._entry, _drop_permits, idle_seconds=1.0, busy=_holds_permits
+        self._default: _Count | None = None
+        self._origins: OriginTable[_Count] = OriginTable(
+            self._entry, _Count.forget, idle_seconds=1.0, busy=_Count.busy
         )
 
-    def _entry(self, suffix: str) -> list[Any]:
-        return [suffix, permits_backend(self.store, self._name(suffix), "conc"), None]
+    def _entry(self, suffix: str) -> _Count:
+        return _Count(self.store.permits(self._name(suffix), "conc"))
 
     def _name(self, suffix: str) -> str:
         return f"{self.key_base}:{suffix}" if suffix else self.key_base
 
-    def _backend(self, suffix: str, local: bool = False) -> Any:
+    def _backend(self, suffix: str, local: bool = False) -> Permits:
         if suffix:
             entry = self._origins.get(suffix)
         else:
             entry = self._default = self._default or self._entry("")
         if not local:
-            return entry[1]
-        if entry[2] is None:
-            if self._local_store is None:
-                self._local_store = MemoryStore(key_prefix=self.store.key_prefix)
-            entry[2] = permits_backend(self._local_store, self._name(suffix), "conc")
-        return entry[2]
+            return entry.permits
+        if entry.local is None:
+            entry.local = self.store.local.permits(self._name(suffix), "conc")
+        return entry.local
 
     async def enter(self, ctx: Context) -> Any:
         suffix = self.scope.key_for(ctx.origin)
@@ -442,16 +356,14 @@ class ConcurrencyCheck(_FlowCheckBase):
         try:
             result = await backend.acquire(permit_id, self.limit, self.rule.lease_seconds)
         except StorageUnavailable:
-            if (error := self._unavailable()) is not None:
-                raise error from None
-            if self.store.on_storage_error == "open":
+            if self._on_outage() == "open":
                 return None
             backend = self._backend(suffix, local=True)
             result = await backend.acquire(permit_id, self.limit, self.rule.lease_seconds)
         except asyncio.CancelledError:
             # The script may have run although its reply will never be read: give the
             # permit back by its id rather than hold it until the lease ends.
-            _release_later(backend, permit_id)
+            in_background(backend.release(permit_id))
             raise
         if not result.acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
@@ -468,55 +380,54 @@ class ConcurrencyCheck(_FlowCheckBase):
                 pass  # the lease frees it
 
 
-def _memory_permits(entry: list[Any]) -> list[_MemoryPermits]:
-    return [b for b in entry[1:] if isinstance(b, _MemoryPermits)]
+class _Count:
+    """A concurrency count of one origin suffix: the store's permits, and the fallback's."""
 
+    __slots__ = ("local", "permits")
 
-def _holds_permits(entry: list[Any]) -> bool:
-    """Whether a per-origin count has calls in flight (or waiting) in process."""
-    return any(b._holders or b._line for b in _memory_permits(entry))
+    def __init__(self, permits: Permits) -> None:
+        self.permits = permits
+        self.local: Permits | None = None
 
+    def busy(self) -> bool:
+        """Whether the count has calls in flight (or waiting) in process."""
+        return self.permits.busy() or (self.local is not None and self.local.busy())
 
-def _drop_permits(entry: list[Any]) -> None:
-    """Free a per-origin count's in-process state (on Redis its keys expire)."""
-    for backend in _memory_permits(entry):
-        keys = backend.keys
-        for key in (*keys.all, keys.holders + ":heap", keys.channel):
-            backend.store.data.pop(key, None)
+    def forget(self) -> None:
+        """Free the count's in-process state (on Redis its keys expire)."""
+        self.permits.forget()
+        if self.local is not None:
+            self.local.forget()
 
 
 FlowCheck = QpsCheck | ConcurrencyCheck
 
-_background: set[asyncio.Task[Any]] = set()
+
+def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
+    return build_flow_checks(env.store, resource, rules)
 
 
-def _release_later(backend: Any, permit_id: str) -> None:
-    async def release() -> None:
-        try:
-            await backend.release(permit_id)
-        except StorageUnavailable:
-            pass  # the lease frees it
-
-    task = asyncio.ensure_future(release())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+#: The ``flow`` kind's registry entry.
+KIND = Kind("flow", 40, FlowRule, _build)
 
 
 def build_flow_checks(store: Store, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
     """The checks for a resource's ``flow`` rules, in file order."""
     named = frozenset(r.origin for r in rules if r.origin not in ("default", "other"))
     checks: list[FlowCheck] = []
-    for index, rule in enumerate(rules):
-        cls = QpsCheck if rule.qps is not None else ConcurrencyCheck
-        checks.append(cls(store, resource, index, rule, named))
+    for index, (rule, identity) in enumerate(zip(rules, rule_ids(rules), strict=True)):
+        if rule.qps is not None:
+            checks.append(QpsCheck(store, resource, index, rule, named, identity=identity))
+        else:
+            checks.append(ConcurrencyCheck(store, resource, index, rule, named, identity))
     return checks
 
 
 __all__ = [
+    "KIND",
     "ConcurrencyCheck",
     "FlowRule",
     "QpsCheck",
     "WindowResult",
     "build_flow_checks",
-    "window_backend",
 ]

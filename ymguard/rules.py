@@ -26,9 +26,10 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from ._model import HTTP_METHODS, RuleModel, check_header_name, not_supported_yet
-from .antiresubmit import IdempotencyRule, SubmitTokenRule
+from .antiresubmit import SubmitTokenRule
 from .breaker import BreakerRule
 from .errors import RuleProblem, RulesError
+from .idempotency import IdempotencyRule
 from .limiter import FlowRule
 from .semaphore import SemaphoreRule
 from .storage import STORAGE_SCHEMES, check_key_prefix, check_storage_uri

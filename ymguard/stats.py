@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .chain import Check, Context, Outcome
+    from .errors import Blocked
 
 # Column layout of one bucket.
 PASS, BLOCK, SUCCESS, ERROR, RT = 0, 1, 2, 3, 4
@@ -110,6 +115,23 @@ class ResourceStats:
             if rt_ms > threshold:
                 row[_FIXED + i] += 1
         self.inflight -= 1
+
+    # -- the chain's observer: statistics subscribe to every chain of their resource --------
+
+    def passed(self, ctx: Context) -> None:
+        """The chain admitted a call."""
+        self.on_pass()
+
+    def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
+        """A check refused a call."""
+        self.on_block()
+
+    def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
+        """An admitted call finished: an outcome is counted, the others only leave."""
+        if outcome == "success" or outcome == "error":
+            self.on_exit(rt_ms, outcome == "error")
+        else:
+            self.inflight -= 1
 
     def counts(self, seconds: float | None = None, *, since: float | None = None) -> Counts:
         """Totals over the last ``seconds`` (default: the whole window).

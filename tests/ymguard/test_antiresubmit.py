@@ -13,9 +13,12 @@ import redis.asyncio
 
 from tests.apps.antiresubmit_app import create_app
 from tests.helpers import RedisServer, Uvicorn
-from ymguard import Guard, RulesError, antiresubmit
-from ymguard.antiresubmit import SubmitTokens, parse_idempotency_key, scope_of
+from ymguard import Guard, RulesError, antiresubmit, idempotency
+from ymguard.antiresubmit import SubmitTokens, scope_of
+from ymguard.backends import responses
+from ymguard.backends import tokens as token_tables
 from ymguard.errors import PROBLEM_BASE
+from ymguard.idempotency import parse_idempotency_key
 from ymguard.storage import Store, store_from_uri
 
 
@@ -669,7 +672,7 @@ async def test_what_an_outage_keeps_in_process_is_bounded(
     # Only keys this process held before the outage are kept in process, and the bodies
     # that wait for Redis are bounded in bytes: past the bound a body waits as its status
     # (a retry gets 409 "not kept", never a second run).
-    monkeypatch.setattr(antiresubmit, "MAX_WAITING_BYTES", 15)
+    monkeypatch.setattr(idempotency, "MAX_WAITING_BYTES", 15)
     app = create_app(patient(private_redis), prefix, on_storage_error=policy)
     keys = [{"Idempotency-Key": key()} for _ in range(2)]
     async with client(app) as c:
@@ -750,6 +753,33 @@ async def test_an_outage_never_runs_a_key_twice_across_processes(
     assert all(r.headers["idempotent-replayed"] == "true" for r in after)
 
 
+@pytest.mark.parametrize("policy", ["local", "open", "closed"])
+async def test_a_reload_during_an_outage_still_answers_the_keys_held_here(
+    private_redis: RedisServer, prefix: str, policy: str
+) -> None:
+    # What the process keeps for an idempotent resource while Redis is down (the keys it
+    # held, the responses waiting for Redis) belongs to the store, not to the check: the
+    # check a reload makes replays the key instead of refusing or running it again.
+    app = create_app(patient(private_redis), prefix, on_storage_error=policy)
+    headers = {"Idempotency-Key": key(), "X-User": "alice"}
+    async with client(app) as c:
+        first = asyncio.ensure_future(c.post("/slow", headers=headers))
+
+        async def runs() -> bool:
+            return bool(app.state.runs["slow"] == 1)
+
+        await wait_for(runs, "the request runs")
+        private_redis.stop()
+        app.state.release.set()
+        done = await first
+        app.state.guard.reload(app.state.guard.rules)
+        again = await c.post("/slow", headers=headers)
+    await app.state.guard.aclose()
+    assert done.status_code == 200 and again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true" and again.content == done.content
+    assert app.state.runs["slow"] == 1
+
+
 # -- the memory store: bounded against client input ------------------------------------
 
 
@@ -759,7 +789,7 @@ async def test_memory_idempotency_keys_are_bounded_in_number(
     # A unique key per request must not grow the process without bound: past the cap
     # new keys are refused (503, Retry-After), known keys are still replayed, and no
     # finished record is dropped (that would let its retry run again).
-    monkeypatch.setattr(antiresubmit, "MAX_LOCAL_RECORDS", 5)
+    monkeypatch.setattr(responses, "MAX_LOCAL_RECORDS", 5)
     app = create_app("memory://", prefix)
     keys = [{"Idempotency-Key": key()} for _ in range(6)]
     async with client(app) as c:
@@ -772,7 +802,7 @@ async def test_memory_idempotency_keys_are_bounded_in_number(
     assert problem(first[5]) == "storage-unavailable" and first[5].headers["retry-after"]
     assert again.headers["idempotent-replayed"] == "true" and again.content == first[0].content
     assert app.state.runs["pay"] == 5
-    tables = [v for v in store.data.values() if isinstance(v, antiresubmit._Records)]  # type: ignore[attr-defined]
+    tables = [v for v in store.data.values() if isinstance(v, responses.Records)]
     assert [len(t) for t in tables] == [5]
 
 
@@ -781,7 +811,7 @@ async def test_memory_idempotency_kept_bytes_are_bounded(
 ) -> None:
     # {"pay_flow":1,"amount":1} is 25 bytes: the first response fills the bound, so the
     # next new key is refused until it expires; the first is still replayed.
-    monkeypatch.setattr(antiresubmit, "MAX_KEPT_BYTES", 25)
+    monkeypatch.setattr(responses, "MAX_KEPT_BYTES", 25)
     app = create_app("memory://", prefix)
     keys = [{"Idempotency-Key": key()} for _ in range(2)]
     async with client(app) as c:
@@ -799,9 +829,9 @@ async def test_a_response_over_the_memory_byte_bound_is_kept_as_its_status(
 ) -> None:
     # Two requests in flight at once may both finish past the bound: the second keeps
     # its status only, so its retry is refused (409), never run again.
-    monkeypatch.setattr(antiresubmit, "MAX_KEPT_BYTES", 10)
-    backend = antiresubmit.idempotency_backend(store_from_uri("memory://"), "POST /x")
-    body = antiresubmit.KeptResponse(200, [], b"0123456789")
+    monkeypatch.setattr(responses, "MAX_KEPT_BYTES", 10)
+    backend = store_from_uri("memory://").responses("POST /x")
+    body = responses.KeptResponse(200, [], b"0123456789")
     assert (await backend.begin("a", "fp", "l1", 60)).state == "new"
     assert (await backend.begin("b", "fp", "l2", 60)).state == "new"
     assert await backend.complete("a", "l1", "fp", body, 60)
@@ -815,8 +845,8 @@ async def test_expired_memory_records_are_dropped_a_batch_per_write() -> None:
     # Expired records go from the head of an expiry-ordered table, a bounded batch per
     # new key: 1,000 expired records are gone after 16 new keys (64 each), without any
     # write scanning the live ones.
-    backend = antiresubmit.idempotency_backend(store_from_uri("memory://"), "POST /x")
-    response = antiresubmit.KeptResponse(200, [], b"ok")
+    backend = store_from_uri("memory://").responses("POST /x")
+    response = responses.KeptResponse(200, [], b"ok")
     for i in range(1000):
         assert (await backend.begin(f"old{i}", "fp", "l", 60)).state == "new"
         assert await backend.complete(f"old{i}", "l", "fp", response, 0.01)
@@ -831,7 +861,7 @@ async def test_memory_submit_tokens_are_bounded_the_oldest_dropped(
 ) -> None:
     # One token per unique cookie must not grow the process without bound: past the cap
     # the oldest token is dropped (spending it is then a duplicate submission: safe).
-    monkeypatch.setattr(antiresubmit, "MAX_TOKENS", 100)
+    monkeypatch.setattr(token_tables, "MAX_TOKENS", 100)
     store = store_from_uri("memory://")
     tokens = SubmitTokens(storage=store, ttl_seconds=60)
     issued = [await tokens.issue(f"cookie-{i}") for i in range(150)]

@@ -24,7 +24,8 @@ from starlette.routing import Route
 
 from tests.helpers import RedisServer, Uvicorn, running
 from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
-from ymguard.breaker import Breaker, _hub_for, close_breakers
+from ymguard.backends.breaker_state import close_breakers, hub_for
+from ymguard.breaker import Breaker
 from ymguard.chain import Chain
 from ymguard.errors import PROBLEM_BASE, Blocked, StorageUnavailable
 from ymguard.storage import RedisStore, Store, store_from_uri
@@ -798,7 +799,7 @@ async def test_a_probe_result_lost_in_an_outage_never_stops_it_opening(
         await chain.exit(ctx, tokens)  # its success never reaches Redis
         assert state(guard) == "closed"  # closed on the local copy only
         private_redis.start()
-        key = store.key("breaker", f"{RES}#0")
+        key = guard.chain(RES).checks[0].breaker.key  # type: ignore[attr-defined]
 
         async def on_redis() -> bytes | None:
             try:
@@ -829,10 +830,10 @@ async def test_a_subscriber_left_on_a_dead_event_loop_is_started_again(
     dead = asyncio.new_event_loop()
     stale = cast("asyncio.Task[None]", dead.create_future())  # pending for ever
     dead.close()
-    hub = _hub_for(b)
+    hub = hub_for(b)
     hub.task, hub.loop = stale, dead  # what a Guard used under an earlier loop leaves
     await close_breakers(b)  # stops nothing there, and fails on nothing
-    hub = _hub_for(b)
+    hub = hub_for(b)
     hub.task, hub.loop = stale, dead
     guard_a, guard_b = (
         Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in (a, b)
@@ -855,7 +856,7 @@ async def test_a_subscriber_left_on_a_dead_event_loop_is_started_again(
 async def test_a_store_dropped_without_aclose_is_collected(redis_url: str, prefix: str) -> None:
     store = RedisStore(redis_url, key_prefix=prefix)
     breaker = Breaker(store, "dropped", open_seconds=OPEN)
-    hub = _hub_for(store)
+    hub = hub_for(store)
     # A read in flight holds the store (its call does) until Redis answers.
     copy = breaker._st  # holds no store
     await eventually(lambda: hub.ready and copy.known and not hub._side, "reads are done")
@@ -874,8 +875,75 @@ async def test_guard_aclose_stops_the_subscriber(redis_url: str, prefix: str) ->
     store = store_from_uri(redis_url, key_prefix=prefix)
     guard = Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=store)
     assert await call(guard.chain(RES)) == "passed"
-    hub = _hub_for(cast(RedisStore, guard.store))
+    hub = hub_for(cast(RedisStore, guard.store))
     await eventually(lambda: hub.ready, "the subscriber listens")
     assert hub.task is not None
     await guard.aclose()
     assert hub.task.done()
+
+
+# -- probes that never ran as probes -------------------------------------------------------
+
+_PROBE_RULE = {
+    "strategy": "error_count",
+    "threshold": 0,
+    "min_requests": 1,
+    "open_seconds": 0.3,
+    "window_seconds": 1,
+}
+
+
+class _Boom:
+    """A check whose enter fails with a bug, not a refusal."""
+
+    async def enter(self, ctx: Context) -> Any:
+        raise RuntimeError("a bug in a later check")
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        return None
+
+
+async def _trip_once(guard: Guard, resource: str) -> None:
+    chain = guard.chain(resource)
+    ctx = Context(resource)
+    tokens = await chain.enter(ctx)
+    ctx.error = ValueError("backend down")
+    await chain.exit(ctx, tokens)
+    assert [b.state for b in guard.breakers()] == ["open"]
+
+
+async def test_a_probe_that_dies_in_a_later_check_reopens_the_breaker(store: Store) -> None:
+    guard = Guard({"resources": {"call": {"breaker": [_PROBE_RULE]}}}, storage=store)
+    await _trip_once(guard, "call")
+    await asyncio.sleep(0.4)
+    chain = guard.chain("call")
+    broken = Chain("call", [*chain.checks, _Boom()], chain.stats)
+    with pytest.raises(RuntimeError):
+        await broken.enter(Context("call"))
+    await asyncio.sleep(0.05)  # the Redis copy is fresh by pub/sub
+    assert [b.state for b in guard.breakers()] == ["open"]
+
+
+async def test_a_replay_is_no_probe_success(store: Store) -> None:
+    from starlette.responses import Response
+
+    from ymguard.chain import ShortCircuit
+
+    class Replay:
+        async def enter(self, ctx: Context) -> Any:
+            raise ShortCircuit(Response("stored", status_code=201), 201)
+
+        async def exit(self, ctx: Context, token: Any) -> None:
+            return None
+
+    guard = Guard({"resources": {"call": {"breaker": [_PROBE_RULE]}}}, storage=store)
+    await _trip_once(guard, "call")
+    await asyncio.sleep(0.4)
+    chain = guard.chain("call")
+    replaying = Chain("call", [*chain.checks, Replay()], chain.stats)
+    with pytest.raises(ShortCircuit):
+        await replaying.enter(Context("call"))
+    await asyncio.sleep(0.05)
+    assert [b.state for b in guard.breakers()] == ["open"]
+    with pytest.raises(Blocked):  # and it stays open until the next real probe
+        await guard.chain("call").enter(Context("call"))

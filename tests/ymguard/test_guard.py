@@ -1,158 +1,22 @@
-"""The Guard's ways into an app: ``guard.limit``, sync ``@guard.resource``, the origin."""
+"""The Guard: origins, reload (rule identity, an atomic swap) and its lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import FastAPI
 
-from ymguard import Guard, GuardMiddleware, SyncResourceError
+from ymguard import Blocked, Context, Guard, GuardMiddleware
 from ymguard.chain import ORIGIN_MAX_CHARS, cap_origin
-from ymguard.storage import MemoryStore
+from ymguard.storage import MemoryStore, Store
 
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
-# -- guard.limit -------------------------------------------------------------------------
-
-
-def test_guard_limit_above_the_route_decorator_fails_at_decoration_time() -> None:
-    guard = Guard()
-    app = FastAPI()
-    with pytest.raises(TypeError, match=r"above the route decorator of .*search"):
-
-        @guard.limit("1/second")
-        @app.get("/search")
-        async def search() -> str:
-            return "found"
-
-
-def test_guard_limit_above_a_routers_decorator_fails_too() -> None:
-    guard = Guard()
-    router = APIRouter()
-    with pytest.raises(TypeError, match=r"Put @guard\.limit"):
-
-        @guard.limit("1/second")
-        @router.post("/orders")
-        def order() -> str:
-            return "ordered"
-
-
-def test_guard_limit_applied_by_call_to_a_named_function_wraps_it() -> None:
-    guard = Guard()
-
-    def report() -> str:
-        return "report"
-
-    limited = guard.limit("1/second")(report)
-    assert limited is not report and limited() == "report"
-
-
-async def test_guard_limit_names_the_route_the_same_way_in_both_forms(
-    storage_uri: str, prefix: str
-) -> None:
-    guard = Guard({"key_prefix": prefix}, storage=storage_uri)
-    app = FastAPI()
-    decorator, dependency = guard.limit("2/second"), guard.limit("2/second")
-
-    @app.get("/search/{q}")
-    @decorator
-    async def search(q: str, page: int = 1) -> dict[str, Any]:
-        return {"q": q, "page": page}
-
-    @app.get("/find/{q}", dependencies=[Depends(dependency)])
-    async def find(q: str) -> dict[str, str]:
-        return {"q": q}
-
-    guard.install(app)
-    async with client(app) as c:
-        searched = [await c.get(f"/search/{i}", params={"page": 3}) for i in range(3)]
-        found = [await c.get(f"/find/{i}") for i in range(3)]
-    await guard.aclose()
-    assert [r.status_code for r in searched] == [200, 200, 429]
-    assert searched[0].json() == {"q": "0", "page": 3}
-    assert [r.status_code for r in found] == [200, 200, 429]
-    # One naming: the route's resource name, whichever form limits it.
-    assert list(decorator._chains) == ["GET /search/{q}"]
-    assert list(dependency._chains) == ["GET /find/{q}"]
-    assert searched[2].json()["resource"] == "GET /search/{q} limit 2/second"
-    assert found[2].json()["resource"] == "GET /find/{q} limit 2/second"
-
-
-async def test_guard_limit_decorator_behind_the_middleware_uses_the_route_name() -> None:
-    guard = Guard()
-    app = FastAPI()
-    limit = guard.limit("1/second")
-
-    @app.post("/orders")
-    @limit
-    def order() -> str:  # a sync endpoint: FastAPI runs it in a worker thread
-        return "ordered"
-
-    app.add_middleware(GuardMiddleware, guard=guard)
-    guard.install(app)
-    async with client(app) as c:
-        assert [(await c.post("/orders")).status_code for _ in range(2)] == [200, 429]
-    assert list(limit._chains) == ["POST /orders"]
-
-
-# -- sync @guard.resource on the event loop's thread -------------------------------------
-
-
-async def test_a_sync_resource_on_the_event_loop_thread_is_refused_on_every_store(
-    storage_uri: str, prefix: str
-) -> None:
-    guard = Guard(
-        {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 5}]}}},
-        storage=storage_uri,
-    )
-    guard._loop = asyncio.get_running_loop()
-    ran: list[int] = []
-
-    @guard.resource("sync")
-    def body(x: int) -> int:
-        ran.append(x)
-        return x
-
-    with pytest.raises(SyncResourceError, match="'sync' was called on the event loop's thread"):
-        body(1)
-    assert ran == [] and guard.stats("sync").counts().passed == 0  # refused before spending
-    assert await asyncio.to_thread(body, 2) == 2  # from a worker thread it runs
-    await guard.aclose()
-
-
-async def test_a_sync_resource_on_the_event_loop_thread_calls_its_fallback(
-    storage_uri: str, prefix: str
-) -> None:
-    guard = Guard({"key_prefix": prefix}, storage=storage_uri)
-    seen: list[BaseException] = []
-
-    def fallback(x: int, exc: BaseException) -> str:
-        seen.append(exc)
-        return f"fallback {x}"
-
-    @guard.resource("sync", fallback=fallback)
-    def body(x: int) -> str:
-        return f"ran {x}"
-
-    assert body(1) == "fallback 1"
-    assert len(seen) == 1 and isinstance(seen[0], SyncResourceError)
-    await guard.aclose()
-
-
-def test_a_sync_resource_with_no_loop_runs_on_memory() -> None:
-    guard = Guard({"resources": {"sync": {"flow": [{"qps": 1}]}}})
-
-    @guard.resource("sync", block_handler=lambda: "blocked")
-    def body() -> str:
-        return "ran"
-
-    assert [body(), body()] == ["ran", "blocked"]
 
 
 # -- origins are capped --------------------------------------------------------------------
@@ -228,3 +92,118 @@ async def test_a_60kb_origin_keeps_only_a_digest_in_the_store() -> None:
     assert isinstance(guard.store, MemoryStore)
     assert len(guard.store.data) == 20
     assert max(len(key) for key in guard.store.data) < 100
+
+
+# -- reload: rule identity and an atomic swap ----------------------------------------------
+
+_BREAKER = {"strategy": "error_count", "threshold": 0, "min_requests": 1, "open_seconds": 60}
+
+
+def _reload_rules(resources: dict[str, list[str]], added: bool) -> dict[str, Any]:
+    """Resources whose unchanged rule gets one more rule of its kind in front if ``added``."""
+    unchanged: dict[str, Any] = {
+        "qps": {"qps": 3},
+        "concurrency": {"concurrency": 1},
+        "breaker": _BREAKER,
+    }
+    front: dict[str, Any] = {
+        "qps": {"qps": 1000},
+        "concurrency": {"qps": 1000},
+        "breaker": {**_BREAKER, "threshold": 100},
+    }
+    out: dict[str, Any] = {}
+    for resource, (what,) in resources.items():
+        kind = "breaker" if what == "breaker" else "flow"
+        out[resource] = {kind: [front[what], unchanged[what]] if added else [unchanged[what]]}
+    return {"resources": out}
+
+
+async def _admitted(guard: Guard, resource: str, status: int = 200) -> bool:
+    chain = guard.chain(resource)
+    ctx = Context(resource)
+    try:
+        tokens = await chain.enter(ctx)
+    except Blocked:
+        return False
+    ctx.status = status
+    await chain.exit(ctx, tokens)
+    return True
+
+
+async def test_a_reload_with_a_rule_added_in_front_keeps_window_counts(store: Store) -> None:
+    # A window forgets its counts after a second: each try must fit in one (0.8 s, as a
+    # count lapses 0.9-1.0 s after it was made); a machine too slow for that tries again.
+    for attempt in range(5):
+        resource = f"GET /q{attempt}"
+        guard = Guard(_reload_rules({resource: ["qps"]}, added=False), storage=store)
+        start = time.monotonic()
+        before = [await _admitted(guard, resource) for _ in range(2)]  # 2 of 3
+        guard.reload(_reload_rules({resource: ["qps"]}, added=True))
+        after = [await _admitted(guard, resource) for _ in range(3)]
+        if time.monotonic() - start < 0.8:
+            assert before == [True, True]
+            # The unchanged qps=3 rule still counts the 2 calls: 1 more passes.
+            assert after == [True, False, False]
+            return
+    pytest.fail("five tries each took longer than the window (the machine is too slow)")
+
+
+async def test_a_reload_with_a_rule_added_in_front_keeps_open_breakers_and_held_permits(
+    store: Store,
+) -> None:
+    resources = {"GET /c": ["concurrency"], "GET /b": ["breaker"]}
+    guard = Guard(_reload_rules(resources, added=False), storage=store)
+    old = guard.chain("GET /c")
+    held = Context("GET /c")
+    tokens = await old.enter(held)  # holds the one permit
+    assert not await _admitted(guard, "GET /c")
+    await _admitted(guard, "GET /b", status=500)
+    await _admitted(guard, "GET /b", status=500)
+    assert not await _admitted(guard, "GET /b")  # open
+
+    guard.reload(_reload_rules(resources, added=True))
+
+    # The unchanged concurrency rule still knows its permit is held.
+    assert not await _admitted(guard, "GET /c")
+    # The unchanged breaker is still open; the one added in front is closed.
+    checks: list[Any] = list(guard.chain("GET /b").checks)
+    assert [check.breaker.state.value for check in checks] == ["closed", "open"]
+    assert not await _admitted(guard, "GET /b")
+    # The permit the old chain gives back frees the count the new chain uses.
+    await old.exit(held, tokens)
+    assert await _admitted(guard, "GET /c")
+    await guard.aclose()
+
+
+async def test_a_reload_compiles_every_chain_before_the_swap() -> None:
+    guard = Guard({"resources": {"GET /a": {"flow": [{"qps": 1}]}}})
+    first = guard.chain("GET /a")
+    guard.reload({"resources": {"GET /a": {"flow": [{"qps": 2}]}, "GET /b": {}}})
+    assert set(guard._chains) == {"GET /a", "GET /b"}  # compiled eagerly, swapped whole
+    assert guard.chain("GET /a") is not first
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_aclose_stops_every_background_task_of_the_store(redis_url: str, prefix: str) -> None:
+    rules = {
+        "key_prefix": prefix,
+        "resources": {
+            "held": {"semaphore": {"permits": 1, "lease_seconds": 0.6}},
+            "guarded": {"breaker": [_BREAKER]},
+        },
+    }
+    guard = Guard(rules, storage=redis_url)
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+
+    @guard.resource("held")
+    async def held() -> None:
+        await asyncio.sleep(0.3)  # longer than a third of the lease: the keeper runs
+
+    await held()
+    await guard.chain("guarded").enter(Context("guarded"))
+    await guard.aclose()
+    await asyncio.sleep(0.05)
+    left = {t for t in asyncio.all_tasks() if not t.done()} - before
+    assert left == set()

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ymguard import Blocked, Context, Guard, RulesError, parse_rules
+from ymguard import Blocked, Context, FlowRule, Guard, RulesError, parse_rules
+from ymguard._model import rule_ids
 from ymguard.storage import MemoryStore, Store, encode_key_part, store_from_uri
 from ymguard.storage.base import MAX_KEY_PART
 
@@ -178,4 +179,5 @@ async def test_redis_keys_of_a_route_carry_one_tag_and_one_slot_per_rule(
         tag = key[key.index("{") : key.index("}") + 1]
         by_tag.setdefault(tag, set()).add(keyslot(key))
     assert all(len(slots) == 1 for slots in by_tag.values())
-    assert f"{{flow:{resource.replace('{', '%7B').replace('}', '%7D')}#0}}" in by_tag
+    (rule_id, _) = rule_ids([FlowRule(qps=5), FlowRule(concurrency=5, origin="other")])
+    assert f"{{flow:{resource.replace('{', '%7B').replace('}', '%7D')}#{rule_id}}}" in by_tag

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ymguard import Blocked, Context, FlowLimited, Guard, limiter
+from ymguard import Blocked, Context, FlowLimited, FlowRule, Guard, limiter
+from ymguard._model import rule_ids
 from ymguard.storage import MemoryStore, Store
 
 
@@ -158,7 +159,8 @@ async def test_redis_keys_carry_the_prefix_and_one_hash_tag(redis_url: str, pref
     keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}:*")]
     await client.aclose()
     await guard.aclose()
-    assert keys == [f"{prefix}:{{flow:POST /kill/%7Bid%7D#0}}"]  # braces escaped
+    (rule_id,) = rule_ids([FlowRule(qps=5)])
+    assert keys == [f"{prefix}:{{flow:POST /kill/%7Bid%7D#{rule_id}}}"]  # braces escaped
 
 
 # -- per-origin state is bounded (origins are client input) ------------------------------

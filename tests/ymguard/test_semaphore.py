@@ -29,15 +29,10 @@ from starlette.routing import Route
 from tests.conftest import require_redis
 from tests.helpers import ROOT, RedisServer, Uvicorn, running, unique_prefix
 from ymguard import Guard, GuardMiddleware, Semaphore, SemaphoreFull
+from ymguard.backends.permits import LeaseKeeper, RedisWaker, close_store_tasks
 from ymguard.chain import Chain, Context
 from ymguard.errors import PROBLEM_BASE, FlowLimited, StorageUnavailable
-from ymguard.semaphore import (
-    LeaseKeeper,
-    SemaphoreCheck,
-    SemaphoreRule,
-    _RedisWaker,
-    close_store_tasks,
-)
+from ymguard.semaphore import SemaphoreCheck, SemaphoreRule
 from ymguard.stats import ResourceStats
 from ymguard.storage import RedisStore, Store, store_from_uri
 
@@ -367,7 +362,7 @@ async def test_a_waiter_cancelled_while_subscribing_leaves_wake_ups_working(
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    waker = _RedisWaker._wakers[store]
+    waker = RedisWaker._wakers[store]
     assert waker.listeners == {}  # the cancelled waiter's event is forgotten
     assert await sem.waiting() == 0
 
@@ -406,14 +401,14 @@ async def test_a_short_wait_is_not_held_up_by_an_unconfirmed_subscription(
 
     monkeypatch.setattr(store.client, "pubsub", subscribe_hangs)
     # Were the wait for a confirmation bounded by this alone, the acquires would hang.
-    monkeypatch.setattr("ymguard.semaphore._SUBSCRIBE_TIMEOUT", 3600.0)
+    monkeypatch.setattr("ymguard.backends.permits._SUBSCRIBE_TIMEOUT", 3600.0)
     sem = Semaphore("s", 1, 3600, store)
     holder = await sem.acquire()
     async with asyncio.timeout(30):  # a guard against a hang, not a measure
         for _ in range(2):  # the second after the first gave up its subscription
             with pytest.raises(SemaphoreFull):
                 await sem.acquire(timeout=0.1)
-    assert _RedisWaker._wakers[store].listeners == {}
+    assert RedisWaker._wakers[store].listeners == {}
     assert await sem.waiting() == 0
     await holder.release()
     await close_store_tasks(store)
@@ -441,20 +436,20 @@ async def test_close_store_tasks_stops_the_keeper_and_the_wake_ups(store: Store)
     keeper = LeaseKeeper.of(store)
     waiter = asyncio.create_task(sem.acquire(timeout=10))
     await queued(sem, 1)
-    waker = _RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
+    waker = RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
     assert keeper._task is not None and (waker is None or waker.reader is not None)
     await close_store_tasks(store)
     assert keeper._task is None and len(keeper) == 0
     assert store not in LeaseKeeper._keepers
     if waker is not None:  # the waiter, woken, looks again with a waker of its own
         assert (waker.reader, waker.pubsub) == (None, None)
-        assert _RedisWaker._wakers.get(store) is not waker
+        assert RedisWaker._wakers.get(store) is not waker
     # Nothing renews the holder's lease any more: when it ends, the waiter gets the permit.
     permit = await waiter
     assert await holder.release() is False
     assert await permit.release() is True
     await close_store_tasks(store)  # again: harmless
-    assert store not in LeaseKeeper._keepers and store not in _RedisWaker._wakers
+    assert store not in LeaseKeeper._keepers and store not in RedisWaker._wakers
 
 
 async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefix: str) -> None:
@@ -467,7 +462,7 @@ async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefi
     await holder.release()
     await (await waiter).release()
     keeper = LeaseKeeper.of(store)
-    waker = _RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
+    waker = RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
     ref = weakref.ref(store)
     await store.aclose()
     del store, sem, holder, waiter

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.helpers import RedisServer
-from ymguard import Guard, GuardMiddleware
+from ymguard import Blocked, Context, Guard, GuardMiddleware
 from ymguard.storage import RedisStore
 
 from .test_middleware import client, shop
@@ -202,3 +202,72 @@ async def test_semaphore_requests_during_a_hang_never_wait_on_the_hung_redis(
             await asyncio.sleep(0.1)
         assert await burst(c, 2) == [200, 200]  # decided on Redis again
     await guard.aclose()
+
+
+# -- error replies that mean the store cannot serve ----------------------------------------
+
+
+async def test_a_read_only_redis_is_an_outage_not_a_500(private_redis: RedisServer) -> None:
+    rules = {
+        "on_storage_error": "open",
+        "resources": {"GET /items/{item_id}": {"flow": [{"qps": 3}]}},
+    }
+    guard = Guard(rules, storage=private_redis.url)
+    async with client(shop(guard)) as c:
+        assert (await c.get("/items/1")).status_code == 200
+        # A failover left us on a replica: every script write answers READONLY.
+        redis.Redis.from_url(private_redis.url).replicaof("127.0.0.1", "1")
+        statuses = [(await c.get(f"/items/{i}")).status_code for i in range(6)]
+        assert statuses == [200] * 6
+        assert not guard.store.available
+    await guard.aclose()
+
+
+async def test_a_wrong_password_is_an_outage_and_leaks_no_sockets(
+    private_redis: RedisServer,
+) -> None:
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("requirepass", "right")
+    admin = redis.Redis.from_url(private_redis.url, password="right")
+    rules = {
+        "on_storage_error": "open",
+        "resources": {"GET /items/{item_id}": {"flow": [{"qps": 1}]}},
+    }
+    url = f"redis://:wrong@127.0.0.1:{private_redis.port}/0"
+    guard = Guard(rules, storage=url)
+    async with client(shop(guard)) as c:
+        for i in range(5):
+            assert (await c.get(f"/items/{i}")).status_code == 200  # open: traffic passes
+            await asyncio.sleep(1.05)  # past the fail-fast second: it tries again
+    await guard.aclose()
+    clients = admin.client_list()
+    assert len(clients) <= 2  # this admin connection, and none left by the retries
+
+
+async def test_the_local_fallback_belongs_to_the_store_and_survives_a_reload() -> None:
+    # Nothing listens on port 1: every call is refused at once, the checks count locally.
+    rules = {"on_storage_error": "local", "resources": {"GET /r": {"flow": [{"qps": 2}]}}}
+    # A window forgets its counts after a second: each try must fit in one (0.8 s).
+    for attempt in range(5):
+        guard = Guard(rules, storage=RedisStore("redis://127.0.0.1:1", key_prefix=f"t{attempt}"))
+        start = time.monotonic()
+        before = [await _admitted(guard, "GET /r") for _ in range(2)]
+        guard.reload(rules)
+        after = await _admitted(guard, "GET /r")
+        await guard.aclose()
+        if time.monotonic() - start < 0.8:
+            assert before == [True, True]
+            assert not after  # the reloaded check counts on the same local window
+            return
+    pytest.fail("five tries each took longer than the window (the machine is too slow)")
+
+
+async def _admitted(guard: Guard, resource: str) -> bool:
+    chain = guard.chain(resource)
+    ctx = Context(resource)
+    try:
+        tokens = await chain.enter(ctx)
+    except Blocked:
+        return False
+    await chain.exit(ctx, tokens)
+    return True

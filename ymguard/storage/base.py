@@ -1,12 +1,24 @@
-"""The part every store shares: key layout and the storage-error policy."""
+"""The part every store shares: key layout, the outage policy, the primitive factories."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
+
+if TYPE_CHECKING:
+    from ..backends.breaker_state import BreakerStore
+    from ..backends.permits import Permits
+    from ..backends.responses import KeptResponses
+    from ..backends.tokens import Tokens
+    from ..backends.window import Window
+    from .memory import MemoryStore
 
 StoragePolicy = Literal["local", "open", "closed"]
+
+T = TypeVar("T")
 
 #: A key part longer than this (after escaping) keeps a readable head and a digest.
 MAX_KEY_PART = 128
@@ -75,7 +87,8 @@ class Store:
     """Base of the stores.
 
     Attributes:
-        kind: ``"memory"`` or ``"redis"``; a rule kind picks its implementation by it.
+        kind: ``"memory"`` or ``"redis"`` (for messages; a rule kind never branches on it:
+            it asks the store for its primitives, :meth:`window`, :meth:`permits`...).
         key_prefix: the first part of every key.
         on_storage_error: ``local`` | ``open`` | ``closed``.
     """
@@ -88,6 +101,11 @@ class Store:
         except ValueError as exc:
             raise ValueError(f"key_prefix {key_prefix!r} {exc}") from None
         self.on_storage_error: StoragePolicy = on_storage_error
+        # The background work of the checks on this store (lease renewals, writes that
+        # wait for the store): stopped by close_tasks (Guard.aclose).
+        self._tasks: set[asyncio.Task[None]] = set()
+        # In-process state that outlives the checks (a reload makes new ones): by name.
+        self._kept: dict[str, Any] = {}
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
@@ -110,3 +128,86 @@ class Store:
 
     async def aclose(self) -> None:
         """Release connections; the store is unusable afterwards."""
+
+    #: Whether the state lives outside this process (and can be unavailable).
+    remote: bool = False
+
+    # -- the primitives, chosen once by the store ------------------------------------------
+
+    def window(self) -> Window:
+        """The sliding window on this store (``backends/window.py``)."""
+        raise NotImplementedError
+
+    def permits(self, name: str, kind: str = "sem") -> Permits:
+        """The leased permits called ``name`` (``kind``: ``sem`` | ``conc``) on this store."""
+        raise NotImplementedError
+
+    def tokens(self, family: str = "submit") -> Tokens:
+        """The one-use submit tokens of a token family (a key prefix) on this store."""
+        raise NotImplementedError
+
+    def responses(self, resource: str = "") -> KeptResponses:
+        """The Idempotency-Key records of a resource on this store (bounded together)."""
+        raise NotImplementedError
+
+    def breaker(self, name: str) -> BreakerStore:
+        """The state of the breaker called ``name`` on this store."""
+        raise NotImplementedError
+
+    # -- outages ---------------------------------------------------------------------------
+
+    @property
+    def local(self) -> MemoryStore:
+        """The in-process store checks fall back on while this one is unavailable.
+
+        One per store (the memory store is its own), so every check of the store shares
+        it and it survives a reload of the rules.
+        """
+        raise NotImplementedError
+
+    def on_outage(self, refusal: BaseException) -> Literal["open", "local"]:
+        """Apply ``on_storage_error`` to a call the store could not serve.
+
+        The one place the policy is read: ``closed`` raises ``refusal``; ``open`` and
+        ``local`` are returned for the caller to let the call pass unguarded or decide it
+        on :attr:`local`.
+        """
+        policy = self.on_storage_error
+        if policy == "closed":
+            _refuse(refusal)
+        return policy
+
+    def keep(self, name: str, make: Callable[[], T]) -> T:
+        """The store's in-process object called ``name``, made by ``make`` on first use.
+
+        For what a check keeps in process and must not lose when a reload replaces the
+        check (names come from the rules, never from clients: the map stays bounded).
+        """
+        found = self._kept.get(name)
+        if found is None:
+            found = self._kept[name] = make()
+        return cast(T, found)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task owned by the store, until it ends or :meth:`close_tasks`."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close_tasks(self) -> None:
+        """Stop the background tasks tied to this store; using it again starts them afresh.
+
+        The tasks :meth:`spawn` started (a response whose write still waited for the store
+        is then kept by no one: its lease expires, and the key can run again after it),
+        and in the subclasses the pub/sub readers and the lease keeper.
+        """
+        running, self._tasks = self._tasks, set()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _refuse(refusal: BaseException) -> NoReturn:
+    raise refusal from None

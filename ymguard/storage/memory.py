@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .base import StoragePolicy, Store
+
+if TYPE_CHECKING:
+    from ..backends.breaker_state import BreakerStore
+    from ..backends.permits import Permits
+    from ..backends.responses import KeptResponses
+    from ..backends.tokens import Tokens
+    from ..backends.window import Window
 
 
 class MemoryStore(Store):
@@ -28,3 +35,47 @@ class MemoryStore(Store):
 
     def __repr__(self) -> str:
         return f"MemoryStore(key_prefix={self.key_prefix!r})"
+
+    # The primitives are imported on first use: they import the storage package.
+
+    def window(self) -> Window:
+        """The sliding window in process."""
+        from ..backends.window import MemoryWindow
+
+        return MemoryWindow(self)
+
+    def permits(self, name: str, kind: str = "sem") -> Permits:
+        """Leased permits in process."""
+        from ..backends.permits import MemoryPermits, permit_keys
+
+        return MemoryPermits(self, permit_keys(self, name, kind))
+
+    def tokens(self, family: str = "submit") -> Tokens:
+        """Submit tokens in process."""
+        from ..backends.tokens import MemoryTokens
+
+        return MemoryTokens(self, self.key(family, "", "tokens"))
+
+    def responses(self, resource: str = "") -> KeptResponses:
+        """Idempotency records in process."""
+        from ..backends.responses import MemoryResponses
+
+        return MemoryResponses(self, self.key("idem", resource, "records"))
+
+    def breaker(self, name: str) -> BreakerStore:
+        """A breaker's state in process."""
+        from ..backends.breaker_state import MemoryBreakerStore
+
+        return MemoryBreakerStore(self, self.key("breaker", name))
+
+    @property
+    def local(self) -> MemoryStore:
+        """The memory store never fails: it is its own fallback."""
+        return self
+
+    async def close_tasks(self) -> None:
+        """Stop the spawned tasks and the lease keeper of this store."""
+        from ..backends.permits import close_store_tasks
+
+        await super().close_tasks()
+        await close_store_tasks(self)

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -26,6 +26,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
 from .base import StoragePolicy, Store
+from .memory import MemoryStore
+
+if TYPE_CHECKING:
+    from ..backends.breaker_state import BreakerStore
+    from ..backends.permits import Permits
+    from ..backends.responses import KeptResponses
+    from ..backends.tokens import Tokens
+    from ..backends.window import Window
 from .pipeline import AutoPipeline, pack
 
 log = logging.getLogger("ymguard.storage")
@@ -126,6 +134,7 @@ class RedisStore(Store):
     """
 
     kind: Literal["memory", "redis"] = "redis"
+    remote = True
 
     def __init__(
         self,
@@ -144,6 +153,7 @@ class RedisStore(Store):
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._probing = False
+        self._local: MemoryStore | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self.uri!r}, key_prefix={self.key_prefix!r})"
@@ -256,6 +266,55 @@ class RedisStore(Store):
             time.monotonic() - self._down_since,
         )
         self._down_since = None
+
+    # -- the primitives (imported on first use: they import the storage package) ----------
+
+    def window(self) -> Window:
+        """The sliding window on Redis."""
+        from ..backends.window import RedisWindow
+
+        return RedisWindow(self)
+
+    def permits(self, name: str, kind: str = "sem") -> Permits:
+        """Leased permits on Redis."""
+        from ..backends.permits import RedisPermits, permit_keys
+
+        return RedisPermits(self, permit_keys(self, name, kind))
+
+    def tokens(self, family: str = "submit") -> Tokens:
+        """Submit tokens on Redis."""
+        from ..backends.tokens import RedisTokens
+
+        return RedisTokens(self)
+
+    def responses(self, resource: str = "") -> KeptResponses:
+        """Idempotency records on Redis."""
+        from ..backends.responses import RedisResponses
+
+        return RedisResponses(self)
+
+    def breaker(self, name: str) -> BreakerStore:
+        """A breaker's state on Redis, with its copy in this process."""
+        from ..backends.breaker_state import RedisBreakerStore
+
+        return RedisBreakerStore(self, name)
+
+    @property
+    def local(self) -> MemoryStore:
+        """The in-process fallback of this store (made on first use, kept for good)."""
+        if self._local is None:
+            self._local = MemoryStore(key_prefix=self.key_prefix)
+        return self._local
+
+    async def close_tasks(self) -> None:
+        """Stop the spawned tasks, the pub/sub readers and the lease keepers."""
+        from ..backends.breaker_state import close_breakers
+        from ..backends.permits import close_store_tasks
+
+        await super().close_tasks()
+        await close_breakers(self)
+        await close_store_tasks(self)
+        await self.local.close_tasks()
 
     async def aclose(self) -> None:
         """Close the connection pool and the pipelined connection."""

@@ -1,0 +1,789 @@
+"""Leased permits: a count of holders whose permits expire if the holder dies.
+
+The primitive behind semaphores and the ``concurrency`` grade of flow rules. On Redis the
+holders are a sorted set scored by lease expiry (server time); acquire, release and renew
+are each one Lua script (``permit_*.lua``) that first reclaims expired leases. Waiters
+stand in a line (a second sorted set, by arrival) and are woken by a release through
+pub/sub (one connection per store and event loop, :class:`RedisWaker`). The memory store
+keeps the same structures in process. One :class:`LeaseKeeper` task per store and event
+loop renews the leases of long holders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+from ..errors import StorageUnavailable
+from ..storage.redis import OUTAGE_ERRORS
+from ..storage.tasks import _background, _forget, stopped
+from ._lua import lua
+
+if TYPE_CHECKING:
+    from ..storage.base import Store
+    from ..storage.memory import MemoryStore
+    from ..storage.redis import RedisStore
+
+log = logging.getLogger("ymguard.semaphore")
+
+#: How long a pub/sub connection with no waiters stays subscribed before it is closed.
+_LINGER = 2.0
+#: How long a waiter waits for its subscription to be confirmed before it falls back to naps.
+_SUBSCRIBE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    """What one acquire attempt found.
+
+    Attributes:
+        acquired: whether a permit was taken.
+        expires_at: the new lease's expiry (store clock, seconds) when acquired.
+        retry_after: when not acquired, seconds until a lease expiry could let this caller
+            in (-1: no expiry will; only a release or more permits can).
+        waiting: when not acquired, how many waiters stand in line.
+    """
+
+    acquired: bool
+    expires_at: float = 0.0
+    retry_after: float = -1.0
+    waiting: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PermitKeys:
+    holders: str
+    permits: str
+    line: str
+    places: str
+    channel: str
+
+    @property
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.holders, self.permits, self.line, self.places)
+
+
+class Permits(Protocol):
+    """Leased permits called one name on one store (memory or Redis)."""
+
+    keys: PermitKeys
+
+    @property
+    def store(self) -> Store:
+        """The store the permits live on."""
+
+    async def acquire(
+        self, permit_id: str, permits: int, lease: float, place: float = 0.0
+    ) -> AcquireResult:
+        """Take a permit; ``place`` > 0 joins the line for that long if none is free."""
+
+    async def release(self, permit_id: str) -> bool:
+        """Give a permit back (or leave the line); whether it was still held."""
+
+    async def renew_many(self, permit_ids: Sequence[str], lease: float) -> list[float]:
+        """Extend leases from now; per id the new expiry, or 0.0 if it had expired."""
+
+    async def renew(self, permit_id: str, lease: float) -> float:
+        """Extend one lease from now; the new expiry, or 0.0 if it had expired."""
+
+    async def state(self, permits: int) -> tuple[int, int, int]:
+        """``(held, permits, waiting)`` now."""
+
+    async def held(self) -> int:
+        """How many unexpired permits are held now."""
+
+    async def set_permits(self, mode: Literal["set", "add"], n: int, permits: int) -> int:
+        """Set (or add to) the shared permit count; returns the new count."""
+
+    def listening(self) -> bool:
+        """Whether wake-ups already reach this process."""
+
+    async def listen(
+        self, permit_id: str, deadline: float = math.inf
+    ) -> tuple[asyncio.Event, bool]:
+        """The event that wakes ``permit_id``, and whether wake-ups are reliable now."""
+
+    def unlisten(self, permit_id: str) -> None:
+        """Forget a waiter's event."""
+
+    def busy(self) -> bool:
+        """Whether this process knows of holders or waiters (in process only)."""
+
+    def forget(self) -> None:
+        """Drop the in-process state (a no-op where keys expire)."""
+
+
+class LeaseHolder(Protocol):
+    """What the keeper updates after a renewal (a :class:`~ymguard.semaphore.Permit`)."""
+
+    expires_at: float
+
+
+class MemoryPermits:
+    """Leased permits in process, with the same line and wake-ups as on Redis.
+
+    Under the store keys: ``{permit id: expiry}`` (holders), a heap of ``(expiry, id)`` to
+    find lapsed leases without a scan, ``{waiter id: place lapses at}`` in arrival order
+    (the line), and ``{waiter id: asyncio.Event}`` (the listeners, the in-process pub/sub).
+    """
+
+    def __init__(self, store: MemoryStore, keys: PermitKeys) -> None:
+        self.store = store
+        self.keys = keys
+        self.permits = 0
+        data = store.data
+        self._holders: dict[str, float] = data.setdefault(keys.holders, {})
+        self._heap: list[tuple[float, str]] = data.setdefault(keys.holders + ":heap", [])
+        self._line: dict[str, float] = data.setdefault(keys.line, {})
+        self._listeners: dict[str, asyncio.Event] = data.setdefault(keys.channel, {})
+
+    def _reclaim(self) -> tuple[float, int]:
+        now = self.store.now()
+        holders, heap, reclaimed = self._holders, self._heap, 0
+        while heap and heap[0][0] <= now:
+            expiry, pid = heapq.heappop(heap)
+            if holders.get(pid) == expiry:
+                del holders[pid]
+                reclaimed += 1
+        if len(heap) > 4 * len(holders) + 64:  # renewals and releases leave stale entries
+            heap[:] = [(exp, pid) for pid, exp in holders.items()]
+            heapq.heapify(heap)
+        if self._line:
+            for pid in [p for p, lapse in self._line.items() if lapse <= now]:
+                del self._line[pid]
+                reclaimed += 1
+        return now, reclaimed
+
+    def _count(self, default: int) -> int:
+        return int(self.store.data.get(self.keys.permits, default))
+
+    def _hold(self, pid: str, expiry: float) -> None:
+        self._holders[pid] = expiry
+        heapq.heappush(self._heap, (expiry, pid))
+
+    def _wake(self, free: int) -> None:
+        if free <= 0 or not self._line:
+            return
+        for i, pid in enumerate(self._line):
+            if i >= free:
+                break
+            event = self._listeners.get(pid)
+            if event is not None:
+                event.set()
+
+    def _rank(self, pid: str) -> int | None:
+        if pid not in self._line:
+            return None
+        for i, other in enumerate(self._line):
+            if other == pid:
+                return i
+        return None  # pragma: no cover - it is in the line
+
+    async def acquire(
+        self, permit_id: str, permits: int, lease: float, place: float = 0.0
+    ) -> AcquireResult:
+        """Take a permit (see ``permit_acquire.lua``, which this mirrors)."""
+        self.permits = permits
+        now, reclaimed = self._reclaim()
+        free = self._count(permits) - len(self._holders)
+        rank = self._rank(permit_id)
+        queued = len(self._line)
+        pos = queued if rank is None else rank
+        if pos < free:
+            self._hold(permit_id, now + lease)
+            if rank is not None:
+                del self._line[permit_id]
+            if reclaimed:
+                self._wake(free - 1)
+            return AcquireResult(True, now + lease)
+        if place > 0:
+            if rank is None:
+                queued += 1
+            self._line[permit_id] = now + place  # an update keeps its place in the order
+        elif rank is not None:
+            del self._line[permit_id]
+            queued -= 1
+            reclaimed += 1
+        if reclaimed:
+            self._wake(free)
+        idx = pos - free
+        if idx >= len(self._holders):
+            return AcquireResult(False, retry_after=-1.0, waiting=queued)
+        lease_end = heapq.nsmallest(idx + 1, self._holders.values())[-1]
+        return AcquireResult(False, retry_after=lease_end - now, waiting=queued)
+
+    async def release(self, permit_id: str) -> bool:
+        """Give a permit back (or leave the line); whether it was still held."""
+        _, reclaimed = self._reclaim()
+        held = self._holders.pop(permit_id, None) is not None
+        left = self._line.pop(permit_id, None) is not None
+        if held or left or reclaimed:
+            self._wake(self._count(self.permits) - len(self._holders))
+        return held
+
+    async def renew_many(self, permit_ids: Sequence[str], lease: float) -> list[float]:
+        """Extend leases from now; per id the new expiry, or 0.0 if it had expired."""
+        now, reclaimed = self._reclaim()
+        out: list[float] = []
+        for pid in permit_ids:
+            if pid in self._holders:
+                self._hold(pid, now + lease)
+                out.append(now + lease)
+            else:
+                out.append(0.0)
+        if reclaimed:
+            self._wake(self._count(self.permits) - len(self._holders))
+        return out
+
+    async def renew(self, permit_id: str, lease: float) -> float:
+        """Extend one lease from now; the new expiry, or 0.0 if it had expired."""
+        return (await self.renew_many([permit_id], lease))[0]
+
+    async def state(self, permits: int) -> tuple[int, int, int]:
+        """``(held, permits, waiting)`` now."""
+        self.permits = permits
+        _, reclaimed = self._reclaim()
+        count = self._count(permits)
+        if reclaimed:
+            self._wake(count - len(self._holders))
+        return len(self._holders), count, len(self._line)
+
+    async def held(self) -> int:
+        """How many unexpired permits are held now."""
+        return (await self.state(self.permits))[0]
+
+    async def set_permits(self, mode: Literal["set", "add"], n: int, permits: int) -> int:
+        """Set (or add to) the shared permit count; returns the new count."""
+        self.permits = permits
+        self._reclaim()
+        count = max(0, n + (self._count(permits) if mode == "add" else 0))
+        self.store.data[self.keys.permits] = count
+        self._wake(count - len(self._holders))
+        return count
+
+    def listening(self) -> bool:
+        """Whether a waiter may join the line at once (in process: always)."""
+        return True
+
+    async def listen(
+        self, permit_id: str, deadline: float = math.inf
+    ) -> tuple[asyncio.Event, bool]:
+        """The event that wakes ``permit_id``, and whether wake-ups are reliable."""
+        event = self._listeners.get(permit_id)
+        if event is None:
+            event = self._listeners[permit_id] = asyncio.Event()
+        return event, True
+
+    def unlisten(self, permit_id: str) -> None:
+        """Forget a waiter's event."""
+        self._listeners.pop(permit_id, None)
+
+    def busy(self) -> bool:
+        """Whether permits are held or waited for in this process."""
+        return bool(self._holders or self._line)
+
+    def forget(self) -> None:
+        """Drop every structure kept under the keys."""
+        keys = self.keys
+        for key in (*keys.all, keys.holders + ":heap", keys.channel):
+            self.store.data.pop(key, None)
+
+
+class RedisWaker:
+    """One pub/sub connection per Redis store and event loop, shared by every waiter.
+
+    Pub/sub rather than a list with BLPOP: BLPOP parks one pooled connection per waiting
+    task (200 waiters, 200 connections), and a token pushed for a waiter that died stays
+    in the list. Here one connection carries every semaphore's channel, a message names
+    the waiters it is for, and a lost message costs no more than a nap: every waiter also
+    wakes at the lease expiry that would let it in and to refresh its place.
+
+    A subscription that fails or is cancelled midway (a waiter cancelled, or out of time)
+    is forgotten at once, so the next waiter subscribes afresh instead of waiting for a
+    confirmation that will never come. The waker keeps the store's client, not the store:
+    the map of wakers is keyed weakly by store, and a value referencing its key would keep
+    both forever.
+    """
+
+    _wakers: ClassVar[weakref.WeakKeyDictionary[Store, RedisWaker]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, store: RedisStore) -> None:
+        self.client: Any = store.client
+        self.loop = asyncio.get_running_loop()
+        self.pubsub: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.listeners: dict[str, dict[str, asyncio.Event]] = {}
+        self.ready: dict[str, asyncio.Event] = {}
+        self.unsupported = False
+        self.closed = False
+
+    @classmethod
+    def of(cls, store: RedisStore) -> RedisWaker:
+        """The waker of ``store`` in the running event loop (a new one if the loop changed)."""
+        waker = cls._wakers.get(store)
+        if waker is None or waker.loop is not asyncio.get_running_loop():
+            waker = cls._wakers[store] = cls(store)
+        return waker
+
+    def listening(self, channel: str) -> bool:
+        """Whether ``channel``'s subscription is confirmed now."""
+        ready = self.ready.get(channel)
+        return ready is not None and ready.is_set()
+
+    async def listen(
+        self, channel: str, waiter: str, deadline: float
+    ) -> tuple[asyncio.Event, bool]:
+        """Register a waiter; returns its event and whether the subscription is confirmed.
+
+        Waits for the confirmation until ``deadline`` (event-loop clock), at most
+        ``_SUBSCRIBE_TIMEOUT``.
+        """
+        waiters = self.listeners.setdefault(channel, {})
+        event = waiters.get(waiter)
+        if event is None:
+            event = waiters[waiter] = asyncio.Event()
+        return event, await self._subscribe(channel, deadline)
+
+    def unlisten(self, channel: str, waiter: str) -> None:
+        """Forget a waiter (the reader unsubscribes once no one has listened for a while)."""
+        waiters = self.listeners.get(channel)
+        if waiters is not None:
+            waiters.pop(waiter, None)
+            if not waiters:
+                del self.listeners[channel]
+
+    async def _subscribe(self, channel: str, deadline: float) -> bool:
+        if self.unsupported or self.closed:
+            return False
+        if self.listening(channel):
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(min(deadline, self.loop.time() + _SUBSCRIBE_TIMEOUT)):
+                ready = self.ready.get(channel)
+                if ready is None:
+                    ready = self.ready[channel] = asyncio.Event()
+                    await self._send_subscribe(channel, ready)
+                await ready.wait()
+        return self.listening(channel)
+
+    async def _send_subscribe(self, channel: str, ready: asyncio.Event) -> None:
+        try:
+            if self.pubsub is None:
+                self.pubsub = self.client.pubsub()
+            pubsub = self.pubsub
+            await pubsub.subscribe(channel)
+        except BaseException as exc:
+            # Forget this attempt; whoever waits on ``ready`` wakes and finds no subscription.
+            if self.ready.get(channel) is ready:
+                del self.ready[channel]
+            ready.set()
+            if self.reader is None or self.reader.done():
+                self._reset()  # nobody reads that connection, and it may be half-written
+            if isinstance(exc, AttributeError | NotImplementedError):
+                self.unsupported = True  # e.g. the asyncio cluster client has no pub/sub
+            elif not isinstance(exc, OUTAGE_ERRORS):
+                raise
+            return
+        if self.pubsub is pubsub and not self.closed:  # else it was dropped meanwhile
+            self._start_reader()
+
+    def _start_reader(self) -> None:
+        if self.reader is None or self.reader.done():
+            self.reader = self.loop.create_task(self._read(self.pubsub))
+
+    def _reset(self) -> None:
+        """Drop the connection and every subscription on it: waiters subscribe afresh."""
+        pubsub, self.pubsub = self.pubsub, None
+        ready, self.ready = self.ready, {}
+        for event in ready.values():
+            event.set()
+        if pubsub is not None:
+            task = self.loop.create_task(_close_pubsub(pubsub))
+            _background.add(task)
+            task.add_done_callback(_forget)
+
+    async def aclose(self) -> None:
+        """Stop the reader and close the connection; waiters wake and look again."""
+        self.closed = True
+        if self.loop is not asyncio.get_running_loop():
+            if self.reader is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.reader.cancel)
+            return
+        if self.reader is not None:
+            await stopped([self.reader])
+            self.reader = None
+        pubsub, self.pubsub = self.pubsub, None
+        self._wake_all()
+        if pubsub is not None:
+            await _close_pubsub(pubsub)
+
+    def _wake_all(self) -> None:
+        ready, self.ready = self.ready, {}
+        for event in ready.values():
+            event.set()
+        for waiters in self.listeners.values():
+            for event in waiters.values():
+                event.set()
+
+    async def _read(self, pubsub: Any) -> None:
+        idle_since: float | None = None
+        try:
+            while True:
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None:
+                    if self.listeners:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = self.loop.time()
+                    elif self.loop.time() - idle_since >= _LINGER:
+                        return
+                    continue
+                channel = _text(msg["channel"])
+                if msg["type"] == "subscribe":
+                    ready = self.ready.get(channel)
+                    if ready is not None:
+                        ready.set()
+                elif msg["type"] == "message":
+                    waiters = self.listeners.get(channel)
+                    if waiters:
+                        for waiter in _text(msg["data"]).split():
+                            event = waiters.get(waiter)
+                            if event is not None:
+                                event.set()
+        except Exception as exc:  # the connection broke: waiters re-subscribe and look again
+            log.debug("ymguard: semaphore wake-up connection lost: %r", exc)
+        finally:
+            # Synchronously, before any await: a waiter arriving now subscribes afresh.
+            if self.reader is asyncio.current_task():
+                self.reader = None
+            if self.pubsub is pubsub:
+                self.pubsub = None
+                self._wake_all()
+            await _close_pubsub(pubsub)
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        await pubsub.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisPermits:
+    """Leased permits on Redis: one Lua call per state change (``permit_*.lua``)."""
+
+    def __init__(self, store: RedisStore, keys: PermitKeys) -> None:
+        self.store = store
+        self.keys = keys
+        self.permits = 0
+        self._acquire = store.script(lua("permit_acquire", "permit_lib"))
+        self._release = store.script(lua("permit_release", "permit_lib"))
+        self._renew = store.script(lua("permit_renew", "permit_lib"))
+        self._state = store.script(lua("permit_state", "permit_lib"))
+        self._set = store.script(lua("permit_set", "permit_lib"))
+
+    async def acquire(
+        self, permit_id: str, permits: int, lease: float, place: float = 0.0
+    ) -> AcquireResult:
+        """Take a permit; ``place`` > 0 joins the line for that long if none is free."""
+        self.permits = permits
+        reply = await self.store.run(
+            self._acquire,
+            self.keys.all,
+            (
+                permits,
+                math.ceil(lease * 1000),
+                permit_id,
+                math.ceil(place * 1000),
+                self.keys.channel,
+            ),
+        )
+        if int(reply[0]):
+            return AcquireResult(True, int(reply[1]) / 1000.0)
+        wait_ms = int(reply[1])
+        return AcquireResult(
+            False, retry_after=wait_ms / 1000.0 if wait_ms >= 0 else -1.0, waiting=int(reply[2])
+        )
+
+    async def release(self, permit_id: str) -> bool:
+        """Give a permit back (or leave the line); whether it was still held.
+
+        It is sent even while the store fails fast after an outage: a release skipped
+        would leave the permit held until its lease ends.
+        """
+        held = await self.store.run(
+            self._release,
+            self.keys.all,
+            (permit_id, self.permits, self.keys.channel),
+            always_try=True,
+        )
+        return bool(held)
+
+    async def renew_many(self, permit_ids: Sequence[str], lease: float) -> list[float]:
+        """Extend leases from now; per id the new expiry, or 0.0 if it had expired."""
+        reply = await self.store.run(
+            self._renew,
+            self.keys.all,
+            (math.ceil(lease * 1000), self.permits, self.keys.channel, *permit_ids),
+        )
+        return [int(expiry) / 1000.0 for expiry in reply]
+
+    async def renew(self, permit_id: str, lease: float) -> float:
+        """Extend one lease from now; the new expiry, or 0.0 if it had expired."""
+        return (await self.renew_many([permit_id], lease))[0]
+
+    async def state(self, permits: int) -> tuple[int, int, int]:
+        """``(held, permits, waiting)`` now."""
+        self.permits = permits
+        held, count, waiting = await self.store.run(
+            self._state, self.keys.all, (permits, self.keys.channel)
+        )
+        return int(held), int(count), int(waiting)
+
+    async def held(self) -> int:
+        """How many unexpired permits are held now."""
+        return (await self.state(self.permits))[0]
+
+    async def set_permits(self, mode: Literal["set", "add"], n: int, permits: int) -> int:
+        """Set (or add to) the shared permit count; returns the new count."""
+        self.permits = permits
+        return int(
+            await self.store.run(self._set, self.keys.all, (mode, n, permits, self.keys.channel))
+        )
+
+    def listening(self) -> bool:
+        """Whether this process already has a confirmed subscription to the wake-ups."""
+        return RedisWaker.of(self.store).listening(self.keys.channel)
+
+    async def listen(
+        self, permit_id: str, deadline: float = math.inf
+    ) -> tuple[asyncio.Event, bool]:
+        """The event that wakes ``permit_id``, and whether wake-ups are reliable now.
+
+        Waits for the subscription until ``deadline`` (event-loop clock) at most.
+        """
+        return await RedisWaker.of(self.store).listen(self.keys.channel, permit_id, deadline)
+
+    def unlisten(self, permit_id: str) -> None:
+        """Forget a waiter's event."""
+        waker = RedisWaker._wakers.get(self.store)
+        if waker is not None:
+            waker.unlisten(self.keys.channel, permit_id)
+
+    def busy(self) -> bool:
+        """Holders and waiters live on Redis: nothing in process to keep."""
+        return False
+
+    def forget(self) -> None:
+        """Keys on Redis expire by themselves."""
+
+
+def permit_keys(store: Store, name: str, kind: str = "sem") -> PermitKeys:
+    """The keys of the permits called ``name`` (``kind``: ``sem`` or ``conc``) on a store."""
+    return PermitKeys(
+        holders=store.key(kind, name, "holders"),
+        permits=store.key(kind, name, "permits"),
+        line=store.key(kind, name, "line"),
+        places=store.key(kind, name, "places"),
+        channel=store.key(kind, name, "wake"),
+    )
+
+
+# -- the lease keeper ----------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)
+class KeptLease:
+    """One lease the keeper renews until :meth:`stop`, or until nothing references it.
+
+    Attributes:
+        permit_id: the permit whose lease is kept.
+        lease_seconds: the lease each renewal grants.
+        due: when (event-loop clock) the next renewal is due.
+        lost: True once a renewal found the lease already expired (it is no longer kept).
+    """
+
+    keeper: LeaseKeeper
+    backend: Permits
+    permit_id: str
+    lease_seconds: float
+    due: float
+    permit: weakref.ref[LeaseHolder] | None = None
+    lost: bool = False
+
+    def stop(self) -> None:
+        """Stop renewing (call it before releasing the permit)."""
+        self.keeper.drop(self)
+
+
+class LeaseKeeper:
+    """Renews the leases of long holders: one task per store and event loop, started lazily.
+
+    A holder registers with :meth:`keep` and leaves with :meth:`drop`, two set operations.
+    The task wakes when the oldest lease reaches a third of its length, renews every lease
+    that old (one script per semaphore for all of them), and ends when nothing is kept.
+    Most requests end long before a third of their lease and cost the keeper nothing.
+
+    The keeper holds its leases weakly: a lease whose holder (a :class:`Permit`, a chain
+    token) is no longer referenced anywhere can never be released, so, like a holder whose
+    process died, it is left to expire. :func:`close_store_tasks` stops it.
+    """
+
+    #: By store, weakly; a keeper references neither its store nor its leases' holders.
+    _keepers: ClassVar[weakref.WeakKeyDictionary[Store, LeaseKeeper]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.renewals = 0
+        self._kept: weakref.WeakSet[KeptLease] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._next_due = math.inf
+
+    @classmethod
+    def of(cls, store: Store) -> LeaseKeeper:
+        """The keeper of ``store`` in the running event loop (a new one if the loop changed)."""
+        loop = asyncio.get_running_loop()
+        keeper = cls._keepers.get(store)
+        if keeper is None or keeper.loop is not loop:
+            keeper = cls._keepers[store] = cls(loop)
+        return keeper
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(
+        self,
+        backend: Permits,
+        permit_id: str,
+        lease_seconds: float,
+        permit: LeaseHolder | None = None,
+    ) -> KeptLease:
+        """Renew ``permit_id``'s lease every ``lease_seconds / 3`` until dropped."""
+        due = self.loop.time() + lease_seconds / 3
+        ref = None if permit is None else weakref.ref(permit)
+        kept = KeptLease(self, backend, permit_id, lease_seconds, due, ref)
+        self._kept.add(kept)
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run())
+        elif kept.due < self._next_due:
+            self._changed.set()
+        return kept
+
+    def drop(self, kept: KeptLease) -> None:
+        """Stop renewing a lease."""
+        self._kept.discard(kept)
+
+    async def aclose(self) -> None:
+        """Stop renewing every lease and end the task (the leases are left to expire)."""
+        self._kept.clear()
+        if self._task is not None:
+            await stopped([self._task])
+            self._task = None
+
+    async def _run(self) -> None:
+        try:
+            while (next_due := await self._renew_due()) is not None:
+                self._next_due = next_due
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(next_due):
+                        await self._changed.wait()
+        finally:
+            self._task = None
+            self._next_due = math.inf
+
+    async def _renew_due(self) -> float | None:
+        """Renew the leases that are due; returns when to look again (None: nothing kept).
+
+        A method of its own so that no lease is referenced from a frame while the keeper
+        sleeps (it holds them weakly).
+        """
+        kept_now = list(self._kept)
+        now = self.loop.time()
+        groups: dict[tuple[Permits, float], list[KeptLease]] = {}
+        for kept in kept_now:
+            if kept.due <= now:
+                groups.setdefault((kept.backend, kept.lease_seconds), []).append(kept)
+        if groups:
+            await asyncio.gather(*(self._renew(group) for group in groups.values()))
+            kept_now = list(self._kept)
+        if not kept_now:
+            return None
+        # Sleep to the next due lease, but at least a sixth of the shortest lease, so that
+        # leases come due in batches: a lease is renewed between 1/3 and 1/2 of its length.
+        shortest = min(k.lease_seconds for k in kept_now)
+        return max(min(k.due for k in kept_now), self.loop.time() + shortest / 6)
+
+    async def _renew(self, group: list[KeptLease]) -> None:
+        backend, lease = group[0].backend, group[0].lease_seconds
+        started = self.loop.time()
+        try:
+            expiries = await backend.renew_many([k.permit_id for k in group], lease)
+        except Exception as exc:
+            # An outage (or a bug): try again soon, while two thirds of the lease remain.
+            if not isinstance(exc, StorageUnavailable):
+                log.exception("ymguard: renewing %d leases failed", len(group))
+            for kept in group:
+                kept.due = started + lease / 6
+            return
+        self.renewals += 1
+        for kept, expiry in zip(group, expiries, strict=True):
+            if expiry:
+                kept.due = started + lease / 3
+                permit = kept.permit() if kept.permit is not None else None
+                if permit is not None:
+                    permit.expires_at = expiry
+            elif kept in self._kept:
+                kept.lost = True
+                self.drop(kept)
+                log.warning(
+                    "ymguard: the lease of permit %s expired before it could be renewed",
+                    kept.permit_id,
+                )
+
+
+def keep_lease(backend: Permits, permit_id: str, lease_seconds: float) -> KeptLease:
+    """Have the store's :class:`LeaseKeeper` renew a permit until ``stop()``."""
+    return LeaseKeeper.of(backend.store).keep(backend, permit_id, lease_seconds)
+
+
+async def close_store_tasks(store: Store) -> None:
+    """Stop the background tasks tied to ``store``: its lease keeper and its wake-ups.
+
+    Call it when closing the store (``Guard.aclose`` does): the keeper stops renewing (the
+    leases it kept are left to expire), and the pub/sub connection of the semaphores'
+    wake-ups is closed (waiters still waiting wake, and look again). Using the store again
+    afterwards starts them afresh. Safe to call more than once, and on any store.
+    """
+    keeper = LeaseKeeper._keepers.pop(store, None)
+    if keeper is not None:
+        await keeper.aclose()
+    waker = RedisWaker._wakers.pop(store, None)
+    if waker is not None:
+        await waker.aclose()
+
+
+__all__ = [
+    "AcquireResult",
+    "KeptLease",
+    "LeaseHolder",
+    "LeaseKeeper",
+    "MemoryPermits",
+    "PermitKeys",
+    "Permits",
+    "RedisPermits",
+    "RedisWaker",
+    "close_store_tasks",
+    "keep_lease",
+    "permit_keys",
+]

@@ -1,0 +1,79 @@
+"""Background work of the library: clean-ups that must finish, and stopping tasks.
+
+Clean-ups (a release after a cancelled acquire, an unwind) run in tasks of their own that
+nobody awaits; this module keeps them referenced until they end and retrieves what they
+raised. Long-lived tasks (pub/sub readers, the lease keeper) are stopped with
+:func:`stopped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from ..errors import StorageUnavailable
+
+log = logging.getLogger("ymguard")
+
+T = TypeVar("T")
+
+#: Below this many seconds, a timer is not worth arming (timers may fire a hair early).
+EPSILON = 0.001
+
+# Clean-ups running in tasks of their own, kept referenced until they finish.
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    """Done callback of a background clean-up: drop it, and retrieve what it raised."""
+    _background.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        if not isinstance(exc, StorageUnavailable):
+            log.error("ymguard: a background clean-up failed", exc_info=exc)
+
+
+async def finish(aw: Awaitable[T]) -> T:
+    """Run a clean-up to its end even if the task is cancelled (again) meanwhile."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _background.add(task)  # the clean-up goes on in its own task
+        task.add_done_callback(_forget)
+        raise
+
+
+def in_background(aw: Awaitable[Any]) -> None:
+    """Run a clean-up in a task of its own, which nobody waits for."""
+    task = asyncio.ensure_future(aw)
+    _background.add(task)
+    task.add_done_callback(_forget)
+
+
+async def stopped(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks``; wait for those of the running loop to end, cancel the others'."""
+    here = asyncio.get_running_loop()
+    mine = []
+    for task in tasks:
+        if task.done():
+            continue
+        loop = task.get_loop()
+        if loop is here:
+            task.cancel()
+            mine.append(task)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+    if mine:
+        await asyncio.wait(mine)
+
+
+async def nap(event: asyncio.Event, seconds: float) -> None:
+    """Sleep until ``event`` is set or ``seconds`` pass."""
+    if event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(seconds, EPSILON)):
+            await event.wait()
