@@ -74,7 +74,7 @@ class Demo:
 
     def wait_ready(self) -> None:
         try:
-            wait_for_port(self.port, timeout=15)
+            wait_for_port(self.port, timeout=90)  # a loaded CI machine starts workers slowly
         except TimeoutError:
             raise AssertionError(f"demo_service did not start:\n{self.output()}") from None
 
