@@ -95,10 +95,28 @@ class PlaceOrder(BaseModel):
     pay_type: str = "alipay"
 
 
+async def _pending_owner(app: Any, kill_order_no: str) -> int | None:
+    """The buyer of a kill order still PENDING in Redis (read before any transaction)."""
+    kill_course_id = kill_course_of(kill_order_no)
+    if kill_course_id is None:
+        raise NotFound("no such kill order")
+    prefix = app.state.settings.redis_prefix
+    owner = await app.state.redis.hget(
+        course_keys(prefix, kill_course_id)["pending"], kill_order_no
+    )
+    return None if owner is None else int(owner)
+
+
 async def _kill_items(
-    request: Request, session: AsyncSession, user_id: int, kill_order_no: str
+    session: AsyncSession, user_id: int, kill_order_no: str, pending_owner: int | None
 ) -> list[tuple[int, Decimal]]:
-    """Take the caller's kill order (CREATED, or PENDING in Redis) to ORDERED."""
+    """Take the caller's kill order (CREATED, or PENDING in Redis) to ORDERED.
+
+    ``pending_owner`` was read from Redis before the transaction began: no network call
+    waits while this transaction holds a connection (or, on SQLite, the write lock). It
+    is consistent with the row read here because the consumer commits the row before it
+    removes the pending entry.
+    """
     kill_course_id = kill_course_of(kill_order_no)
     if kill_course_id is None:
         raise NotFound("no such kill order")
@@ -109,11 +127,7 @@ async def _kill_items(
     if row is None:
         # Still only in Redis (the consumer has not written it yet): the pending entry
         # proves the admission and its owner; the row is written here, already ORDERED.
-        prefix = request.app.state.settings.redis_prefix
-        owner = await request.app.state.redis.hget(
-            course_keys(prefix, kill_course_id)["pending"], kill_order_no
-        )
-        if owner is None or int(owner) != user_id:
+        if pending_owner != user_id:
             raise NotFound("no such kill order")
         session.add(
             KillOrder(
@@ -134,9 +148,11 @@ async def _kill_items(
             .values(status=KillOrderStatus.ORDERED.value)
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
-            if row.status == KillOrderStatus.ORDERED.value:
+            # Read the status again: the row read above may predate a concurrent submit.
+            status = await session.scalar(select(KillOrder.status).where(KillOrder.id == row.id))
+            if status == KillOrderStatus.ORDERED.value:
                 raise AlreadyPurchased("this kill order already has an order")
-            raise NotFound(f"the kill order is {row.status.lower()}")
+            raise NotFound(f"the kill order is {str(status).lower()}")
     return [(kill_course.course_id, kill_course.kill_price)]
 
 
@@ -155,29 +171,39 @@ async def _course_items(
     return [(c.id, c.price) for c in courses]
 
 
-@router.post("/orders", status_code=201)
-async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> dict[str, Any]:
-    """Create an order (TO_PAY) with its messages in one transaction."""
-    if (body.kill_order_no is None) == (not body.course_ids):
-        raise InvalidRequest("give either kill_order_no or course_ids")
-    if body.pay_type != "alipay":
-        raise InvalidRequest("pay_type must be alipay")
-    settings = request.app.state.settings
+async def create_order(
+    app: Any,
+    user_id: int,
+    *,
+    kill_order_no: str | None = None,
+    course_ids: list[int] | None = None,
+) -> Order:
+    """Create an order (TO_PAY), its items and its two messages in ONE transaction.
+
+    Raises:
+        AlreadyPurchased: the kill order already has an order (or a course is owned).
+        NotFound: no such kill order of this user, or no such course.
+    """
+    settings = app.state.settings
+    sessions: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    pending_owner = None
+    if kill_order_no is not None:
+        pending_owner = await _pending_owner(app, kill_order_no)
     for attempt in range(3):
         try:
-            async with _sessions(request)() as session, session.begin():
-                if body.kill_order_no is not None:
-                    items = await _kill_items(request, session, user.id, body.kill_order_no)
+            async with sessions() as session, session.begin():
+                if kill_order_no is not None:
+                    items = await _kill_items(session, user_id, kill_order_no, pending_owner)
                 else:
-                    items = await _course_items(session, user.id, body.course_ids or [])
+                    items = await _course_items(session, user_id, course_ids or [])
                 now = utcnow()
                 amount = sum((price for _, price in items), Decimal("0.00"))
                 order = Order(
                     order_no=new_order_no(),
-                    user_id=user.id,
+                    user_id=user_id,
                     status=OrderStatus.TO_PAY.value,
                     amount=amount,
-                    kill_order_no=body.kill_order_no,
+                    kill_order_no=kill_order_no,
                     created_at=now,
                     expires_at=now + timedelta(seconds=settings.order_pay_timeout_seconds),
                 )
@@ -188,7 +214,7 @@ async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> 
                 enqueue(
                     session,
                     ORDER_CREATED,
-                    {"order_no": order.order_no, "amount": _money(amount), "user_id": user.id},
+                    {"order_no": order.order_no, "amount": _money(amount), "user_id": user_id},
                 )
                 enqueue(
                     session,
@@ -202,11 +228,24 @@ async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> 
             # concurrent submit placed the order): read again.
             if attempt == 2:
                 raise AlreadyPurchased("this kill order already has an order") from None
-    messaging.relay_of(request.app).wake()
+    messaging.relay_of(app).wake()
+    return order
+
+
+@router.post("/orders", status_code=201)
+async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> dict[str, Any]:
+    """Create an order (TO_PAY) with its messages in one transaction."""
+    if (body.kill_order_no is None) == (not body.course_ids):
+        raise InvalidRequest("give either kill_order_no or course_ids")
+    if body.pay_type != "alipay":
+        raise InvalidRequest("pay_type must be alipay")
+    order = await create_order(
+        request.app, user.id, kill_order_no=body.kill_order_no, course_ids=body.course_ids
+    )
     return {
         "order_no": order.order_no,
         "status": order.status,
-        "amount": _money(amount),
+        "amount": _money(order.amount),
         "expires_at": order.expires_at.isoformat(),
     }
 

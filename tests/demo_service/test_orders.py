@@ -19,8 +19,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from demo_service.errors import AlreadyPurchased
 from demo_service.models import Order, Outbox
-from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED
+from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED, create_order
 from demo_service.settings import Settings
 from tests.demo_service.conftest import Shop, delete_prefixed
 from ymguard.errors import PROBLEM_BASE
@@ -192,3 +193,106 @@ async def test_someone_elses_order_is_not_found(shop: Shop) -> None:
     assert (other.status_code, code(other)) == (404, "not-found")
     pay = await shop.client.post(f"/pay/{order_no}", headers=eve)
     assert (pay.status_code, code(pay)) == (404, "not-found")
+
+
+#: Concurrent submits of one kill order (a double click, a retry storm).
+SUBMITS = 8
+
+
+async def within(seconds: float, what: str, aw: Awaitable[Any]) -> Any:
+    """``aw``, or a test failure if it takes longer than ``seconds`` (a hang fails fast)."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        pytest.fail(f"{what}: not done within {seconds} s (a hang)")
+
+
+async def orders_of_kill_order(shop: Shop, kill_order_no: str) -> int:
+    async with shop.app.state.sessionmaker() as session:
+        count = await session.scalar(
+            select(func.count()).select_from(Order).where(Order.kill_order_no == kill_order_no)
+        )
+    return int(count or 0)
+
+
+async def kill_order_created(shop: Shop, user: dict[str, str], kill_order_no: str) -> None:
+    async def created() -> bool:
+        r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=user)
+        return bool(r.json()["status"] == "CREATED")
+
+    await eventually(created, "the pre-order consumer wrote the kill order")
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_submits_with_one_token_place_one_order(shop: Shop, state: str) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    token = await shop.client.get(
+        "/orders/submit-token", params={"kill_order_no": kill_order_no}, headers=alice
+    )
+    headers = {**alice, "X-Submit-Token": token.json()["token"]}
+
+    async def submit() -> httpx.Response:
+        return await shop.client.post(
+            "/orders", json={"kill_order_no": kill_order_no, "pay_type": "alipay"}, headers=headers
+        )
+
+    answers = await within(
+        30, "concurrent submits", asyncio.gather(*(submit() for _ in range(SUBMITS)))
+    )
+    outcomes = sorted((r.status_code, code(r)) for r in answers)
+    assert outcomes == [(201, "")] + [(409, "duplicate-submission")] * (SUBMITS - 1)
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_submits_each_with_a_fresh_token_place_one_order(
+    shop: Shop, state: str
+) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    answers = await within(
+        30,
+        "concurrent token-and-submit",
+        asyncio.gather(*(place(shop, alice, kill_order_no) for _ in range(SUBMITS))),
+    )
+    outcomes = [(r.status_code, code(r)) for r in answers]
+    assert outcomes.count((201, "")) == 1, outcomes
+    for outcome in outcomes:
+        assert outcome in ((201, ""), (409, "duplicate-submission"), (409, "already-purchased"))
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_order_transactions_of_one_kill_order_make_one_order(
+    shop: Shop, state: str
+) -> None:
+    """Past the token (each submit its own): the database decides, one order, no hang."""
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    user_id = shop.app.state.tokens.read(alice["Authorization"].split()[1]).id
+
+    async def one() -> str:
+        try:
+            await create_order(shop.app, user_id, kill_order_no=kill_order_no)
+        except AlreadyPurchased:
+            return "already-purchased"
+        return "placed"
+
+    results = await within(
+        30, "concurrent order transactions", asyncio.gather(*(one() for _ in range(SUBMITS)))
+    )
+    assert sorted(results) == ["already-purchased"] * (SUBMITS - 1) + ["placed"]
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
