@@ -296,3 +296,56 @@ async def test_concurrent_order_transactions_of_one_kill_order_make_one_order(
     )
     assert sorted(results) == ["already-purchased"] * (SUBMITS - 1) + ["placed"]
     assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+async def test_a_submit_token_is_bound_to_its_user_and_to_what_is_bought(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice, bob) = await shop.users(2)
+    order_a = await seckill(shop, alice, kc)
+    course = await shop.course("Rust", "99.00")
+
+    async def token(user: dict[str, str], **params: Any) -> str:
+        response = await shop.client.get("/orders/submit-token", params=params, headers=user)
+        assert response.status_code == 200, response.text
+        return str(response.json()["token"])
+
+    async def submit(user: dict[str, str], tok: str, body: dict[str, Any]) -> httpx.Response:
+        return await shop.client.post(
+            "/orders", json={**body, "pay_type": "alipay"}, headers={**user, "X-Submit-Token": tok}
+        )
+
+    # Alice's token for kill order A does not place kill order B (another of hers).
+    (carol,) = await shop.users(1)
+    activity_b = await shop.activity(kill_count=5)
+    order_b = await seckill(shop, alice, activity_b["courses"][0]["kill_course_id"])
+    for_a = await token(alice, kill_order_no=order_a)
+    wrong_purchase = await submit(alice, for_a, {"kill_order_no": order_b})
+    assert (wrong_purchase.status_code, code(wrong_purchase)) == (409, "duplicate-submission")
+    # ... nor courses bought at their regular price.
+    for_a = await token(alice, kill_order_no=order_a)
+    as_courses = await submit(alice, for_a, {"course_ids": [course]})
+    assert (as_courses.status_code, code(as_courses)) == (409, "duplicate-submission")
+
+    # A token issued to Alice cannot be spent by Bob (nor Carol), even for her kill order.
+    for_a = await token(alice, kill_order_no=order_a)
+    for user in (bob, carol):
+        stolen = await submit(user, for_a, {"kill_order_no": order_a})
+        assert (stolen.status_code, code(stolen)) == (409, "duplicate-submission")
+    # The refusals above did not spend it: Alice places kill order A with it, once.
+    placed = await submit(alice, for_a, {"kill_order_no": order_a})
+    assert placed.status_code == 201, placed.text
+    again = await submit(alice, for_a, {"kill_order_no": order_a})
+    assert (again.status_code, code(again)) == (409, "duplicate-submission")
+
+    # Tokens of different purchases live side by side; course ids are one set.
+    for_b = await token(alice, kill_order_no=order_b)
+    for_course = await token(alice, course_ids=f"{course},{course}")
+    assert (await submit(alice, for_course, {"course_ids": [course]})).status_code == 201
+    assert (await submit(alice, for_b, {"kill_order_no": order_b})).status_code == 201
+    missing = await shop.client.post(
+        "/orders", json={"kill_order_no": order_b, "pay_type": "alipay"}, headers=alice
+    )
+    assert (missing.status_code, code(missing)) == (409, "duplicate-submission")
+    bad = await shop.client.get("/orders/submit-token", params={"course_ids": "1,x"}, headers=alice)
+    assert bad.status_code == 422
