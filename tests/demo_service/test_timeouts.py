@@ -18,10 +18,16 @@ from sqlalchemy import delete, select
 
 from demo_service.alipay_sandbox import AlipaySandbox
 from demo_service.models import Outbox, PayFlow, PayOrder
-from demo_service.orders import CHECK_PAYMENT
+from demo_service.orders import CHECK_PAYMENT, KILL_ORDER_CHECK
 from demo_service.seckill import course_keys
 from demo_service.settings import Settings
-from demo_service.timeouts import cancel_unpaid, returned_key, sweep
+from demo_service.timeouts import (
+    cancel_unpaid,
+    expire_kill_order,
+    return_stock_once,
+    returned_key,
+    sweep,
+)
 from tests.demo_service.conftest import Shop
 from tests.demo_service.test_orders import eventually, order_of, place, seckill, started_shop
 
@@ -227,3 +233,63 @@ async def test_a_payment_after_the_order_was_cancelled_is_refunded_once(shop: Sh
 
     await eventually(returned, "the stock came back")
     assert await buyers_count(shop, kc, alice) == 0
+
+
+@pytest.mark.parametrize("lose_the_delayed_message", [False, True], ids=["message", "sweeper"])
+async def test_a_kill_order_never_ordered_expires_and_its_stock_comes_back_once(
+    shop_settings: Settings, lose_the_delayed_message: bool
+) -> None:
+    settings = replace(
+        shop_settings,
+        kill_order_timeout_seconds=1,
+        claim_idle_seconds=1.0,
+        sweeper_interval_seconds=0.5,
+    )
+    async with started_shop(settings) as shop:
+        activity = await shop.activity(kill_count=1, kill_limit=1)
+        kc = activity["courses"][0]["kill_course_id"]
+        (alice, bob) = await shop.users(2)
+        kill_order_no = await seckill(shop, alice, kc)
+        assert await stock_left(shop, activity) == 0
+        assert await buyers_count(shop, kc, alice) == 1
+        limit = await shop.client.post(f"/kill/{kc}", headers=alice)
+        assert limit.status_code == 409
+
+        async def status() -> str:
+            r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=alice)
+            return str(r.json()["status"])
+
+        async def created() -> bool:
+            return await status() == "CREATED"
+
+        await eventually(created, "the pre-order consumer wrote the kill order")
+        if lose_the_delayed_message:
+            async with shop.app.state.sessionmaker() as session, session.begin():
+                await session.execute(delete(Outbox).where(Outbox.topic == KILL_ORDER_CHECK))
+
+        async def expired() -> bool:
+            return await status() == "EXPIRED"
+
+        await eventually(expired, "the kill order expired")
+
+        async def returned() -> bool:
+            return await stock_left(shop, activity) == 1
+
+        await eventually(returned, "the stock came back")
+        assert await buyers_count(shop, kc, alice) == 0
+        # Once: a sweep, and the expiry handled again, return nothing more.
+        await sweep(shop.app)
+        async with shop.app.state.sessionmaker() as session, session.begin():
+            assert not await expire_kill_order(session, kill_order_no)
+        assert await return_stock_once(shop.redis, settings.redis_prefix, kc, 0, kill_order_no) == 2
+        assert await stock_left(shop, activity) == 1
+        assert await shop.redis.hlen(returned_key(settings.redis_prefix, kc)) == 1
+        # An expired kill order cannot be ordered.
+        late = await place(shop, alice, kill_order_no)
+        assert late.status_code == 404, late.text
+        # The unit is on sale again: Alice may buy again (her count came back), Bob not.
+        again = await seckill(shop, alice, kc)
+        assert again != kill_order_no
+        sold_out = await shop.client.post(f"/kill/{kc}", headers=bob)
+        assert sold_out.status_code == 409
+        assert await stock_left(shop, activity) == 0
