@@ -19,13 +19,11 @@ from sqlalchemy import delete, select
 from demo_service.alipay_sandbox import AlipaySandbox
 from demo_service.models import Outbox, PayFlow, PayOrder
 from demo_service.orders import CHECK_PAYMENT, KILL_ORDER_CHECK
-from demo_service.seckill import course_keys
+from demo_service.seckill import ALREADY_RETURNED, course_keys, return_stock
 from demo_service.settings import Settings
 from demo_service.timeouts import (
     cancel_unpaid,
     expire_kill_order,
-    return_stock_once,
-    returned_key,
     sweep,
 )
 from tests.demo_service.conftest import Shop
@@ -167,7 +165,7 @@ async def test_pay_racing_the_timeout_never_both_and_stock_is_conserved(shop: Sh
                 assert not refunds
     assert paid + cancelled == trials
     # Never returned twice: one entry per cancelled kill order, buyers' counts match.
-    returned = returned_key(shop.settings.redis_prefix, kc)
+    returned = course_keys(shop.settings.redis_prefix, kc)["returned"]
 
     async def conserved() -> bool:
         return await stock_left(shop, activity) == trials - paid
@@ -281,9 +279,13 @@ async def test_a_kill_order_never_ordered_expires_and_its_stock_comes_back_once(
         await sweep(shop.app)
         async with shop.app.state.sessionmaker() as session, session.begin():
             assert not await expire_kill_order(session, kill_order_no)
-        assert await return_stock_once(shop.redis, settings.redis_prefix, kc, 0, kill_order_no) == 2
+        user_id = shop.app.state.tokens.read(alice["Authorization"].split()[1]).id
+        again = await return_stock(
+            shop.redis, kc, user_id, kill_order_no, prefix=settings.redis_prefix
+        )
+        assert again == ALREADY_RETURNED
         assert await stock_left(shop, activity) == 1
-        assert await shop.redis.hlen(returned_key(settings.redis_prefix, kc)) == 1
+        assert await shop.redis.hlen(course_keys(settings.redis_prefix, kc)["returned"]) == 1
         # An expired kill order cannot be ordered.
         late = await place(shop, alice, kill_order_no)
         assert late.status_code == 404, late.text
