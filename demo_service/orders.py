@@ -4,8 +4,23 @@
 side makes the pay order from it) and a delayed ``order.check-payment`` message (due at
 ``ORDER_PAY_TIMEOUT_SECONDS``: the payment timeout) in ONE database transaction: the outbox
 (:mod:`demo_service.messaging`) stands for RocketMQ's transactional half-message, and an
-outbox row with a due time for its delayed message. Anti-resubmit is ymguard's
-``submit_token`` rule on ``POST /orders`` (issued by ``GET /orders/submit-token``).
+outbox row with a due time for its delayed message.
+
+Submit tokens (the seed's ``checkRepeatSubmit``, made atomic) are bound to the user AND to
+what is bought. ``GET /orders/submit-token?kill_order_no=K..`` (or ``?course_ids=1,2``)
+issues a token for the scope *user + purchase*; ``POST /orders`` spends it for the scope
+*user + the purchase its JSON body names*, by ymguard's one compare-and-delete
+(``guard.submit_tokens.consume``). So a token issued for kill order A cannot place kill
+order B, one issued to user X cannot be spent by Y, and of any number of concurrent
+submits with one token exactly one gets past it; anything else is 409
+``duplicate-submission``. The handler spends the token, not the guard middleware, because
+a rule's scope can name the user (``state:user``), headers, the query and path parameters
+but not a JSON body. The rule itself stays in ``rules.yaml`` on the code resource
+``orders.submit`` (a code resource: the middleware never spends its tokens) and gives the
+header, the lifetime and the user part of the scope; the purchase is appended here in an
+injective encoding (a JSON array). One live token per scope: a second token for the same
+purchase replaces the first (a resubmitted form), while tokens for different purchases
+live side by side.
 
 Consumers here: the pre-order stream of :mod:`demo_service.seckill` becomes ``kill_orders``
 rows (``CREATED``, with a delayed ``kill-order.check`` that expires it when no order is
@@ -15,21 +30,24 @@ when the timeout won the race, has the money refunded.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ymguard.errors import DuplicateSubmission, StorageUnavailable
+
 from . import messaging
 from .accounts import CurrentUser
-from .errors import AlreadyPurchased, InvalidRequest, NotFound
+from .errors import AlreadyPurchased, InvalidRequest, NotFound, ServiceUnavailable
 from .messaging import Message, enqueue
 from .models import (
     Course,
@@ -52,8 +70,8 @@ PAY_FINISHED = "pay.finished"
 KILL_ORDER_CHECK = "kill-order.check"
 STOCK_RETURN = "stock.return"
 
-#: The resource whose ``submit_token`` rule the tokens are for.
-SUBMIT_RESOURCE = "POST /orders"
+#: The code resource whose ``submit_token`` rule (``rules.yaml``) the tokens follow.
+SUBMIT_RESOURCE = "orders.submit"
 MAX_COURSES_PER_ORDER = 20
 
 router = APIRouter(tags=["orders"])
@@ -73,18 +91,78 @@ def _money(value: Decimal) -> str:
     return f"{value:.2f}"
 
 
+def _purchase(kill_order_no: str | None, course_ids: list[int] | None) -> list[Any]:
+    """What is bought, canonical: ``["kill", no]`` or ``["courses", sorted ids]``."""
+    if (kill_order_no is None) == (not course_ids):
+        raise InvalidRequest("give either kill_order_no or course_ids")
+    if kill_order_no is not None:
+        return ["kill", kill_order_no]
+    return ["courses", sorted(set(course_ids or []))]
+
+
+def _parse_course_ids(raw: str) -> list[int]:
+    parts = raw.split(",")
+    if len(parts) > MAX_COURSES_PER_ORDER or not all(
+        p.strip().isdigit() and len(p.strip()) <= 10 for p in parts
+    ):
+        raise InvalidRequest(
+            f"course_ids: up to {MAX_COURSES_PER_ORDER} comma-separated course ids"
+        )
+    return [int(p) for p in parts]
+
+
+def _token_scope(request: Request, purchase: list[Any]) -> str:
+    """The scope of a submit token: the rule's (the user) and what is bought, injectively."""
+    tokens = request.app.state.guard.submit_tokens
+    user_scope: str = tokens.scope_for(request, SUBMIT_RESOURCE)
+    return json.dumps([user_scope, purchase], separators=(",", ":"))
+
+
+def _submit_rule(request: Request) -> Any:
+    return request.app.state.guard.rules.resources[SUBMIT_RESOURCE].submit_token
+
+
 @router.get("/orders/submit-token")
 async def submit_token(
     request: Request,
     user: CurrentUser,
-    kill_order_no: str | None = None,
-    course_ids: str | None = None,
+    kill_order_no: Annotated[str | None, Query(max_length=64)] = None,
+    course_ids: Annotated[str | None, Query(max_length=256)] = None,
 ) -> dict[str, Any]:
-    """A one-time token for ``POST /orders`` (the seed's anti-resubmit token)."""
-    tokens = request.app.state.guard.submit_tokens
-    rule = request.app.state.guard.rules.resources[SUBMIT_RESOURCE].submit_token
-    token = await tokens.issue_for(request, SUBMIT_RESOURCE)
+    """A one-time token for ``POST /orders`` of this user and this purchase."""
+    ids = _parse_course_ids(course_ids) if course_ids is not None else None
+    purchase = _purchase(kill_order_no, ids)
+    rule = _submit_rule(request)
+    try:
+        token = await request.app.state.guard.submit_tokens.issue(
+            _token_scope(request, purchase), rule.ttl_seconds
+        )
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable("the token store did not answer; try again") from exc
     return {"token": token, "expires_in": int(rule.ttl_seconds)}
+
+
+async def spend_submit_token(request: Request, purchase: list[Any]) -> None:
+    """Spend the request's submit token for this user and ``purchase``, or raise 409."""
+    rule = _submit_rule(request)
+    values = request.headers.getlist(rule.header)
+    if len(values) != 1 or not values[0].strip():
+        raise DuplicateSubmission(
+            SUBMIT_RESOURCE, "submit_token", detail=f"{rule.header} is missing"
+        )
+    try:
+        spent = await request.app.state.guard.submit_tokens.consume(
+            _token_scope(request, purchase), values[0].strip()
+        )
+    except StorageUnavailable as exc:
+        raise ServiceUnavailable("the token store did not answer; try again") from exc
+    if not spent:
+        raise DuplicateSubmission(
+            SUBMIT_RESOURCE,
+            "submit_token",
+            detail=f"{rule.header} was already used, expired, or is not for this user and "
+            "this purchase",
+        )
 
 
 class PlaceOrder(BaseModel):
@@ -95,10 +173,28 @@ class PlaceOrder(BaseModel):
     pay_type: str = "alipay"
 
 
+async def _pending_owner(app: Any, kill_order_no: str) -> int | None:
+    """The buyer of a kill order still PENDING in Redis (read before any transaction)."""
+    kill_course_id = kill_course_of(kill_order_no)
+    if kill_course_id is None:
+        raise NotFound("no such kill order")
+    prefix = app.state.settings.redis_prefix
+    owner = await app.state.redis.hget(
+        course_keys(prefix, kill_course_id)["pending"], kill_order_no
+    )
+    return None if owner is None else int(owner)
+
+
 async def _kill_items(
-    request: Request, session: AsyncSession, user_id: int, kill_order_no: str
+    session: AsyncSession, user_id: int, kill_order_no: str, pending_owner: int | None
 ) -> list[tuple[int, Decimal]]:
-    """Take the caller's kill order (CREATED, or PENDING in Redis) to ORDERED."""
+    """Take the caller's kill order (CREATED, or PENDING in Redis) to ORDERED.
+
+    ``pending_owner`` was read from Redis before the transaction began: no network call
+    waits while this transaction holds a connection (or, on SQLite, the write lock). It
+    is consistent with the row read here because the consumer commits the row before it
+    removes the pending entry.
+    """
     kill_course_id = kill_course_of(kill_order_no)
     if kill_course_id is None:
         raise NotFound("no such kill order")
@@ -109,11 +205,7 @@ async def _kill_items(
     if row is None:
         # Still only in Redis (the consumer has not written it yet): the pending entry
         # proves the admission and its owner; the row is written here, already ORDERED.
-        prefix = request.app.state.settings.redis_prefix
-        owner = await request.app.state.redis.hget(
-            course_keys(prefix, kill_course_id)["pending"], kill_order_no
-        )
-        if owner is None or int(owner) != user_id:
+        if pending_owner != user_id:
             raise NotFound("no such kill order")
         session.add(
             KillOrder(
@@ -134,9 +226,11 @@ async def _kill_items(
             .values(status=KillOrderStatus.ORDERED.value)
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
-            if row.status == KillOrderStatus.ORDERED.value:
+            # Read the status again: the row read above may predate a concurrent submit.
+            status = await session.scalar(select(KillOrder.status).where(KillOrder.id == row.id))
+            if status == KillOrderStatus.ORDERED.value:
                 raise AlreadyPurchased("this kill order already has an order")
-            raise NotFound(f"the kill order is {row.status.lower()}")
+            raise NotFound(f"the kill order is {str(status).lower()}")
     return [(kill_course.course_id, kill_course.kill_price)]
 
 
@@ -155,29 +249,39 @@ async def _course_items(
     return [(c.id, c.price) for c in courses]
 
 
-@router.post("/orders", status_code=201)
-async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> dict[str, Any]:
-    """Create an order (TO_PAY) with its messages in one transaction."""
-    if (body.kill_order_no is None) == (not body.course_ids):
-        raise InvalidRequest("give either kill_order_no or course_ids")
-    if body.pay_type != "alipay":
-        raise InvalidRequest("pay_type must be alipay")
-    settings = request.app.state.settings
+async def create_order(
+    app: Any,
+    user_id: int,
+    *,
+    kill_order_no: str | None = None,
+    course_ids: list[int] | None = None,
+) -> Order:
+    """Create an order (TO_PAY), its items and its two messages in ONE transaction.
+
+    Raises:
+        AlreadyPurchased: the kill order already has an order (or a course is owned).
+        NotFound: no such kill order of this user, or no such course.
+    """
+    settings = app.state.settings
+    sessions: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    pending_owner = None
+    if kill_order_no is not None:
+        pending_owner = await _pending_owner(app, kill_order_no)
     for attempt in range(3):
         try:
-            async with _sessions(request)() as session, session.begin():
-                if body.kill_order_no is not None:
-                    items = await _kill_items(request, session, user.id, body.kill_order_no)
+            async with sessions() as session, session.begin():
+                if kill_order_no is not None:
+                    items = await _kill_items(session, user_id, kill_order_no, pending_owner)
                 else:
-                    items = await _course_items(session, user.id, body.course_ids or [])
+                    items = await _course_items(session, user_id, course_ids or [])
                 now = utcnow()
                 amount = sum((price for _, price in items), Decimal("0.00"))
                 order = Order(
                     order_no=new_order_no(),
-                    user_id=user.id,
+                    user_id=user_id,
                     status=OrderStatus.TO_PAY.value,
                     amount=amount,
-                    kill_order_no=body.kill_order_no,
+                    kill_order_no=kill_order_no,
                     created_at=now,
                     expires_at=now + timedelta(seconds=settings.order_pay_timeout_seconds),
                 )
@@ -188,7 +292,7 @@ async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> 
                 enqueue(
                     session,
                     ORDER_CREATED,
-                    {"order_no": order.order_no, "amount": _money(amount), "user_id": user.id},
+                    {"order_no": order.order_no, "amount": _money(amount), "user_id": user_id},
                 )
                 enqueue(
                     session,
@@ -202,11 +306,27 @@ async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> 
             # concurrent submit placed the order): read again.
             if attempt == 2:
                 raise AlreadyPurchased("this kill order already has an order") from None
-    messaging.relay_of(request.app).wake()
+    messaging.relay_of(app).wake()
+    return order
+
+
+@router.post("/orders", status_code=201)
+async def place_order(body: PlaceOrder, request: Request, user: CurrentUser) -> dict[str, Any]:
+    """Create an order (TO_PAY) with its messages in one transaction.
+
+    The submit token is spent first (see the module docstring), for what the body buys.
+    """
+    purchase = _purchase(body.kill_order_no, body.course_ids)
+    if body.pay_type != "alipay":
+        raise InvalidRequest("pay_type must be alipay")
+    await spend_submit_token(request, purchase)
+    order = await create_order(
+        request.app, user.id, kill_order_no=body.kill_order_no, course_ids=body.course_ids
+    )
     return {
         "order_no": order.order_no,
         "status": order.status,
-        "amount": _money(amount),
+        "amount": _money(order.amount),
         "expires_at": order.expires_at.isoformat(),
     }
 

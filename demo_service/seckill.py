@@ -14,6 +14,7 @@ course share the hash tag ``{kc:ID}``)::
     P:{kc:ID}:buyers    hash    user_id -> units this user holds
     P:{kc:ID}:meta      hash    start_ms, end_ms (epoch ms), limit, count, activity_id
     P:{kc:ID}:pending   hash    kill_order_no -> user_id (admitted kill orders)
+    P:{kc:ID}:returned  hash    kill_order_no -> 1 (kill orders whose unit came back)
     P:stream:preorders  stream  one entry per admission: kill_order_no, user_id,
                                 kill_course_id, ts (Redis time, epoch ms)
     P:stock-returned    channel a kill_course_id whose stock came back (pub/sub)
@@ -33,9 +34,9 @@ Who does what with a kill order (agreed with FLOW):
 - FLOW's stream consumer writes the ``kill_orders`` row (status ``CREATED``) and then may
   ``HDEL`` the pending entry; ``GET /kill/orders/{no}`` reads the row first, and falls back
   to the pending hash (``PENDING``) only when there is none;
-- giving stock back (payment timeout, kill order expiry) is :func:`return_stock`; FLOW
-  makes it happen once per purchase (``processed_messages``); the script also refuses a
-  return for a buyer who holds nothing here.
+- giving stock back (payment timeout, kill order expiry) is :func:`return_stock`, once per
+  kill order by the script itself (the ``returned`` hash), whoever asks and however often;
+  the script also refuses a return for a buyer who holds nothing here.
 
 A kill order number is ``K<kill_course_id>-<13-digit ms><12 hex>``: unique, ordered by time,
 unguessable, and it names its course so that the pending entry is found in its tag.
@@ -98,6 +99,7 @@ def course_keys(prefix: str, kill_course_id: int) -> dict[str, str]:
         "buyers": f"{base}:buyers",
         "meta": f"{base}:meta",
         "pending": f"{base}:pending",
+        "returned": f"{base}:returned",
     }
 
 
@@ -135,27 +137,38 @@ def _script(redis: Redis, name: str) -> Any:
     return redis.register_script(_source(name))
 
 
-async def return_stock(
-    redis: Redis, kill_course_id: int, user_id: int, *, prefix: str = "demo"
-) -> bool:
-    """Give one unit of ``kill_course_id`` back and lower ``user_id``'s count, atomically.
+#: What :func:`return_stock` answers.
+RETURNED, ALREADY_RETURNED, NOTHING_HELD = 1, 2, 0
 
-    Then every process clears its sold-out flag for the course (pub/sub). The caller
-    makes it happen once per purchase; as a second line, a buyer who holds nothing of this
-    course gets nothing back. Returns whether stock came back.
+
+async def return_stock(
+    redis: Redis, kill_course_id: int, user_id: int, kill_order_no: str, *, prefix: str = "demo"
+) -> int:
+    """Give the unit of ``kill_order_no`` back and lower ``user_id``'s count, once, atomically.
+
+    ONE script (``lua/return_stock.lua``) records the kill order in the course's
+    ``returned`` hash, lowers the count, raises the stock and tells every process to clear
+    its sold-out flag (pub/sub). A kill order whose unit came back before returns nothing,
+    so a redelivered message or a sweep racing the delayed message cannot return a unit
+    twice; as a second line, a buyer who holds nothing of this course gets nothing back.
 
     Args:
         redis: the shop's Redis (``app.state.redis``).
         kill_course_id: the kill course bought.
         user_id: the buyer.
+        kill_order_no: the purchase whose unit comes back.
         prefix: ``Settings.redis_prefix``.
+
+    Returns:
+        :data:`RETURNED`, :data:`ALREADY_RETURNED`, :data:`NOTHING_HELD`, or
+        :data:`NOT_PUBLISHED` when the kill course is not in Redis.
     """
     keys = course_keys(prefix, kill_course_id)
     result = await _script(redis, "return_stock.lua")(
-        keys=[keys["stock"], keys["buyers"], keys["meta"]],
-        args=[int(user_id), stock_returned_channel(prefix), int(kill_course_id)],
+        keys=[keys["stock"], keys["buyers"], keys["meta"], keys["returned"]],
+        args=[int(user_id), stock_returned_channel(prefix), int(kill_course_id), kill_order_no],
     )
-    return int(result) == 1
+    return int(result)
 
 
 async def warm_course(
@@ -421,6 +434,9 @@ async def stop(app: FastAPI) -> None:
 
 
 __all__ = [
+    "ALREADY_RETURNED",
+    "NOTHING_HELD",
+    "RETURNED",
     "SOLD_OUT_FLAG_SECONDS",
     "Seckill",
     "SoldOutShortcut",

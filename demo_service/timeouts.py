@@ -7,10 +7,11 @@
   message, all in one transaction.
 - ``kill-order.check`` (delayed to ``KILL_ORDER_TIMEOUT_SECONDS``): a kill order still
   CREATED (no order placed) becomes EXPIRED and writes a ``stock.return`` message.
-- ``stock.return``: gives the unit and the buyer's count back in Redis with ONE script that
-  also records the kill order number in the course's ``returned`` hash: a redelivered
-  message (say, after a crash between the script and the commit) finds it and returns
-  nothing, so each purchase comes back exactly once.
+- ``stock.return``: gives the unit and the buyer's count back in Redis with
+  :func:`demo_service.seckill.return_stock`, ONE script that also records the kill order
+  number in the course's ``returned`` hash: a redelivered message (say, after a crash
+  between the script and the commit) finds it and returns nothing, so each purchase comes
+  back exactly once.
 - The sweeper (every ``SWEEPER_INTERVAL_SECONDS``, one process at a time under a Redis
   lock) does the same for orders and kill orders whose delayed message was lost (the
   seed's XXL-Job fallback).
@@ -35,50 +36,17 @@ from .alipay_client import is_success
 from .messaging import Message, enqueue
 from .models import KillOrder, KillOrderStatus, Order, OrderStatus, PayOrder, PayStatus, utcnow
 from .orders import CHECK_PAYMENT, KILL_ORDER_CHECK, STOCK_RETURN
-from .seckill import course_keys, stock_returned_channel
+from .seckill import NOT_PUBLISHED, return_stock
 
 log = logging.getLogger("demo_service.timeouts")
 
 #: Rows one sweep handles at most (the next sweep takes the rest).
 SWEEP_BATCH = 100
 
-# seckill's return_stock.lua plus an exactly-once guard: the kill order number goes into
-# the course's "returned" hash first, and a number already there returns nothing.
-# KEYS: stock, buyers, meta, returned (one hash tag); ARGV: user_id, channel, kc, kill_order_no
-_RETURN_ONCE_LUA = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return -4 end
-if redis.call('HSETNX', KEYS[4], ARGV[4], 1) == 0 then return 2 end
-local bought = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if bought <= 0 then return 0 end
-if bought == 1 then redis.call('HDEL', KEYS[2], ARGV[1])
-else redis.call('HINCRBY', KEYS[2], ARGV[1], -1) end
-redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
-"""
-
 _UNLOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def returned_key(prefix: str, kill_course_id: int) -> str:
-    """The hash of kill orders whose unit came back (in the course's hash tag)."""
-    return course_keys(prefix, kill_course_id)["stock"].removesuffix(":stock") + ":returned"
-
-
-async def return_stock_once(
-    redis: Redis, prefix: str, kill_course_id: int, user_id: int, kill_order_no: str
-) -> int:
-    """Return the unit of ``kill_order_no`` once: 1 returned, 2 already, 0 nothing held."""
-    keys = course_keys(prefix, kill_course_id)
-    script = redis.register_script(_RETURN_ONCE_LUA)
-    result = await script(
-        keys=[keys["stock"], keys["buyers"], keys["meta"], returned_key(prefix, kill_course_id)],
-        args=[int(user_id), stock_returned_channel(prefix), int(kill_course_id), kill_order_no],
-    )
-    return int(result)
 
 
 async def _kill_order_gone(session: AsyncSession, kill_order_no: str, status: str) -> None:
@@ -236,14 +204,14 @@ def handlers(app: Any) -> dict[str, tuple[messaging.Prepare | None, messaging.Ha
         await expire_kill_order(session, message.payload["kill_order_no"])
 
     async def stock_return(session: AsyncSession, message: Message) -> None:
-        result = await return_stock_once(
+        result = await return_stock(
             app.state.redis,
-            prefix,
             int(message.payload["kill_course_id"]),
             int(message.payload["user_id"]),
             str(message.payload["kill_order_no"]),
+            prefix=prefix,
         )
-        if result == -4:
+        if result == NOT_PUBLISHED:
             raise RuntimeError("the kill course is not in Redis (not published?)")
 
     return {
@@ -267,8 +235,6 @@ __all__ = [
     "cancel_unpaid",
     "expire_kill_order",
     "handlers",
-    "return_stock_once",
-    "returned_key",
     "run_sweeper",
     "start",
     "sweep",

@@ -19,8 +19,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from demo_service.errors import AlreadyPurchased
 from demo_service.models import Order, Outbox
-from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED
+from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED, create_order
 from demo_service.settings import Settings
 from tests.demo_service.conftest import Shop, delete_prefixed
 from ymguard.errors import PROBLEM_BASE
@@ -192,3 +193,159 @@ async def test_someone_elses_order_is_not_found(shop: Shop) -> None:
     assert (other.status_code, code(other)) == (404, "not-found")
     pay = await shop.client.post(f"/pay/{order_no}", headers=eve)
     assert (pay.status_code, code(pay)) == (404, "not-found")
+
+
+#: Concurrent submits of one kill order (a double click, a retry storm).
+SUBMITS = 8
+
+
+async def within(seconds: float, what: str, aw: Awaitable[Any]) -> Any:
+    """``aw``, or a test failure if it takes longer than ``seconds`` (a hang fails fast)."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        pytest.fail(f"{what}: not done within {seconds} s (a hang)")
+
+
+async def orders_of_kill_order(shop: Shop, kill_order_no: str) -> int:
+    async with shop.app.state.sessionmaker() as session:
+        count = await session.scalar(
+            select(func.count()).select_from(Order).where(Order.kill_order_no == kill_order_no)
+        )
+    return int(count or 0)
+
+
+async def kill_order_created(shop: Shop, user: dict[str, str], kill_order_no: str) -> None:
+    async def created() -> bool:
+        r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=user)
+        return bool(r.json()["status"] == "CREATED")
+
+    await eventually(created, "the pre-order consumer wrote the kill order")
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_submits_with_one_token_place_one_order(shop: Shop, state: str) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    token = await shop.client.get(
+        "/orders/submit-token", params={"kill_order_no": kill_order_no}, headers=alice
+    )
+    headers = {**alice, "X-Submit-Token": token.json()["token"]}
+
+    async def submit() -> httpx.Response:
+        return await shop.client.post(
+            "/orders", json={"kill_order_no": kill_order_no, "pay_type": "alipay"}, headers=headers
+        )
+
+    answers = await within(
+        30, "concurrent submits", asyncio.gather(*(submit() for _ in range(SUBMITS)))
+    )
+    outcomes = sorted((r.status_code, code(r)) for r in answers)
+    assert outcomes == [(201, "")] + [(409, "duplicate-submission")] * (SUBMITS - 1)
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_submits_each_with_a_fresh_token_place_one_order(
+    shop: Shop, state: str
+) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    answers = await within(
+        30,
+        "concurrent token-and-submit",
+        asyncio.gather(*(place(shop, alice, kill_order_no) for _ in range(SUBMITS))),
+    )
+    outcomes = [(r.status_code, code(r)) for r in answers]
+    assert outcomes.count((201, "")) == 1, outcomes
+    for outcome in outcomes:
+        assert outcome in ((201, ""), (409, "duplicate-submission"), (409, "already-purchased"))
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+@pytest.mark.parametrize("state", ["pending", "created"])
+async def test_concurrent_order_transactions_of_one_kill_order_make_one_order(
+    shop: Shop, state: str
+) -> None:
+    """Past the token (each submit its own): the database decides, one order, no hang."""
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice,) = await shop.users(1)
+    kill_order_no = await seckill(shop, alice, kc)
+    if state == "created":
+        await kill_order_created(shop, alice, kill_order_no)
+    user_id = shop.app.state.tokens.read(alice["Authorization"].split()[1]).id
+
+    async def one() -> str:
+        try:
+            await create_order(shop.app, user_id, kill_order_no=kill_order_no)
+        except AlreadyPurchased:
+            return "already-purchased"
+        return "placed"
+
+    results = await within(
+        30, "concurrent order transactions", asyncio.gather(*(one() for _ in range(SUBMITS)))
+    )
+    assert sorted(results) == ["already-purchased"] * (SUBMITS - 1) + ["placed"]
+    assert await orders_of_kill_order(shop, kill_order_no) == 1
+
+
+async def test_a_submit_token_is_bound_to_its_user_and_to_what_is_bought(shop: Shop) -> None:
+    activity = await shop.activity(kill_count=5)
+    kc = activity["courses"][0]["kill_course_id"]
+    (alice, bob) = await shop.users(2)
+    order_a = await seckill(shop, alice, kc)
+    course = await shop.course("Rust", "99.00")
+
+    async def token(user: dict[str, str], **params: Any) -> str:
+        response = await shop.client.get("/orders/submit-token", params=params, headers=user)
+        assert response.status_code == 200, response.text
+        return str(response.json()["token"])
+
+    async def submit(user: dict[str, str], tok: str, body: dict[str, Any]) -> httpx.Response:
+        return await shop.client.post(
+            "/orders", json={**body, "pay_type": "alipay"}, headers={**user, "X-Submit-Token": tok}
+        )
+
+    # Alice's token for kill order A does not place kill order B (another of hers).
+    (carol,) = await shop.users(1)
+    activity_b = await shop.activity(kill_count=5)
+    order_b = await seckill(shop, alice, activity_b["courses"][0]["kill_course_id"])
+    for_a = await token(alice, kill_order_no=order_a)
+    wrong_purchase = await submit(alice, for_a, {"kill_order_no": order_b})
+    assert (wrong_purchase.status_code, code(wrong_purchase)) == (409, "duplicate-submission")
+    # ... nor courses bought at their regular price.
+    for_a = await token(alice, kill_order_no=order_a)
+    as_courses = await submit(alice, for_a, {"course_ids": [course]})
+    assert (as_courses.status_code, code(as_courses)) == (409, "duplicate-submission")
+
+    # A token issued to Alice cannot be spent by Bob (nor Carol), even for her kill order.
+    for_a = await token(alice, kill_order_no=order_a)
+    for user in (bob, carol):
+        stolen = await submit(user, for_a, {"kill_order_no": order_a})
+        assert (stolen.status_code, code(stolen)) == (409, "duplicate-submission")
+    # The refusals above did not spend it: Alice places kill order A with it, once.
+    placed = await submit(alice, for_a, {"kill_order_no": order_a})
+    assert placed.status_code == 201, placed.text
+    again = await submit(alice, for_a, {"kill_order_no": order_a})
+    assert (again.status_code, code(again)) == (409, "duplicate-submission")
+
+    # Tokens of different purchases live side by side; course ids are one set.
+    for_b = await token(alice, kill_order_no=order_b)
+    for_course = await token(alice, course_ids=f"{course},{course}")
+    assert (await submit(alice, for_course, {"course_ids": [course]})).status_code == 201
+    assert (await submit(alice, for_b, {"kill_order_no": order_b})).status_code == 201
+    missing = await shop.client.post(
+        "/orders", json={"kill_order_no": order_b, "pay_type": "alipay"}, headers=alice
+    )
+    assert (missing.status_code, code(missing)) == (409, "duplicate-submission")
+    bad = await shop.client.get("/orders/submit-token", params={"course_ids": "1,x"}, headers=alice)
+    assert bad.status_code == 422

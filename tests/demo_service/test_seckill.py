@@ -27,6 +27,10 @@ from demo_service.accounts import Principal, TokenCodec
 from demo_service.errors import ActivityNotOngoing, AlreadyPurchased, NotFound, SoldOut
 from demo_service.models import KillOrder, User
 from demo_service.seckill import (
+    ALREADY_RETURNED,
+    NOT_PUBLISHED,
+    NOTHING_HELD,
+    RETURNED,
     Seckill,
     course_keys,
     kill_course_of,
@@ -211,7 +215,8 @@ async def test_sold_out_is_answered_locally_until_stock_comes_back(shop: Shop) -
     kc = activity["courses"][0]["kill_course_id"]
     alice, bob = await shop.users(2)
     keys = course_keys(shop.settings.redis_prefix, kc)
-    assert (await shop.client.post(f"/kill/{kc}", headers=alice)).status_code == 200
+    bought = await shop.client.post(f"/kill/{kc}", headers=alice)
+    assert bought.status_code == 200, bought.text
     assert code(await shop.client.post(f"/kill/{kc}", headers=bob)) == "sold-out"
 
     # Stock appears behind the shop's back (no "stock returned" message): this process
@@ -222,7 +227,14 @@ async def test_sold_out_is_answered_locally_until_stock_comes_back(shop: Shop) -
     # A real return announces itself: the flag clears and bob gets the unit.
     await shop.redis.set(keys["stock"], 0)
     alice_id = shop.app.state.tokens.read(alice["Authorization"].split()[1]).id
-    assert await return_stock(shop.redis, kc, alice_id, prefix=shop.settings.redis_prefix)
+    returned = await return_stock(
+        shop.redis,
+        kc,
+        alice_id,
+        bought.json()["kill_order_no"],
+        prefix=shop.settings.redis_prefix,
+    )
+    assert returned == RETURNED
     deadline = time.monotonic() + 10
     while (response := await shop.client.post(f"/kill/{kc}", headers=bob)).status_code != 200:
         assert code(response) == "sold-out"
@@ -302,15 +314,22 @@ async def test_each_refusal_changes_nothing(seckill: Seckill) -> None:
     assert await seckill.redis.get(course_keys(seckill.prefix, 2)["stock"]) == b"5"
 
 
-async def test_return_stock_gives_back_once_per_unit_held(seckill: Seckill) -> None:
+async def test_return_stock_gives_back_once_per_kill_order_and_unit_held(
+    seckill: Seckill,
+) -> None:
     await _warm(seckill, 9, 1)
-    await seckill.kill(5, 9)
+    kill_order_no = await seckill.kill(5, 9)
 
-    first = await return_stock(seckill.redis, 9, 5, prefix=seckill.prefix)
-    second = await return_stock(seckill.redis, 9, 5, prefix=seckill.prefix)
-    stranger = await return_stock(seckill.redis, 9, 6, prefix=seckill.prefix)
+    first = await return_stock(seckill.redis, 9, 5, kill_order_no, prefix=seckill.prefix)
+    again = await asyncio.gather(
+        *(return_stock(seckill.redis, 9, 5, kill_order_no, prefix=seckill.prefix) for _ in range(5))
+    )
+    other = await return_stock(seckill.redis, 9, 5, kill_order_no + "0", prefix=seckill.prefix)
+    stranger = await return_stock(seckill.redis, 9, 6, "K9-x", prefix=seckill.prefix)
+    unknown = await return_stock(seckill.redis, 10, 5, "K10-x", prefix=seckill.prefix)
 
-    assert (first, second, stranger) == (True, False, False)
+    assert first == RETURNED and again == [ALREADY_RETURNED] * 5
+    assert (other, stranger, unknown) == (NOTHING_HELD, NOTHING_HELD, NOT_PUBLISHED)
     keys = course_keys(seckill.prefix, 9)
     assert await seckill.redis.get(keys["stock"]) == b"1"  # never more than the offer
     assert await seckill.redis.hget(keys["buyers"], "5") is None
