@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 from redis.asyncio import Redis
@@ -59,6 +59,7 @@ from .alipay_sign import (
     sign_text,
     verify,
 )
+from .forms import read_form
 from .settings import Settings
 
 log = logging.getLogger("demo_service.alipay_sandbox")
@@ -281,21 +282,6 @@ def _s(value: bytes | str | None) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else value
-
-
-async def _read_form(request: Request) -> dict[str, str] | None:
-    """The urlencoded body as a dict; None if too large, not UTF-8 or a key repeats."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    form = dict(pairs)
-    return form if len(form) == len(pairs) else None
 
 
 def _url_ok(url: str) -> bool:
@@ -665,7 +651,7 @@ async def _gateway(request: Request) -> Response:
     params: dict[str, str] = {}
     pairs = request.query_params.multi_items()
     if request.method == "POST":
-        form = await _read_form(request)
+        form = await read_form(request, MAX_BODY_BYTES)
         if form is None:
             return sandbox.signed_response(
                 None, _invalid("isv.invalid-parameter", "unreadable form body").body
@@ -750,7 +736,7 @@ async def _cashier(request: Request) -> Response:
         return _not_found()
     if request.method == "GET":
         return _cashier_page(trade)
-    form = await _read_form(request)
+    form = await read_form(request, MAX_BODY_BYTES)
     if form is None or form.get("action") != "pay":
         return HTMLResponse("<!doctype html><p>Unknown action.</p>", status_code=400)
     verdict, _ = await sandbox.pay(trade["out_trade_no"])

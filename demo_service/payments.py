@@ -20,7 +20,6 @@ import secrets
 import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request
@@ -34,6 +33,7 @@ from .accounts import CurrentUser
 from .alipay_client import AlipayClient, is_success
 from .alipay_sign import load_or_create_keys
 from .errors import InvalidRequest, NotFound, ServiceUnavailable
+from .forms import read_form
 from .messaging import Message, enqueue
 from .models import FlowKind, Order, OrderStatus, PayFlow, PayOrder, PayStatus, utcnow
 from .orders import ORDER_CREATED, PAY_FINISHED, grant_paid_order
@@ -139,21 +139,6 @@ async def pay(order_no: str, request: Request, user: CurrentUser) -> dict[str, A
     return {"pay_url": public_url(pay_url, base), "pay_order_no": pay_order.pay_order_no}
 
 
-async def _read_form(request: Request) -> dict[str, str] | None:
-    """The urlencoded body; None if too large, not UTF-8, or a key repeats (ambiguous)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_NOTIFY_BYTES:
-            return None
-    try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    form = dict(pairs)
-    return form if len(form) == len(pairs) else None
-
-
 def _amount(raw: str | None) -> Decimal | None:
     try:
         value = Decimal(raw or "")
@@ -165,7 +150,7 @@ def _amount(raw: str | None) -> Decimal | None:
 @router.post("/pay/notify/alipay", response_class=PlainTextResponse)
 async def notify(request: Request) -> PlainTextResponse:
     """Alipay's async notify: ``success`` when accepted or already handled."""
-    form = await _read_form(request)
+    form = await read_form(request, MAX_NOTIFY_BYTES)
     client = alipay_client(request.app)
     if form is None or not client.verify_notify(form):
         return PlainTextResponse(FAILURE)
