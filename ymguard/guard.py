@@ -76,7 +76,8 @@ class Guard:
         self._breaker_listeners: list[tuple[str | None, Any]] = []
         self._attached: dict[str, list[PybreakerCheck]] = {}
         self._observers: list[Observer] = []
-        self._sync = SyncBridge(self.store)
+        #: Runs the chain steps of sync code on the app's event loop (:meth:`bind_loop`).
+        self.sync_bridge = SyncBridge(self.store)
         self._mapper = ExceptionMapper(lambda: self.rules.errors)
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin(self.rules)
@@ -296,14 +297,13 @@ class Guard:
             exceptions_to_ignore=exceptions_to_ignore,
         )
 
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop | None:
-        """The app's event loop, where sync code's chain steps run (set by the middleware)."""
-        return self._sync.loop
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Run the chain steps of guarded sync code on ``loop`` (the running loop if None).
 
-    @_loop.setter
-    def _loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._sync.loop = loop
+        ``GuardMiddleware`` binds the app's loop at its first request; an app that guards
+        sync code without the middleware calls this once from its loop.
+        """
+        self.sync_bridge.loop = loop if loop is not None else asyncio.get_running_loop()
 
     def limit(self, spec: str) -> RouteLimit:
         """A limit such as ``"100/second"`` or ``"10/second;500/minute"`` (``limits`` syntax).

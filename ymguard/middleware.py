@@ -164,8 +164,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         guard = self.guard
-        if guard._loop is None:
-            guard._loop = asyncio.get_running_loop()
+        if guard.sync_bridge.loop is None:
+            guard.bind_loop()
         resource, params = resolved
         chain = guard.chain(resource)
         ctx = Context(resource, guard.origin_of(scope), params, scope, receive=receive)

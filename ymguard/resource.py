@@ -12,7 +12,7 @@ import gc
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from limits import parse_many
@@ -102,6 +102,132 @@ class SyncBridge:
         return _run_now(coro)
 
 
+#: The step of :func:`_guarded_call` that runs the guarded function's body.
+_BODY = object()
+
+
+class _Handler:
+    """The step of :func:`_guarded_call` that calls a fallback or block handler with ``exc``."""
+
+    __slots__ = ("exc", "func")
+
+    def __init__(self, func: Callable[..., Any], exc: BaseException) -> None:
+        self.func = func
+        self.exc = exc
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        extra = {"exc": self.exc} if _accepts_exc(self.func) else {}
+        return self.func(*args, **kwargs, **extra)
+
+
+#: What :func:`_guarded_call` yields: a chain step to run on the loop, the body, a handler.
+_Step = Coroutine[Any, Any, Any] | object
+
+
+def _guarded_call(
+    guard: Guard,
+    name: str,
+    kwargs: dict[str, Any],
+    fallback: Callable[..., Any] | None,
+    block_handler: Callable[..., Any] | None,
+    exceptions_to_ignore: tuple[type[BaseException], ...],
+) -> Generator[_Step, Any, Any]:
+    """Enter, call, fall back and leave: the one path of async and sync ``@resource``.
+
+    It only decides; the driver (:func:`_drive_async` or :func:`_drive_sync`) runs each
+    yielded step its own way, sends back the result or throws in the exception, so both
+    wrappers keep the same rules by construction.
+    """
+    outer = current_context.get()
+    ctx = Context(name, outer.origin if outer else "", kwargs)
+    chain = guard.chain(name)
+    try:
+        tokens = yield chain.enter(ctx)
+    except SyncResourceError as exc:  # sync code on the loop's thread: nothing was spent
+        if fallback is None:
+            raise
+        return (yield _Handler(fallback, exc))
+    except Blocked as exc:
+        handler = block_handler or fallback
+        if handler is None:
+            raise
+        return (yield _Handler(handler, exc))
+    try:
+        return (yield _BODY)
+    except exceptions_to_ignore:
+        raise
+    except asyncio.CancelledError as exc:
+        ctx.error = exc  # a cancelled call is no success (a probe re-opens)
+        raise
+    except Exception as exc:
+        ctx.error = exc
+        if fallback is None:
+            raise
+        return (yield _Handler(fallback, exc))
+    finally:
+        yield chain.exit(ctx, tokens)
+
+
+async def _drive_async(
+    steps: Generator[_Step, Any, Any],
+    func: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run :func:`_guarded_call`'s steps on the running loop, awaiting each."""
+    value: Any = None
+    failure: BaseException | None = None
+    while True:
+        try:
+            if failure is None:
+                step = steps.send(value)
+            else:
+                step, failure = steps.throw(failure), None
+        except StopIteration as stop:
+            return stop.value
+        try:
+            if step is _BODY:
+                value = await func(*args, **kwargs)
+            elif isinstance(step, _Handler):
+                value = await _maybe_await(step(args, kwargs))
+            else:
+                value = await cast(Coroutine[Any, Any, Any], step)
+        except BaseException as exc:
+            failure = exc
+
+
+def _drive_sync(
+    steps: Generator[_Step, Any, Any],
+    bridge: SyncBridge,
+    name: str,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run :func:`_guarded_call`'s steps for sync code: only the chain steps hop to the
+    event loop (:class:`SyncBridge`); the body and handlers run here, in the caller's
+    thread (a sync endpoint's worker thread)."""
+    value: Any = None
+    failure: BaseException | None = None
+    while True:
+        try:
+            if failure is None:
+                step = steps.send(value)
+            else:
+                step, failure = steps.throw(failure), None
+        except StopIteration as stop:
+            return stop.value
+        try:
+            if step is _BODY:
+                value = func(*args, **kwargs)
+            elif isinstance(step, _Handler):
+                value = step(args, kwargs)
+            else:
+                value = bridge.run(cast(Coroutine[Any, Any, Any], step), name)
+        except BaseException as exc:
+            failure = exc
+
+
 def guarded_resource(
     guard: Guard,
     name: str,
@@ -125,71 +251,20 @@ def guarded_resource(
     """
 
     def decorate(func: F) -> F:
-        async def run(args: tuple[Any, ...], kwargs: dict[str, Any], call: Any) -> Any:
-            outer = current_context.get()
-            ctx = Context(name, outer.origin if outer else "", kwargs)
-            chain = guard.chain(name)
-            try:
-                tokens = await chain.enter(ctx)
-            except Blocked as exc:
-                handler = block_handler or fallback
-                if handler is None:
-                    raise
-                extra = {"exc": exc} if _accepts_exc(handler) else {}
-                return await _maybe_await(handler(*args, **kwargs, **extra))
-            try:
-                return await call()
-            except exceptions_to_ignore:
-                raise
-            except asyncio.CancelledError as exc:
-                ctx.error = exc  # a cancelled call is no success (a probe re-opens)
-                raise
-            except Exception as exc:
-                ctx.error = exc
-                if fallback is None:
-                    raise
-                extra_err: dict[str, Any] = {"exc": exc} if _accepts_exc(fallback) else {}
-                return await _maybe_await(fallback(*args, **kwargs, **extra_err))
-            finally:
-                await chain.exit(ctx, tokens)
+        def steps(kwargs: dict[str, Any]) -> Generator[_Step, Any, Any]:
+            return _guarded_call(guard, name, kwargs, fallback, block_handler, exceptions_to_ignore)
 
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await run(args, kwargs, lambda: func(*args, **kwargs))
+                return await _drive_async(steps(kwargs), func, args, kwargs)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            # Only entering and leaving the chain hop to the event loop; the body runs
-            # here, in the caller's thread (a sync endpoint's worker thread).
-            outer = current_context.get()
-            ctx = Context(name, outer.origin if outer else "", kwargs)
-            chain = guard.chain(name)
-            try:
-                tokens = guard._sync.run(chain.enter(ctx), name)
-            except SyncResourceError as exc:
-                if fallback is None:
-                    raise
-                return fallback(*args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {}))
-            except Blocked as exc:
-                handler = block_handler or fallback
-                if handler is None:
-                    raise
-                return handler(*args, **kwargs, **({"exc": exc} if _accepts_exc(handler) else {}))
-            try:
-                return func(*args, **kwargs)
-            except exceptions_to_ignore:
-                raise
-            except Exception as exc:
-                ctx.error = exc
-                if fallback is None:
-                    raise
-                return fallback(*args, **kwargs, **({"exc": exc} if _accepts_exc(fallback) else {}))
-            finally:
-                guard._sync.run(chain.exit(ctx, tokens), name)
+            return _drive_sync(steps(kwargs), guard.sync_bridge, name, func, args, kwargs)
 
         return cast(F, sync_wrapper)
 
@@ -360,7 +435,7 @@ class RouteLimit:
         @functools.wraps(func)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
             request = kwargs.pop(_REQUEST_PARAM, None)
-            self.guard._sync.run(self._check(self._resource_of(request, name)), name)
+            self.guard.sync_bridge.run(self._check(self._resource_of(request, name)), name)
             return func(*args, **kwargs)
 
         sync_wrapper.__signature__ = signature  # type: ignore[attr-defined]

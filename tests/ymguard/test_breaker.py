@@ -24,11 +24,12 @@ from starlette.routing import Route
 
 from tests.helpers import RedisServer, Uvicorn, running
 from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
-from ymguard.backends.breaker_state import close_breakers, hub_for
+from ymguard.backends.breaker_state import close_breakers, copies_for
 from ymguard.breaker import Breaker
 from ymguard.chain import Chain
 from ymguard.errors import PROBLEM_BASE, Blocked, StorageUnavailable
 from ymguard.storage import RedisStore, Store, store_from_uri
+from ymguard.storage.pubsub import pubsub_for
 
 RES = "GET /work"
 OPEN = 0.2  # open_seconds of most tests: short, so the file stays fast
@@ -830,10 +831,10 @@ async def test_a_subscriber_left_on_a_dead_event_loop_is_started_again(
     dead = asyncio.new_event_loop()
     stale = cast("asyncio.Task[None]", dead.create_future())  # pending for ever
     dead.close()
-    hub = hub_for(b)
+    hub = pubsub_for(b)
     hub.task, hub.loop = stale, dead  # what a Guard used under an earlier loop leaves
     await close_breakers(b)  # stops nothing there, and fails on nothing
-    hub = hub_for(b)
+    hub = pubsub_for(b)
     hub.task, hub.loop = stale, dead
     guard_a, guard_b = (
         Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=s) for s in (a, b)
@@ -856,10 +857,10 @@ async def test_a_subscriber_left_on_a_dead_event_loop_is_started_again(
 async def test_a_store_dropped_without_aclose_is_collected(redis_url: str, prefix: str) -> None:
     store = RedisStore(redis_url, key_prefix=prefix)
     breaker = Breaker(store, "dropped", open_seconds=OPEN)
-    hub = hub_for(store)
+    hub, reads = pubsub_for(store), copies_for(store).reads
     # A read in flight holds the store (its call does) until Redis answers.
     copy = breaker._st  # holds no store
-    await eventually(lambda: hub.ready and copy.known and not hub._side, "reads are done")
+    await eventually(lambda: hub.ready and copy.known and not reads, "reads are done")
     pipe, dropped = store._pipe, weakref.ref(store)
     del store, breaker
     gc.collect()
@@ -875,11 +876,12 @@ async def test_guard_aclose_stops_the_subscriber(redis_url: str, prefix: str) ->
     store = store_from_uri(redis_url, key_prefix=prefix)
     guard = Guard({"resources": {RES: {"breaker": [rule()]}}}, storage=store)
     assert await call(guard.chain(RES)) == "passed"
-    hub = hub_for(cast(RedisStore, guard.store))
+    hub = pubsub_for(cast(RedisStore, guard.store))
     await eventually(lambda: hub.ready, "the subscriber listens")
-    assert hub.task is not None
+    task = hub.task
+    assert task is not None
     await guard.aclose()
-    assert hub.task.done()
+    assert task.done()
 
 
 # -- probes that never ran as probes -------------------------------------------------------

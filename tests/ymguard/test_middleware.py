@@ -273,7 +273,7 @@ async def test_resource_decorator_guards_async_and_sync_code(storage_uri: str, p
     assert await pay(5) == 5
     with pytest.raises(FlowLimited):
         await pay(6)
-    guard._loop = asyncio.get_running_loop()
+    guard.bind_loop()
 
     @guard.resource("sync")
     def sync_call(x: int) -> int:
@@ -290,7 +290,7 @@ async def test_sync_resources_on_redis_run_from_worker_threads(redis_url: str, p
     guard = Guard(
         {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 1}]}}}, storage=redis_url
     )
-    guard._loop = asyncio.get_running_loop()
+    guard.bind_loop()
 
     @guard.resource("sync", block_handler=lambda x, exc: f"blocked {type(exc).__name__}")
     def sync_call(x: int) -> str:

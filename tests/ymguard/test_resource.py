@@ -110,7 +110,7 @@ async def test_a_sync_resource_on_the_event_loop_thread_is_refused_on_every_stor
         {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 5}]}}},
         storage=storage_uri,
     )
-    guard._loop = asyncio.get_running_loop()
+    guard.bind_loop()
     ran: list[int] = []
 
     @guard.resource("sync")
@@ -160,7 +160,7 @@ async def test_a_sync_resource_runs_its_body_in_the_callers_thread(
     guard = Guard(
         {"key_prefix": prefix, "resources": {"sync": {"flow": [{"qps": 5}]}}}, storage=redis_url
     )
-    guard._loop = asyncio.get_running_loop()
+    guard.bind_loop()
 
     @guard.resource("sync")
     def body() -> str:

@@ -29,12 +29,13 @@ from starlette.routing import Route
 from tests.conftest import require_redis
 from tests.helpers import ROOT, RedisServer, Uvicorn, running, unique_prefix
 from ymguard import Guard, GuardMiddleware, Semaphore, SemaphoreFull
-from ymguard.backends.permits import LeaseKeeper, RedisWaker, close_store_tasks
+from ymguard.backends.permits import LeaseKeeper, close_store_tasks
 from ymguard.chain import Chain, Context
 from ymguard.errors import PROBLEM_BASE, FlowLimited, StorageUnavailable
 from ymguard.semaphore import SemaphoreCheck, SemaphoreRule
 from ymguard.stats import ResourceStats
 from ymguard.storage import RedisStore, Store, store_from_uri
+from ymguard.storage.pubsub import pubsub_of
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -362,7 +363,7 @@ async def test_a_waiter_cancelled_while_subscribing_leaves_wake_ups_working(
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    waker = RedisWaker._wakers[store]
+    waker = pubsub_of(store)
     assert waker.listeners == {}  # the cancelled waiter's event is forgotten
     assert await sem.waiting() == 0
 
@@ -408,7 +409,7 @@ async def test_a_short_wait_is_not_held_up_by_an_unconfirmed_subscription(
         for _ in range(2):  # the second after the first gave up its subscription
             with pytest.raises(SemaphoreFull):
                 await sem.acquire(timeout=0.1)
-    assert RedisWaker._wakers[store].listeners == {}
+    assert pubsub_of(store).listeners == {}
     assert await sem.waiting() == 0
     await holder.release()
     await close_store_tasks(store)
@@ -436,20 +437,20 @@ async def test_close_store_tasks_stops_the_keeper_and_the_wake_ups(store: Store)
     keeper = LeaseKeeper.of(store)
     waiter = asyncio.create_task(sem.acquire(timeout=10))
     await queued(sem, 1)
-    waker = RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
-    assert keeper._task is not None and (waker is None or waker.reader is not None)
+    waker = pubsub_of(store) if isinstance(store, RedisStore) else None
+    assert keeper._task is not None and (waker is None or waker.task is not None)
     await close_store_tasks(store)
     assert keeper._task is None and len(keeper) == 0
     assert store not in LeaseKeeper._keepers
     if waker is not None:  # the waiter, woken, looks again with a waker of its own
-        assert (waker.reader, waker.pubsub) == (None, None)
-        assert RedisWaker._wakers.get(store) is not waker
+        assert (waker.task, waker.pubsub) == (None, None)
+        assert pubsub_of(store) is not waker
     # Nothing renews the holder's lease any more: when it ends, the waiter gets the permit.
     permit = await waiter
     assert await holder.release() is False
     assert await permit.release() is True
     await close_store_tasks(store)  # again: harmless
-    assert store not in LeaseKeeper._keepers and store not in RedisWaker._wakers
+    assert store not in LeaseKeeper._keepers and pubsub_of(store) is None
 
 
 async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefix: str) -> None:
@@ -462,7 +463,7 @@ async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefi
     await holder.release()
     await (await waiter).release()
     keeper = LeaseKeeper.of(store)
-    waker = RedisWaker._wakers.get(store) if isinstance(store, RedisStore) else None
+    waker = pubsub_of(store) if isinstance(store, RedisStore) else None
     ref = weakref.ref(store)
     await store.aclose()
     del store, sem, holder, waiter

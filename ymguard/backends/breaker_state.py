@@ -3,8 +3,8 @@
 On the memory store the state lives in the store's dict and the copy is the truth. On
 Redis it lives in one hash per breaker, changed only by the ``breaker_*.lua`` scripts,
 and every transition is published: each process keeps a local copy of each breaker,
-refreshed by one pub/sub subscriber task per store (:class:`Hub`), so a closed (or open)
-breaker answers without a Redis call.
+refreshed through the store's pub/sub service (:class:`BreakerCopies` on
+:mod:`ymguard.storage.pubsub`), so a closed (or open) breaker answers without a Redis call.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import logging
 import math
 import time
 import weakref
-from asyncio import _get_running_loop
 from collections.abc import Sequence
-from contextlib import suppress
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pybreaker
 
 from ..errors import StorageUnavailable
+from ..storage.pubsub import PubSub, close_pubsub, pubsub_for
+from ..storage.tasks import stopped
 from ._lua import lua
 
 if TYPE_CHECKING:
@@ -102,8 +102,8 @@ class LocalCopy:
         self.busy = False  # one Redis transition of this process at a time, per breaker
         self.listeners: list[Any] = []
         self.watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
-        # The newest Breaker object, for the listeners; weak, as the hub keeps this state
-        # and a Breaker keeps its store (the hub's weak key) alive.
+        # The newest Breaker object, for the listeners; weak, as the copies keep this state
+        # and a Breaker keeps its store (the copies' weak key) alive.
         self.breaker: weakref.ref[Notified] | None = None
 
     def move(
@@ -150,36 +150,30 @@ class LocalCopy:
         self.move(BY_CODE[int(reply[1])], int(reply[3]) / 1000.0, int(reply[4]) / 1000.0)
 
 
-_IDLE_SECONDS = 1.0
-
-
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-class Hub:
-    """One pub/sub subscriber per Redis store keeping every local copy fresh.
+class BreakerCopies:
+    """The local copies of one Redis store's breakers, kept fresh by the store's pub/sub.
 
-    It pattern-subscribes once to every breaker channel under the store's prefix (a
-    breaker created later needs no new subscription) and re-reads every known breaker
-    after each (re)subscription, so a message lost while disconnected costs nothing.
+    It watches one pattern on the store's :class:`~ymguard.storage.pubsub.PubSub`, every
+    breaker channel under the store's prefix (a breaker created later needs no new
+    subscription), and re-reads every known breaker after each (re)subscription, so a
+    message lost while disconnected costs nothing.
 
-    It holds its store weakly (``hubs`` is keyed weakly by the store): a store dropped
-    without ``Guard.aclose`` can be collected, and its subscriber then ends by itself.
+    It holds its store weakly (``copies`` is keyed weakly by the store): a store dropped
+    without ``Guard.aclose`` can be collected, and its pub/sub reader then ends by itself.
     """
 
     def __init__(self, store: RedisStore) -> None:
         self._store = weakref.ref(store)
-        self.client: Any = store.client
-        self.uri = store.uri
         self.states: dict[str, tuple[str, LocalCopy]] = {}  # channel -> (hash key, state)
         self.pattern = _glob_escape(store.key_prefix) + ":{breaker:*}:events"
-        self.ready = False  # subscribed, and every copy read since
-        self.closing = False
-        self.task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # the task's, while it runs
+        self.closed = False
+        self.service: PubSub | None = None  # the pub/sub it watches on, once started
+        self.reads: set[asyncio.Task[None]] = set()  # first reads in flight
         self._read = store.script(lua("breaker_read", "breaker_lib"))
-        self._side: set[asyncio.Task[None]] = set()
 
     def state(self, key: str, channel: str) -> LocalCopy:
         """The local copy of the breaker at ``key``, created (and its read started) on first use."""
@@ -204,12 +198,12 @@ class Hub:
             return None
         if task is None or task.done() or task.get_loop() is not loop:
             task = st.reading = loop.create_task(self._read_one(channel))
-            self._side.add(task)
+            self.reads.add(task)
             task.add_done_callback(self._read_done)
         return task
 
     def _read_done(self, task: asyncio.Task[None]) -> None:
-        self._side.discard(task)
+        self.reads.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a caller that awaited it got it too
 
@@ -223,110 +217,34 @@ class Hub:
         st.apply(reply)
 
     def start(self) -> bool:
-        """Start the subscriber unless it runs on this loop; False if it cannot run.
-
-        A task left pending by an event loop that is gone (a new ``asyncio.run``, a test's
-        fresh loop) never runs again: a subscriber on another loop is started anew.
-        """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        """Watch the breakers' pattern on the running loop; False if it cannot run."""
+        if self.closed:
             return False
-        if self.loop is loop:
-            return True
-        if self.closing:
-            return False
-        self._side = {t for t in self._side if t.get_loop() is loop}
-        self.ready = False
-        task = loop.create_task(self._run(), name=f"ymguard-breakers {self.uri}")
-        task.add_done_callback(self._ended)
-        self.task, self.loop = task, loop
-        return True
-
-    def running(self) -> bool:
-        """Whether the subscriber runs on the running loop."""
-        loop = self.loop
-        return loop is not None and loop is _get_running_loop()
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        if task is self.task:
-            self.loop = None
-
-    def _spawn(self, coro: Any) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self._side.add(task)
-        task.add_done_callback(self._side.discard)
-
-    async def _resync(self, channel: str) -> None:
-        try:
-            await self._read_one(channel)
-        except StorageUnavailable:
-            pass  # the next (re)subscription reads it again
-
-    async def _run(self) -> None:
-        warned = False
-        while True:
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.psubscribe(self.pattern)
-                for channel in list(self.states):
-                    await self._resync(channel)
-                self.ready = True  # subscribed, and every copy read since
-                if warned:
-                    log.warning("ymguard breakers: pub/sub on %s is back", self.uri)
-                    warned = False
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=_IDLE_SECONDS
-                    )
-                    if self._stopping():
-                        return
-                    if message is None:
-                        # Idle: a PING on the subscribed connection finds a dead server.
-                        await pubsub.ping()
-                    elif message.get("type") == "pmessage":
-                        self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.ready = False
-                if self._stopping():
-                    return
-                if not warned:
-                    log.warning(
-                        "ymguard breakers: pub/sub on %s failed (%s: %s); local copies may "
-                        "lag until it reconnects",
-                        self.uri,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    warned = True
-            finally:
-                self.ready = False
-                with suppress(Exception):
-                    await pubsub.aclose()
+        service = self.service
+        if service is None or not service.running():
             store = self._store()
             if store is None:
-                return
-            interval = store.retry_interval
-            del store
-            await asyncio.sleep(interval)
+                return False
+            try:
+                service = self.service = pubsub_for(store)
+            except RuntimeError:  # no event loop runs: the first call starts it
+                return False
+        return service.watch(self.pattern, self._dispatch, self._resync)
 
-    def _stopping(self) -> bool:
-        # A cancellation that a redis-py read swallowed must still end the loop.
-        task = asyncio.current_task()
-        return self.closing or self._store() is None or (task is not None and task.cancelling() > 0)
+    def running(self) -> bool:
+        """Whether the copies are kept fresh on the running loop."""
+        service = self.service
+        return service is not None and self.pattern in service.patterns and service.running()
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = message.get("channel")
-        data = message.get("data")
-        if not isinstance(channel, bytes) or not isinstance(data, bytes):
-            return
-        found = self.states.get(channel.decode())
+    async def _resync(self) -> None:
+        for channel in list(self.states):
+            try:
+                await self._read_one(channel)
+            except StorageUnavailable:
+                pass  # the next (re)subscription reads it again
+
+    def _dispatch(self, channel: str, data: bytes) -> None:
+        found = self.states.get(channel)
         if found is None:
             return
         try:
@@ -337,33 +255,32 @@ class Hub:
         found[1].apply((0, state, version, probe_in, lease_in))
 
     async def aclose(self) -> None:
-        """Stop the subscriber."""
-        self.closing = True
-        loop = asyncio.get_running_loop()
-        # A task of an event loop that is gone never runs again: nothing to stop there.
-        tasks = [t for t in (self.task, *self._side) if t is not None and t.get_loop() is loop]
-        while not all(t.done() for t in tasks):
-            # Cancel again until it lands: a redis-py read may swallow one cancellation.
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=0.05)
+        """Stop the reads in flight; the copies are no longer kept fresh."""
+        self.closed = True
+        await stopped(list(self.reads))
 
 
-hubs: weakref.WeakKeyDictionary[Store, Hub] = weakref.WeakKeyDictionary()
+copies: weakref.WeakKeyDictionary[Store, BreakerCopies] = weakref.WeakKeyDictionary()
 
 
-def hub_for(store: RedisStore) -> Hub:
-    hub = hubs.get(store)
-    if hub is None:
-        hub = hubs[store] = Hub(store)
-    return hub
+def copies_for(store: RedisStore) -> BreakerCopies:
+    """The local copies of ``store``'s breakers (made on first use)."""
+    found = copies.get(store)
+    if found is None:
+        found = copies[store] = BreakerCopies(store)
+    return found
 
 
 async def close_breakers(store: Store) -> None:
-    """Stop the breakers' pub/sub subscriber of a store (``Guard.aclose`` calls it)."""
-    hub = hubs.pop(store, None)
-    if hub is not None:
-        await hub.aclose()
+    """Stop keeping the breaker copies of a store fresh: their reads and its pub/sub.
+
+    ``Store.close_tasks`` (``Guard.aclose``) calls it; breakers made afterwards start
+    afresh.
+    """
+    found = copies.pop(store, None)
+    if found is not None:
+        await found.aclose()
+    await close_pubsub(store)
 
 
 class BreakerStore(Protocol):
@@ -433,7 +350,7 @@ class MemoryBreakerStore:
 
 
 class RedisBreakerStore:
-    """A breaker on Redis: one hash, ``breaker_*.lua``, a copy kept fresh by the hub."""
+    """A breaker on Redis: one hash, ``breaker_*.lua``, a copy kept fresh by pub/sub."""
 
     remote = True
 
@@ -441,25 +358,25 @@ class RedisBreakerStore:
         self.store = store
         self.key = store.key("breaker", name)
         self.channel = store.key("breaker", name, "events")
-        self.hub = hub_for(store)
-        self.copy = self.hub.state(self.key, self.channel)
+        self.copies = copies_for(store)
+        self.copy = self.copies.state(self.key, self.channel)
         self._keys = (self.key, self.channel)
         self._open = store.script(lua("breaker_open", "breaker_lib"))
         self._probe = store.script(lua("breaker_probe", "breaker_lib"))
         self._result = store.script(lua("breaker_result", "breaker_lib"))
-        self.hub.start()
+        self.copies.start()
 
     def start(self) -> bool:
-        """(Re)start the hub's subscriber on the running loop."""
-        return self.hub.start()
+        """(Re)start keeping the copy fresh on the running loop."""
+        return self.copies.start()
 
     def running(self) -> bool:
-        """Whether the hub's subscriber runs on the running loop."""
-        return self.hub.running()
+        """Whether the copy is kept fresh on the running loop."""
+        return self.copies.running()
 
     def learn(self) -> asyncio.Task[None] | None:
-        """The first read of the copy (see :meth:`Hub.learn`)."""
-        return self.hub.learn(self.channel)
+        """The first read of the copy (see :meth:`BreakerCopies.learn`)."""
+        return self.copies.learn(self.channel)
 
     async def probe(self, owner: str, lease_seconds: float) -> Sequence[Any]:
         """``breaker_probe.lua``."""
@@ -490,12 +407,12 @@ __all__ = [
     "CLOSED",
     "HALF_OPEN",
     "OPEN",
+    "BreakerCopies",
     "BreakerState",
     "BreakerStore",
-    "Hub",
     "LocalCopy",
     "MemoryBreakerStore",
     "RedisBreakerStore",
     "close_breakers",
-    "hub_for",
+    "copies_for",
 ]

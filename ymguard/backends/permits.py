@@ -4,9 +4,9 @@ The primitive behind semaphores and the ``concurrency`` grade of flow rules. On 
 holders are a sorted set scored by lease expiry (server time); acquire, release and renew
 are each one Lua script (``permit_*.lua``) that first reclaims expired leases. Waiters
 stand in a line (a second sorted set, by arrival) and are woken by a release through
-pub/sub (one connection per store and event loop, :class:`RedisWaker`). The memory store
-keeps the same structures in process. One :class:`LeaseKeeper` task per store and event
-loop renews the leases of long holders.
+pub/sub (a channel per permit set, on the store's one pub/sub connection:
+:mod:`ymguard.storage.pubsub`). The memory store keeps the same structures in process.
+One :class:`LeaseKeeper` task per store and event loop renews the leases of long holders.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from ..errors import StorageUnavailable
-from ..storage.redis import OUTAGE_ERRORS
-from ..storage.tasks import _background, _forget, stopped
+from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
+from ..storage.tasks import stopped
 from ._lua import lua
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ymguard.semaphore")
 
-#: How long a pub/sub connection with no waiters stays subscribed before it is closed.
-_LINGER = 2.0
 #: How long a waiter waits for its subscription to be confirmed before it falls back to naps.
 _SUBSCRIBE_TIMEOUT = 1.0
 
@@ -296,188 +294,6 @@ class MemoryPermits:
             self.store.data.pop(key, None)
 
 
-class RedisWaker:
-    """One pub/sub connection per Redis store and event loop, shared by every waiter.
-
-    Pub/sub rather than a list with BLPOP: BLPOP parks one pooled connection per waiting
-    task (200 waiters, 200 connections), and a token pushed for a waiter that died stays
-    in the list. Here one connection carries every semaphore's channel, a message names
-    the waiters it is for, and a lost message costs no more than a nap: every waiter also
-    wakes at the lease expiry that would let it in and to refresh its place.
-
-    A subscription that fails or is cancelled midway (a waiter cancelled, or out of time)
-    is forgotten at once, so the next waiter subscribes afresh instead of waiting for a
-    confirmation that will never come. The waker keeps the store's client, not the store:
-    the map of wakers is keyed weakly by store, and a value referencing its key would keep
-    both forever.
-    """
-
-    _wakers: ClassVar[weakref.WeakKeyDictionary[Store, RedisWaker]] = weakref.WeakKeyDictionary()
-
-    def __init__(self, store: RedisStore) -> None:
-        self.client: Any = store.client
-        self.loop = asyncio.get_running_loop()
-        self.pubsub: Any = None
-        self.reader: asyncio.Task[None] | None = None
-        self.listeners: dict[str, dict[str, asyncio.Event]] = {}
-        self.ready: dict[str, asyncio.Event] = {}
-        self.unsupported = False
-        self.closed = False
-
-    @classmethod
-    def of(cls, store: RedisStore) -> RedisWaker:
-        """The waker of ``store`` in the running event loop (a new one if the loop changed)."""
-        waker = cls._wakers.get(store)
-        if waker is None or waker.loop is not asyncio.get_running_loop():
-            waker = cls._wakers[store] = cls(store)
-        return waker
-
-    def listening(self, channel: str) -> bool:
-        """Whether ``channel``'s subscription is confirmed now."""
-        ready = self.ready.get(channel)
-        return ready is not None and ready.is_set()
-
-    async def listen(
-        self, channel: str, waiter: str, deadline: float
-    ) -> tuple[asyncio.Event, bool]:
-        """Register a waiter; returns its event and whether the subscription is confirmed.
-
-        Waits for the confirmation until ``deadline`` (event-loop clock), at most
-        ``_SUBSCRIBE_TIMEOUT``.
-        """
-        waiters = self.listeners.setdefault(channel, {})
-        event = waiters.get(waiter)
-        if event is None:
-            event = waiters[waiter] = asyncio.Event()
-        return event, await self._subscribe(channel, deadline)
-
-    def unlisten(self, channel: str, waiter: str) -> None:
-        """Forget a waiter (the reader unsubscribes once no one has listened for a while)."""
-        waiters = self.listeners.get(channel)
-        if waiters is not None:
-            waiters.pop(waiter, None)
-            if not waiters:
-                del self.listeners[channel]
-
-    async def _subscribe(self, channel: str, deadline: float) -> bool:
-        if self.unsupported or self.closed:
-            return False
-        if self.listening(channel):
-            return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(min(deadline, self.loop.time() + _SUBSCRIBE_TIMEOUT)):
-                ready = self.ready.get(channel)
-                if ready is None:
-                    ready = self.ready[channel] = asyncio.Event()
-                    await self._send_subscribe(channel, ready)
-                await ready.wait()
-        return self.listening(channel)
-
-    async def _send_subscribe(self, channel: str, ready: asyncio.Event) -> None:
-        try:
-            if self.pubsub is None:
-                self.pubsub = self.client.pubsub()
-            pubsub = self.pubsub
-            await pubsub.subscribe(channel)
-        except BaseException as exc:
-            # Forget this attempt; whoever waits on ``ready`` wakes and finds no subscription.
-            if self.ready.get(channel) is ready:
-                del self.ready[channel]
-            ready.set()
-            if self.reader is None or self.reader.done():
-                self._reset()  # nobody reads that connection, and it may be half-written
-            if isinstance(exc, AttributeError | NotImplementedError):
-                self.unsupported = True  # e.g. the asyncio cluster client has no pub/sub
-            elif not isinstance(exc, OUTAGE_ERRORS):
-                raise
-            return
-        if self.pubsub is pubsub and not self.closed:  # else it was dropped meanwhile
-            self._start_reader()
-
-    def _start_reader(self) -> None:
-        if self.reader is None or self.reader.done():
-            self.reader = self.loop.create_task(self._read(self.pubsub))
-
-    def _reset(self) -> None:
-        """Drop the connection and every subscription on it: waiters subscribe afresh."""
-        pubsub, self.pubsub = self.pubsub, None
-        ready, self.ready = self.ready, {}
-        for event in ready.values():
-            event.set()
-        if pubsub is not None:
-            task = self.loop.create_task(_close_pubsub(pubsub))
-            _background.add(task)
-            task.add_done_callback(_forget)
-
-    async def aclose(self) -> None:
-        """Stop the reader and close the connection; waiters wake and look again."""
-        self.closed = True
-        if self.loop is not asyncio.get_running_loop():
-            if self.reader is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.reader.cancel)
-            return
-        if self.reader is not None:
-            await stopped([self.reader])
-            self.reader = None
-        pubsub, self.pubsub = self.pubsub, None
-        self._wake_all()
-        if pubsub is not None:
-            await _close_pubsub(pubsub)
-
-    def _wake_all(self) -> None:
-        ready, self.ready = self.ready, {}
-        for event in ready.values():
-            event.set()
-        for waiters in self.listeners.values():
-            for event in waiters.values():
-                event.set()
-
-    async def _read(self, pubsub: Any) -> None:
-        idle_since: float | None = None
-        try:
-            while True:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is None:
-                    if self.listeners:
-                        idle_since = None
-                    elif idle_since is None:
-                        idle_since = self.loop.time()
-                    elif self.loop.time() - idle_since >= _LINGER:
-                        return
-                    continue
-                channel = _text(msg["channel"])
-                if msg["type"] == "subscribe":
-                    ready = self.ready.get(channel)
-                    if ready is not None:
-                        ready.set()
-                elif msg["type"] == "message":
-                    waiters = self.listeners.get(channel)
-                    if waiters:
-                        for waiter in _text(msg["data"]).split():
-                            event = waiters.get(waiter)
-                            if event is not None:
-                                event.set()
-        except Exception as exc:  # the connection broke: waiters re-subscribe and look again
-            log.debug("ymguard: semaphore wake-up connection lost: %r", exc)
-        finally:
-            # Synchronously, before any await: a waiter arriving now subscribes afresh.
-            if self.reader is asyncio.current_task():
-                self.reader = None
-            if self.pubsub is pubsub:
-                self.pubsub = None
-                self._wake_all()
-            await _close_pubsub(pubsub)
-
-
-async def _close_pubsub(pubsub: Any) -> None:
-    with contextlib.suppress(Exception):
-        await pubsub.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class RedisPermits:
     """Leased permits on Redis: one Lua call per state change (``permit_*.lua``)."""
 
@@ -562,7 +378,7 @@ class RedisPermits:
 
     def listening(self) -> bool:
         """Whether this process already has a confirmed subscription to the wake-ups."""
-        return RedisWaker.of(self.store).listening(self.keys.channel)
+        return pubsub_for(self.store).listening(self.keys.channel)
 
     async def listen(
         self, permit_id: str, deadline: float = math.inf
@@ -571,13 +387,16 @@ class RedisPermits:
 
         Waits for the subscription until ``deadline`` (event-loop clock) at most.
         """
-        return await RedisWaker.of(self.store).listen(self.keys.channel, permit_id, deadline)
+        service = pubsub_for(self.store)
+        # Bounded on its own too: a long wait must not sit out a subscription that hangs.
+        deadline = min(deadline, service.loop.time() + _SUBSCRIBE_TIMEOUT)
+        return await service.listen(self.keys.channel, permit_id, deadline)
 
     def unlisten(self, permit_id: str) -> None:
         """Forget a waiter's event."""
-        waker = RedisWaker._wakers.get(self.store)
-        if waker is not None:
-            waker.unlisten(self.keys.channel, permit_id)
+        service = pubsub_of(self.store)
+        if service is not None:
+            service.unlisten(self.keys.channel, permit_id)
 
     def busy(self) -> bool:
         """Holders and waiters live on Redis: nothing in process to keep."""
@@ -768,9 +587,7 @@ async def close_store_tasks(store: Store) -> None:
     keeper = LeaseKeeper._keepers.pop(store, None)
     if keeper is not None:
         await keeper.aclose()
-    waker = RedisWaker._wakers.pop(store, None)
-    if waker is not None:
-        await waker.aclose()
+    await close_pubsub(store)
 
 
 __all__ = [
@@ -782,7 +599,6 @@ __all__ = [
     "PermitKeys",
     "Permits",
     "RedisPermits",
-    "RedisWaker",
     "close_store_tasks",
     "keep_lease",
     "permit_keys",

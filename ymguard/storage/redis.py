@@ -307,13 +307,15 @@ class RedisStore(Store):
         return self._local
 
     async def close_tasks(self) -> None:
-        """Stop the spawned tasks, the pub/sub readers and the lease keepers."""
+        """Stop the spawned tasks, the pub/sub service and the lease keepers."""
         from ..backends.breaker_state import close_breakers
         from ..backends.permits import close_store_tasks
+        from .pubsub import close_pubsub
 
         await super().close_tasks()
         await close_breakers(self)
         await close_store_tasks(self)
+        await close_pubsub(self)  # the one reader of breakers and waiters alike
         await self.local.close_tasks()
 
     async def aclose(self) -> None:
