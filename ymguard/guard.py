@@ -394,8 +394,9 @@ class Guard:
         self._mapper.startup_checks()
 
     @property
-    def _apps(self) -> list[Any]:
-        return self._mapper.apps
+    def installed(self) -> bool:
+        """Whether :meth:`install` put the exception mapper on an app."""
+        return bool(self._mapper.apps)
 
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.

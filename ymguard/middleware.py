@@ -209,7 +209,7 @@ class GuardMiddleware:
         except Exception as exc:
             # A map_exception made after the app started is not in its handlers: render
             # it here, as install() would have (not counted as an error, like a handled one).
-            response = None if started or not guard._apps else guard.problem_for(exc)
+            response = None if started or not guard.installed else guard.problem_for(exc)
             if response is None:
                 ctx.error = exc
                 raise
