@@ -1,8 +1,7 @@
 """The outbox, its relay and the consumers: at-least-once transport, exactly-once effects.
 
 Each test runs on SQLite and on PostgreSQL (a schema of its own in database ``test``), and
-on the shared Redis under stream names of its own. ``temp_database`` is shared with the
-other FLOW test modules.
+on the shared Redis under stream names of its own (``database_url`` comes from conftest.py).
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
@@ -28,47 +25,6 @@ from demo_service import db
 from demo_service.messaging import Consumer, Message, Relay, enqueue, stream_key
 from demo_service.models import Outbox, ProcessedMessage
 from tests.helpers import REQUIRE_REDIS, ROOT, SHARED_REDIS_URL, unique_prefix
-
-PG_DSN = os.environ.get("YMGUARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(PG_DSN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def temp_database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A SQLAlchemy URL of an empty database of ``kind`` (sqlite | postgresql), dropped after.
-
-    PostgreSQL tests fail rather than skip when ``YMGUARD_REQUIRE_REDIS=1`` (CI).
-    """
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
-        return
-    schema = "t_" + uuid.uuid4().hex[:12]
-    try:
-        await _pg(f"CREATE SCHEMA {schema}")
-    except (OSError, asyncpg.PostgresError) as exc:
-        message = f"PostgreSQL does not answer at {PG_DSN}: {exc}"
-        if REQUIRE_REDIS:
-            pytest.fail(message + " (CI: PostgreSQL tests must run)")
-        pytest.skip(message)
-    user_host = PG_DSN.removeprefix("postgresql://")
-    try:
-        yield f"postgresql+asyncpg://{user_host}?options=-csearch_path%3D{schema}"
-    finally:
-        await _pg(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database on each backend."""
-    async with temp_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture
