@@ -94,3 +94,28 @@ def private_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    """A headless Chromium (Playwright's async API); skip, or fail in CI, without one."""
+    import os
+
+    from tests.browser import LAUNCH_ARGS, chromium_path
+
+    executable = chromium_path()
+    if executable is None:
+        message = "Chromium is not installed (Debian package chromium)"
+        if REQUIRE_REDIS or os.environ.get("CI"):
+            pytest.fail(message + ": CI must run the browser tests")
+        pytest.skip(message)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=executable, headless=True, args=LAUNCH_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
