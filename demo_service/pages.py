@@ -288,15 +288,16 @@ class HtmlErrors:
         if not isinstance(problem, dict):
             problem = {}
         title, sentence = human_message(status, problem)
-        retry = None
+        retry = None  # kept only as delay-seconds (what the guards send)
         for name, value in start.get("headers", ()):
-            if bytes(name).lower() == b"retry-after":
-                retry = bytes(value).decode("latin-1")
+            text = bytes(value).decode("latin-1").strip()
+            if bytes(name).lower() == b"retry-after" and re.fullmatch(r"[0-9]{1,6}", text):
+                retry = text
         html = templates.get_template("error.html").render(
             status=status, title=title, sentence=sentence, retry_after=retry
         )
         response = HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
-        if retry is not None and re.fullmatch(r"[0-9]{1,6}", retry):
+        if retry is not None:
             response.headers["Retry-After"] = retry
         await response(scope, _no_receive, send)
 

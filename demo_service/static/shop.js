@@ -533,7 +533,8 @@
       main.dataset.orderStatus = o.status;
       statusEl.className = "status big status-" + o.status.toLowerCase();
       $("[data-amount]").textContent = "¥" + o.amount;
-      $("[data-pay-status]").textContent = o.pay_status || "not started";
+      const PAY = { TO_PAY: "waiting", PAID: "received", REFUNDED: "refunded", CLOSED: "closed" };
+      $("[data-pay-status]").textContent = PAY[o.pay_status] || o.pay_status || "not started";
       const expires = new Date(o.expires_at);
       $("[data-expires]").textContent = o.status === "TO_PAY" && !isNaN(expires)
         ? expires.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" }) : "–";

@@ -10,6 +10,7 @@ ASGI with httpx and need no browser.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -73,10 +74,9 @@ def _settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[LiveShop]:
-    """The shop on a real socket (its lifespan run by uvicorn)."""
-    settings = _settings(tmp_path)
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[LiveShop]:
+    """The shop of ``settings`` on a real socket (its lifespan run by uvicorn)."""
     shop = LiveShop(settings)
     server = uvicorn.Server(
         uvicorn.Config(shop.app, host="127.0.0.1", port=shop.port, log_level="warning")
@@ -95,6 +95,41 @@ async def live(tmp_path: Path) -> AsyncIterator[LiveShop]:
         await shop.client.aclose()
         assert settings.redis_url is not None
         await delete_prefixed(settings.redis_url, settings.key_prefix or "", settings.redis_prefix)
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[LiveShop]:
+    """The shop with its packaged rules on a real socket."""
+    async with serve(_settings(tmp_path)) as shop:
+        yield shop
+
+
+#: Rules that refuse every buy and every look at one's courses (qps 0): the guards' 429.
+REFUSING_RULES = """\
+resources:
+  "POST /kill/{kill_course_id}":
+    flow:
+      - qps: 0
+        name: kill
+  "GET /me/courses":
+    flow:
+      - qps: 0
+        name: my-courses
+  "orders.submit":
+    submit_token:
+      header: X-Submit-Token
+      ttl_seconds: 900
+      scope: [state:user]
+"""
+
+
+@pytest.fixture
+async def refusing(tmp_path: Path) -> AsyncIterator[LiveShop]:
+    """The shop on a real socket with :data:`REFUSING_RULES`."""
+    rules = tmp_path / "refusing.yaml"
+    rules.write_text(REFUSING_RULES)
+    async with serve(replace(_settings(tmp_path), rules_path=rules)) as shop:
+        yield shop
 
 
 async def _context(
@@ -355,33 +390,33 @@ async def test_names_are_escaped_everywhere(live: LiveShop) -> None:
         assert "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&#39;&amp;" in page.text
 
 
-async def test_a_refused_navigation_is_a_page_in_words(tmp_path: Path) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        'resources:\n  "GET /activities/{activity_id}":\n    flow:\n      - qps: 1\n'
-        "        name: activity\n"
-    )
-    settings = replace(_settings(tmp_path), rules_path=rules)
-    shop = Shop(settings)
-    try:
-        async with shop.app.router.lifespan_context(shop.app):
-            activity = await shop.activity()
-            path = f"/activities/{activity['activity_id']}"
-            answers = [await shop.client.get(path, headers=NAVIGATION) for _ in range(5)]
-            refused = [a for a in answers if a.status_code == 429]
-            assert refused, [a.status_code for a in answers]
-            page = refused[0]
-            assert page.headers["content-type"].startswith("text/html")
-            assert "A lot of people right now" in page.text
-            assert "problem" not in page.headers["content-type"]
-            assert re.fullmatch(r"[0-9]+", page.headers["retry-after"])
-            api = [await shop.client.get(path) for _ in range(5)]
-            assert any(
-                a.status_code == 429 and a.headers["content-type"] == "application/problem+json"
-                for a in api
-            )
-    finally:
-        await shop.client.aclose()
-        await delete_prefixed(
-            settings.redis_url or "", settings.key_prefix or "", settings.redis_prefix
-        )
+async def test_refusals_read_as_words_in_the_browser(browser: Any, refusing: LiveShop) -> None:
+    activity = await refusing.activity()
+    _, token = await refusing.buyer()
+    context = await _context(browser, refusing, PHONE, token)
+    page = await context.new_page()
+
+    # A fetch refused by the guards: a sentence under the button, which stays usable.
+    await page.goto(f"/activities/{activity['activity_id']}")
+    buy = page.locator("[data-buy]").filter(has_text="Buy now")
+    await buy.click()
+    message = page.locator("[data-message]")
+    await message.filter(has_text="try again in a moment").wait_for()
+    assert "{" not in (await message.text_content() or "")
+    await buy.wait_for()  # enabled again: the person may retry
+    assert await buy.is_enabled()
+    await screenshot(page, "phone-activity-refused")
+
+    # A navigation refused by the guards: a page in words, not problem+json.
+    answer = await page.goto("/me/courses")
+    assert answer is not None and answer.status == 429
+    assert answer.headers["content-type"].startswith("text/html")
+    await page.get_by_role("heading", name="A lot of people right now").wait_for()
+    await screenshot(page, "phone-refused-page")
+    await context.close()
+
+    # The same refusal to an API client stays problem+json.
+    async with httpx.AsyncClient(base_url=refusing.url, timeout=60) as http:
+        api = await http.get("/me/courses", headers=refusing.auth(token))
+    assert api.status_code == 429
+    assert api.headers["content-type"] == "application/problem+json"
