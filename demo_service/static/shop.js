@@ -205,6 +205,22 @@
     }
   }
 
+  // The order placed from a kill order in this browser (to find it again after "back").
+  function rememberOrder(killOrderNo, orderNo) {
+    try {
+      localStorage.setItem("ymshop.order." + killOrderNo, orderNo);
+    } catch (e) { /* private mode */ }
+  }
+
+  function rememberedOrder(killOrderNo) {
+    try {
+      const value = localStorage.getItem("ymshop.order." + killOrderNo);
+      return value && /^O[0-9a-f]+$/.test(value) ? value : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
   // -- the seckill page ---------------------------------------------------------------
 
   function activityPage(main) {
@@ -435,7 +451,11 @@
       if (k.status === "EXPIRED" || k.status === "CANCELLED") {
         close("This seckill order is " + STATUS[k.status] + ": its unit went back on sale.");
       } else if (k.status === "ORDERED" && !submitted) {
-        close("This seckill order already has an order: see My courses.");
+        const placed = rememberedOrder(killOrderNo);
+        close(placed ? "You already placed this order." : "This seckill order already has an order.");
+        if (placed) {
+          form.append(link("/orders/" + encodeURIComponent(placed), "Go to your order", "button go"));
+        }
       }
     }).catch(function (problem) {
       status.textContent = "unknown";
@@ -487,6 +507,7 @@
           json: { kill_order_no: killOrderNo, pay_type: payType },
         });
         orderNo = order.order_no;
+        rememberOrder(killOrderNo, orderNo);
         await payOrder(orderNo, message);
       } catch (problem) {
         if (orderNo) {
