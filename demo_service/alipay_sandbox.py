@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import logging
 import re
@@ -39,10 +38,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
+import jinja2
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -685,36 +686,19 @@ async def _gateway(request: Request) -> Response:
         return sandbox.signed_response(method, exc.body)
 
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Alipay sandbox cashier</title>
-<style>body{{font-family:sans-serif;max-width:28rem;margin:3rem auto}}
-.amount{{font-size:2rem;margin:1rem 0}}button{{font-size:1.2rem;padding:.5rem 2rem}}</style>
-</head><body>
-<h1>Alipay sandbox</h1>
-<p class="subject">{subject}</p>
-<p class="amount">&yen; {amount}</p>
-<p class="trade">Order {out_trade_no}</p>
-{action}
-</body></html>
-"""
+#: The cashier page (``templates/sandbox/cashier.html``), autoescaped.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent / "templates" / "sandbox"),
+    autoescape=True,
+)
 
 
 def _cashier_page(trade: Mapping[str, str], status_code: int = 200) -> HTMLResponse:
-    status = trade["status"]
-    if status == WAIT_BUYER_PAY:
-        action = (
-            '<form method="post"><input type="hidden" name="action" value="pay">'
-            '<button type="submit">Pay</button></form>'
-        )
-    elif status == TRADE_SUCCESS:
-        action = '<p class="status">This trade is already paid.</p>'
-    else:
-        action = '<p class="status">This trade is closed and cannot be paid.</p>'
-    page = _PAGE.format(
-        subject=html.escape(trade["subject"]),
+    page = _TEMPLATES.get_template("cashier.html").render(
+        subject=trade["subject"],
         amount=money(trade["total"]),
-        out_trade_no=html.escape(trade["out_trade_no"]),
-        action=action,
+        out_trade_no=trade["out_trade_no"],
+        status=trade["status"],
     )
     return HTMLResponse(page, status_code=status_code)
 

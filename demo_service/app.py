@@ -25,6 +25,7 @@ from . import (
     health,
     messaging,
     orders,
+    pages,
     payments,
     seckill,
     timeouts,
@@ -158,7 +159,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(seckill.SoldOutShortcut)
     # Outside the guards: they see who calls (``state:user``) before they decide.
     app.add_middleware(accounts.AuthMiddleware)
+    # PAGES: a refused or missing page reaches a browser as a page, not as JSON.
+    app.add_middleware(pages.HtmlErrors)
     health.add_health(app)
+    pages.install(app)  # PAGES: HTML for browsers; before the API routers that share paths
     app.include_router(accounts.router)
     app.include_router(activities.router)
     app.include_router(seckill.router)
