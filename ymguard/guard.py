@@ -148,7 +148,7 @@ class Guard:
         self, new: RulesFile, *, pushed: int | None, source: str, text: str | None = None
     ) -> None:
         """Swap to ``new``: the guard's own rules (``pushed`` None) or a pushed version."""
-        check_same_store(new, self.store, self.rules, source=source, text=text)
+        check_same_store(new, self.store, self._runtime.storages, source=source, text=text)
         with self._lock:
             chains = self._compile_all(new)
             origin_of = self._compile_origin(new)

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .backends.rules_feed import MAX_RULES_BYTES, VersionConflict, rules_feed
-from .errors import RuleProblem, RulesError, StorageUnavailable
+from .errors import RuleProblem, RulesError
 from .rules import RulesFile, _line_of, load_rules_text, parse_rules
+from .storage.pubsub import pubsub_of
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -47,6 +48,8 @@ log = logging.getLogger("ymguard")
 
 #: How often a watched rules file is looked at, by default (seconds).
 POLL_SECONDS = 1.0
+#: How often pushed rules are read again while the store cannot be heard (seconds).
+FOLLOW_SECONDS = 1.0
 #: A file modified this recently is read at every poll even if its stat did not change:
 #: some filesystems keep mtimes in whole seconds, so an edit may not move it.
 _RECENT_NS = 2_000_000_000
@@ -86,7 +89,7 @@ def _problem(text: str | None, source: str, loc: tuple[Any, ...], why: str) -> R
 def check_same_store(
     rules: RulesFile,
     store: Store,
-    in_force: RulesFile | None,
+    storages: Iterable[str] = (),
     *,
     source: str,
     text: str | None = None,
@@ -94,15 +97,14 @@ def check_same_store(
     """Refuse rules that name another store than the one the guard runs on.
 
     A reload swaps rules, not stores: ``storage:`` and ``key_prefix:`` must be unset or
-    name the guard's store (``storage:`` as the rules in force, ``in_force``, or the
-    store's URI say; ``key_prefix:`` as the store's). Raises :class:`RulesError` naming
-    the field.
+    name the guard's store (``storage:`` the store's URI or one of ``storages``, the
+    values the guard's rules gave; ``key_prefix:`` the store's). Raises
+    :class:`RulesError` naming the field.
     """
     problems = []
     given = rules.model_fields_set
     uri = getattr(store, "uri", f"{store.kind}://")
-    allowed = (uri,) if in_force is None else (in_force.storage, uri)
-    if "storage" in given and rules.storage not in allowed:
+    if "storage" in given and rules.storage != uri and rules.storage not in storages:
         why = (
             f"is {redact(rules.storage)!r}, but the store here is {redact(uri)!r}: the "
             "store cannot change at run time (restart the process to move it)"
@@ -165,7 +167,7 @@ async def push_rules(
         RulesError: the rules do not validate, carry ``errors:``, or name another store.
     """
     text, parsed = rules_text(rules, source=source)
-    check_same_store(parsed, store, None, source=source, text=text)
+    check_same_store(parsed, store, source=source, text=text)
     digest = rules_digest(parsed)
     version = await rules_feed(store).push(text, digest, source, expected_version)
     return version, digest
@@ -204,6 +206,9 @@ class RulesRuntime:
         self.pushed: int | None = None
         self.seen = 0
         self.digest = rules_digest(guard.rules)
+        #: The ``storage:`` values that name the guard's store: its own rules' and the
+        #: store's URI (an environment variable or argument may override the rules').
+        self.storages = {guard.rules.storage, getattr(guard.store, "uri", "memory://")}
         self.refused: str | None = None
         self.watch_path: Path | None = None
         self.poll_seconds = POLL_SECONDS
@@ -212,7 +217,7 @@ class RulesRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
-        self._syncing: asyncio.Task[None] | None = None
+        self._stale = False  # the last read of pushed rules failed: read again soon
 
     @property
     def version(self) -> str:
@@ -282,6 +287,8 @@ class RulesRuntime:
             self._spawn(loop, self._watch(self._file))
         if self.follow_pushed:
             rules_feed(self.guard.store).listen(self._heard)
+            if self.guard.store.remote:
+                self._spawn(loop, self._follow())
             await self.sync()
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, work: Any) -> None:
@@ -320,6 +327,16 @@ class RulesRuntime:
             return
         self._spawn(loop, self.sync())
 
+    async def _follow(self) -> None:
+        """Read pushed rules again each second while nudges cannot be trusted: the last
+        read failed, or the store's client has no pub/sub (Redis Cluster)."""
+        store = self.guard.store
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            service = pubsub_of(store)
+            if self._stale or (service is not None and service.unsupported):
+                await self.sync()
+
     async def sync(self) -> None:
         """Read the newest pushed version and swap to it if it is new and good."""
         lock = self._lock
@@ -328,9 +345,12 @@ class RulesRuntime:
         async with lock:
             try:
                 record = await rules_feed(self.guard.store).latest()
-            except StorageUnavailable as exc:
-                log.warning("ymguard: could not read pushed rules (%s); retried on reconnect", exc)
+            except Exception as exc:  # down, or a record this version cannot read
+                if not self._stale:
+                    log.warning("ymguard: could not read pushed rules (%s); trying again", exc)
+                self._stale = True
                 return
+            self._stale = False
             if record is None or record.version <= self.seen:
                 return
             self.seen = record.version
@@ -350,7 +370,7 @@ class RulesRuntime:
         """Push ``rules`` from this guard; returns once this guard runs them."""
         text, parsed = rules_text(rules, source=source)
         guard = self.guard
-        check_same_store(parsed, guard.store, guard.rules, source=source, text=text)
+        check_same_store(parsed, guard.store, self.storages, source=source, text=text)
         feed = rules_feed(guard.store)
         version = await feed.push(text, rules_digest(parsed), source, expected)
         if self.follow_pushed:
