@@ -44,8 +44,10 @@ examples:
   ymguard check rules.yaml
   ymguard check rules.yaml --app myshop.main:app
   ymguard check rules.yaml --app myshop.main:create_app --factory
+  ymguard push rules.yaml          # every process on that Redis swaps to it
+  ymguard rules rules.yaml         # the pushed version in force
 
-The rules file is documented in docs/rules.md.
+The rules file is documented in docs/rules.md, rules at run time in docs/operations.md.
 """
 
 
