@@ -9,6 +9,7 @@ their lifecycle. Rule kinds come from ``registry.py`` (the guard knows none by n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
@@ -121,9 +122,12 @@ class Guard:
                 ``FILE:LINE: field: why``, and the rules in force stay.
             poll_seconds: how often a watched file is looked at.
         """
-        data = Path(path).read_bytes() if watch else None
+        data = b""
+        if watch:  # read before loading: an edit in between is then seen as one
+            with contextlib.suppress(OSError):
+                data = Path(path).read_bytes()
         guard = cls(load_rules(path), storage)
-        if data is not None:
+        if watch:
             guard._runtime.watch(path, data, poll_seconds)
         return guard
 

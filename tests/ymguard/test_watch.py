@@ -110,3 +110,17 @@ async def test_an_unwatched_guard_reads_its_file_once(tmp_path: Path) -> None:
         assert qps_of(guard) == 10
     finally:
         await guard.aclose()
+
+
+async def test_a_file_whose_storage_the_guard_overrides_still_reloads(tmp_path: Path) -> None:
+    # The guard runs on the store it was given (or $YMGUARD_STORAGE), not the file's
+    # storage: an edit of the same file is still the same store.
+    path = tmp_path / "rules.yaml"
+    path.write_text("storage: redis://10.9.9.9:6379/0\n" + RULES.format(qps=10))
+    guard = Guard.from_yaml(path, "memory://", watch=True, poll_seconds=0.05)
+    await guard.start()
+    try:
+        path.write_text(path.read_text().replace("qps: 10", "qps: 12"))
+        await eventually(lambda: qps_of(guard) == 12, "the edit is reloaded")
+    finally:
+        await guard.aclose()
