@@ -200,7 +200,7 @@ class Guard:
                 shape of the rules file, or a :class:`RulesFile`.
             source: the name problems are reported against, stored with the version.
             expected_version: push only if this version is in force in the store now (0:
-                nothing pushed yet), else raise ``VersionConflict``.
+                nothing pushed yet), else raise :class:`~ymguard.rulesync.VersionConflict`.
 
         Raises:
             RulesError: the rules do not validate, carry ``errors:`` (it imports code:
