@@ -39,6 +39,7 @@ from .backends.rules_feed import MAX_RULES_BYTES, VersionConflict, rules_feed
 from .errors import RuleProblem, RulesError
 from .rules import RulesFile, _line_of, load_rules_text, parse_rules
 from .storage.pubsub import pubsub_of
+from .storage.tasks import stopped
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -254,14 +255,6 @@ class RulesRuntime:
             st = os.stat(self.watch_path)
             state.signature = (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    @property
-    def running(self) -> bool:
-        """Whether the background tasks run on the running event loop."""
-        try:
-            return self._loop is asyncio.get_running_loop() and bool(self._tasks or self._lock)
-        except RuntimeError:
-            return False
-
     def start_soon(self) -> None:
         """Start in a task of the running loop (from sync code on the loop); no-op if none."""
         try:
@@ -275,8 +268,8 @@ class RulesRuntime:
     async def start(self) -> None:
         """Start watching and following; returns once the newest pushed version is read.
 
-        Idempotent on one event loop. If the store does not answer, the guard keeps its
-        own rules and reads pushed ones once the store's pub/sub reconnects.
+        Idempotent on one event loop. If the store does not answer, the guard keeps the
+        rules it has and reads pushed ones again each second until it does.
         """
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._lock is not None:
@@ -307,13 +300,7 @@ class RulesRuntime:
             feed = rules_feed(self.guard.store)
             feed.unlisten(self._heard)
         tasks, self._tasks = list(self._tasks), set()
-        here = asyncio.get_running_loop()
-        for task in tasks:
-            if task.get_loop() is here:
-                task.cancel()
-        mine = [t for t in tasks if t.get_loop() is here]
-        if mine:
-            await asyncio.wait(mine)
+        await stopped(tasks)
         self._loop = None
         self._lock = None
 
