@@ -1,12 +1,14 @@
-"""The ymguard command line: check a rules file and show what will apply."""
+"""The ymguard command line: check a rules file, push rules to Redis, show the pushed rules."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from .routecheck import (
     iter_routes,
     unmatched_rules,
 )
-from .rules import RulesFile, line_finder, load_rules
+from .rules import RulesFile, line_finder, load_rules, load_rules_text
+from .rulesync import redact
 
 _DESCRIPTION = """\
 Sentinel-style resilience for ASGI apps.
@@ -41,8 +44,10 @@ examples:
   ymguard check rules.yaml
   ymguard check rules.yaml --app myshop.main:app
   ymguard check rules.yaml --app myshop.main:create_app --factory
+  ymguard push rules.yaml          # every process on that Redis swaps to it
+  ymguard rules rules.yaml         # the pushed version in force
 
-The rules file is documented in docs/rules.md.
+The rules file is documented in docs/rules.md, rules at run time in docs/operations.md.
 """
 
 
@@ -160,6 +165,136 @@ def _check(file: str, app_spec: str | None, factory: bool = False) -> int:
     return 0
 
 
+_PUSH_DESCRIPTION = """\
+ymguard push FILE stores FILE in Redis as the next version of the rules, and every
+guard on that Redis and key prefix swaps to it within a second (a process started
+later begins with it). The file is validated first, as every process validates it
+again: a bad file is refused (problems as FILE:LINE: field: why, exit 2) and nothing
+changes. Pushed rules cannot carry errors: (it imports code).
+
+Redis is --storage, else $YMGUARD_STORAGE, else the file's storage:; the key prefix is
+the file's key_prefix:.
+"""
+
+_RULES_DESCRIPTION = """\
+ymguard rules shows the version of the pushed rules in force on a Redis and key prefix,
+and the rules themselves. Redis and the prefix come from --storage / --key-prefix, else
+from FILE's storage: and key_prefix:, else $YMGUARD_STORAGE and "ymguard". Exits 1 if
+nothing was pushed there.
+"""
+
+
+def _redis_store(uri: str | None, key_prefix: str) -> Any:
+    """A Redis store for the command, or a message saying why there is none."""
+    from .storage import check_storage_uri, store_from_uri
+
+    if not uri or uri.startswith("memory://"):
+        return (
+            "needs a Redis store: give --storage redis://HOST:6379/0, set YMGUARD_STORAGE, "
+            "or write storage: in the rules file"
+        )
+    try:
+        check_storage_uri(uri)
+        return store_from_uri(uri, key_prefix=key_prefix)
+    except ValueError as exc:
+        return str(exc)
+
+
+def _push(file: str, storage: str | None, expected: int | None) -> int:
+    from .backends.rules_feed import VersionConflict
+    from .errors import StorageUnavailable
+    from .rulesync import push_rules
+
+    path = Path(file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{file}:0: (file): {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules_text(text, source=file, allow_errors=False)
+    except RulesError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"ymguard push: {file} refused; nothing was pushed", file=sys.stderr)
+        return 2
+    uri = storage or os.environ.get("YMGUARD_STORAGE") or rules.storage
+    store = _redis_store(uri, rules.key_prefix)
+    if isinstance(store, str):
+        print(f"ymguard push: {store}", file=sys.stderr)
+        return 2
+
+    async def push() -> tuple[int, str]:
+        try:
+            return await push_rules(store, text, source=file, expected_version=expected)
+        finally:
+            await store.aclose()
+
+    try:
+        version, digest = asyncio.run(push())
+    except RulesError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"ymguard push: {file} refused; nothing was pushed", file=sys.stderr)
+        return 2
+    except VersionConflict as exc:
+        print(
+            f"ymguard push: expected version {expected}, but {exc.current} is in force; "
+            "nothing was pushed",
+            file=sys.stderr,
+        )
+        return 1
+    except StorageUnavailable as exc:
+        print(f"ymguard push: {redact(str(exc))}; nothing was pushed", file=sys.stderr)
+        return 1
+    where = f"{redact(store.uri)} (key prefix {rules.key_prefix})"
+    print(f"pushed {file} as version {version} to {where}")
+    print(f"digest {digest}")
+    return 0
+
+
+def _show(file: str | None, storage: str | None, key_prefix: str | None) -> int:
+    from .backends.rules_feed import rules_feed
+    from .errors import StorageUnavailable
+
+    rules = None
+    if file is not None:
+        try:
+            rules = load_rules(file)
+        except RulesError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 2
+    uri = storage or (rules.storage if rules and "storage" in rules.model_fields_set else None)
+    uri = uri or os.environ.get("YMGUARD_STORAGE")
+    prefix = key_prefix or (rules.key_prefix if rules else "ymguard")
+    store = _redis_store(uri, prefix)
+    if isinstance(store, str):
+        print(f"ymguard rules: {store}", file=sys.stderr)
+        return 2
+
+    async def read() -> Any:
+        try:
+            return await rules_feed(store).latest()
+        finally:
+            await store.aclose()
+
+    where = f"{redact(store.uri)} (key prefix {prefix})"
+    try:
+        record = asyncio.run(read())
+    except StorageUnavailable as exc:
+        print(f"ymguard rules: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    if record is None:
+        print(f"# no rules pushed to {where}: every guard runs its own rules")
+        return 1
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.pushed_ms / 1000))
+    print(f"# version {record.version} in force on {where}")
+    print(f"# pushed {when} from {record.source}, digest {record.digest}")
+    print(record.text, end="" if record.text.endswith("\n") else "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ymguard`` console script; returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -187,7 +322,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="MODULE:APP is a function that returns the app (called with no arguments)",
     )
+    push = sub.add_parser(
+        "push",
+        help="store a rules file in Redis as the next version; every process swaps to it",
+        description=_PUSH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("file", metavar="FILE", help="the rules file (YAML)")
+    push.add_argument("--storage", metavar="URI", help="the Redis to push to")
+    push.add_argument(
+        "--expect-version",
+        metavar="N",
+        type=int,
+        help="push only if version N is in force (0: nothing pushed yet)",
+    )
+    show = sub.add_parser(
+        "rules",
+        help="show the version of the pushed rules in force, and the rules",
+        description=_RULES_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("file", metavar="FILE", nargs="?", help="read Redis and prefix from it")
+    show.add_argument("--storage", metavar="URI", help="the Redis to read")
+    show.add_argument("--key-prefix", metavar="PREFIX", help="the key prefix (default ymguard)")
     args = parser.parse_args(argv)
+    if args.command == "push":
+        return _push(args.file, args.storage, args.expect_version)
+    if args.command == "rules":
+        return _show(args.file, args.storage, args.key_prefix)
     return _check(args.file, args.app, args.factory)
 
 

@@ -9,6 +9,7 @@ their lifecycle. Rule kinds come from ``registry.py`` (the guard knows none by n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
@@ -34,6 +35,7 @@ from .mapper import ExceptionMapper
 from .registry import build_checks
 from .resource import RouteLimit, SyncBridge, guarded_resource
 from .rules import ResourceRules, RulesFile, load_rules, parse_rules
+from .rulesync import RulesRuntime, check_same_store
 from .semaphore import Semaphore, semaphore_for_rule
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
@@ -52,6 +54,9 @@ class Guard:
         storage: a storage URI or a :class:`Store`; ``YMGUARD_STORAGE`` in the
             environment wins over a URI given here or in the rules.
         source: the name problems in ``rules`` are reported against.
+        follow_pushed: follow the rules pushed to the store (``ymguard push``,
+            :meth:`publish_rules`): the newest pushed version replaces ``rules`` when
+            the guard starts, and every later push swaps in (see ``docs/operations.md``).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class Guard:
         storage: str | Store | None = None,
         *,
         source: str = "<rules>",
+        follow_pushed: bool = True,
     ) -> None:
         self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules, source=source)
         if isinstance(storage, Store):
@@ -78,7 +84,9 @@ class Guard:
         self._observers: list[Observer] = []
         #: Runs the chain steps of sync code on the app's event loop (:meth:`bind_loop`).
         self.sync_bridge = SyncBridge(self.store)
-        self._mapper = ExceptionMapper(lambda: self.rules.errors)
+        # errors: comes from the app's own rules only (pushed rules cannot carry it).
+        self._errors = self.rules.errors
+        self._mapper = ExceptionMapper(lambda: self._errors)
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin(self.rules)
         self._env = Env(
@@ -92,30 +100,122 @@ class Guard:
         # Every resource of the rules is compiled now: a rules problem shows at once, and
         # a reload swaps complete sets.
         self._chains: dict[str, Chain] = self._compile_all(self.rules)
+        self._runtime = RulesRuntime(self)
+        self._runtime.follow_pushed = follow_pushed
 
     @classmethod
-    def from_yaml(cls, path: str | Path, storage: str | Store | None = None) -> Guard:
-        """A guard from a YAML rules file; raises :class:`RulesError` naming file and line."""
-        return cls(load_rules(path), storage)
+    def from_yaml(
+        cls,
+        path: str | Path,
+        storage: str | Store | None = None,
+        *,
+        watch: bool = False,
+        poll_seconds: float = 1.0,
+    ) -> Guard:
+        """A guard from a YAML rules file; raises :class:`RulesError` naming file and line.
+
+        Args:
+            path: the rules file.
+            storage: a storage URI or store (see :class:`Guard`).
+            watch: reload the file when it changes (looked at every ``poll_seconds``,
+                from the guard's start on): a bad edit is refused and logged as
+                ``FILE:LINE: field: why``, and the rules in force stay.
+            poll_seconds: how often a watched file is looked at.
+        """
+        data = b""
+        if watch:  # read before loading: an edit in between is then seen as one
+            with contextlib.suppress(OSError):
+                data = Path(path).read_bytes()
+        guard = cls(load_rules(path), storage)
+        if watch:
+            guard._runtime.watch(path, data, poll_seconds)
+        return guard
 
     def __repr__(self) -> str:
         return f"Guard({len(self.rules.resources)} resources, store={self.store!r})"
 
     # -- rules and chains ----------------------------------------------------------------
 
-    def reload(self, rules: Mapping[str, Any] | RulesFile) -> None:
+    def reload(self, rules: Mapping[str, Any] | RulesFile, *, source: str = "<rules>") -> None:
         """Swap the whole rule set at once; calls already inside a chain finish on the old one.
 
         The new chains are compiled before the swap, under the guard's lock; rules that did
         not change keep their state (window counts, breaker states, held permits), which
-        is keyed by rule identity, not by position.
+        is keyed by rule identity, not by position. A set with any problem is refused
+        whole (:class:`RulesError`) and the old one stays; so is one naming another
+        ``storage:`` or ``key_prefix:`` (a reload swaps rules, not stores).
         """
-        new = rules if isinstance(rules, RulesFile) else parse_rules(rules)
+        new = rules if isinstance(rules, RulesFile) else parse_rules(rules, source=source)
+        self._swap(new, pushed=None, source=source)
+
+    def _swap(
+        self, new: RulesFile, *, pushed: int | None, source: str, text: str | None = None
+    ) -> None:
+        """Swap to ``new``: the guard's own rules (``pushed`` None) or a pushed version."""
+        check_same_store(new, self.store, self._runtime.storages, source=source, text=text)
         with self._lock:
             chains = self._compile_all(new)
             origin_of = self._compile_origin(new)
+            if new.on_storage_error != self.rules.on_storage_error:
+                self.store.on_storage_error = new.on_storage_error
             self.rules, self._chains, self._origin_of = new, chains, origin_of
+            if pushed is None:  # the app's own rules: their errors: apply
+                self._errors = new.errors
             self._mapper.rules_changed()
+            self._runtime.swapped(new, pushed)
+
+    @property
+    def rules_version(self) -> str:
+        """The version of the rules in force, for dashboards and logs.
+
+        The pushed version number (``"3"``) while pushed rules are in force, else
+        ``sha256:`` and the first 12 hex digits of :attr:`rules_digest`.
+        """
+        return self._runtime.version
+
+    @property
+    def rules_digest(self) -> str:
+        """The digest of the rules in force (``sha256:`` and 64 hex digits).
+
+        Computed over every value that applies, defaults included: comments and
+        formatting do not change it, and processes running the same rules show the same.
+        """
+        return self._runtime.digest
+
+    async def publish_rules(
+        self,
+        rules: str | Mapping[str, Any] | RulesFile,
+        *,
+        source: str = "<published>",
+        expected_version: int | None = None,
+    ) -> int:
+        """Store ``rules`` as the next pushed version on the store and swap every guard to it.
+
+        On Redis every process on the same key prefix swaps within a second, and one
+        started later begins with it; on the memory store the guards sharing the store
+        do. Returns the new version once this guard runs it.
+
+        Args:
+            rules: YAML text (problems are reported against its lines), a dict in the
+                shape of the rules file, or a :class:`RulesFile`.
+            source: the name problems are reported against, stored with the version.
+            expected_version: push only if this version is in force in the store now (0:
+                nothing pushed yet), else raise :class:`~ymguard.rulesync.VersionConflict`.
+
+        Raises:
+            RulesError: the rules do not validate, carry ``errors:`` (it imports code:
+                only the app's own rules may), or name another store; nothing is stored.
+        """
+        return await self._runtime.publish(rules, source, expected_version)
+
+    async def start(self) -> None:
+        """Start following pushed rules and watching the rules file, on the running loop.
+
+        ``GuardMiddleware`` starts it at the app's first ASGI call (its lifespan); await
+        it in the app's lifespan to be sure the newest pushed version is in force before
+        the first request. Idempotent; :meth:`aclose` stops it.
+        """
+        await self._runtime.start()
 
     def stats(self, resource: str) -> ResourceStats:
         """The sliding-window statistics of a resource (created on first use)."""
@@ -390,8 +490,12 @@ class Guard:
         self._mapper.resolve_errors()
 
     def startup_checks(self) -> None:
-        """What ``GuardMiddleware`` checks on the app's first ASGI call (see the mapper)."""
+        """What ``GuardMiddleware`` checks on the app's first ASGI call (see the mapper).
+
+        It also starts following pushed rules and watching the rules file (:meth:`start`).
+        """
         self._mapper.startup_checks()
+        self._runtime.start_soon()
 
     @property
     def installed(self) -> bool:
@@ -402,8 +506,10 @@ class Guard:
         """Stop the background tasks on the guard's store and close its connections.
 
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
-        and idempotency leases and writes still waiting for the store.
+        and idempotency leases and writes still waiting for the store; the rules watcher
+        and the follower of pushed rules.
         """
+        await self._runtime.aclose()
         await self.store.close_tasks()
         await self.store.aclose()
 

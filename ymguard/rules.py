@@ -397,6 +397,14 @@ def load_rules(path: str | Path, *, allow_errors: bool = True) -> RulesFile:
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise RulesError([RuleProblem(source, line, "(file)", "not UTF-8 text")]) from None
+    return load_rules_text(text, source=source, allow_errors=allow_errors)
+
+
+def load_rules_text(text: str, *, source: str = "<rules>", allow_errors: bool = True) -> RulesFile:
+    """Validate rules given as YAML text (a pushed version, a file just read).
+
+    The same checks as :func:`load_rules`, with problems reported against ``source``.
+    """
     data, node = _read_yaml(text, source)
     if data is None:
         why = "the file is empty: it guards nothing (write resources: ..., see docs/rules.md)"
@@ -438,5 +446,6 @@ __all__ = [
     "check_resource_name",
     "line_finder",
     "load_rules",
+    "load_rules_text",
     "parse_rules",
 ]
