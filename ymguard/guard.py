@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pybreaker
+from opentelemetry.metrics import MeterProvider
 
 from ._kind import Env
 from .antiresubmit import SubmitTokenRule, SubmitTokens
@@ -31,6 +32,7 @@ from .chain import (
 )
 from .errors import ProblemResponse
 from .mapper import ExceptionMapper
+from .metrics import GuardMetrics
 from .registry import build_checks
 from .resource import RouteLimit, SyncBridge, guarded_resource
 from .rules import ResourceRules, RulesFile, load_rules, parse_rules
@@ -52,6 +54,10 @@ class Guard:
         storage: a storage URI or a :class:`Store`; ``YMGUARD_STORAGE`` in the
             environment wins over a URI given here or in the rules.
         source: the name problems in ``rules`` are reported against.
+        metrics: OpenTelemetry metrics (``metrics.py``): True (the default) records
+            through the global meter provider, a no-op until the app sets an SDK one;
+            a ``MeterProvider`` records into that one; False records nothing and costs
+            nothing. ``guard.metrics`` is the :class:`~ymguard.metrics.GuardMetrics`.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class Guard:
         storage: str | Store | None = None,
         *,
         source: str = "<rules>",
+        metrics: bool | MeterProvider = True,
     ) -> None:
         self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules, source=source)
         if isinstance(storage, Store):
@@ -92,6 +99,11 @@ class Guard:
         # Every resource of the rules is compiled now: a rules problem shows at once, and
         # a reload swaps complete sets.
         self._chains: dict[str, Chain] = self._compile_all(self.rules)
+        self.metrics: GuardMetrics | None = None
+        if metrics is not False:
+            self.metrics = GuardMetrics(self, None if metrics is True else metrics)
+            self.observe(self.metrics)
+            self.add_breaker_listener(self.metrics.breaker_listener)
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage: str | Store | None = None) -> Guard:
