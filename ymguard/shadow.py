@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -61,17 +62,22 @@ class _Shadowed:
 #: The token of a call a shadow rule would have refused: its ``exit`` has nothing to undo.
 SHADOWED: Final = _Shadowed()
 
-# (resource, rule) -> [when the last line was logged, refusals not logged since]. Rules
-# come from the rules file, never from clients: the map stays bounded.
-_last_logged: dict[tuple[str, str], list[float]] = {}
+# Per check: [when its last line was logged, refusals not logged since]. Checks are made
+# from the rules file (a reload makes new ones), never from clients: the maps stay bounded.
+_last_logged: weakref.WeakKeyDictionary[object, list[float]] = weakref.WeakKeyDictionary()
+_last_logged_by_name: dict[tuple[str, str], list[float]] = {}  # checks without weakrefs
 
 
-def _log(error: Blocked, kind: str) -> None:
-    key = (error.resource, error.rule)
+def _log(check: object, error: Blocked, kind: str) -> None:
     now = time.monotonic()
-    entry = _last_logged.get(key)
-    if entry is None:
-        entry = _last_logged[key] = [now - LOG_INTERVAL, 0.0]
+    try:
+        entry = _last_logged.get(check)
+        if entry is None:
+            entry = _last_logged[check] = [now - LOG_INTERVAL, 0.0]
+    except TypeError:  # a check class with __slots__ and no __weakref__
+        entry = _last_logged_by_name.setdefault(
+            (error.resource, error.rule), [now - LOG_INTERVAL, 0.0]
+        )
     entry[1] += 1
     if now - entry[0] < LOG_INTERVAL:
         return
@@ -98,7 +104,7 @@ def _shadow_methods(cls: Any) -> dict[str, Any]:
             if ctx.shadowed is None:
                 ctx.shadowed = []
             ctx.shadowed.append((exc, self))
-            _log(exc, self.kind)
+            _log(self, exc, self.kind)
             return SHADOWED
 
     async def exit(self: Any, ctx: Context, token: Any) -> None:
