@@ -25,7 +25,7 @@ import socket
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -51,7 +51,13 @@ class Telemetry:
                 "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
             }
         )
-        self.provider = MeterProvider(metric_readers=[self.reader], resource=resource)
+        # No exemplars: the demo records no traces, and the default filter (trace-based)
+        # looks for a sampled span on every recording.
+        self.provider = MeterProvider(
+            metric_readers=[self.reader],
+            resource=resource,
+            exemplar_filter=AlwaysOffExemplarFilter(),
+        )
 
     async def metrics(self, request: Request) -> Response:
         """``GET /metrics``: this process's metrics in the Prometheus text format."""

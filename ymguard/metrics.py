@@ -8,11 +8,11 @@ registers it as an observer of every chain, so no check records anything itself:
 ========================================  =================  ===========================
 instrument                                kind               recorded
 ========================================  =================  ===========================
-``ymguard.requests``                      Counter            each call, once: ``passed``,
+``ymguard.requests``                      Counter (*)        each call, once: ``passed``,
                                                              ``blocked``, ``shadow_blocked``
                                                              or ``replayed``
 ``ymguard.request.duration``              Histogram (s)      each admitted call, at its end
-``ymguard.active_requests``               UpDownCounter      admitted calls in flight
+``ymguard.active_requests``               UpDownCounter (*)  admitted calls in flight
 ``ymguard.queue.duration``                Histogram (s)      each wait a check reports
                                                              (:func:`~ymguard.chain.report_wait`)
 ``ymguard.circuit_breaker.state``         observable Gauge   each breaker, when collected
@@ -21,6 +21,11 @@ instrument                                kind               recorded
 ``ymguard.storage.outages``               Counter            each outage of the store that
                                                              this process's calls meet
 ========================================  =================  ===========================
+
+(*) Counted in process (one integer increment per call) and reported at each collection
+through an observable counter and an observable up-down counter: the same data (a
+monotonic sum, a non-monotonic sum) without the SDK's per-call cost (some 10-20 us per
+instrument call). Only the duration histogram is recorded through the SDK per call.
 
 Attribute values are resource names, rule kinds, problem codes, breaker and semaphore
 names and the store's URI (without credentials): all come from the rules file and the
@@ -36,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -109,8 +114,11 @@ class _Instruments:
 
         meter = otel.get_meter(METER_NAME, __version__, meter_provider=provider)
         self.guards: weakref.WeakSet[GuardMetrics] = weakref.WeakSet()
-        self.requests = meter.create_counter(
+        # Calls and calls in flight are counted in process (an increment per call) and
+        # reported at each collection: the SDK's per-call cost stays off the request path.
+        meter.create_observable_counter(
             "ymguard.requests",
+            callbacks=[self._requests],
             unit="{request}",
             description="Calls that reached a guarded resource, by what the guard did.",
         )
@@ -120,8 +128,9 @@ class _Instruments:
             description="Time from entering the guard to the end of an admitted call.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.active = meter.create_up_down_counter(
+        meter.create_observable_up_down_counter(
             "ymguard.active_requests",
+            callbacks=[self._active],
             unit="{request}",
             description="Admitted calls in flight.",
         )
@@ -154,6 +163,12 @@ class _Instruments:
             description="Permits of each semaphore: held, available, and callers waiting.",
         )
 
+    def _requests(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        yield from _summed(c for guard in list(self.guards) for c in guard.request_counts())
+
+    def _active(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        yield from _summed(c for guard in list(self.guards) for c in guard.active_counts())
+
     def _breaker_states(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
         for guard in list(self.guards):
             yield from guard.breaker_observations()
@@ -161,6 +176,20 @@ class _Instruments:
     def _permits(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
         for guard in list(self.guards):
             yield from guard.permit_observations()
+
+
+def _summed(counts: Iterable[list[Any]]) -> Iterator[otel.Observation]:
+    """One observation per attribute set (two guards of one process may share some)."""
+    totals: dict[frozenset[tuple[str, str]], list[Any]] = {}
+    for attrs, value in counts:
+        key = frozenset(attrs.items())
+        found = totals.get(key)
+        if found is None:
+            totals[key] = [attrs, value]
+        else:
+            found[1] += value
+    for attrs, value in totals.values():
+        yield otel.Observation(value, attrs)
 
 
 _by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
@@ -175,31 +204,36 @@ def _instruments(provider: otel.MeterProvider | None) -> _Instruments:
 
 
 class _Resource:
-    """The attribute sets of one resource, made once (a call builds no dict)."""
+    """The counts of one resource, each beside its attribute set (made once per series).
 
-    __slots__ = ("active", "blocked", "outcome", "passed", "replayed", "shadow")
+    A count is a ``[attributes, n]`` pair: a call adds to ``n``, a collection reads it.
+    """
+
+    __slots__ = ("active", "name", "outcome", "passed", "refusals", "replayed")
 
     def __init__(self, resource: str) -> None:
-        self.active = {RESOURCE: resource}
-        self.passed = {RESOURCE: resource, RESULT: "passed"}
-        self.replayed = {RESOURCE: resource, RESULT: "replayed"}
-        self.blocked: dict[tuple[str, str], Attributes] = {}
-        self.shadow: dict[tuple[str, str], Attributes] = {}
+        self.name = resource
+        self.active: list[Any] = [{RESOURCE: resource}, 0]
+        self.passed: list[Any] = [{RESOURCE: resource, RESULT: "passed"}, 0]
+        self.replayed: list[Any] = [{RESOURCE: resource, RESULT: "replayed"}, 0]
+        self.refusals: dict[tuple[str, str, str], list[Any]] = {}
         self.outcome = {
             name: {RESOURCE: resource, OUTCOME: name} for name in ("success", "error", "cancelled")
         }
 
-    def refused(self, result: str, kind: str, code: str) -> Attributes:
-        table = self.blocked if result == "blocked" else self.shadow
-        attrs = table.get((kind, code))
-        if attrs is None:
-            attrs = table[(kind, code)] = {
-                RESOURCE: self.active[RESOURCE],
-                RESULT: result,
-                RULE_KIND: kind,
-                ERROR_TYPE: code,
-            }
-        return attrs
+    def refused(self, result: str, kind: str, code: str) -> list[Any]:
+        """The count of refusals (``blocked`` or ``shadow_blocked``) by one kind and code."""
+        count = self.refusals.get((result, kind, code))
+        if count is None:
+            attrs = {RESOURCE: self.name, RESULT: result, RULE_KIND: kind, ERROR_TYPE: code}
+            count = self.refusals[(result, kind, code)] = [attrs, 0]
+        return count
+
+    def counts(self) -> Iterator[list[Any]]:
+        """Every request count of the resource that has counted a call."""
+        for count in (self.passed, self.replayed, *list(self.refusals.values())):
+            if count[1]:
+                yield count
 
 
 def _rule_kind(error: Blocked, check: Check) -> str:
@@ -244,10 +278,7 @@ class GuardMetrics:
         self._guard = weakref.ref(guard)
         self._store = guard.store
         self._instruments = ins = _instruments(meter_provider)
-        ins.guards.add(self)
-        self._requests = ins.requests.add
         self._duration = ins.duration.record
-        self._active = ins.active.add
         self._resources: dict[str, _Resource] = {}
         self._remote = bool(getattr(guard.store, "remote", False))
         self._down = False
@@ -256,6 +287,7 @@ class GuardMetrics:
         self._refreshing: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.breaker_listener = _BreakerListener(self)
+        ins.guards.add(self)
 
     def _of(self, resource: str) -> _Resource:
         found = self._resources.get(resource)
@@ -267,22 +299,22 @@ class GuardMetrics:
 
     def passed(self, ctx: Context) -> None:
         """Count the call (``passed``, ``replayed`` or ``shadow_blocked``); one more in flight."""
-        attrs = self._of(ctx.resource)
-        if ctx.replayed:
-            self._requests(1, attrs.replayed)
-        elif ctx.shadowed:
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        if ctx.shadowed:
             error, check = ctx.shadowed[0]
-            self._requests(1, attrs.refused("shadow_blocked", _rule_kind(error, check), error.code))
+            res.refused("shadow_blocked", _rule_kind(error, check), error.code)[1] += 1
+        elif ctx.replayed:
+            res.replayed[1] += 1
         else:
-            self._requests(1, attrs.passed)
-        self._active(1, attrs.active)
+            res.passed[1] += 1
+        res.active[1] += 1
         if self._remote:
             self._watch_store()
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
         """Count a refusal, with the rule's kind and the problem code."""
-        attrs = self._of(ctx.resource).refused("blocked", _rule_kind(error, check), error.code)
-        self._requests(1, attrs)
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        res.refused("blocked", _rule_kind(error, check), error.code)[1] += 1
         if self._remote:
             self._watch_store()
 
@@ -294,7 +326,8 @@ class GuardMetrics:
         call cancelled or abandoned by its client; a replay counts by its status, and a
         call a guard inside the endpoint refused is an ``error``.
         """
-        attrs = self._of(ctx.resource)
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        res.active[1] -= 1
         if outcome == "success" or outcome == "error":
             name: str = outcome
         elif outcome == "blocked":
@@ -303,8 +336,15 @@ class GuardMetrics:
             name = "error" if (ctx.status or 0) >= 500 else "success"
         else:
             name = "cancelled"
-        self._duration(rt_ms / 1000.0, attrs.outcome[name])
-        self._active(-1, attrs.active)
+        self._duration(rt_ms / 1000.0, res.outcome[name])
+
+    def request_counts(self) -> list[list[Any]]:
+        """``[attributes, calls]`` of every ``ymguard.requests`` series so far."""
+        return [count for res in list(self._resources.values()) for count in res.counts()]
+
+    def active_counts(self) -> list[list[Any]]:
+        """``[attributes, calls in flight]`` of every resource called so far."""
+        return [list(res.active) for res in list(self._resources.values())]
 
     def waited(self, ctx: Context, check: Check, seconds: float, result: WaitResult) -> None:
         """Record a wait a check reported (:func:`~ymguard.chain.report_wait`)."""
