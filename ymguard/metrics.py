@@ -195,11 +195,18 @@ def _summed(counts: Iterable[list[Any]]) -> Iterator[otel.Observation]:
 _by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
 
 
+_global: list[_Instruments] = []  # those of the global provider, made on first use
+
+
 def _instruments(provider: otel.MeterProvider | None) -> _Instruments:
-    key = provider if provider is not None else otel.get_meter_provider()
-    found = _by_provider.get(key)
+    """The instruments of ``provider`` (None: the global one, whenever an SDK is set)."""
+    if provider is None:
+        if not _global:
+            _global.append(_Instruments(None))
+        return _global[0]
+    found = _by_provider.get(provider)
     if found is None:
-        found = _by_provider[key] = _Instruments(provider)
+        found = _by_provider[provider] = _Instruments(provider)
     return found
 
 

@@ -7,6 +7,8 @@ tests never share counts; nothing here asserts a duration, only counts and attri
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -362,3 +364,50 @@ async def test_cancelled_calls_leave_no_one_in_flight(
         assert metrics.values("ymguard.request.duration", "ymguard.outcome") == {("cancelled",): 1}
     finally:
         await guard.aclose()
+
+
+GLOBAL_PROVIDER_SCRIPT = """
+import asyncio
+import subprocess
+import sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from ymguard import Guard
+from ymguard.chain import Context
+
+before = Guard({"resources": {"GET /a": {"flow": [{"qps": 0}]}}})   # made before the SDK
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+after = Guard({"resources": {"GET /b": {}}})                          # and after it
+
+async def main():
+    for guard, resource in ((before, "GET /a"), (after, "GET /b")):
+        ctx = Context(resource)
+        try:
+            tokens = await guard.chain(resource).enter(ctx)
+        except Exception:
+            continue
+        await guard.chain(resource).exit(ctx, tokens)
+
+asyncio.run(main())
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for m in sm.metrics:
+            if m.name == "ymguard.requests":
+                for p in m.data.data_points:
+                    a = p.attributes
+                    print(a["ymguard.resource"], a["ymguard.result"], p.value)
+"""
+
+
+def test_an_sdk_set_globally_gets_the_metrics_of_every_guard() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["GET /a blocked 1", "GET /b passed 1"]
