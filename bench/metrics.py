@@ -19,6 +19,7 @@ request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-o
 
     python -m bench.metrics                    # memory store, 5 s x 3 rounds, 32 connections
     python -m bench.metrics --store redis -d 10 -r 5 --json out.json
+    python -m bench.metrics --chain            # the chain alone, in process: CPU per call
 
 The same module is the benchmarked app: ``uvicorn bench.metrics:app`` with
 ``BENCH_METRICS_VARIANT`` (``plain`` | ``metrics-off`` | ``metrics-on``),
@@ -225,6 +226,56 @@ def counted(server: Server) -> float:
     return total
 
 
+def chain_cost(calls: int, rounds: int) -> int:
+    """CPU per call of a chain's enter and exit in process, metrics off, default and on.
+
+    Without HTTP, so the difference is the observer's and the SDK's alone: ``off`` is
+    ``Guard(metrics=False)``, ``default`` the global provider with no SDK set (a no-op),
+    ``on`` an SDK provider with the Prometheus exporter's reader and no exemplars.
+    """
+    import asyncio
+
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+    from prometheus_client import CollectorRegistry
+
+    from ymguard import Guard
+    from ymguard.chain import Context
+
+    rules = {"resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
+    reader = PrometheusMetricReader(registry=CollectorRegistry(auto_describe=False))
+    provider = MeterProvider(metric_readers=[reader], exemplar_filter=AlwaysOffExemplarFilter())
+    guards = {
+        "off": Guard(rules, metrics=False),
+        "default": Guard(rules),
+        "on": Guard(rules, metrics=provider),
+    }
+
+    async def run(guard: Guard) -> float:
+        chain = guard.chain(RESOURCE)
+        started = time.process_time()
+        for _ in range(calls):
+            ctx = Context(RESOURCE)
+            tokens = await chain.enter(ctx)
+            ctx.status = 200
+            await chain.exit(ctx, tokens)
+        return (time.process_time() - started) / calls * 1e6
+
+    async def measure() -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {name: [] for name in guards}
+        for _ in range(rounds):
+            for name, guard in guards.items():
+                found[name].append(await run(guard))
+        return found
+
+    found = asyncio.run(measure())
+    print(f"chain enter+exit in process, {calls} calls x {rounds} rounds, CPU us per call:")
+    off = median(found["off"])
+    for name, values in found.items():
+        print(f"  metrics {name:<8} {median(values):6.2f}  (+{median(values) - off:.2f} vs off)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per wrk run")
@@ -234,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="memory", help="memory, redis, or a Redis URL")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument(
+        "--chain", action="store_true", help="measure the chain in process instead (no HTTP)"
+    )
     args = parser.parse_args(argv)
+    if args.chain:
+        return chain_cost(20_000, max(3, args.rounds))
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed")
     store = {"memory": "memory://", "redis": "redis://127.0.0.1:6379/0"}.get(args.store, args.store)
