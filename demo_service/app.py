@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
+from opentelemetry.metrics import MeterProvider
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
@@ -33,6 +34,7 @@ from . import (
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
 from .settings import Settings
+from .telemetry import Telemetry
 
 log = logging.getLogger("demo_service")
 
@@ -54,7 +56,7 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def build_guard(settings: Settings) -> Guard:
+def build_guard(settings: Settings, metrics: bool | MeterProvider = True) -> Guard:
     """The guards of ``settings.rules_path``, on the demo's Redis.
 
     The store is ``YMGUARD_STORAGE`` if set, else the demo's Redis, else the rules file's
@@ -68,7 +70,7 @@ def build_guard(settings: Settings) -> Guard:
         key_prefix=rules.key_prefix,
         on_storage_error=rules.on_storage_error,
     )
-    return Guard(rules, store)
+    return Guard(rules, store, metrics=metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -87,8 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings = settings.with_redis(embedded.client_url)
     redis_url = settings.redis_client_url
     assert redis_url is not None
+    telemetry = Telemetry()  # METRICS: the SDK and GET /metrics (telemetry.py)
     try:
-        guard = build_guard(settings)
+        guard = build_guard(settings, telemetry.provider)
     except BaseException:
         if embedded is not None:
             embedded.stop()
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if embedded is not None:  # last out: everything below may still talk to it
                 stack.push_async_callback(asyncio.to_thread, embedded.stop)
             stack.push_async_callback(guard.aclose)
+            stack.callback(telemetry.shutdown)
             settings.var_dir.mkdir(parents=True, exist_ok=True)
 
             engine = db.make_engine(settings.database_url)
@@ -163,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(pages.HtmlErrors)
     health.add_health(app)
     pages.install(app)  # PAGES: HTML for browsers; before the API routers that share paths
+    telemetry.install(app)
     app.include_router(accounts.router)
     app.include_router(activities.router)
     app.include_router(seckill.router)

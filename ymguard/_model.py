@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 #: The largest number any field accepts (integers are exact in a Lua double up to here).
 MAX_NUMBER = 2**53 - 1
@@ -96,6 +96,17 @@ class RuleModel(BaseModel):
         return value
 
 
+class Rule(RuleModel):
+    """Base of the model of one rule (a ``flow`` item, a ``semaphore``...): what every rule has.
+
+    ``shadow: true`` puts the rule in shadow mode (a dry run, Envoy's ``filter_enabled``
+    without ``filter_enforced``): it is evaluated and reported (``ymguard.result =
+    shadow_blocked``, a log line) but never blocks. See ``shadow.py`` and ``docs/metrics.md``.
+    """
+
+    shadow: bool = Field(False, description="evaluate and report, never block (a dry run)")
+
+
 def not_supported_yet(kind: str) -> ValueError:
     """The error for a rule kind the rules file names but this version cannot enforce."""
     return ValueError(f"{kind} rules are not supported yet by this version of ymguard")
@@ -108,11 +119,12 @@ def rule_ids(rules: Sequence[RuleModel]) -> list[str]:
     its position: a rule inserted before it, or a reload that keeps it, leaves its state
     (window counts, breaker state, held permits) where it is. A rule repeated word for
     word gets ``~2``, ``~3``... after its digest, so the copies keep counting apart.
+    ``shadow`` is not part of it: a rule moved from shadow to enforced keeps its state.
     """
     ids: list[str] = []
     seen: dict[str, int] = {}
     for rule in rules:
-        text = rule.model_dump_json(by_alias=True)
+        text = rule.model_dump_json(by_alias=True, exclude={"shadow"})
         digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
         n = seen[digest] = seen.get(digest, 0) + 1
         ids.append(digest if n == 1 else f"{digest}~{n}")

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 from pydantic import Field, field_validator
 
 from ._kind import Env, Kind
-from ._model import RuleModel
+from ._model import Rule
 from .backends.tokens import Tokens
 from .chain import CheckStatus, Context
 from .errors import (
@@ -77,7 +77,7 @@ def _scope_parts(value: Any) -> Any:
     return parts
 
 
-class SubmitTokenRule(RuleModel):
+class SubmitTokenRule(Rule):
     """The ``submit_token`` rule of a resource: the seed's anti-resubmit token."""
 
     header: str = Field("X-Submit-Token", min_length=1, description="header carrying the token")

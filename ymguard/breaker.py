@@ -43,7 +43,7 @@ import pybreaker
 from pydantic import Field, field_validator, model_validator
 
 from ._kind import Env, Kind
-from ._model import RuleModel, rule_ids
+from ._model import Rule, rule_ids
 from .backends.breaker_state import (
     CLOSED,
     HALF_OPEN,
@@ -61,7 +61,7 @@ log = logging.getLogger("ymguard.breaker")
 Strategy = Literal["slow_ratio", "error_ratio", "error_count"]
 
 
-class BreakerRule(RuleModel):
+class BreakerRule(Rule):
     """One ``breaker`` rule of a resource (see ``RULES.md``)."""
 
     strategy: Strategy

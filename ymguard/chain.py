@@ -70,6 +70,10 @@ class Context:
             costs nothing); a check that keeps the response (idempotency) adds one.
         replayed: a later check answered the call itself (an idempotent replay): the
             endpoint never ran.
+        shadowed: the refusals of rules in shadow mode that let the call pass anyway, with
+            the check of each (``shadow.py``); None, the usual case, when there were none.
+        observers: the chain's observers, for a check that reports to them during the call
+            (:func:`report_wait`).
     """
 
     resource: str
@@ -84,6 +88,8 @@ class Context:
     receive: Receive | None = None
     on_send: list[Callable[[Message], None]] | None = None
     replayed: bool = False
+    shadowed: list[tuple[Blocked, Check]] | None = None
+    observers: tuple[Observer, ...] = ()
 
 
 #: The call being guarded in this task (set by the middleware and ``@guard.resource``).
@@ -158,13 +164,43 @@ class Observer(Protocol):
     """
 
     def passed(self, ctx: Context) -> None:
-        """The call passed every check (or a check answered it itself)."""
+        """The call passed every check (or a check answered it itself).
+
+        ``ctx.shadowed`` lists the rules in shadow mode that would have refused it.
+        """
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
         """``check`` refused the call (``check.kind`` names its rule kind)."""
 
     def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
         """A call that passed has finished (``ctx.status``, ``ctx.error`` say how)."""
+
+
+#: How a wait for a queue or a permit ended: ``acquired``, ``rejected`` or ``cancelled``.
+WaitResult = Literal["acquired", "rejected", "cancelled"]
+
+
+class WaitObserver(Observer, Protocol):
+    """An observer that also hears how long calls waited (an optional part of observing).
+
+    A check that can make a call wait (a semaphore with ``wait_ms``, a queueing flow rule)
+    reports each wait with :func:`report_wait`; observers that define ``waited`` hear it.
+    """
+
+    def waited(self, ctx: Context, check: Check, seconds: float, result: WaitResult) -> None:
+        """``check`` made the call wait ``seconds``, and the wait ended with ``result``."""
+
+
+def report_wait(ctx: Context, check: Check, seconds: float, result: WaitResult) -> None:
+    """Tell the call's observers that ``check`` made it wait (for ``ymguard.queue.duration``).
+
+    Called by a check from its ``enter``, for every call its rule could make wait (also
+    those admitted at once, after 0 s). Observers without a ``waited`` method are skipped.
+    """
+    for observer in ctx.observers:
+        waited = getattr(observer, "waited", None)
+        if waited is not None:
+            waited(ctx, check, seconds, result)
 
 
 #: The status recorded for a call whose client went away first (nginx's 499).
@@ -243,6 +279,7 @@ class Chain:
     async def enter(self, ctx: Context) -> list[Any]:
         """Run every check's ``enter``; on a block, undo the ones that passed and re-raise."""
         ctx.start = time.perf_counter()
+        ctx.observers = self.observers
         tokens: list[Any] = []
         for check in self.checks:
             try:

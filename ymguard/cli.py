@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from ._model import Rule
 from .errors import RuleProblem, RulesError
 from .routecheck import (
     describe_unmatched,
@@ -62,7 +63,9 @@ def _key(name: str) -> str:
 
 def _emit(model: BaseModel, indent: str) -> list[str]:
     lines: list[str] = []
-    for name, field in type(model).model_fields.items():
+    fields = type(model).model_fields.items()
+    # What every rule has (``shadow``) after the rule's own fields, which say what it is.
+    for name, field in sorted(fields, key=lambda item: item[0] in Rule.model_fields):
         key = field.alias or name
         value = getattr(model, name)
         default = name not in model.model_fields_set

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pybreaker
+from opentelemetry.metrics import MeterProvider
 
 from ._kind import Env
 from .antiresubmit import SubmitTokenRule, SubmitTokens
@@ -32,6 +33,7 @@ from .chain import (
 )
 from .errors import ProblemResponse
 from .mapper import ExceptionMapper
+from .metrics import GuardMetrics
 from .registry import build_checks
 from .resource import RouteLimit, SyncBridge, guarded_resource
 from .rules import ResourceRules, RulesFile, load_rules, parse_rules
@@ -57,6 +59,10 @@ class Guard:
         follow_pushed: follow the rules pushed to the store (``ymguard push``,
             :meth:`publish_rules`): the newest pushed version replaces ``rules`` when
             the guard starts, and every later push swaps in (see ``docs/operations.md``).
+        metrics: OpenTelemetry metrics (``metrics.py``): True (the default) records
+            through the global meter provider, a no-op until the app sets an SDK one;
+            a ``MeterProvider`` records into that one; False records nothing and costs
+            nothing. ``guard.metrics`` is the :class:`~ymguard.metrics.GuardMetrics`.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class Guard:
         *,
         source: str = "<rules>",
         follow_pushed: bool = True,
+        metrics: bool | MeterProvider = True,
     ) -> None:
         self.rules = rules if isinstance(rules, RulesFile) else parse_rules(rules, source=source)
         if isinstance(storage, Store):
@@ -102,6 +109,11 @@ class Guard:
         self._chains: dict[str, Chain] = self._compile_all(self.rules)
         self._runtime = RulesRuntime(self)
         self._runtime.follow_pushed = follow_pushed
+        self.metrics: GuardMetrics | None = None
+        if metrics is not False:
+            self.metrics = GuardMetrics(self, None if metrics is True else metrics)
+            self.observe(self.metrics)
+            self.add_breaker_listener(self.metrics.breaker_listener)
 
     @classmethod
     def from_yaml(

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from ._kind import Env, Kind
-from ._model import RuleModel
+from ._model import Rule
 from .antiresubmit import (
     DEFAULT_SCOPE,
     _digest,
@@ -49,7 +49,7 @@ from .types import Message, Receive, Scope
 log = logging.getLogger("ymguard")
 
 
-class IdempotencyRule(RuleModel):
+class IdempotencyRule(Rule):
     """The ``idempotency`` rule of a resource (draft-ietf-httpapi-idempotency-key-header)."""
 
     header: str = Field("Idempotency-Key", min_length=1)

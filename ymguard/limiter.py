@@ -23,7 +23,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 
 from ._kind import Env, Kind
-from ._model import RuleModel, rule_ids
+from ._model import Rule, rule_ids
 from .backends.permits import Permits, keep_lease
 from .backends.window import BUCKETS, AcquireNow, Window, WindowResult
 from .chain import CheckStatus, Context, cap_origin
@@ -40,7 +40,7 @@ _EVICT_SCAN = 8
 T = TypeVar("T")
 
 
-class FlowRule(RuleModel):
+class FlowRule(Rule):
     """One ``flow`` rule of a resource (see ``RULES.md``)."""
 
     qps: int | None = Field(None, ge=0, description="calls admitted per second")

@@ -10,6 +10,7 @@ from . import antiresubmit, breaker, idempotency, limiter, semaphore
 from ._kind import Env, Kind
 from .chain import DEFAULT_ERROR_STATUSES, Check
 from .rules import ResourceRules
+from .shadow import shadow_checks
 
 #: Every rule kind, in chain order.
 KINDS: tuple[Kind, ...] = tuple(
@@ -35,7 +36,7 @@ def build_checks(
     decided = False
     for kind in KINDS:
         value = getattr(rules, kind.name)
-        checks += kind.build(env, resource, value)
+        checks += shadow_checks(kind.build(env, resource, value))  # shadow: true (shadow.py)
         found = kind.error_statuses(value) if kind.error_statuses is not None else None
         if found is not None:
             statuses |= found

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +33,14 @@ from typing import Any
 from pydantic import Field
 
 from ._kind import Env, Kind
-from ._model import RuleModel
+from ._model import Rule
 from .backends.permits import (
     AcquireResult,
     KeptLease,
     LeaseKeeper,
     Permits,
 )
-from .chain import CheckStatus, Context
+from .chain import CheckStatus, Context, WaitResult, report_wait
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
 from .storage import Store, store_from_uri
 from .storage.redis import Unanswered
@@ -55,7 +56,7 @@ _PLACE_GRACE = 0.5
 _DEGRADED_NAP = 0.25
 
 
-class SemaphoreRule(RuleModel):
+class SemaphoreRule(Rule):
     """The ``semaphore`` rule of a resource (see ``RULES.md``)."""
 
     permits: int = Field(ge=0, description="how many calls may hold a permit at once")
@@ -343,15 +344,27 @@ class SemaphoreCheck:
         return CheckStatus("semaphore", self.resource, self.description, state)
 
     async def enter(self, ctx: Context) -> Permit:
-        """Take a permit or raise :class:`SemaphoreFull` (or ``StorageBlocked``)."""
+        """Take a permit or raise :class:`SemaphoreFull` (or ``StorageBlocked``).
+
+        With ``wait_ms``, the time waited is reported to the observers (``report_wait``).
+        """
+        started = time.perf_counter() if self.wait_seconds else 0.0
+        result: WaitResult = "rejected"
         try:
             permit = await self.semaphore.acquire(self.wait_seconds)
+            result = "acquired"
         except SemaphoreFull as exc:
             raise SemaphoreFull(
                 ctx.resource, self.description, retry_after=exc.retry_after
             ) from None
         except StorageUnavailable:
             raise StorageBlocked(ctx.resource, self.description, retry_after=1.0) from None
+        except asyncio.CancelledError:
+            result = "cancelled"
+            raise
+        finally:
+            if started:
+                report_wait(ctx, self, time.perf_counter() - started, result)
         permit.keep_alive()
         return permit
 

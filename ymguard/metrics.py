@@ -1,0 +1,461 @@
+"""OpenTelemetry metrics of a guard, recorded from the chain's observers.
+
+ymguard depends on ``opentelemetry-api`` only and records through the meter named
+``ymguard``; the application chooses the SDK and its exporters (``docs/metrics.md``). A
+:class:`Guard` makes one :class:`GuardMetrics` unless told not to (``metrics=False``) and
+registers it as an observer of every chain, so no check records anything itself:
+
+========================================  =================  ===========================
+instrument                                kind               recorded
+========================================  =================  ===========================
+``ymguard.requests``                      Counter (*)        each call, once: ``passed``,
+                                                             ``blocked``, ``shadow_blocked``
+                                                             or ``replayed``
+``ymguard.request.duration``              Histogram (s)      each admitted call, at its end
+``ymguard.active_requests``               UpDownCounter (*)  admitted calls in flight
+``ymguard.queue.duration``                Histogram (s)      each wait a check reports
+                                                             (:func:`~ymguard.chain.report_wait`)
+``ymguard.circuit_breaker.state``         observable Gauge   each breaker, when collected
+``ymguard.circuit_breaker.transitions``   Counter            each state change this process sees
+``ymguard.semaphore.permits``             observable Gauge   each rules semaphore (cached)
+``ymguard.storage.outages``               Counter            each outage of the store that
+                                                             this process's calls meet
+========================================  =================  ===========================
+
+(*) Counted in process (one integer increment per call) and reported at each collection
+through an observable counter and an observable up-down counter: the same data (a
+monotonic sum, a non-monotonic sum) without the SDK's per-call cost (some 10-20 us per
+instrument call). Only the duration histogram is recorded through the SDK per call.
+
+Attribute values are resource names, rule kinds, problem codes, breaker and semaphore
+names and the store's URI (without credentials): all come from the rules file and the
+app's routes, never from clients, so the number of series is bounded by the rules.
+
+With only the API installed (no SDK configured), every instrument is a no-op proxy; once
+the app sets an SDK ``MeterProvider`` globally, the same instruments record into it.
+``Guard(metrics=False)`` registers nothing at all (nothing is spent per call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry import metrics as otel
+
+from .chain import CLIENT_CLOSED_REQUEST, Check, Context, Outcome, WaitResult
+from .errors import Blocked, StorageUnavailable
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+#: The meter's name (the instrumentation scope).
+METER_NAME = "ymguard"
+#: The buckets of both histograms, in seconds (those of ``aspnetcore.rate_limiting.*``).
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+#: The breaker states the state gauge reports (1 for the current one, 0 for the others).
+BREAKER_STATES = ("closed", "open", "half_open")
+#: A semaphore's counts are read from the store at most this long per collection.
+REFRESH_TIMEOUT = 2.0
+
+RESOURCE = "ymguard.resource"
+RESULT = "ymguard.result"
+RULE_KIND = "ymguard.rule.kind"
+ERROR_TYPE = "error.type"
+OUTCOME = "ymguard.outcome"
+
+Attributes = Mapping[str, str]
+
+
+def storage_name(store: object) -> str:
+    """The store as the ``ymguard.storage`` attribute: its URI without credentials."""
+    uri = getattr(store, "uri", None)
+    if not isinstance(uri, str):
+        return f"{getattr(store, 'kind', 'memory')}://"
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _state_name(state: Any) -> str:
+    """A breaker state (ours or a pybreaker state object) as the attribute says it."""
+    name = getattr(state, "name", state)
+    return str(getattr(name, "value", name)).replace("-", "_")
+
+
+class _Instruments:
+    """The instruments of the ``ymguard`` meter of one meter provider (made once each).
+
+    Observable gauges call back once per collection; their callbacks report the guards
+    that record into this provider (a process may have several).
+    """
+
+    def __init__(self, provider: otel.MeterProvider | None) -> None:
+        from . import __version__
+
+        meter = otel.get_meter(METER_NAME, __version__, meter_provider=provider)
+        self.guards: weakref.WeakSet[GuardMetrics] = weakref.WeakSet()
+        # Calls and calls in flight are counted in process (an increment per call) and
+        # reported at each collection: the SDK's per-call cost stays off the request path.
+        meter.create_observable_counter(
+            "ymguard.requests",
+            callbacks=[self._requests],
+            unit="{request}",
+            description="Calls that reached a guarded resource, by what the guard did.",
+        )
+        self.duration = meter.create_histogram(
+            "ymguard.request.duration",
+            unit="s",
+            description="Time from entering the guard to the end of an admitted call.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        meter.create_observable_up_down_counter(
+            "ymguard.active_requests",
+            callbacks=[self._active],
+            unit="{request}",
+            description="Admitted calls in flight.",
+        )
+        self.queue = meter.create_histogram(
+            "ymguard.queue.duration",
+            unit="s",
+            description="Time calls waited in a queue or for a permit.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.transitions = meter.create_counter(
+            "ymguard.circuit_breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes this process saw.",
+        )
+        self.outages = meter.create_counter(
+            "ymguard.storage.outages",
+            unit="{outage}",
+            description="Store outages that calls of this process ran into.",
+        )
+        meter.create_observable_gauge(
+            "ymguard.circuit_breaker.state",
+            callbacks=[self._breaker_states],
+            unit="1",
+            description="1 for each breaker's current state, 0 for its other states.",
+        )
+        meter.create_observable_gauge(
+            "ymguard.semaphore.permits",
+            callbacks=[self._permits],
+            unit="{permit}",
+            description="Permits of each semaphore: held, available, and callers waiting.",
+        )
+
+    def _requests(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        yield from _summed(c for guard in list(self.guards) for c in guard.request_counts())
+
+    def _active(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        yield from _summed(c for guard in list(self.guards) for c in guard.active_counts())
+
+    def _breaker_states(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        for guard in list(self.guards):
+            yield from guard.breaker_observations()
+
+    def _permits(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        for guard in list(self.guards):
+            yield from guard.permit_observations()
+
+
+def _summed(counts: Iterable[list[Any]]) -> Iterator[otel.Observation]:
+    """One observation per attribute set (two guards of one process may share some)."""
+    totals: dict[frozenset[tuple[str, str]], list[Any]] = {}
+    for attrs, value in counts:
+        key = frozenset(attrs.items())
+        found = totals.get(key)
+        if found is None:
+            totals[key] = [attrs, value]
+        else:
+            found[1] += value
+    for attrs, value in totals.values():
+        yield otel.Observation(value, attrs)
+
+
+_by_provider: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+
+
+_global: list[_Instruments] = []  # those of the global provider, made on first use
+
+
+def _instruments(provider: otel.MeterProvider | None) -> _Instruments:
+    """The instruments of ``provider`` (None: the global one, whenever an SDK is set)."""
+    if provider is None:
+        if not _global:
+            _global.append(_Instruments(None))
+        return _global[0]
+    found = _by_provider.get(provider)
+    if found is None:
+        found = _by_provider[provider] = _Instruments(provider)
+    return found
+
+
+class _Resource:
+    """The counts of one resource, each beside its attribute set (made once per series).
+
+    A count is a ``[attributes, n]`` pair: a call adds to ``n``, a collection reads it.
+    """
+
+    __slots__ = ("active", "name", "outcome", "passed", "refusals", "replayed")
+
+    def __init__(self, resource: str) -> None:
+        self.name = resource
+        self.active: list[Any] = [{RESOURCE: resource}, 0]
+        self.passed: list[Any] = [{RESOURCE: resource, RESULT: "passed"}, 0]
+        self.replayed: list[Any] = [{RESOURCE: resource, RESULT: "replayed"}, 0]
+        self.refusals: dict[tuple[str, str, str], list[Any]] = {}
+        self.outcome = {
+            name: {RESOURCE: resource, OUTCOME: name} for name in ("success", "error", "cancelled")
+        }
+
+    def refused(self, result: str, kind: str, code: str) -> list[Any]:
+        """The count of refusals (``blocked`` or ``shadow_blocked``) by one kind and code."""
+        count = self.refusals.get((result, kind, code))
+        if count is None:
+            attrs = {RESOURCE: self.name, RESULT: result, RULE_KIND: kind, ERROR_TYPE: code}
+            count = self.refusals[(result, kind, code)] = [attrs, 0]
+        return count
+
+    def counts(self) -> Iterator[list[Any]]:
+        """Every request count of the resource that has counted a call."""
+        for count in (self.passed, self.replayed, *list(self.refusals.values())):
+            if count[1]:
+                yield count
+
+
+def _rule_kind(error: Blocked, check: Check) -> str:
+    """The ``ymguard.rule.kind`` of a refusal: the check's kind, or ``storage``."""
+    return "storage" if error.code == "storage-unavailable" else check.kind
+
+
+class _BreakerListener:
+    """A pybreaker-style listener counting breaker transitions."""
+
+    def __init__(self, metrics: GuardMetrics) -> None:
+        self._metrics = weakref.ref(metrics)
+
+    def state_change(self, cb: Any, old: Any, new: Any) -> None:
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.transition(str(getattr(cb, "resource", cb.name)), old, new)
+
+    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        """Not used."""
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        """Not used: outcomes are counted from the chain."""
+
+    def success(self, cb: Any) -> None:
+        """Not used: outcomes are counted from the chain."""
+
+
+class GuardMetrics:
+    """The metrics of one guard: an observer of its chains (see the module doc).
+
+    Made by :class:`~ymguard.guard.Guard` (``guard.metrics``); its methods are called on
+    the event loop for every call, and do a few dictionary look-ups and instrument calls.
+
+    Args:
+        guard: the guard whose chains it observes.
+        meter_provider: where to record; None is the global provider
+            (``opentelemetry.metrics.get_meter_provider()``, a no-op until an SDK is set).
+    """
+
+    def __init__(self, guard: Guard, meter_provider: otel.MeterProvider | None = None) -> None:
+        self._guard = weakref.ref(guard)
+        self._store = guard.store
+        self._instruments = ins = _instruments(meter_provider)
+        self._duration = ins.duration.record
+        self._resources: dict[str, _Resource] = {}
+        self._remote = bool(getattr(guard.store, "remote", False))
+        self._down = False
+        self._storage = {"ymguard.storage": storage_name(guard.store)}
+        self._permits: dict[str, tuple[int, int, int]] = {}
+        self._refreshing: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.breaker_listener = _BreakerListener(self)
+        ins.guards.add(self)
+
+    def _of(self, resource: str) -> _Resource:
+        found = self._resources.get(resource)
+        if found is None:
+            found = self._resources[resource] = _Resource(resource)
+        return found
+
+    # -- the chain's observer ----------------------------------------------------------
+
+    def passed(self, ctx: Context) -> None:
+        """Count the call (``passed``, ``replayed`` or ``shadow_blocked``); one more in flight."""
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        if ctx.shadowed:
+            error, check = ctx.shadowed[0]
+            res.refused("shadow_blocked", _rule_kind(error, check), error.code)[1] += 1
+        elif ctx.replayed:
+            res.replayed[1] += 1
+        else:
+            res.passed[1] += 1
+        res.active[1] += 1
+        if self._remote:
+            self._watch_store()
+
+    def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
+        """Count a refusal, with the rule's kind and the problem code."""
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        res.refused("blocked", _rule_kind(error, check), error.code)[1] += 1
+        if self._remote:
+            self._watch_store()
+
+    def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
+        """Record the call's duration and outcome; one fewer in flight.
+
+        ``ymguard.outcome`` is ``success`` or ``error`` as the statistics judge the call
+        (an exception, or a status the breakers count as an error), ``cancelled`` for a
+        call cancelled or abandoned by its client; a replay counts by its status, and a
+        call a guard inside the endpoint refused is an ``error``.
+        """
+        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
+        res.active[1] -= 1
+        if outcome == "success" or outcome == "error":
+            name: str = outcome
+        elif outcome == "blocked":
+            name = "error"
+        elif ctx.replayed and ctx.status != CLIENT_CLOSED_REQUEST:
+            name = "error" if (ctx.status or 0) >= 500 else "success"
+        else:
+            name = "cancelled"
+        self._duration(rt_ms / 1000.0, res.outcome[name])
+
+    def request_counts(self) -> list[list[Any]]:
+        """``[attributes, calls]`` of every ``ymguard.requests`` series so far."""
+        return [count for res in list(self._resources.values()) for count in res.counts()]
+
+    def active_counts(self) -> list[list[Any]]:
+        """``[attributes, calls in flight]`` of every resource called so far."""
+        return [list(res.active) for res in list(self._resources.values())]
+
+    def waited(self, ctx: Context, check: Check, seconds: float, result: WaitResult) -> None:
+        """Record a wait a check reported (:func:`~ymguard.chain.report_wait`)."""
+        attrs = {RESOURCE: ctx.resource, RULE_KIND: check.kind, RESULT: result}
+        self._instruments.queue.record(seconds, attrs)
+
+    # -- breakers, semaphores, the store ---------------------------------------------------
+
+    def transition(self, resource: str, old: Any, new: Any) -> None:
+        """Count a breaker's change from ``old`` to ``new`` (states or their names)."""
+        attrs = {
+            RESOURCE: resource,
+            "ymguard.circuit_breaker.from": _state_name(old),
+            "ymguard.circuit_breaker.to": _state_name(new),
+        }
+        self._instruments.transitions.add(1, attrs)
+
+    def _watch_store(self) -> None:
+        down = not self._store.available
+        if down != self._down:
+            self._down = down
+            if down:
+                self._instruments.outages.add(1, self._storage)
+
+    def breaker_observations(self) -> Iterator[otel.Observation]:
+        """The state gauge's values: for each breaker, 1 for its state and 0 for the others."""
+        guard = self._guard()
+        if guard is None:
+            return
+        for status in guard.breakers():
+            state = _state_name(status.state)
+            for name in BREAKER_STATES:
+                attrs = {
+                    RESOURCE: status.resource,
+                    "ymguard.circuit_breaker": status.name,
+                    "ymguard.circuit_breaker.state": name,
+                }
+                yield otel.Observation(1 if name == state else 0, attrs)
+
+    def semaphore_names(self) -> list[str]:
+        """The semaphores of the rules (a ``semaphore:`` rule's ``name``, else its resource)."""
+        guard = self._guard()
+        if guard is None:
+            return []
+        names = {
+            rules.semaphore.name or resource
+            for resource, rules in guard.rules.resources.items()
+            if rules.semaphore is not None
+        }
+        return sorted(names)
+
+    def permit_observations(self) -> Iterator[otel.Observation]:
+        """The permits gauge's values, as last read from the store; starts the next read.
+
+        A collection cannot wait for the store, so it reports the counts the last
+        :meth:`refresh` read and starts another on the guard's event loop (the values
+        are at most one collection old). ``await guard.metrics.refresh()`` before a
+        collection makes them current.
+        """
+        for name, (held, available, waiting) in sorted(self._permits.items()):
+            for state, value in (("held", held), ("available", available), ("waiting", waiting)):
+                attrs = {"ymguard.semaphore": name, "ymguard.semaphore.state": state}
+                yield otel.Observation(value, attrs)
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        guard = self._guard()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # collected on another thread (an exporter's)
+            loop = guard.sync_bridge.loop if guard is not None else None
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._start_refresh)
+
+    def _start_refresh(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = self._store.spawn(self.refresh())
+
+    async def refresh(self) -> None:
+        """Read every rules semaphore's held, available and waiting counts from the store.
+
+        A semaphore the store cannot answer for keeps its last counts.
+        """
+        guard = self._guard()
+        if guard is None:
+            return
+        for name in self.semaphore_names():
+            sem = guard.semaphore(name)
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    held, available, waiting = await asyncio.gather(
+                        sem.held(), sem.available(), sem.waiting()
+                    )
+            except (StorageUnavailable, TimeoutError):
+                continue
+            self._permits[name] = (held, available, waiting)
+
+
+__all__ = [
+    "BREAKER_STATES",
+    "DURATION_BUCKETS",
+    "METER_NAME",
+    "GuardMetrics",
+    "storage_name",
+]
