@@ -70,6 +70,8 @@ class Context:
             costs nothing); a check that keeps the response (idempotency) adds one.
         replayed: a later check answered the call itself (an idempotent replay): the
             endpoint never ran.
+        parent: the guarded call this one was entered from (a ``@guard.resource``
+            called inside a guarded route), else ``None``; ``strategy: chain`` reads it.
     """
 
     resource: str
@@ -84,6 +86,7 @@ class Context:
     receive: Receive | None = None
     on_send: list[Callable[[Message], None]] | None = None
     replayed: bool = False
+    parent: Context | None = None
 
 
 #: The call being guarded in this task (set by the middleware and ``@guard.resource``).
