@@ -44,7 +44,7 @@ from .errors import FlowLimited, Quota, SemaphoreFull, StorageBlocked, StorageUn
 from .limiter import FlowRule, OriginTable, _FlowCheckBase
 from .semaphore import Semaphore
 from .storage import Store
-from .storage.tasks import in_background
+from .storage.tasks import finish, in_background
 from .types import Message, Receive
 
 T = TypeVar("T")
@@ -274,7 +274,10 @@ class PacedCheck(_ShapedCheck):
             gone, _ = await until_gone(ctx, asyncio.sleep(turn.wait_seconds))
         except asyncio.CancelledError:
             record_wait(ctx, self.description, turn.wait_seconds, "cancelled")
-            in_background(self._give_back(token))
+            if pacer is self.pacer and not self.store.available:
+                in_background(self._give_back(token))  # never wait on a store that is down
+            else:  # given back before the cancellation goes on (finish: even if cancelled again)
+                await finish(self._give_back(token))
             raise
         if gone:
             record_wait(ctx, self.description, turn.wait_seconds, "cancelled")
