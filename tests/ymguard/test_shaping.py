@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests.helpers import Uvicorn, running
 from ymguard import Blocked, Context, FlowLimited, Guard, RulesError, load_rules
 from ymguard.backends.warmup import WarmUpCurve
 from ymguard.chain import current_context
@@ -404,3 +407,41 @@ def test_every_flow_field_loads(tmp_path: Path) -> None:
         "ChainScoped",
         "QpsCheck",
     ]
+
+
+# -- two processes on one Redis ------------------------------------------------------------
+
+
+@pytest.fixture
+def two_shaping_servers(redis_url: str, prefix: str) -> Iterator[list[Uvicorn]]:
+    env = {"YMGUARD_TEST_REDIS": redis_url, "YMGUARD_TEST_PREFIX": prefix}
+    servers = [Uvicorn("tests.apps.shaping_app:app", env=env) for _ in range(2)]
+    with running(servers):
+        yield servers
+
+
+async def test_two_processes_share_one_queue_one_warm_up_and_one_relate(
+    two_shaping_servers: list[Uvicorn],
+) -> None:
+    a, b = two_shaping_servers
+    async with httpx.AsyncClient(timeout=30) as c:
+        pids = {(await c.get(s.url + "/health")).json()["pid"] for s in (a, b)}
+        assert len(pids) == 2
+        # Open the connections first, so that each burst arrives at once.
+        await asyncio.gather(*(c.get(f"{(a, b)[i % 2].url}/health") for i in range(100)))
+        # One queue: 6 of 20 (two queues would admit 12). A burst over HTTP takes a moment
+        # to arrive, and a turn comes every 100 ms: a slow machine may let one or two more.
+        sent = [c.get(f"{(a, b)[i % 2].url}/queue/{i}") for i in range(20)]
+        statuses = [r.status_code for r in await asyncio.gather(*sent)]
+        assert 6 <= statuses.count(200) <= 8 and set(statuses) == {200, 429}
+        # One warm-up curve: a cold second admits about 20 of 2 x 60 (two curves: 40).
+        sent = [c.get(f"{s.url}/warm", params={"n": 60}) for s in (a, b)]
+        admitted = [r.json()["admitted"] for r in await asyncio.gather(*sent)]
+        assert 20 <= sum(admitted) <= 30
+        # Relate: writes to one process hold back reads of the other.
+        assert (await c.get(b.url + "/read")).status_code == 200
+        for _ in range(3):
+            assert (await c.post(a.url + "/write")).status_code == 200
+        refused = await c.get(b.url + "/read")
+        assert refused.status_code == 429
+        assert refused.json()["type"].endswith("flow-limited")
