@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from ._model import MAX_NUMBER
-from .backends.pacer import Pacer, pacer_for
+from .backends.pacer import MemoryPacer, Pacer, pacer_for
 from .backends.pacer import ttl_ms as pacer_ttl_ms
-from .backends.warmup import WarmUp, WarmUpCurve, warmup_for
+from .backends.warmup import MemoryWarmUp, WarmUp, WarmUpCurve, warmup_for
 from .backends.window import BUCKETS, Window
 from .chain import Check, CheckStatus, Context
 from .errors import FlowLimited, Quota, SemaphoreFull, StorageBlocked, StorageUnavailable
@@ -182,6 +182,8 @@ class WarmUpCheck(_ShapedCheck):
         self.curve = WarmUpCurve(rule.qps, rule.warm_up_seconds, rule.cold_factor)
         super().__init__(store, resource, index, rule, named, identity, self.curve.ttl_ms / 1000.0)
         self.warmup: WarmUp = warmup_for(store)
+        # In process the decision never waits: called without a coroutine.
+        self._now = self.warmup.decide if isinstance(self.warmup, MemoryWarmUp) else None
         self._local: WarmUp | None = None
 
     def _forget(self, key: str) -> None:
@@ -196,7 +198,10 @@ class WarmUpCheck(_ShapedCheck):
             return None
         warmup = self.warmup
         try:
-            result = await warmup.acquire(key, self.curve)
+            if self._now is not None:
+                result = self._now(key, self.curve)
+            else:
+                result = await warmup.acquire(key, self.curve)
         except StorageUnavailable:
             if self._on_outage() == "open":
                 return None
@@ -241,6 +246,8 @@ class PacedCheck(_ShapedCheck):
         super().__init__(store, resource, index, rule, named, identity, idle)
         self.max_queue_ms = rule.max_queue_ms
         self.pacer: Pacer = pacer_for(store)
+        # In process the reservation never waits: called without a coroutine.
+        self._now = self.pacer.decide if isinstance(self.pacer, MemoryPacer) else None
         self._local: Pacer | None = None
 
     def _forget(self, key: str) -> None:
@@ -256,7 +263,10 @@ class PacedCheck(_ShapedCheck):
         pacer = self.pacer
         qps = self.limit
         try:
-            turn = await pacer.reserve(key, qps, self.max_queue_ms, self.curve)
+            if self._now is not None:
+                turn = self._now(key, qps, self.max_queue_ms, self.curve)
+            else:
+                turn = await pacer.reserve(key, qps, self.max_queue_ms, self.curve)
         except StorageUnavailable:
             if self._on_outage() == "open":
                 return None

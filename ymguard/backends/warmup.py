@@ -124,8 +124,10 @@ class ShapedState:
     def prune(self, now: int) -> int:
         """Drop old buckets and past holes (as ``warmup_lib.lua`` does); the bucket of now."""
         slot = now // BUCKET_MS
-        if self.buckets:
-            for b in [b for b in self.buckets if b < slot - _KEPT + 1]:
+        first = slot - _KEPT + 1
+        # Buckets are mostly made in time order: the oldest made is usually the oldest.
+        if self.buckets and next(iter(self.buckets)) < first:
+            for b in [b for b in self.buckets if b < first]:
                 del self.buckets[b]
         if self.holes:
             for at in [at for at in self.holes if at < now]:
