@@ -16,7 +16,7 @@ guard = Guard(
     {
         "key_prefix": PREFIX,
         "resources": {
-            "GET /queue/{n}": {"flow": [{"qps": 10, "behavior": "queue", "max_queue_ms": 500}]},
+            "queue-inner": {"flow": [{"qps": 1, "behavior": "queue", "max_queue_ms": 2000}]},
             "warm-inner": {"flow": [{"qps": 60, "behavior": "warm_up", "warm_up_seconds": 2}]},
             "GET /read": {
                 "flow": [{"qps": 3, "strategy": "relate", "ref_resource": "POST /write"}]
@@ -35,9 +35,16 @@ async def health() -> dict[str, int]:
     return {"pid": os.getpid()}
 
 
-@app.get("/queue/{n}")
+@guard.resource("queue-inner", block_handler=lambda: False)
+async def queue_inner() -> bool:
+    return True
+
+
+@app.get("/queue")
 async def queue(n: int) -> dict[str, int]:
-    return {"n": n}
+    """``n`` calls of a queued code resource at once."""
+    results = await asyncio.gather(*(queue_inner() for _ in range(n)))
+    return {"admitted": sum(results)}
 
 
 @guard.resource("warm-inner", block_handler=lambda: False)

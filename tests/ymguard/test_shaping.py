@@ -429,11 +429,11 @@ async def test_two_processes_share_one_queue_one_warm_up_and_one_relate(
         assert len(pids) == 2
         # Open the connections first, so that each burst arrives at once.
         await asyncio.gather(*(c.get(f"{(a, b)[i % 2].url}/health") for i in range(100)))
-        # One queue: 6 of 20 (two queues would admit 12). A burst over HTTP takes a moment
-        # to arrive, and a turn comes every 100 ms: a slow machine may let one or two more.
-        sent = [c.get(f"{(a, b)[i % 2].url}/queue/{i}") for i in range(20)]
-        statuses = [r.status_code for r in await asyncio.gather(*sent)]
-        assert 6 <= statuses.count(200) <= 8 and set(statuses) == {200, 429}
+        # One queue: qps 1 with 2000 ms of queue holds the turns at 0, 1 and 2 s, so of two
+        # bursts of 5 it admits 3 (two queues: 6), or 4 if the bursts arrive a second apart.
+        sent = [c.get(f"{s.url}/queue", params={"n": 5}) for s in (a, b)]
+        admitted = [r.json()["admitted"] for r in await asyncio.gather(*sent)]
+        assert 3 <= sum(admitted) <= 4
         # One warm-up curve: a cold second admits about 20 of 2 x 60 (two curves: 40).
         sent = [c.get(f"{s.url}/warm", params={"n": 60}) for s in (a, b)]
         admitted = [r.json()["admitted"] for r in await asyncio.gather(*sent)]
