@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Uvicorn, running
+from tests.helpers import RedisServer, Uvicorn, running
 from ymguard import Blocked, Context, FlowLimited, Guard, RulesError, load_rules
 from ymguard.backends.warmup import WarmUpCurve
 from ymguard.chain import current_context
@@ -445,3 +445,65 @@ async def test_two_processes_share_one_queue_one_warm_up_and_one_relate(
         refused = await c.get(b.url + "/read")
         assert refused.status_code == 429
         assert refused.json()["type"].endswith("flow-limited")
+
+
+# -- Redis outages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "admitted"), [("local", 2), ("open", 8), ("closed", 0)])
+async def test_shaping_follows_on_storage_error_while_redis_is_down(
+    private_redis: RedisServer, policy: str, admitted: int
+) -> None:
+    # warm_up qps 6, cold_factor 3: 2 a cold second; queue qps 1 with no queue: 1 at once.
+    rules = {
+        "on_storage_error": policy,
+        "resources": {
+            "w": {"flow": [{"qps": 6, "behavior": "warm_up", "warm_up_seconds": 2}]},
+            "q": {"flow": [{"qps": 1, "behavior": "queue", "max_queue_ms": 0}]},
+        },
+    }
+    url = private_redis.url + "?socket_timeout=0.3&socket_connect_timeout=0.3"
+    guard = Guard(rules, storage=url)
+    private_redis.stop()
+    results = [await attempt_or_503(guard, "w") for _ in range(8)]
+    queued = [await attempt_or_503(guard, "q") for _ in range(3)]
+    await guard.aclose()
+    if policy == "closed":
+        assert set(results) == set(queued) == {503}
+        return
+    assert results.count(200) == admitted and set(results) <= {200, 429}
+    assert queued.count(200) == (1 if policy == "local" else 3)
+
+
+async def attempt_or_503(guard: Guard, resource: str) -> int:
+    """200 if admitted, else the refusal's status (429, or 503 for the store)."""
+    chain = guard.chain(resource)
+    ctx = Context(resource)
+    try:
+        tokens = await asyncio.wait_for(chain.enter(ctx), 10)  # liveness: never hangs
+    except Blocked as exc:
+        return exc.status
+    await chain.exit(ctx, tokens)
+    return 200
+
+
+async def test_every_shaping_key_on_redis_expires(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    resources = {
+        "w": {"flow": [{"qps": 5, "behavior": "warm_up"}]},
+        "q": {"flow": [{"qps": 5, "behavior": "queue"}]},
+        "wq": {"flow": [{"qps": 5, "behavior": "warm_up_queue"}]},
+        "r": {"flow": [{"qps": 5, "strategy": "relate", "ref_resource": "x"}]},
+        "x": {},
+    }
+    guard = Guard({"key_prefix": prefix, "resources": resources}, storage=redis_url)
+    for name in resources:
+        assert await attempt(guard, name) is not None  # one call each: new keys only
+    client = Redis.from_url(redis_url)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    assert len(keys) >= 4
+    ttls = [await client.pttl(key) for key in keys]
+    assert all(ttl > 0 for ttl in ttls), dict(zip(keys, ttls, strict=True))
+    await client.aclose()
+    await guard.aclose()

@@ -21,13 +21,13 @@ if warning >= 0 then
   rate = warm_rate(tokens, count, warning, tonumber(ARGV[7]))
 end
 local cost = math.floor(n * 1000 / rate + 0.5)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
 -- A slot freed by a waiter that left goes first: the spacing around it already holds.
 if #holes > 0 then
   table.sort(holes)
   local at = holes[1]
   redis.call('HDEL', KEYS[1], 'h' .. string.format('%d', at))
   if warning >= 0 then count_pass(at, n) end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return {1, at - now, at, cost}
 end
 local latest = state['l'] or 0
@@ -35,8 +35,10 @@ local at = latest + cost
 if at <= now then
   at = now
 elseif at - now > max_queue then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- (a no-op when nothing is kept)
   return {0, at - now - max_queue}
 end
 redis.call('HSET', KEYS[1], 'l', string.format('%d', at))
 if warning >= 0 then count_pass(at, n) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- after the writes: a new key gets its expiry too
 return {1, at - now, at, cost}

@@ -13,11 +13,12 @@ local count, warning, max_tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumbe
 local slope, cold_factor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local tokens = sync_tokens(count, warning, max_tokens, cold_factor)
 local qps = passed(slot - 9, slot)
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if qps + n <= warm_rate(tokens, count, warning, slope) then
   count_pass(now, n)
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])  -- after the writes: a new key gets its expiry too
   return {1, slot}
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
 local oldest = slot
 for b, c in pairs(buckets) do
   if c > 0 and b >= slot - 9 and b < oldest then oldest = b end
