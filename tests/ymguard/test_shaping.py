@@ -507,3 +507,39 @@ async def test_every_shaping_key_on_redis_expires(redis_url: str, prefix: str) -
     assert all(ttl > 0 for ttl in ttls), dict(zip(keys, ttls, strict=True))
     await client.aclose()
     await guard.aclose()
+
+
+async def test_concurrency_queue_is_one_line_across_processes(redis_url: str, prefix: str) -> None:
+    # Two guards, each with its own Redis connections and wake-ups, stand for two processes.
+    flow = [{"concurrency": 1, "behavior": "queue", "max_queue_ms": 20_000}]
+    rules = {"key_prefix": prefix, "resources": {"c": {"flow": flow}}}
+    one, two = Guard(rules, storage=redis_url), Guard(rules, storage=redis_url)
+    chains = {"one": one.chain("c"), "two": two.chain("c")}
+    check = chains["one"].checks[0]
+    assert isinstance(check, QueuedConcurrencyCheck)
+    holder = Context("c")
+    held = await chains["one"].enter(holder)
+    order: list[str] = []
+
+    async def call(name: str, via: str) -> None:
+        ctx = Context("c")
+        tokens = await chains[via].enter(ctx)
+        order.append(name)
+        await asyncio.sleep(0.01)
+        await chains[via].exit(ctx, tokens)
+
+    waiters = []
+    for n, (name, via) in enumerate([("B", "two"), ("C", "one"), ("D", "two")], start=1):
+        waiters.append(asyncio.ensure_future(call(name, via)))
+        for _ in range(400):  # until it stands in line
+            await asyncio.sleep(0.025)
+            check._default = check._default or check._queue("")
+            if await check._default.waiting() == n:
+                break
+        else:
+            raise AssertionError(f"{name} never joined the line")
+    await chains["one"].exit(holder, held)
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
+    assert order == ["B", "C", "D"]
+    await one.aclose()
+    await two.aclose()
