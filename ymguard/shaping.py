@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -42,7 +42,7 @@ from .backends.window import BUCKETS, Window
 from .chain import Check, CheckStatus, Context
 from .errors import FlowLimited, Quota, SemaphoreFull, StorageBlocked, StorageUnavailable
 from .limiter import FlowRule, OriginTable, _FlowCheckBase
-from .semaphore import Semaphore
+from .semaphore import Permit, Semaphore
 from .storage import Store
 from .storage.tasks import finish, in_background
 from .types import Message, Receive
@@ -78,13 +78,18 @@ def _replay(buffered: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def until_gone(ctx: Context, work: Awaitable[T]) -> tuple[bool, T | None]:
+async def until_gone(
+    ctx: Context,
+    work: Awaitable[T],
+    undo: Callable[[Any], Awaitable[Any]] | None = None,
+) -> tuple[bool, T | None]:
     """Await ``work``; if the HTTP client disconnects first, cancel it.
 
     Returns ``(gone, result)``: ``(True, None)`` when the client left first. While it
     waits it reads the request's messages (a body, a disconnect) and hands them on to the
     app afterwards (``ctx.receive`` is replaced), so nothing is lost. A code resource
-    (no ASGI scope) just awaits ``work``.
+    (no ASGI scope) just awaits ``work``. If the caller is cancelled just as ``work``
+    finished, ``undo`` gives back what it got (a permit nobody would release).
     """
     receive = ctx.receive
     if receive is None or ctx.scope is None:
@@ -112,7 +117,10 @@ async def until_gone(ctx: Context, work: Awaitable[T]) -> tuple[bool, T | None]:
                 return True, None
         return False, await task
     except asyncio.CancelledError:
-        task.cancel()
+        if not task.done():
+            task.cancel()
+        elif undo is not None and not task.cancelled() and task.exception() is None:
+            in_background(undo(task.result()))
         raise
     finally:
         if not reader.done():
@@ -381,7 +389,9 @@ class QueuedConcurrencyCheck(_FlowCheckBase):
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            gone, permit = await until_gone(ctx, queue.acquire(self.wait_seconds))
+            gone, permit = await until_gone(
+                ctx, queue.acquire(self.wait_seconds), undo=Permit.release
+            )
         except SemaphoreFull as exc:
             record_wait(ctx, self.description, loop.time() - started, "rejected")
             raise FlowLimited(
