@@ -16,9 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
 
 from tests.helpers import RedisServer, Uvicorn, running
-from ymguard import Blocked, Context, FlowLimited, Guard, RulesError, load_rules
+from ymguard import (
+    Blocked,
+    Context,
+    FlowLimited,
+    Guard,
+    GuardMiddleware,
+    RulesError,
+    load_rules,
+)
 from ymguard.backends.warmup import WarmUpCurve
 from ymguard.chain import current_context
 from ymguard.shaping import (
@@ -543,3 +552,24 @@ async def test_concurrency_queue_is_one_line_across_processes(redis_url: str, pr
     assert order == ["B", "C", "D"]
     await one.aclose()
     await two.aclose()
+
+
+async def test_queued_http_requests_keep_their_bodies_through_the_middleware(
+    store: Store,
+) -> None:
+    flow = [{"qps": 5, "behavior": "queue", "max_queue_ms": 2000}]
+    guard = guard_with(store, {"POST /echo": {"flow": flow}})
+    app = FastAPI()
+    app.add_middleware(GuardMiddleware, guard=guard)
+    guard.install(app)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, str]:
+        return {"body": (await request.body()).decode()}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        sent = [c.post("/echo", content=f"body-{i}") for i in range(4)]
+        responses = await asyncio.gather(*sent)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert sorted(r.json()["body"] for r in responses) == [f"body-{i}" for i in range(4)]
