@@ -74,6 +74,8 @@ class Context:
             the check of each (``shadow.py``); None, the usual case, when there were none.
         observers: the chain's observers, for a check that reports to them during the call
             (:func:`report_wait`).
+        parent: the guarded call this one was entered from (a ``@guard.resource``
+            called inside a guarded route), else ``None``; ``strategy: chain`` reads it.
     """
 
     resource: str
@@ -90,6 +92,7 @@ class Context:
     replayed: bool = False
     shadowed: list[tuple[Blocked, Check]] | None = None
     observers: tuple[Observer, ...] = ()
+    parent: Context | None = None
 
 
 #: The call being guarded in this task (set by the middleware and ``@guard.resource``).

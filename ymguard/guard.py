@@ -39,6 +39,7 @@ from .resource import RouteLimit, SyncBridge, guarded_resource
 from .rules import ResourceRules, RulesFile, load_rules, parse_rules
 from .rulesync import RulesRuntime, check_same_store
 from .semaphore import Semaphore, semaphore_for_rule
+from .shaping import note_relations
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .types import Scope
@@ -247,6 +248,7 @@ class Guard:
         return chain
 
     def _compile_all(self, rules: RulesFile) -> dict[str, Chain]:
+        note_relations(self.store, rules.resources)  # flow relate: who counts whose calls
         return {resource: self._compile(resource, rules) for resource in rules.resources}
 
     def _compile(self, resource: str, rules: RulesFile) -> Chain:

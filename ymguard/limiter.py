@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
@@ -55,11 +55,52 @@ class FlowRule(Rule):
         30, gt=0, description="concurrency: a dead process's count is freed after this"
     )
 
+    strategy: Literal["direct", "relate", "chain"] = Field(
+        "direct",
+        description="direct: this resource's calls; relate: count ref_resource's traffic; "
+        "chain: only calls entered from ref_resource",
+    )
+    ref_resource: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
+        description="the resource relate counts, or the one chain's calls enter from",
+    )
+
     @field_validator("behavior")
     @classmethod
-    def _only_reject(cls, value: str) -> str:
-        if value != "reject":
-            raise ValueError(f"behavior {value!r} is not supported yet; use 'reject'")
+    def _behavior_fits(cls, value: str, info: ValidationInfo) -> str:
+        if value == "reject":
+            return value
+        if info.data.get("concurrency") is not None and value != "queue":
+            raise ValueError(f"concurrency takes behavior reject or queue, not {value!r}")
+        if info.data.get("qps") == 0:
+            raise ValueError(f"{value} needs qps >= 1 (qps: 0 blocks every call: use reject)")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_fits(cls, value: str, info: ValidationInfo) -> str:
+        if value == "relate" and info.data.get("qps") is None:
+            raise ValueError("relate counts ref_resource's calls per second: use qps")
+        if value == "relate" and info.data.get("behavior", "reject") != "reject":
+            raise ValueError("relate takes behavior reject (ref_resource's traffic decides)")
+        return value
+
+    @field_validator("ref_resource")
+    @classmethod
+    def _ref_fits(cls, value: str | None, info: ValidationInfo) -> str | None:
+        strategy = info.data.get("strategy")
+        if strategy is None:  # the strategy itself was refused
+            return value
+        if strategy == "direct":
+            if value is not None:
+                raise ValueError("only strategy relate or chain uses ref_resource")
+            return value
+        if value is None:
+            raise ValueError(f"strategy {strategy} needs ref_resource (a resource name)")
+        if value != value.strip() or not value.isprintable():
+            raise ValueError("a resource name is printable text without leading or trailing spaces")
         return value
 
     @model_validator(mode="after")
@@ -403,7 +444,7 @@ class _Count:
 FlowCheck = QpsCheck | ConcurrencyCheck
 
 
-def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
+def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[Any]:
     return build_flow_checks(env.store, resource, rules)
 
 
@@ -411,15 +452,31 @@ def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
 KIND = Kind("flow", 40, FlowRule, _build)
 
 
-def build_flow_checks(store: Store, resource: str, rules: list[FlowRule]) -> list[FlowCheck]:
-    """The checks for a resource's ``flow`` rules, in file order."""
+def build_flow_checks(store: Store, resource: str, rules: list[FlowRule]) -> list[Any]:
+    """The checks for a resource's ``flow`` rules, in file order.
+
+    A reject rule of strategy ``direct`` is a :class:`QpsCheck` or
+    :class:`ConcurrencyCheck`; the other behaviours and strategies are the checks of
+    ``shaping.py``. A resource that ``relate`` rules name counts its calls first.
+    """
+    from .shaping import build_shaped_check, recorder_for
+
     named = frozenset(r.origin for r in rules if r.origin not in ("default", "other"))
-    checks: list[FlowCheck] = []
+    checks: list[Any] = []
+    recorder = recorder_for(store, resource)  # relate rules of other resources count us
+    if recorder is not None:
+        checks.append(recorder)
     for index, (rule, identity) in enumerate(zip(rules, rule_ids(rules), strict=True)):
-        if rule.qps is not None:
-            checks.append(QpsCheck(store, resource, index, rule, named, identity=identity))
-        else:
-            checks.append(ConcurrencyCheck(store, resource, index, rule, named, identity))
+        direct: FlowCheck | None = None
+        if rule.behavior == "reject" and rule.strategy != "relate":
+            if rule.qps is not None:
+                direct = QpsCheck(store, resource, index, rule, named, identity=identity)
+            else:
+                direct = ConcurrencyCheck(store, resource, index, rule, named, identity)
+            if rule.strategy == "direct":
+                checks.append(direct)
+                continue
+        checks.append(build_shaped_check(store, resource, index, rule, named, identity, direct))
     return checks
 
 

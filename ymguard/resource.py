@@ -139,7 +139,7 @@ def _guarded_call(
     wrappers keep the same rules by construction.
     """
     outer = current_context.get()
-    ctx = Context(name, outer.origin if outer else "", kwargs)
+    ctx = Context(name, outer.origin if outer else "", kwargs, parent=outer)
     chain = guard.chain(name)
     try:
         tokens = yield chain.enter(ctx)

@@ -94,10 +94,11 @@ def test_unknown_behavior_is_refused(tmp_path: Path) -> None:
     assert ":5: " in found and "flow[0].behavior" in found
 
 
-def test_behaviors_of_a_later_issue_say_not_supported_yet(tmp_path: Path) -> None:
-    text = "resources:\n  GET /a:\n    flow:\n      - qps: 1\n        behavior: warm_up\n"
+def test_a_relate_rule_without_ref_resource_is_refused(tmp_path: Path) -> None:
+    text = "resources:\n  GET /a:\n    flow:\n      - qps: 1\n        strategy: relate\n"
     (found,) = problems(tmp_path, text)
-    assert "not supported yet" in found
+    assert ':4: resources."GET /a".flow[0].ref_resource: ' in found
+    assert "strategy relate needs ref_resource" in found
 
 
 @pytest.mark.parametrize("kind", ["param_flow", "authority"])
