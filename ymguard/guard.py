@@ -37,6 +37,7 @@ from .rules import ResourceRules, RulesFile, load_rules, parse_rules
 from .semaphore import Semaphore, semaphore_for_rule
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
+from .system import SystemProtection
 from .types import Scope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,6 +82,8 @@ class Guard:
         self._mapper = ExceptionMapper(lambda: self.rules.errors)
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin(self.rules)
+        #: The process-wide protection of the ``system:`` section (one per guard).
+        self.system = SystemProtection(self.rules.system)
         self._env = Env(
             store=self.store,
             stats=self.stats,
@@ -88,6 +91,7 @@ class Guard:
             submit_tokens=lambda: self.submit_tokens,
             listeners=self._listeners_for,
             attached=self._attached_to,
+            system=self.system,
         )
         # Every resource of the rules is compiled now: a rules problem shows at once, and
         # a reload swaps complete sets.
@@ -112,6 +116,7 @@ class Guard:
         """
         new = rules if isinstance(rules, RulesFile) else parse_rules(rules)
         with self._lock:
+            self.system.configure(new.system)
             chains = self._compile_all(new)
             origin_of = self._compile_origin(new)
             self.rules, self._chains, self._origin_of = new, chains, origin_of
@@ -404,6 +409,7 @@ class Guard:
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
         and idempotency leases and writes still waiting for the store.
         """
+        await self.system.aclose()
         await self.store.close_tasks()
         await self.store.aclose()
 
