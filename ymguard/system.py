@@ -160,7 +160,9 @@ class SystemProtection:
         """Sentinel's BBR check: in flight <= 1 or <= max_success_qps * min_rt / 1000."""
         if self.inflight <= 1:
             return True
-        capacity = self.max_success_qps(now) * self.min_rt_ms(now) / 1000.0
+        qps = self.max_success_qps(now)
+        # Nothing finished in the last second: no capacity shown, one call at a time.
+        capacity = qps * self.min_rt_ms(now) / 1000.0 if qps > 0 else 0.0
         return not self.inflight > capacity
 
     def on_pass(self, now: float) -> int:
