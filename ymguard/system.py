@@ -61,18 +61,15 @@ class SystemRule(RuleModel):
     max_avg_rt_ms: float | None = Field(None, gt=0, description="mean response time")
     max_cpu_usage: float | None = Field(None, ge=0, le=1, description="process CPU, 0..1")
     adaptive: bool = Field(False, description="BBR while the loop lags or CPU is high")
-    max_loop_lag_ms: float | None = Field(None, gt=0, description="adaptive: lag trigger")
+    max_loop_lag_ms: float = Field(
+        DEFAULT_LOOP_LAG_MS, gt=0, description="adaptive: the event-loop lag that triggers it"
+    )
 
     @model_validator(mode="after")
     def _lag_needs_adaptive(self) -> SystemRule:
-        if self.max_loop_lag_ms is not None and not self.adaptive:
+        if "max_loop_lag_ms" in self.model_fields_set and not self.adaptive:
             raise ValueError("max_loop_lag_ms only triggers adaptive: set adaptive: true")
         return self
-
-    @property
-    def loop_lag_ms(self) -> float:
-        """The lag that triggers adaptive protection (default 50 ms)."""
-        return self.max_loop_lag_ms if self.max_loop_lag_ms is not None else DEFAULT_LOOP_LAG_MS
 
 
 def process_cpu_seconds() -> float:
@@ -251,7 +248,7 @@ class SystemProtection:
             return self._overloaded(resource, f"max_avg_rt_ms={rule.max_avg_rt_ms:g}")
         cpu_high = rule.max_cpu_usage is not None and self.cpu_usage > rule.max_cpu_usage
         if rule.adaptive:
-            lagging = self.loop_lag_ms > rule.loop_lag_ms
+            lagging = self.loop_lag_ms > rule.max_loop_lag_ms
             if (lagging or cpu_high) and not self.bbr_admits(now):
                 why = "loop lag" if lagging else "cpu"
                 return self._overloaded(resource, f"adaptive ({why})")

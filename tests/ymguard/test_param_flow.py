@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import io
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ from ymguard.backends.param_bucket import (
     MemoryParamBuckets,
     param_buckets,
 )
+from ymguard.cli import main
 from ymguard.param_flow import DEFAULT_MAX_VALUES, ParamFlowCheck
 from ymguard.storage import MemoryStore, Store, store_from_uri
 
@@ -385,6 +388,12 @@ def test_check_accepts_every_param_flow_field(tmp_path: Path) -> None:
     rules = load_rules(path).resources["POST /kill/{course_id}"].param_flow
     assert rules[0].items == {"42": 2000, "13": 0, "7": 1}
     assert rules[1].behavior == "queue" and rules[1].max_values == 1000
+    # ymguard check prints what applies, as a rules file that means the same.
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["check", str(path)]) == 0
+    again = tmp_path / "again.yaml"
+    again.write_text(out.getvalue())
+    assert load_rules(again) == load_rules(path)
 
 
 @pytest.mark.parametrize(
