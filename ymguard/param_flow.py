@@ -40,6 +40,7 @@ from .backends.param_bucket import (
     BUCKET,
     PACING,
     BucketSpec,
+    MemoryParamBuckets,
     ParamBuckets,
     ParamResult,
     param_buckets,
@@ -209,6 +210,8 @@ class ParamFlowCheck:
         self.name = f"{resource}#{identity}"
         self.buckets: ParamBuckets = param_buckets(store, self.name, rule.max_values)
         self._local: ParamBuckets | None = None
+        # The memory store decides without a coroutine (as the flow window does).
+        self._decide = self.buckets.decide if isinstance(self.buckets, MemoryParamBuckets) else None
         self.mode = PACING if rule.behavior == "queue" else BUCKET
         self.duration_ms = rule.duration_seconds * 1000.0
         self.policy_name = rule.name or ("param_flow" if index == 0 else f"param_flow-{index}")
@@ -261,24 +264,33 @@ class ParamFlowCheck:
             raise self._refuse(0, self.rule.duration_seconds)
         spec = self._spec(count)
         buckets = self.buckets
-        try:
-            result: ParamResult = await buckets.acquire(value, spec)
-        except StorageUnavailable:
-            refusal = StorageBlocked(self.resource, self.description, retry_after=1.0)
-            if self.store.on_outage(refusal) == "open":
-                return None
-            buckets = self._local_buckets()
-            result = await buckets.acquire(value, spec)
+        if self._decide is not None:  # the memory store: no coroutine per call
+            result = self._decide(value, spec)
+        else:
+            try:
+                result = await buckets.acquire(value, spec)
+            except StorageUnavailable:
+                refusal = StorageBlocked(self.resource, self.description, retry_after=1.0)
+                if self.store.on_outage(refusal) == "open":
+                    return None
+                buckets = self._local_buckets()
+                result = await buckets.acquire(value, spec)
         if not result.admitted:
             raise self._refuse(count, result.wait_seconds)
         if result.wait_seconds > 0:
-            try:
-                await asyncio.sleep(result.wait_seconds)
-            except asyncio.CancelledError:
-                # A waiter that leaves gives its slot back: it holds nothing afterwards.
-                in_background(buckets.refund(value, spec, result.slot))
-                raise
+            await self._wait(buckets, value, spec, result)
         return (buckets, value, spec, result.slot)
+
+    @staticmethod
+    async def _wait(
+        buckets: ParamBuckets, value: str, spec: BucketSpec, result: ParamResult
+    ) -> None:
+        """Sleep until the call's slot (pacing); a waiter that leaves gives its slot back."""
+        try:
+            await asyncio.sleep(result.wait_seconds)
+        except asyncio.CancelledError:
+            in_background(buckets.refund(value, spec, result.slot))
+            raise
 
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None and ctx.blocked is not None:
