@@ -6,7 +6,7 @@ caller, so one hot value cannot take a route's whole quota. The parameter is rea
 call:
 
 * ``NAME``: a path parameter of the route (``course_id`` of ``POST /kill/{course_id}``), or
-  for a code resource (``@guard.resource``) the argument of that name, passed by keyword;
+  for a code resource (``@guard.resource``) the argument of that name;
 * ``query:NAME``, ``header:NAME``, ``state:NAME`` (``request.state.NAME``);
 * ``origin``: the caller's origin.
 

@@ -255,7 +255,9 @@ async def test_a_code_resource_is_limited_per_argument(storage_uri: str, prefix:
         return "ok"
 
     assert [await charge(user="ann", amount=1) for _ in range(3)] == ["ok", "ok", "blocked"]
-    assert await charge(user="bob", amount=1) == "ok"
+    assert await charge("bob", 1) == "ok"  # positional arguments are read by name too
+    assert await charge("bob", amount=1) == "ok"
+    assert await charge("bob", 1) == "blocked"
     await guard.aclose()
 
 
