@@ -23,6 +23,7 @@ from ymguard import (
     GuardMiddleware,
     ParamFlowLimited,
     RulesError,
+    StorageBlocked,
     load_rules,
     parse_rules,
 )
@@ -434,3 +435,34 @@ def test_a_path_param_the_route_lacks_is_warned_about(caplog: pytest.LogCaptureF
         guard.chain("GET /r/{id}")
         guard.reload(guard.rules)
     assert "does not have" in caplog.text
+
+
+# -- outages ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "admitted"), [("local", 2), ("open", 5), ("closed", 0)])
+async def test_a_redis_outage_follows_on_storage_error(
+    private_redis: RedisServer, prefix: str, policy: str, admitted: int
+) -> None:
+    store = store_from_uri(private_redis.url, key_prefix=prefix, on_storage_error=policy)  # type: ignore[arg-type]
+    guard = guard_with(store, [{"param": "id", "qps": 2, "duration_seconds": LONG}])
+    private_redis.stop()
+    results = []
+    for _ in range(5):
+        try:
+            await attempt_raising(guard, {"id": "v"})
+            results.append("ok")
+        except StorageBlocked:
+            results.append("storage")
+        except ParamFlowLimited:
+            results.append("limited")
+    assert results.count("ok") == admitted
+    if policy == "closed":
+        assert set(results) == {"storage"}
+    await guard.aclose()
+
+
+async def attempt_raising(guard: Guard, params: dict[str, Any]) -> None:
+    chain = guard.chain("GET /r/{id}")
+    ctx = Context("GET /r/{id}", "", params)
+    await chain.exit(ctx, await chain.enter(ctx))
