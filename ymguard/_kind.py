@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .semaphore import Semaphore
     from .stats import ResourceStats
     from .storage import Store
+    from .system import SystemProtection
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class Env:
         submit_tokens: the guard's submit tokens (made on first use).
         listeners: the breaker listeners registered for a resource.
         attached: the checks code attached to a resource (``guard.attach_breaker``).
+        system: the guard's process-wide system protection (``system:``), if any.
     """
 
     store: Store
@@ -41,6 +43,7 @@ class Env:
     submit_tokens: Callable[[], SubmitTokens]
     listeners: Callable[[str], list[Any]]
     attached: Callable[[str], Sequence[Check]]
+    system: SystemProtection | None = None
 
 
 @dataclass(frozen=True, slots=True)

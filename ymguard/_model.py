@@ -107,11 +107,6 @@ class Rule(RuleModel):
     shadow: bool = Field(False, description="evaluate and report, never block (a dry run)")
 
 
-def not_supported_yet(kind: str) -> ValueError:
-    """The error for a rule kind the rules file names but this version cannot enforce."""
-    return ValueError(f"{kind} rules are not supported yet by this version of ymguard")
-
-
 def rule_ids(rules: Sequence[RuleModel]) -> list[str]:
     """The identity of each of a resource's rules of one kind, which keys its state.
 

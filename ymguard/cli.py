@@ -84,7 +84,9 @@ def _emit(model: BaseModel, indent: str) -> list[str]:
                 inner = _emit(item, indent + "    ")
                 lines.append(f"{indent}  - " + inner[0].removeprefix(indent + "    "))
                 lines += inner[1:]
-        elif isinstance(value, dict) and value:
+        elif (
+            isinstance(value, dict) and value and isinstance(next(iter(value.values())), BaseModel)
+        ):
             lines.append(f"{indent}{key}:")
             for sub, item in value.items():
                 inner = _emit(item, indent + "    ")

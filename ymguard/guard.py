@@ -42,6 +42,7 @@ from .semaphore import Semaphore, semaphore_for_rule
 from .shaping import note_relations
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
+from .system import SystemProtection
 from .types import Scope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -97,6 +98,8 @@ class Guard:
         self._mapper = ExceptionMapper(lambda: self._errors)
         self._lock = threading.Lock()
         self._origin_of = self._compile_origin(self.rules)
+        #: The process-wide protection of the ``system:`` section (one per guard).
+        self.system = SystemProtection(self.rules.system)
         self._env = Env(
             store=self.store,
             stats=self.stats,
@@ -104,6 +107,7 @@ class Guard:
             submit_tokens=lambda: self.submit_tokens,
             listeners=self._listeners_for,
             attached=self._attached_to,
+            system=self.system,
         )
         # Every resource of the rules is compiled now: a rules problem shows at once, and
         # a reload swaps complete sets.
@@ -167,6 +171,7 @@ class Guard:
         """Swap to ``new``: the guard's own rules (``pushed`` None) or a pushed version."""
         check_same_store(new, self.store, self._runtime.storages, source=source, text=text)
         with self._lock:
+            self.system.configure(new.system)
             chains = self._compile_all(new)
             origin_of = self._compile_origin(new)
             if new.on_storage_error != self.rules.on_storage_error:
@@ -524,6 +529,7 @@ class Guard:
         and the follower of pushed rules.
         """
         await self._runtime.aclose()
+        await self.system.aclose()
         await self.store.close_tasks()
         await self.store.aclose()
 

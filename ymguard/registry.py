@@ -6,7 +6,7 @@ here, and its field in ``rules.ResourceRules``.
 
 from __future__ import annotations
 
-from . import antiresubmit, breaker, idempotency, limiter, semaphore
+from . import antiresubmit, authority, breaker, idempotency, limiter, param_flow, semaphore, system
 from ._kind import Env, Kind
 from .chain import DEFAULT_ERROR_STATUSES, Check
 from .rules import ResourceRules
@@ -16,6 +16,9 @@ from .shadow import shadow_checks
 KINDS: tuple[Kind, ...] = tuple(
     sorted(
         (
+            authority.KIND,
+            system.KIND,
+            param_flow.KIND,
             limiter.KIND,
             breaker.KIND,
             semaphore.KIND,
@@ -35,7 +38,7 @@ def build_checks(
     statuses: set[int] = set()
     decided = False
     for kind in KINDS:
-        value = getattr(rules, kind.name)
+        value = getattr(rules, kind.name, None)  # system: a field of the file, not here
         checks += shadow_checks(kind.build(env, resource, value))  # shadow: true (shadow.py)
         found = kind.error_statuses(value) if kind.error_statuses is not None else None
         if found is not None:

@@ -228,6 +228,16 @@ def _drive_sync(
             failure = exc
 
 
+def _positional_names(func: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of the parameters ``func`` takes by position, in order."""
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind in kinds)
+
+
 def guarded_resource(
     guard: Guard,
     name: str,
@@ -251,20 +261,24 @@ def guarded_resource(
     """
 
     def decorate(func: F) -> F:
-        def steps(kwargs: dict[str, Any]) -> Generator[_Step, Any, Any]:
-            return _guarded_call(guard, name, kwargs, fallback, block_handler, exceptions_to_ignore)
+        positional = _positional_names(func)
+
+        def steps(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Generator[_Step, Any, Any]:
+            # The call's arguments by name (param_flow reads them), positional ones too.
+            params = {**dict(zip(positional, args, strict=False)), **kwargs} if args else kwargs
+            return _guarded_call(guard, name, params, fallback, block_handler, exceptions_to_ignore)
 
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _drive_async(steps(kwargs), func, args, kwargs)
+                return await _drive_async(steps(args, kwargs), func, args, kwargs)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _drive_sync(steps(kwargs), guard.sync_bridge, name, func, args, kwargs)
+            return _drive_sync(steps(args, kwargs), guard.sync_bridge, name, func, args, kwargs)
 
         return cast(F, sync_wrapper)
 

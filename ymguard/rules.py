@@ -25,14 +25,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 
-from ._model import HTTP_METHODS, RuleModel, check_header_name, not_supported_yet
+from ._model import HTTP_METHODS, RuleModel, check_header_name
 from .antiresubmit import SubmitTokenRule
+from .authority import AuthorityRule
 from .breaker import BreakerRule
 from .errors import RuleProblem, RulesError
 from .idempotency import IdempotencyRule
 from .limiter import FlowRule
+from .param_flow import ParamFlowRule
 from .semaphore import SemaphoreRule
 from .storage import STORAGE_SCHEMES, check_key_prefix, check_storage_uri
+from .system import SystemRule
 
 #: Deepest nesting of mappings and lists a rules file may have (a real one needs 5).
 MAX_DEPTH = 32
@@ -108,28 +111,16 @@ class ErrorMapping(RuleModel):
     detail: str | None = None
 
 
-def _refuse(kind: str) -> Any:
-    def check(value: Any) -> Any:
-        if value is not None:
-            raise not_supported_yet(kind)
-        return value
-
-    return check
-
-
 class ResourceRules(RuleModel):
     """Every rule of one resource, in the order the chain runs them."""
 
     flow: list[FlowRule] = Field(default_factory=list)
-    param_flow: Any = None
-    authority: Any = None
+    param_flow: list[ParamFlowRule] = Field(default_factory=list)
+    authority: AuthorityRule | None = None
     semaphore: SemaphoreRule | None = None
     breaker: list[BreakerRule] = Field(default_factory=list)
     idempotency: IdempotencyRule | None = None
     submit_token: SubmitTokenRule | None = None
-
-    _param_flow = field_validator("param_flow")(_refuse("param_flow"))
-    _authority = field_validator("authority")(_refuse("authority"))
 
 
 class RulesFile(RuleModel):
@@ -140,10 +131,8 @@ class RulesFile(RuleModel):
     on_storage_error: Literal["local", "open", "closed"] = "local"
     origin: OriginRule | None = None
     resources: dict[ResourceName, ResourceRules] = Field(default_factory=dict)
-    system: Any = None
+    system: SystemRule | None = None
     errors: dict[ImportPath, ErrorMapping] = Field(default_factory=dict)
-
-    _system = field_validator("system")(_refuse("system"))
 
     @field_validator("storage")
     @classmethod

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from ymguard import Guard
 from ymguard.registry import KINDS
-from ymguard.rules import ResourceRules
+from ymguard.rules import ResourceRules, RulesFile
 
 
 def test_the_kinds_run_in_the_chain_order_of_the_architecture() -> None:
     assert [kind.name for kind in KINDS] == [
+        "authority",
+        "system",
+        "param_flow",
         "flow",
         "breaker",
         "semaphore",
@@ -21,6 +24,9 @@ def test_the_kinds_run_in_the_chain_order_of_the_architecture() -> None:
 def test_every_kind_is_a_field_of_a_resources_rules_with_its_model() -> None:
     fields = ResourceRules.model_fields
     for kind in KINDS:
+        if kind.name == "system":  # the whole process's: a field of the file
+            assert kind.model.__name__ in str(RulesFile.model_fields["system"].annotation)
+            continue
         assert kind.name in fields
         assert kind.model.__name__ in str(fields[kind.name].annotation)
 

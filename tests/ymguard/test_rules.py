@@ -101,18 +101,6 @@ def test_a_relate_rule_without_ref_resource_is_refused(tmp_path: Path) -> None:
     assert "strategy relate needs ref_resource" in found
 
 
-@pytest.mark.parametrize("kind", ["param_flow", "authority"])
-def test_rule_kinds_of_a_later_issue_are_refused_not_ignored(tmp_path: Path, kind: str) -> None:
-    text = f"resources:\n  GET /a:\n    {kind}:\n      - x: 1\n"
-    (found,) = problems(tmp_path, text)
-    assert f':3: resources."GET /a".{kind}: ' in found and "not supported yet" in found
-
-
-def test_system_rule_is_refused_not_ignored(tmp_path: Path) -> None:
-    (found,) = problems(tmp_path, "system:\n  max_qps: 10\n")
-    assert ":1: system: " in found and "not supported yet" in found
-
-
 def test_a_flow_rule_needs_exactly_one_grade(tmp_path: Path) -> None:
     (found,) = problems(
         tmp_path, "resources:\n  GET /a:\n    flow:\n      - qps: 1\n        concurrency: 2\n"
