@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -45,7 +46,7 @@ from .backends.param_bucket import (
     ParamResult,
     param_buckets,
 )
-from .chain import CheckStatus, Context, cap_origin
+from .chain import CheckStatus, Context, cap_origin, report_wait
 from .errors import ParamFlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .storage import Store
 from .storage.tasks import in_background
@@ -275,10 +276,20 @@ class ParamFlowCheck:
                     return None
                 buckets = self._local_buckets()
                 result = await buckets.acquire(value, spec)
+        queued = self.rule.behavior == "queue"
         if not result.admitted:
+            if queued:
+                report_wait(ctx, self, 0.0, "rejected")
             raise self._refuse(count, result.wait_seconds)
         if result.wait_seconds > 0:
-            await self._wait(buckets, value, spec, result)
+            started = time.perf_counter()
+            try:
+                await self._wait(buckets, value, spec, result)
+            except asyncio.CancelledError:
+                report_wait(ctx, self, time.perf_counter() - started, "cancelled")
+                raise
+        if queued:
+            report_wait(ctx, self, result.wait_seconds, "acquired")
         return (buckets, value, spec, result.slot)
 
     @staticmethod

@@ -39,7 +39,7 @@ from .backends.pacer import MemoryPacer, Pacer, pacer_for
 from .backends.pacer import ttl_ms as pacer_ttl_ms
 from .backends.warmup import MemoryWarmUp, WarmUp, WarmUpCurve, warmup_for
 from .backends.window import BUCKETS, Window
-from .chain import Check, CheckStatus, Context
+from .chain import Check, CheckStatus, Context, report_wait
 from .errors import FlowLimited, Quota, SemaphoreFull, StorageBlocked, StorageUnavailable
 from .limiter import FlowRule, OriginTable, _FlowCheckBase
 from .semaphore import Permit, Semaphore
@@ -53,15 +53,17 @@ T = TypeVar("T")
 WaitResult = Literal["acquired", "rejected", "cancelled"]
 
 
-def record_wait(ctx: Context, rule: str, seconds: float, result: WaitResult) -> None:
-    """Keep what a queued call's wait was, in ``ctx.extras["queue_wait"]``.
+def record_wait(ctx: Context, check: Any, seconds: float, result: WaitResult) -> None:
+    """Report a queued call's wait: to the chain's observers and in ``ctx.extras``.
 
-    The one place a shaping check reports a wait: ``(rule, seconds, result)``. An observer
-    (metrics: time spent queueing) reads it from the context in ``passed`` / ``blocked``.
+    The one place a shaping check reports a wait. Observers with a ``waited`` method (the
+    metrics' ``ymguard.queue.duration``) hear it through :func:`~ymguard.chain.report_wait`;
+    ``ctx.extras["queue_wait"]`` keeps ``(rule, seconds, result)`` for the endpoint.
     """
     if ctx.extras is None:
         ctx.extras = {}
-    ctx.extras["queue_wait"] = (rule, seconds, result)
+    ctx.extras["queue_wait"] = (check.description, seconds, result)
+    report_wait(ctx, check, seconds, result)
 
 
 # -- waiting, and seeing the client leave -------------------------------------------------
@@ -281,27 +283,28 @@ class PacedCheck(_ShapedCheck):
             pacer = self._local = self._local or pacer_for(self.store.local)
             turn = await pacer.reserve(key, qps, self.max_queue_ms, self.curve)
         if not turn.admitted:
-            record_wait(ctx, self.description, 0.0, "rejected")
+            record_wait(ctx, self, 0.0, "rejected")
             wait = turn.wait_seconds
             quota = Quota(self.policy_name, self.limit, 1.0, 0, wait)
             raise FlowLimited(self.resource, self.description, retry_after=wait, quota=quota)
         token = (pacer, key, turn.slot, turn.cost)
         if turn.wait_seconds <= 0:
+            report_wait(ctx, self, 0.0, "acquired")  # its turn at once: waited 0 s
             return token
         try:
             gone, _ = await until_gone(ctx, asyncio.sleep(turn.wait_seconds))
         except asyncio.CancelledError:
-            record_wait(ctx, self.description, turn.wait_seconds, "cancelled")
+            record_wait(ctx, self, turn.wait_seconds, "cancelled")
             if pacer is self.pacer and not self.store.available:
                 in_background(self._give_back(token))  # never wait on a store that is down
             else:  # given back before the cancellation goes on (finish: even if cancelled again)
                 await finish(self._give_back(token))
             raise
         if gone:
-            record_wait(ctx, self.description, turn.wait_seconds, "cancelled")
+            record_wait(ctx, self, turn.wait_seconds, "cancelled")
             await self._give_back(token)
             raise FlowLimited(self.resource, f"{self.description} (the client left)")
-        record_wait(ctx, self.description, turn.wait_seconds, "acquired")
+        record_wait(ctx, self, turn.wait_seconds, "acquired")
         return token
 
     async def _give_back(self, token: tuple[Pacer, str, int, int]) -> None:
@@ -393,21 +396,21 @@ class QueuedConcurrencyCheck(_FlowCheckBase):
                 ctx, queue.acquire(self.wait_seconds), undo=Permit.release
             )
         except SemaphoreFull as exc:
-            record_wait(ctx, self.description, loop.time() - started, "rejected")
+            record_wait(ctx, self, loop.time() - started, "rejected")
             raise FlowLimited(
                 self.resource, self.description, retry_after=exc.retry_after
             ) from None
         except StorageUnavailable:  # on_storage_error: closed
             raise StorageBlocked(self.resource, self.description, retry_after=1.0) from None
         except asyncio.CancelledError:
-            record_wait(ctx, self.description, loop.time() - started, "cancelled")
+            record_wait(ctx, self, loop.time() - started, "cancelled")
             raise
         waited = loop.time() - started
         if gone or permit is None:
-            record_wait(ctx, self.description, waited, "cancelled")
+            record_wait(ctx, self, waited, "cancelled")
             raise FlowLimited(self.resource, f"{self.description} (the client left)")
         if self.wait_seconds > 0:
-            record_wait(ctx, self.description, waited, "acquired")
+            record_wait(ctx, self, waited, "acquired")
         permit.keep_alive()
         return permit
 

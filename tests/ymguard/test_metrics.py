@@ -269,6 +269,39 @@ async def test_semaphore_waits_and_permits(storage_uri: str, prefix: str, metric
         await guard.aclose()
 
 
+async def test_queue_waits_of_flow_and_param_flow(
+    storage_uri: str, prefix: str, metrics: Metrics
+) -> None:
+    """A queued flow rule and a queued param_flow rule report their waits like a semaphore."""
+    queue = {"behavior": "queue", "max_queue_ms": 0}
+    rules = {
+        "key_prefix": prefix,
+        "resources": {
+            "GET /ok": {"flow": [{"qps": 1, **queue}]},
+            "GET /items/{item_id}": {"param_flow": [{"param": "item_id", "qps": 1, **queue}]},
+        },
+    }
+    guard = Guard(rules, storage=storage_uri, metrics=metrics.provider)
+    try:
+        async with client(app_for(guard)) as c:
+            # The first call of each takes its turn at once; the second's turn is a second
+            # away, over max_queue_ms: refused.
+            assert [(await c.get("/ok")).status_code for _ in range(2)] == [200, 429]
+            statuses = [(await c.get("/items/7")).status_code for _ in range(2)]
+            assert statuses == [200, 429]
+        waits = metrics.values(
+            "ymguard.queue.duration", "ymguard.resource", "ymguard.rule.kind", "ymguard.result"
+        )
+        assert waits == {
+            ("GET /ok", "flow", "acquired"): 1,
+            ("GET /ok", "flow", "rejected"): 1,
+            ("GET /items/{item_id}", "param_flow", "acquired"): 1,
+            ("GET /items/{item_id}", "param_flow", "rejected"): 1,
+        }
+    finally:
+        await guard.aclose()
+
+
 async def test_metrics_off_registers_nothing(storage_uri: str, prefix: str) -> None:
     guard = Guard({"key_prefix": prefix, "resources": RULES}, storage=storage_uri, metrics=False)
     try:
