@@ -398,12 +398,36 @@ class Guard:
         """Whether :meth:`install` put the exception mapper on an app."""
         return bool(self._mapper.apps)
 
+    # -- the dashboard (dashboard/) --------------------------------------------------------
+
+    def dashboard(self, *, authorize: Callable[[Any], Any], title: str = "ymguard") -> Any:
+        """The live dashboard of this guard: an ASGI app to mount (``app.mount("/ymguard", ...)``).
+
+        From this call on the guard keeps 15 minutes of per-second figures; on a Redis
+        store each process also reports them through Redis once a second (a task on its
+        event loop, stopped by :meth:`aclose`) and the dashboard shows the cluster's sum.
+        See ``docs/dashboard.md``.
+
+        Args:
+            authorize: ``request -> bool``, sync or async: who may see the dashboard (its
+                page and its JSON). False answers 403 problem+json; raising Starlette's
+                ``HTTPException(401)`` answers 401.
+            title: the page's title.
+        """
+        from .dashboard import Dashboard, monitor_of
+
+        return Dashboard(self, monitor_of(self), authorize=authorize, title=title)
+
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
 
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
-        and idempotency leases and writes still waiting for the store.
+        idempotency leases and writes still waiting for the store, and the dashboard's
+        reporter.
         """
+        from .dashboard import stop_monitor
+
+        await stop_monitor(self)
         await self.store.close_tasks()
         await self.store.aclose()
 
