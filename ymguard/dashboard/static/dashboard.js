@@ -188,10 +188,11 @@
         const n = success[i] + errors[i];
         rt[i] = n ? rtTotal[i] / n : 0;
       }
+      // Passed last: where nothing is refused or fails, the baseline shows green.
       draw(card.querySelector("canvas.calls"), [
-        { values: passed, color: COLORS.passed },
-        { values: blocked, color: COLORS.blocked },
         { values: errors, color: COLORS.errors },
+        { values: blocked, color: COLORS.blocked },
+        { values: passed, color: COLORS.passed },
       ], "/s");
       draw(card.querySelector("canvas.rt"), [{ values: rt, color: COLORS.rt }], " ms");
     }
