@@ -41,7 +41,7 @@ def authorize(request: Request) -> bool:
     return request.headers.get("x-dashboard-token") == TOKEN
 
 
-app.mount("/ymguard", guard.dashboard(authorize=authorize, title="ymguard test shop"))
+app.mount("/ymguard", guard.dashboard(authorize=authorize, title="example shop"))
 
 
 @app.get("/health")

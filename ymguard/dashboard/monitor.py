@@ -85,26 +85,45 @@ class Monitor:
         self.started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: Reporter | None = None
+        self._digest: tuple[object, str] | None = None
         guard.observe(self.series)
 
     # -- reporting ------------------------------------------------------------------------
 
     def ensure_reporting(self) -> None:
-        """Run a reporter on the running loop (on Redis; one per guard and loop)."""
+        """Report from the running loop (on Redis): one reporter per guard, on its last loop.
+
+        Called with every call the guard sees, so the usual case is one comparison. A
+        guard used from a new loop (a test's next event loop) moves its reporter there;
+        the reporter keeps its id and what it has sent, so nothing is counted twice.
+        """
         if self.cluster is None:
             return
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop: the next call on one starts it
+            return
         if loop is self._loop:
             return
         self._loop = loop
-        self._reporter = Reporter(self.guard, self.series, self.cluster, self.describe)
+        if self._reporter is None:
+            self._reporter = Reporter(self.guard, self.series, self.cluster, self.describe)
         self._reporter.start()
 
     async def aclose(self) -> None:
         """Stop reporting (a later call starts it again)."""
-        reporter, self._reporter, self._loop = self._reporter, None, None
+        reporter, self._loop = self._reporter, None
         if reporter is not None:
             await reporter.stop()
+
+    def rules_version(self) -> tuple[str, str]:
+        """The version of the rules in force and their digest (kept until the rules change)."""
+        rules = self.guard.rules
+        if self._digest is None or self._digest[0] is not rules:
+            self._digest = (rules, rules_digest(self.guard))
+        version = getattr(self.guard, "rules_version", None)
+        digest = self._digest[1]
+        return (str(version) if version is not None else digest), digest
 
     @property
     def process_id(self) -> str:
@@ -131,7 +150,7 @@ class Monitor:
             "host": self.host,
             "pid": self.pid,
             "started_at": self.started_at,
-            "rules_version": rules_version(guard),
+            "rules_version": self.rules_version()[0],
             "store": guard.store.kind,
             "inflight": inflight,
             "breakers": breakers,
@@ -204,11 +223,8 @@ class Monitor:
             else:
                 continue
             by_resource.setdefault(resource, []).append(entry)
-        return {
-            "version": rules_version(self.guard),
-            "digest": rules_digest(self.guard),
-            "resources": by_resource,
-        }
+        version, digest = self.rules_version()
+        return {"version": version, "digest": digest, "resources": by_resource}
 
     def _breakers(self, processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []

@@ -167,9 +167,15 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start the reporting task on the running loop (once)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        """Report from the running loop; a task still running on another loop is cancelled."""
+        loop = asyncio.get_running_loop()
+        old = self._task
+        if old is not None and not old.done():
+            if old.get_loop() is loop:
+                return
+            if not old.get_loop().is_closed():
+                old.get_loop().call_soon_threadsafe(old.cancel)
+        self._task = loop.create_task(self._run())
 
     async def stop(self) -> None:
         """Stop the task (also from another loop)."""

@@ -151,10 +151,19 @@
       ctx.lineWidth = 1.5;
       ctx.lineJoin = "round";
       ctx.beginPath();
-      for (let i = 0; i < line.values.length; i++) {
+      const v = line.values;
+      let drawn = false;  // whether the previous point is on the path
+      for (let i = 0; i < v.length; i++) {
+        // A sparse line (blocked, errors) leaves out its stretches of zeros, so that it
+        // never hides the line below it on the baseline.
+        if (line.sparse && !v[i] && !(i > 0 && v[i - 1]) && !(i + 1 < v.length && v[i + 1])) {
+          drawn = false;
+          continue;
+        }
         const x = left + (i / (HISTORY - 1)) * w;
-        const y = top + h - (line.values[i] / max) * h;
-        if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+        const y = top + h - (v[i] / max) * h;
+        if (drawn) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+        drawn = true;
       }
       ctx.stroke();
     }
@@ -188,11 +197,10 @@
         const n = success[i] + errors[i];
         rt[i] = n ? rtTotal[i] / n : 0;
       }
-      // Passed last: where nothing is refused or fails, the baseline shows green.
       draw(card.querySelector("canvas.calls"), [
-        { values: errors, color: COLORS.errors },
-        { values: blocked, color: COLORS.blocked },
         { values: passed, color: COLORS.passed },
+        { values: blocked, color: COLORS.blocked, sparse: true },
+        { values: errors, color: COLORS.errors, sparse: true },
       ], "/s");
       draw(card.querySelector("canvas.rt"), [{ values: rt, color: COLORS.rt }], " ms");
     }
