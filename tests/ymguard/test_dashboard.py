@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from tests.helpers import RedisServer
 from ymguard import Guard, GuardMiddleware
 from ymguard.dashboard import HISTORY_SECONDS, SecondSeries, rules_digest
 from ymguard.dashboard import series as series_module
@@ -245,6 +246,55 @@ async def test_two_processes_on_one_redis_are_summed_and_listed(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_without_redis_the_dashboard_shows_this_process_and_says_so(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    guard = Guard({**RULES, "key_prefix": prefix}, storage=private_redis.url)
+    try:
+        async with client(shop(guard)) as c:
+            await traffic(c, items=2, closed=0, fails=0)
+            data = await until(c, lambda d: totals(d)["GET /items/{item_id}"]["passed"] == 2)
+            assert data["cluster"] is True
+            private_redis.stop()
+            await traffic(c, items=3, closed=0, fails=0)
+            down = await snapshot(c)
+            assert down["cluster"] is False and "does not answer" in down["cluster_error"]
+            assert totals(down)["GET /items/{item_id}"]["passed"] == 5  # this process's own
+            assert len(down["processes"]) == 1 and down["processes"][0]["this"] is True
+            assert {s["name"]: s["held"] for s in down["semaphores"]}["pool"] is None
+            private_redis.start()  # empty again: reports start over, the process comes back
+            await traffic(c, items=1, closed=0, fails=0)
+            back = await until(c, lambda d: d["cluster"] and len(d["processes"]) == 1)
+            assert back["cluster"] is True and back["processes"][0]["this"] is True
+    finally:
+        await guard.aclose()
+
+
+def test_a_guard_used_from_a_new_loop_moves_its_reporter(redis_url: str, prefix: str) -> None:
+    # One reporter per guard: a guard used from two loops in turn (tests do that) reports
+    # from the last one, under one id, and never sends a second twice.
+    guard = Guard({**RULES, "key_prefix": prefix}, storage=redis_url)
+    app = shop(guard)
+
+    async def calls(n: int, total: int, close: bool) -> dict[str, Any]:
+        try:
+            async with client(app) as c:
+                await traffic(c, items=n, closed=0, fails=0)
+                return await until(
+                    c, lambda d: totals(d)["GET /items/{item_id}"]["passed"] >= total
+                )
+        finally:
+            if close:  # the store's connections belong to the loop that made them
+                await guard.aclose()
+
+    asyncio.run(calls(2, total=2, close=False))
+    first_id = monitor_of(guard).process_id
+    data = asyncio.run(calls(3, total=5, close=True))
+    assert monitor_of(guard).process_id == first_id
+    assert totals(data)["GET /items/{item_id}"]["passed"] == 5
+    assert [p["id"] for p in data["processes"]] == [first_id]
 
 
 # -- who may see it ------------------------------------------------------------------------
