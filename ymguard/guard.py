@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pybreaker
 
@@ -38,6 +38,9 @@ from .semaphore import Semaphore, semaphore_for_rule
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .types import Scope
+
+if TYPE_CHECKING:
+    from .dashboard import Authorize, Dashboard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -400,7 +403,7 @@ class Guard:
 
     # -- the dashboard (dashboard/) --------------------------------------------------------
 
-    def dashboard(self, *, authorize: Callable[[Any], Any], title: str = "ymguard") -> Any:
+    def dashboard(self, *, authorize: Authorize, title: str = "ymguard") -> Dashboard:
         """The live dashboard of this guard: an ASGI app to mount (``app.mount("/ymguard", ...)``).
 
         From this call on the guard keeps 15 minutes of per-second figures; on a Redis

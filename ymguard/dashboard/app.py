@@ -71,6 +71,7 @@ class Dashboard:
         self.title = title
         page = (STATIC / "index.html").read_text(encoding="utf-8")
         self._page = page.replace("{{title}}", _escape(title)).encode()
+        self._files = {name: (STATIC / name).read_bytes() for name in _FILES}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # served on its own: nothing to start
@@ -127,9 +128,8 @@ class Dashboard:
             return JSONResponse(data, headers=_HEADERS)
         name = path.removeprefix("/static/")
         if name in _FILES:
-            body = (STATIC / name).read_bytes()
             headers = {**_HEADERS, "Cache-Control": "no-cache"}
-            return Response(body, media_type=_FILES[name], headers=headers)
+            return Response(self._files[name], media_type=_FILES[name], headers=headers)
         return ProblemResponse(404, "not-found", "Not found", f"no dashboard page {path!r}")
 
 

@@ -31,6 +31,7 @@ ALIGN_TOLERANCE = 0.25
 #: The columns of one second's row.
 FIELDS = ("passed", "blocked", "success", "errors", "rt_ms")
 PASSED, BLOCKED, SUCCESS, ERRORS, RT_MS = range(len(FIELDS))
+_ZEROS = (0.0,) * len(FIELDS)
 
 #: One second's figures of one resource: ``[passed, blocked, success, errors, rt_ms]``.
 Row = list[float]
@@ -50,7 +51,7 @@ class _Ring:
         row = self.rows[pos]
         if self.stamps[pos] != second:
             self.stamps[pos] = second
-            row[:] = [0.0] * len(FIELDS)
+            row[:] = _ZEROS
         return row
 
     def get(self, second: int) -> Row | None:
@@ -115,7 +116,13 @@ class SecondSeries:
                     )
                 return None
             ring = self._rings[resource] = _Ring()
-        return ring.row(int(self._clock() + self.offset))
+        second = int(self._clock() + self.offset)  # ring.row(second), inlined: every call
+        pos = second % HISTORY_SECONDS
+        row = ring.rows[pos]
+        if ring.stamps[pos] != second:
+            ring.stamps[pos] = second
+            row[:] = _ZEROS
+        return row
 
     # -- the chain's observer -------------------------------------------------------------
 

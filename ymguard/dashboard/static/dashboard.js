@@ -14,6 +14,7 @@
   const history = new Map();
   let last = null;            // the newest second received
   let failures = 0;
+  let shownNames = [];        // the resources on the page, in order
 
   const $ = (id) => document.getElementById(id);
 
@@ -284,7 +285,8 @@
     $("store").textContent = data.cluster ? `${data.store} (cluster)` : data.store;
     $("scope-note").textContent = data.cluster ? ", summed over every process" : "";
     renderResources(data.resources);
-    renderCharts(data.resources.map((r) => r.name));
+    shownNames = data.resources.map((r) => r.name);
+    renderCharts(shownNames);
     renderBreakers(data.breakers);
     renderSemaphores(data.semaphores);
     renderRules(data.rules);
@@ -318,6 +320,10 @@
     }
   }
 
-  window.addEventListener("resize", () => renderCharts([...history.keys()].filter((n) => document.querySelector(`.chart[data-resource="${CSS.escape(n)}"]`))));
+  let resized = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resized);
+    resized = setTimeout(() => renderCharts(shownNames), 150);
+  });
   poll();
 })();
