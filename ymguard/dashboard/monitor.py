@@ -41,6 +41,8 @@ log = logging.getLogger("ymguard.dashboard")
 
 #: The "per second" figures are the mean over this many whole seconds.
 RATE_SECONDS = 10
+#: A snapshot of more seconds than this is laid out in a worker thread.
+_DENSE_IN_THREAD = 60
 
 _monitors: weakref.WeakKeyDictionary[Guard, Monitor] = weakref.WeakKeyDictionary()
 
@@ -188,7 +190,10 @@ class Monitor:
         processes.sort(key=lambda p: (p.get("host", ""), p.get("pid", 0)))
 
         names = sorted({*self.guard.rules.resources, *self.series.resources, *_names(rows)})
-        series = _dense(names, rows, first, last)
+        if last - first > _DENSE_IN_THREAD:  # a whole window: keep the loop free meanwhile
+            series = await asyncio.to_thread(_dense, names, rows, first, last)
+        else:
+            series = _dense(names, rows, first, last)
         return {
             "generated_at": time.time(),
             "store": self.guard.store.kind,
@@ -302,6 +307,7 @@ def _dense(
     resources: dict[str, dict[str, list[float]]] = {
         name: {field: [0] * span for field in FIELDS} for name in names
     }
+    counts = FIELDS[:RT_MS]
     for second, by_resource in rows.items():
         i = second - first
         if not 0 <= i < span:
@@ -310,8 +316,11 @@ def _dense(
             columns = resources.get(name)
             if columns is None:
                 continue
-            for field, value in zip(FIELDS, row, strict=True):
-                columns[field][i] = round(value, 3) if field == "rt_ms" else int(value)
+            for column, field in enumerate(counts):
+                if row[column]:
+                    columns[field][i] = int(row[column])
+            if row[RT_MS]:
+                columns["rt_ms"][i] = round(row[RT_MS], 3)
     return {"first": first, "last": last, "resources": resources}
 
 

@@ -71,17 +71,48 @@ def encode_rows(rows: Mapping[str, Row]) -> str:
     return json.dumps(flat, ensure_ascii=False, separators=(",", ":"))
 
 
-def decode_hash(flat: list[Any]) -> dict[str, Row]:
-    """A second's hash (``HGETALL``, flat) as rows by resource."""
+#: Where a hash field goes: (resource, column), or None for a field of no known figure.
+FieldNames = dict[Any, tuple[str, int] | None]
+
+
+def _field(name: Any) -> tuple[str, int] | None:
+    text = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else str(name)
+    resource, _, figure = text.rpartition("\n")
+    return (resource, FIELDS.index(figure)) if figure in FIELDS else None
+
+
+def decode_hash(flat: list[Any], names: FieldNames | None = None) -> dict[str, Row]:
+    """A second's hash (``HGETALL``, flat) as rows by resource.
+
+    Args:
+        flat: field, value, field, value, ...
+        names: field names already decoded (the same few recur in every second's hash).
+    """
+    names = {} if names is None else names
     rows: dict[str, Row] = {}
     for i in range(0, len(flat) - 1, 2):
-        name = flat[i].decode("utf-8", "surrogateescape") if isinstance(flat[i], bytes) else flat[i]
-        resource, _, figure = name.rpartition("\n")
-        if figure not in FIELDS:
-            continue
-        row = rows.setdefault(resource, [0.0] * len(FIELDS))
-        row[FIELDS.index(figure)] += float(flat[i + 1])
+        key = flat[i]
+        where = names.get(key)
+        if where is None:
+            if key in names:  # a field of no known figure
+                continue
+            where = names[key] = _field(key)
+            if where is None:
+                continue
+        row = rows.get(where[0])
+        if row is None:
+            row = rows[where[0]] = [0.0] * len(FIELDS)
+        row[where[1]] += float(flat[i + 1])
     return rows
+
+
+#: A read of more seconds than this is decoded in a worker thread.
+_DECODE_IN_THREAD = 60
+
+
+def _decode_all(seconds: list[int], hashes: list[list[Any]]) -> dict[int, dict[str, Row]]:
+    names: FieldNames = {}
+    return {s: decode_hash(h, names) for s, h in zip(seconds, hashes, strict=True) if h}
 
 
 class Cluster:
@@ -133,7 +164,10 @@ class Cluster:
                 if raw:
                     with contextlib.suppress(ValueError):
                         processes.append(json.loads(raw))
-        rows = {s: decode_hash(h) for s, h in zip(seconds, hashes, strict=True) if h}
+        if len(seconds) > _DECODE_IN_THREAD:  # a whole window: keep the loop free meanwhile
+            rows = await asyncio.to_thread(_decode_all, seconds, hashes)
+        else:
+            rows = _decode_all(seconds, hashes)
         return int(sec) + int(usec) / 1e6, processes, rows
 
 
