@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from opentelemetry.metrics import MeterProvider
 from redis.asyncio import BlockingConnectionPool, Redis
+from starlette.exceptions import HTTPException
 
 from ymguard import Guard, GuardMiddleware, __version__, load_rules, store_from_uri
 
@@ -174,7 +175,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(orders.router)
     app.include_router(payments.router)
     alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
+    # DASHBOARD: the guards' live dashboard, for the admin only (docs/dashboard.md).
+    app.mount("/ymguard", guard.dashboard(authorize=dashboard_admin, title="ymguard demo shop"))
     return app
 
 
-__all__ = ["build_guard", "create_app"]
+#: The cookie a browser may carry the admin's bearer token in (the API takes the header).
+DASHBOARD_TOKEN_COOKIE = "token"
+
+
+def dashboard_admin(request: Request) -> bool:
+    """Who may see ``/ymguard/``: the admin, by bearer token (header, or the cookie above).
+
+    Anyone else gets 403, and a caller with no valid token 401, both problem+json.
+    """
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        token = request.cookies.get(DASHBOARD_TOKEN_COOKIE)
+        codec: accounts.TokenCodec | None = getattr(request.app.state, "tokens", None)
+        if token and codec is not None:
+            principal = codec.read(token)
+    if not isinstance(principal, accounts.Principal):
+        raise HTTPException(401, "sign in as the admin", headers={"WWW-Authenticate": "Bearer"})
+    return principal.is_admin
+
+
+__all__ = ["build_guard", "create_app", "dashboard_admin"]

@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pybreaker
 from opentelemetry.metrics import MeterProvider
@@ -44,6 +44,9 @@ from .stats import ResourceStats
 from .storage import Store, store_from_uri
 from .system import SystemProtection
 from .types import Scope
+
+if TYPE_CHECKING:
+    from .dashboard import Authorize, Dashboard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -521,15 +524,38 @@ class Guard:
         """Whether :meth:`install` put the exception mapper on an app."""
         return bool(self._mapper.apps)
 
+    # -- the dashboard (dashboard/) --------------------------------------------------------
+
+    def dashboard(self, *, authorize: Authorize, title: str = "ymguard") -> Dashboard:
+        """The live dashboard of this guard: an ASGI app to mount (``app.mount("/ymguard", ...)``).
+
+        From this call on the guard keeps 15 minutes of per-second figures; on a Redis
+        store each process also reports them through Redis once a second (a task on its
+        event loop, stopped by :meth:`aclose`) and the dashboard shows the cluster's sum.
+        See ``docs/dashboard.md``.
+
+        Args:
+            authorize: ``request -> bool``, sync or async: who may see the dashboard (its
+                page and its JSON). False answers 403 problem+json; raising Starlette's
+                ``HTTPException(401)`` answers 401.
+            title: the page's title.
+        """
+        from .dashboard import Dashboard, monitor_of
+
+        return Dashboard(self, monitor_of(self), authorize=authorize, title=title)
+
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
 
         The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
         and idempotency leases and writes still waiting for the store; the rules watcher
-        and the follower of pushed rules.
+        and the follower of pushed rules; the system rule's timer; the dashboard's reporter.
         """
+        from .dashboard import stop_monitor
+
         await self._runtime.aclose()
         await self.system.aclose()
+        await stop_monitor(self)
         await self.store.close_tasks()
         await self.store.aclose()
 
