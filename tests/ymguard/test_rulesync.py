@@ -24,6 +24,7 @@ from ymguard import Blocked, Context, Guard, GuardMiddleware, RulesError
 from ymguard.backends.rules_feed import VersionConflict, rules_feed
 from ymguard.rulesync import rules_digest
 from ymguard.storage import MemoryStore, Store, store_from_uri
+from ymguard.storage.pubsub import pubsub_of
 
 #: Liveness bound: how long a swap may take before the test gives up (never a timing claim).
 WITHIN = 30.0
@@ -245,6 +246,13 @@ async def test_a_missed_push_is_read_when_the_pubsub_reconnects(
     try:
         await guard.start()
         feed = rules_feed(guard.store)
+        service = pubsub_of(guard.store)
+        assert service is not None
+
+        async def subscribed() -> bool:
+            return service.ready
+
+        await eventually(subscribed, "the guard listens for pushes")
         # A push nobody hears: the hash is written, the nudge never sent.
         text = 'resources:\n  "GET /items":\n    flow: [{qps: 9}]\n'
         fields = {"version": 1, "text": text, "digest": "d", "source": "s", "pushed_ms": 0}
