@@ -178,7 +178,8 @@ again: a bad file is refused (problems as FILE:LINE: field: why, exit 2) and not
 changes. Pushed rules cannot carry errors: (it imports code).
 
 Redis is --storage, else $YMGUARD_STORAGE, else the file's storage:; the key prefix is
-the file's key_prefix:.
+--key-prefix, else the file's key_prefix:. Each process refuses a version whose
+storage: or key_prefix: (when set) names another store than its own.
 """
 
 _RULES_DESCRIPTION = """\
@@ -205,7 +206,7 @@ def _redis_store(uri: str | None, key_prefix: str) -> Any:
         return str(exc)
 
 
-def _push(file: str, storage: str | None, expected: int | None) -> int:
+def _push(file: str, storage: str | None, key_prefix: str | None, expected: int | None) -> int:
     from .backends.rules_feed import VersionConflict
     from .errors import StorageUnavailable
     from .rulesync import push_rules
@@ -224,7 +225,8 @@ def _push(file: str, storage: str | None, expected: int | None) -> int:
         print(f"ymguard push: {file} refused; nothing was pushed", file=sys.stderr)
         return 2
     uri = storage or os.environ.get("YMGUARD_STORAGE") or rules.storage
-    store = _redis_store(uri, rules.key_prefix)
+    prefix = key_prefix or rules.key_prefix
+    store = _redis_store(uri, prefix)
     if isinstance(store, str):
         print(f"ymguard push: {store}", file=sys.stderr)
         return 2
@@ -252,7 +254,7 @@ def _push(file: str, storage: str | None, expected: int | None) -> int:
     except StorageUnavailable as exc:
         print(f"ymguard push: {redact(str(exc))}; nothing was pushed", file=sys.stderr)
         return 1
-    where = f"{redact(store.uri)} (key prefix {rules.key_prefix})"
+    where = f"{redact(store.uri)} (key prefix {prefix})"
     print(f"pushed {file} as version {version} to {where}")
     print(f"digest {digest}")
     return 0
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     push.add_argument("file", metavar="FILE", help="the rules file (YAML)")
     push.add_argument("--storage", metavar="URI", help="the Redis to push to")
+    push.add_argument("--key-prefix", metavar="PREFIX", help="the key prefix of the guards")
     push.add_argument(
         "--expect-version",
         metavar="N",
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--key-prefix", metavar="PREFIX", help="the key prefix (default ymguard)")
     args = parser.parse_args(argv)
     if args.command == "push":
-        return _push(args.file, args.storage, args.expect_version)
+        return _push(args.file, args.storage, args.key_prefix, args.expect_version)
     if args.command == "rules":
         return _show(args.file, args.storage, args.key_prefix)
     return _check(args.file, args.app, args.factory)

@@ -165,10 +165,13 @@ async def push_rules(
         The new version number and the rules' digest.
 
     Raises:
-        RulesError: the rules do not validate, carry ``errors:``, or name another store.
+        RulesError: the rules do not validate, carry ``errors:``, or name another key
+            prefix.
     """
     text, parsed = rules_text(rules, source=source)
-    check_same_store(parsed, store, source=source, text=text)
+    # The key prefix is checked here (it is where the rules are stored); ``storage:`` by
+    # each receiving guard, which knows what its own rules call its store.
+    check_same_store(parsed, store, {parsed.storage}, source=source, text=text)
     digest = rules_digest(parsed)
     version = await rules_feed(store).push(text, digest, source, expected_version)
     return version, digest

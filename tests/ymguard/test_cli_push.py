@@ -63,18 +63,22 @@ def test_push_refuses_errors_and_bad_fields_and_stores_nothing(
     assert "no rules pushed to" in capsys.readouterr().out
 
 
-def test_push_needs_redis_and_the_store_the_file_names(
+def test_push_needs_redis_and_the_key_prefix_the_file_names(
     tmp_path: Path, redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     memory = rules_file(tmp_path, "memory://", prefix)
     assert main(["push", str(memory)]) == 2
     assert "needs a Redis store" in capsys.readouterr().err
-    elsewhere = rules_file(tmp_path, redis_url, prefix)
-    other = "redis://127.0.0.1:6379/5"
-    assert main(["push", str(elsewhere), "--storage", other]) == 2
-    assert f"{elsewhere}:1: storage: is '{redis_url}', but the store here is" in (
+    named = rules_file(tmp_path, redis_url, prefix)
+    assert main(["push", str(named), "--key-prefix", prefix + "-other"]) == 2
+    assert f"{named}:2: key_prefix: is '{prefix}', but the keys here start with" in (
         capsys.readouterr().err
     )
+    # Without key_prefix: in the file, --key-prefix says where the guards are.
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(named.read_text().replace(f"key_prefix: {prefix}\n", ""))
+    assert main(["push", str(unnamed), "--key-prefix", prefix]) == 0
+    assert f"(key prefix {prefix})" in capsys.readouterr().out
 
 
 def test_expect_version_refuses_a_push_over_another(

@@ -20,10 +20,11 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from tests.helpers import ROOT, RedisServer, Uvicorn, running
-from ymguard import Guard, GuardMiddleware, RulesError
+from ymguard import Blocked, Context, Guard, GuardMiddleware, RulesError
 from ymguard.backends.rules_feed import VersionConflict, rules_feed
 from ymguard.rulesync import rules_digest
 from ymguard.storage import MemoryStore, Store, store_from_uri
+from ymguard.storage.pubsub import pubsub_of
 
 #: Liveness bound: how long a swap may take before the test gives up (never a timing claim).
 WITHIN = 30.0
@@ -176,6 +177,36 @@ async def test_the_apps_own_errors_mapping_stays_after_a_push(guards: list[Guard
         await guard.aclose()
 
 
+async def test_a_call_in_flight_finishes_under_the_rules_it_entered_with(
+    guards: list[Guard],
+) -> None:
+    first, second = guards
+    held = {"resources": {"GET /items": {"flow": [{"concurrency": 1}]}}}
+    await first.publish_rules(held)
+
+    async def swapped() -> bool:
+        return second.rules_version == "1"
+
+    await eventually(swapped, "the other guard runs version 1")
+    old = second.chain("GET /items")
+    ctx = Context("GET /items")
+    tokens = await old.enter(ctx)  # in flight, holding the one slot
+    with pytest.raises(Blocked):
+        await old.enter(Context("GET /items"))
+    await first.publish_rules({"resources": {"GET /items": {"flow": [{"concurrency": 2}]}}})
+
+    async def swapped_again() -> bool:
+        return second.rules_version == "2"
+
+    await eventually(swapped_again, "the other guard runs version 2")
+    assert second.chain("GET /items") is not old
+    ctx.status = 200
+    await old.exit(ctx, tokens)  # finishes on the chain it entered, giving its slot back
+    again = Context("GET /items")
+    again.status = 200
+    await old.exit(again, await old.enter(again))  # the slot it held is free again
+
+
 # -- the version and reload ------------------------------------------------------------------
 
 
@@ -215,6 +246,13 @@ async def test_a_missed_push_is_read_when_the_pubsub_reconnects(
     try:
         await guard.start()
         feed = rules_feed(guard.store)
+        service = pubsub_of(guard.store)
+        assert service is not None
+
+        async def subscribed() -> bool:
+            return service.ready
+
+        await eventually(subscribed, "the guard listens for pushes")
         # A push nobody hears: the hash is written, the nudge never sent.
         text = 'resources:\n  "GET /items":\n    flow: [{qps: 9}]\n'
         fields = {"version": 1, "text": text, "digest": "d", "source": "s", "pushed_ms": 0}
