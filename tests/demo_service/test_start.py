@@ -8,6 +8,7 @@ machine's shared Redis under a key prefix of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -93,9 +94,19 @@ class Demo:
             raise AssertionError(f"demo_service ignored {sig.name}:\n{self.output()}") from None
 
     def close(self) -> None:
+        """Kill the demo and every process it started (uvicorn's workers, a redis-server):
+        a SIGKILLed parent leaves its children running, orphaned, for the rest of the run."""
         if self.proc.poll() is None:
+            try:
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []
             self.proc.kill()
             self.proc.wait()
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            psutil.wait_procs(children, timeout=10)
         self.log.close()
 
 
