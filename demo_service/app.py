@@ -152,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # ALIPAY: the sandbox's notifier of this process (and its Redis client).
             stack.push_async_callback(alipay_sandbox.stop, app)
             await alipay_sandbox.start(app)
+            # Rules pushed with `ymguard push` are in force before the first request.
+            await guard.start()
             yield
 
     app = FastAPI(title="ymguard demo shop", version=__version__, lifespan=lifespan)
