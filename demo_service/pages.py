@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -79,11 +79,17 @@ templates = Jinja2Templates(
 )
 
 
-class _PatternConvertor(Convertor[str]):
-    """A path segment that must match ``regex`` (else the route does not match at all)."""
+def _pattern_convertor(pattern: str) -> Convertor[str]:
+    """A path segment that must match ``pattern`` (else the route does not match at all)."""
 
-    def __init__(self, regex: str) -> None:
-        self.regex = regex
+    class _Pattern(_PatternConvertor):
+        regex = pattern
+
+    return _Pattern()
+
+
+class _PatternConvertor(Convertor[str]):
+    """A path segment taken as it is; subclasses set ``regex``."""
 
     def convert(self, value: str) -> str:
         return value
@@ -95,9 +101,9 @@ class _PatternConvertor(Convertor[str]):
 #: An order number (``orders.new_order_no``) and a kill order number (``seckill``).
 ORDER_NO = r"O[0-9]{13}[0-9a-f]{12}"
 KILL_ORDER_NO = r"K[1-9][0-9]{0,9}-[0-9]{13}[0-9a-f]{12}"
-register_url_convertor("demo_order_no", _PatternConvertor(ORDER_NO))
-register_url_convertor("demo_any_order_no", _PatternConvertor(f"(?:{ORDER_NO}|{KILL_ORDER_NO})"))
-register_url_convertor("demo_id", _PatternConvertor(r"[1-9][0-9]{0,9}"))
+register_url_convertor("demo_order_no", _pattern_convertor(ORDER_NO))
+register_url_convertor("demo_any_order_no", _pattern_convertor(f"(?:{ORDER_NO}|{KILL_ORDER_NO})"))
+register_url_convertor("demo_id", _pattern_convertor(r"[1-9][0-9]{0,9}"))
 
 
 def _accept_quality(accept: str) -> dict[str, float]:
@@ -306,7 +312,7 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def install(app: Any) -> None:
+def install(app: FastAPI) -> None:
     """Serve ``/static`` (the CSS and scripts) and the pages (call before the API routers)."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
