@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,9 +26,17 @@ async def test_qps_10_admits_10_of_a_burst_sent_to_both(two_servers: list[Uvicor
         pids = {(await c.get(s.url + "/health")).json()["pid"] for s in two_servers}
         assert len(pids) == 2
         requests = [c.get(f"{two_servers[i % 2].url}/burst/{i}") for i in range(30)]
+        started = time.monotonic()
         statuses = [r.status_code for r in await asyncio.gather(*requests)]
-    assert statuses.count(200) == 10
-    assert statuses.count(429) == 20
+        seconds = time.monotonic() - started
+    assert set(statuses) <= {200, 429}
+    # One limit for both processes, not one each: 10 in any second. A loaded machine can
+    # spread the burst over more than one second, and then the window admits 10 more for
+    # each second it slid (two processes with a limit each would admit 20 at once).
+    if seconds < 1.0:
+        assert statuses.count(200) == 10
+    else:
+        assert 10 <= statuses.count(200) <= 10 * (int(seconds) + 1)
 
 
 async def test_concurrency_4_never_runs_more_than_4_across_both(
