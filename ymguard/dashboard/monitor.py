@@ -72,7 +72,10 @@ def rules_digest(guard: Guard) -> str:
 def rules_version(guard: Guard) -> str:
     """The version of the rules in force: ``guard.rules_version``, else their digest."""
     version = getattr(guard, "rules_version", None)
-    return str(version) if version is not None else rules_digest(guard)
+    if version is not None:
+        return str(version)
+    digest = getattr(guard, "rules_digest", None)
+    return digest if isinstance(digest, str) else rules_digest(guard)
 
 
 class Monitor:
@@ -119,12 +122,19 @@ class Monitor:
             await reporter.stop()
 
     def rules_version(self) -> tuple[str, str]:
-        """The version of the rules in force and their digest (kept until the rules change)."""
-        rules = self.guard.rules
-        if self._digest is None or self._digest[0] is not rules:
-            self._digest = (rules, rules_digest(self.guard))
-        version = getattr(self.guard, "rules_version", None)
-        digest = self._digest[1]
+        """The version of the rules in force and their digest.
+
+        The guard's own ``rules_version`` and ``rules_digest`` when it has them (rules at
+        run time), else :func:`rules_digest` for both (kept until the rules change).
+        """
+        guard = self.guard
+        digest = getattr(guard, "rules_digest", None)
+        if not isinstance(digest, str):
+            rules = guard.rules
+            if self._digest is None or self._digest[0] is not rules:
+                self._digest = (rules, rules_digest(guard))
+            digest = self._digest[1]
+        version = getattr(guard, "rules_version", None)
         return (str(version) if version is not None else digest), digest
 
     @property

@@ -260,7 +260,8 @@
 
   function renderRules(rules) {
     $("rules-version").textContent = rules.version;
-    $("rules-digest").textContent = rules.version === rules.digest ? "" : `digest ${rules.digest}`;
+    // A version that is the digest's beginning (sha256:...) says it already.
+    $("rules-digest").textContent = rules.digest.startsWith(rules.version) ? "" : `digest ${rules.digest}`;
     const rows = Object.entries(rules.resources).sort(([a], [b]) => (a < b ? -1 : 1)).map(([name, list]) =>
       el("tr", { "data-rules": name },
         el("td", { class: "name" }, name),
