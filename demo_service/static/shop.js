@@ -2,7 +2,8 @@
 //
 // Security: the bearer token of POST /auth/login lives in localStorage and is sent as
 // "Authorization: Bearer" by fetch(); the shop sets no cookie, so no other site can make a
-// browser send a credential (no CSRF). Text is written with textContent only; data comes
+// browser send a credential (no CSRF); the one exception is the admin's cookie for the
+// read-only dashboard at /ymguard/ (see setDashboardCookie). Text is written with textContent only; data comes
 // from data-* attributes the server escaped. See demo_service/pages.py.
 "use strict";
 
@@ -32,10 +33,24 @@
     }
   }
 
+  // The guards' dashboard (/ymguard/) is a page the browser opens itself, so it cannot be
+  // sent the bearer header: the admin's token also goes in a cookie that only that path
+  // receives, SameSite=Strict (no other site can make the browser send it), and it is
+  // read there only for GET pages. Nobody else gets a cookie.
+  const DASHBOARD_COOKIE = "token=";
+  const DASHBOARD_COOKIE_ATTRS = "; Path=/ymguard; SameSite=Strict";
+
+  function setDashboardCookie(t, c) {
+    if (c && c.adm === true) {
+      document.cookie = DASHBOARD_COOKIE + encodeURIComponent(t) + DASHBOARD_COOKIE_ATTRS;
+    }
+  }
+
   function signOut() {
     try {
       localStorage.removeItem(TOKEN_KEY);
     } catch (e) { /* private mode */ }
+    document.cookie = DASHBOARD_COOKIE + DASHBOARD_COOKIE_ATTRS + "; Max-Age=0";
   }
 
   // A path of this site to return to, or "/": never another origin.
@@ -379,6 +394,7 @@
     async function logIn(username, password) {
       const answer = await api("POST", "/auth/login", { json: { username: username, password: password } });
       localStorage.setItem(TOKEN_KEY, answer.token);
+      setDashboardCookie(answer.token, claims());
       location.assign(next);
     }
 

@@ -428,3 +428,40 @@ async def test_refusals_read_as_words_in_the_browser(browser: Any, refusing: Liv
         api = await http.get("/me/courses", headers=refusing.auth(token))
     assert api.status_code == 429
     assert api.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_admin_opens_the_dashboard_after_logging_in(browser: Any, live: LiveShop) -> None:
+    """The admin's login also lets the browser open /ymguard/; a buyer's does not."""
+    context = await _context(browser, live, DESKTOP)
+    page = await context.new_page()
+    assert (await page.goto("/ymguard/")).status == 401  # type: ignore[union-attr]
+
+    await page.goto("/login")
+    form = page.locator("[data-login-form]")
+    await form.get_by_label("Username").fill("admin")
+    await form.get_by_label("Password").fill(ADMIN_PASSWORD)
+    await form.get_by_role("button", name="Log in").click()
+    await page.wait_for_url(re.compile(r"/$"))
+    cookies = {c["name"]: c for c in await context.cookies()}
+    assert cookies["token"]["path"] == "/ymguard"
+    assert cookies["token"]["sameSite"] == "Strict"
+    response = await page.goto("/ymguard/")
+    assert response is not None and response.status == 200
+    await page.get_by_role("heading", name=re.compile("guards dashboard")).wait_for()
+    await screenshot(page, "desktop-dashboard")
+
+    await page.goto("/")
+    await page.locator("[data-logout]").click()
+    assert "token" not in {c["name"] for c in await context.cookies()}
+
+    # A buyer signs in: no cookie, and the dashboard stays closed.
+    username = "bob_" + unique_prefix().replace(":", "")[-10:]
+    await page.goto("/login")
+    register = page.locator("[data-register-form]")
+    await register.get_by_label("Username").fill(username)
+    await register.get_by_label("Password").fill("correct horse battery staple")
+    await register.get_by_role("button", name="Create account").click()
+    await page.wait_for_url(re.compile(r"/$"))
+    assert "token" not in {c["name"] for c in await context.cookies()}
+    assert (await page.goto("/ymguard/")).status == 401  # type: ignore[union-attr]
+    await context.close()
