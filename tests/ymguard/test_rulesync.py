@@ -257,8 +257,8 @@ async def test_a_missed_push_is_read_when_the_pubsub_reconnects(
         text = 'resources:\n  "GET /items":\n    flow: [{qps: 9}]\n'
         fields = {"version": 1, "text": text, "digest": "d", "source": "s", "pushed_ms": 0}
         await client.hset(feed.key, mapping=fields)  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
-        assert guard.rules_version != "1"
+        # (No assertion that it is unheard yet: while its pub/sub is not confirmed, the
+        # follower rereads each second, and a loaded machine can get there first.)
         await client.client_kill_filter(_type="pubsub")  # the connection breaks
 
         async def swapped() -> bool:
