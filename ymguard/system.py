@@ -192,14 +192,12 @@ class SystemProtection:
     def ensure_timer(self) -> None:
         """Start the lag and CPU timer on the running loop if it does not run there."""
         timer = self._timer
+        loop = asyncio.get_running_loop()
         if timer is not None and not timer.done():
-            try:
-                if timer.get_loop() is asyncio.get_running_loop():
-                    return
-            except RuntimeError:
+            if timer.get_loop() is loop:
                 return
-            timer.cancel()
-        self._timer = asyncio.get_running_loop().create_task(self._watch())
+            _cancel(timer)  # a timer of another (maybe closed) loop: this loop gets its own
+        self._timer = loop.create_task(self._watch())
 
     def note_lag(self, lag_ms: float, now: float) -> None:
         """Record one measured lag (the timer does; tests may too)."""
@@ -226,7 +224,7 @@ class SystemProtection:
         """Stop the timer (it starts again with the next request that needs it)."""
         timer, self._timer = self._timer, None
         if timer is not None and not timer.done():
-            timer.cancel()
+            _cancel(timer)
             if timer.get_loop() is asyncio.get_running_loop():
                 await asyncio.gather(timer, return_exceptions=True)
 
@@ -270,6 +268,21 @@ class SystemProtection:
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "cpu_usage": round(self.cpu_usage, 3),
         }
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` from its own loop or another; a closed loop's task is left alone."""
+    loop = task.get_loop()
+    if loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is running:
+        task.cancel()
+    else:
+        loop.call_soon_threadsafe(task.cancel)
 
 
 class SystemCheck:

@@ -265,3 +265,17 @@ def test_nonsense_is_refused(system: dict[str, Any], field: str, why: str) -> No
         parse_rules({"system": system}, source="r.yaml")
     (problem,) = info.value.problems
     assert problem.field == field and why in problem.why, str(problem)
+
+
+def test_a_guard_used_on_two_event_loops_gets_a_timer_on_each() -> None:
+    guard = Guard({"system": {"adaptive": True}})
+
+    async def one_call() -> object:
+        chain = guard.chain("GET /x")
+        ctx = Context("GET /x")
+        await chain.exit(ctx, await chain.enter(ctx))
+        return guard.system._timer
+
+    first = asyncio.run(one_call())  # that loop is closed now, its timer never ran out
+    second = asyncio.run(one_call())
+    assert first is not None and second is not None and first is not second
