@@ -31,6 +31,13 @@ from ymguard.errors import PROBLEM_BASE, Blocked, StorageUnavailable
 from ymguard.storage import RedisStore, Store, store_from_uri
 from ymguard.storage.pubsub import pubsub_for
 
+
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
 RES = "GET /work"
 OPEN = 0.2  # open_seconds of most tests: short, so the file stays fast
 
