@@ -303,50 +303,57 @@ class Chain:
         ctx.start = time.perf_counter()
         tokens: list[Any] = []
         checks = self.checks
-        staging = self._staging
+        try:
+            if self._staging:
+                await self._enter_staged(ctx, tokens)
+            else:
+                for check in checks:
+                    tokens.append(await check.enter(ctx))
+        except Blocked as exc:
+            check = checks[len(tokens)]  # the tokens end before the check that refused
+            ctx.blocked = exc
+            await self._unwind(ctx, tokens)
+            for observer in self.observers:
+                observer.blocked(ctx, exc, check)
+            raise
+        except ShortCircuit as exc:
+            # Answered without the endpoint: the earlier checks saw a call that passed.
+            ctx.status = exc.status
+            ctx.replayed = True
+            for observer in self.observers:
+                observer.passed(ctx)
+            await self.exit(ctx, tokens)
+            raise
+        except asyncio.CancelledError as exc:
+            # Give back what was taken in a task of its own: awaiting it here could
+            # be cancelled again, leaking a permit until its lease ends.
+            ctx.error = exc
+            in_background(self._unwind(ctx, tokens))
+            raise
+        except BaseException as exc:
+            ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
+            await self._unwind(ctx, tokens)
+            raise
+        for observer in self.observers:
+            observer.passed(ctx)
+        return tokens
+
+    async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
+        """Enter every check, consecutive staged ones in one round trip (``tokens`` grows)."""
+        checks, stagers = self.checks, self._stage_in
         i, n = 0, len(checks)
         stage: Stage | None = None
         asked = False  # whether ``stage`` is the answer of checks[i]'s stage_enter already
         while i < n:
-            check = checks[i]
-            try:
-                if staging and not asked:
-                    stager = self._stage_in[i]
-                    stage = stager(ctx) if stager is not None else None
+            if not asked:
+                stager = stagers[i]
+                stage = stager(ctx) if stager is not None else None
+            if stage is None:
+                tokens.append(await checks[i].enter(ctx))
+                i += 1
                 asked = False
-                if stage is None:
-                    tokens.append(await check.enter(ctx))
-                    i += 1
-                else:
-                    i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
-            except Blocked as exc:
-                check = checks[len(tokens)]
-                ctx.blocked = exc
-                await self._unwind(ctx, tokens)
-                for observer in self.observers:
-                    observer.blocked(ctx, exc, check)
-                raise
-            except ShortCircuit as exc:
-                # Answered without the endpoint: the earlier checks saw a call that passed.
-                ctx.status = exc.status
-                ctx.replayed = True
-                for observer in self.observers:
-                    observer.passed(ctx)
-                await self.exit(ctx, tokens)
-                raise
-            except asyncio.CancelledError as exc:
-                # Give back what was taken in a task of its own: awaiting it here could
-                # be cancelled again, leaking a permit until its lease ends.
-                ctx.error = exc
-                in_background(self._unwind(ctx, tokens))
-                raise
-            except BaseException as exc:
-                ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
-                await self._unwind(ctx, tokens)
-                raise
-        for observer in self.observers:
-            observer.passed(ctx)
-        return tokens
+            else:
+                i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
 
     async def _enter_batch(
         self, ctx: Context, tokens: list[Any], first: int, stage: Stage
