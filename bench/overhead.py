@@ -78,6 +78,8 @@ class Server:
     log: Path
     redis_keys: int = 0
     problems: list[str] = field(default_factory=list)
+    #: (scripts, commands, round trips) per request, one request at a time (Redis variants).
+    sequential: tuple[float, float, float | None] | None = None
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -352,6 +354,29 @@ def command_counts(url: str) -> tuple[int, int]:
     return scripts, total
 
 
+#: Requests sent one at a time to count each Redis variant's commands and round trips.
+SEQUENTIAL = 200
+
+
+def count_sequential(server: Server, redis_url: str) -> tuple[float, float, float | None]:
+    """``(scripts, commands, round trips)`` per request, one request in flight at a time.
+
+    Under wrk the pipelined connection carries many requests' commands in one write, so
+    writes per request there say how well it batches; one request at a time, every write
+    is a round trip of that request's own.
+    """
+    scripts0, commands0 = command_counts(redis_url)
+    writes0 = pipe_writes(server)
+    for _ in range(SEQUENTIAL):
+        get(server.url)
+    writes1 = pipe_writes(server)
+    scripts1, commands1 = command_counts(redis_url)
+    trips = None
+    if writes0 is not None and writes1 is not None:
+        trips = (writes1 - writes0) / SEQUENTIAL
+    return (scripts1 - scripts0) / SEQUENTIAL, (commands1 - commands0) / SEQUENTIAL, trips
+
+
 def pipe_writes(server: Server) -> int | None:
     """Round trips a ymguard variant has sent on its pipelined Redis connection so far."""
     if not server.variant.startswith("ymguard"):
@@ -418,9 +443,10 @@ def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:
                 (r.redis_scripts_per_req for r in runs if r.redis_scripts_per_req is not None),
                 default=None,
             ),
-            "redis_scripts_per_req": _median_of(r.redis_scripts_per_req for r in runs),
-            "redis_commands_per_req": _median_of(r.redis_commands_per_req for r in runs),
-            "round_trips_per_req": _median_of(r.round_trips_per_req for r in runs),
+            "redis_scripts_per_req": server.sequential[0] if server.sequential else None,
+            "redis_commands_per_req": server.sequential[1] if server.sequential else None,
+            "round_trips_per_req": server.sequential[2] if server.sequential else None,
+            "writes_per_req_under_load": _median_of(r.round_trips_per_req for r in runs),
         }
     plain = rows.get("plain", {}).get("rps")
     for variant, row in rows.items():
@@ -479,7 +505,8 @@ def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
         )
     lines.append(
         "capacity: plain's server CPU per request / the variant's (median of rounds); "
-        "scripts, commands (inside scripts too), trips: per request, on Redis"
+        f"scripts, commands (inside scripts too), round trips: per request on Redis, "
+        f"counted over {SEQUENTIAL} requests sent one at a time"
     )
     if "ymguard-redis" in rows and "slowapi-redis" in rows:
         ratio = rows["ymguard-redis"]["rps"] / rows["slowapi-redis"]["rps"]
@@ -614,6 +641,7 @@ def _main(args: argparse.Namespace, variants: list[str]) -> int:
         for server in servers:
             if server.variant.endswith("redis"):
                 key_check[server.variant] = server.redis_keys
+                server.sequential = count_sequential(server, args.redis_url)
     finally:
         for server in servers:
             stop(server)
