@@ -376,7 +376,9 @@ class Chain:
             if stager is None:
                 break
             following = stager(ctx)
-            if following is None or (following.call is not None and following.store is not store):
+            if following is None or (
+                following.call is not None and store is not None and following.store is not store
+            ):
                 asked = True
                 break
             if store is None and following.call is not None:

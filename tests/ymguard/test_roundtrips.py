@@ -15,6 +15,7 @@ import pytest
 from ymguard import Blocked, Context, Guard
 from ymguard.chain import Chain
 from ymguard.storage import RedisStore, store_from_uri
+from ymguard.storage.pubsub import pubsub_of
 
 FULL = {
     "flow": [{"qps": 1000}, {"concurrency": 5}],
@@ -32,6 +33,17 @@ async def redis_store(request: pytest.FixtureRequest, prefix: str) -> AsyncItera
     yield store
     await store.close_tasks()
     await store.aclose()
+
+
+async def settled(store: RedisStore) -> None:
+    """Wait until the breakers' subscriber has subscribed and read their state back: its
+    resync would otherwise be a write of its own in the middle of the one counted."""
+    for _ in range(600):
+        service = pubsub_of(store)
+        if service is not None and service.ready:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the pub/sub service did not become ready")
 
 
 class Writes:
@@ -75,6 +87,7 @@ async def test_the_full_chain_is_one_round_trip_in_and_one_out(redis_url: str, p
     guard = Guard({"resources": {"GET /r": FULL}}, storage=store)
     chain = guard.chain("GET /r")
     assert await call(chain)  # connects, reads the breaker's state
+    await settled(store)
     writes = Writes(store)
     ctx = Context("GET /r")
     tokens = await chain.enter(ctx)
@@ -150,4 +163,33 @@ async def test_a_cancelled_call_gives_its_permits_back(redis_store: RedisStore) 
             break
         await asyncio.sleep(0.1)
     assert await given_back()
+    await guard.aclose()
+
+
+async def test_a_breaker_before_the_semaphore_shares_its_round_trip(
+    redis_url: str, prefix: str
+) -> None:
+    # A closed breaker decides without Redis: it rides in the batch of the checks around it
+    # (a per-origin flow rule that does not apply to this caller does the same).
+    rules = {
+        "flow": [{"qps": 5, "origin": "someone-else"}],
+        "breaker": [{"strategy": "error_count", "threshold": 3}],
+        "semaphore": {"permits": 1},
+    }
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {"GET /r": rules}}, storage=store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)
+    await settled(store)
+    writes = Writes(store)
+    ctx = Context("GET /r")
+    tokens = await chain.enter(ctx)
+    assert writes.count == 1
+    assert not await call(chain)  # the one permit is held
+    writes.count = 0
+    ctx.status = 200
+    await chain.exit(ctx, tokens)
+    assert writes.count == 1
+    assert await call(chain)
     await guard.aclose()
