@@ -157,7 +157,7 @@ def get(url: str, timeout: float = 2.0) -> int:
         return int(exc.code)
 
 
-def wait_ready(server: Server, timeout: float = 30.0) -> None:
+def wait_ready(server: Server, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
