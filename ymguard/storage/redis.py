@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
@@ -44,6 +44,9 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     OSError,
     asyncio.TimeoutError,
+    # The cluster client's "cannot be connected" (no node reachable) and "TTL exhausted".
+    RedisClusterException,
+    ClusterError,
 )
 
 #: Error replies that mean "this server cannot serve us now" (a failover's read-only
