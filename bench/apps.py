@@ -3,8 +3,12 @@
 ``uvicorn bench.apps:app`` serves ``GET /items/{item_id}`` (small JSON) in one of:
 
 - ``plain``: FastAPI alone.
+- ``asgi-noop``: a pure ASGI middleware that does nothing (the floor of any middleware).
+- ``ymguard-norule``: ``GuardMiddleware`` on the memory store, no rule on the route.
 - ``ymguard-memory`` / ``ymguard-redis``: ``GuardMiddleware`` with one ``flow`` qps rule
   on the route's resource, on the memory store or on Redis.
+- ``ymguard-full-memory`` / ``ymguard-full-redis``: qps + concurrency + breaker +
+  semaphore on the route (none ever refuses at the bench's load).
 - ``slowapi-memory`` / ``slowapi-redis``: slowapi's quick start (``@limiter.limit`` on the
   endpoint, ``app.state.limiter``, its ``RateLimitExceeded`` handler), optionally with its
   ``SlowAPIMiddleware``, on memory or Redis.
@@ -26,7 +30,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-VARIANTS = ("plain", "ymguard-memory", "ymguard-redis", "slowapi-memory", "slowapi-redis")
+VARIANTS = (
+    "plain",
+    "asgi-noop",
+    "ymguard-norule",
+    "ymguard-memory",
+    "ymguard-redis",
+    "ymguard-full-memory",
+    "ymguard-full-redis",
+    "slowapi-memory",
+    "slowapi-redis",
+)
 RESOURCE = "GET /items/{item_id}"
 
 VARIANT = os.environ.get("BENCH_VARIANT", "plain")
@@ -49,15 +63,43 @@ async def get_item(item_id: int, request: Request) -> dict[str, Any]:
 if VARIANT.startswith("ymguard"):
     from ymguard import Guard, GuardMiddleware
 
+    rules: dict[str, Any] = {"flow": [{"qps": QPS}]}
+    if VARIANT.startswith("ymguard-full"):
+        # The limits are never reached at the bench's 32 connections (QPS: the sanity pass).
+        rules = {
+            "flow": [{"qps": QPS}, {"concurrency": max(QPS, 1000)}],
+            "breaker": [{"strategy": "error_ratio", "threshold": 0.5}],
+            "semaphore": {"permits": max(QPS, 1000)},
+        }
     guard = Guard(
         rules={
             "key_prefix": KEY_PREFIX,
-            "resources": {RESOURCE: {"flow": [{"qps": QPS}]}},
+            "resources": {} if VARIANT == "ymguard-norule" else {RESOURCE: rules},
         },
-        storage="memory://" if VARIANT == "ymguard-memory" else REDIS_URL,
+        storage=REDIS_URL if VARIANT.endswith("redis") else "memory://",
     )
     app.add_middleware(GuardMiddleware, guard=guard)
     guard.install(app)
+    app.get("/items/{item_id}")(get_item)
+
+    @app.get("/_bench/writes", include_in_schema=False)
+    async def writes() -> dict[str, int]:
+        """Writes (round trips) on the store's pipelined connection so far."""
+        pipe = getattr(guard.store, "_pipe", None)
+        return {"writes": pipe.writes if pipe is not None else 0}
+
+elif VARIANT == "asgi-noop":
+
+    class Noop:
+        """A pure ASGI middleware that only passes the call on."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+    app.add_middleware(Noop)
     app.get("/items/{item_id}")(get_item)
 
 elif VARIANT.startswith("slowapi"):

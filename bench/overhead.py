@@ -32,13 +32,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import code_version, free_port, median
+from bench._common import code_version, free_port, median, start_redis, stop_redis
 from bench.apps import VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/items/42"
-TARGETS = {"ymguard-memory": 0.90, "ymguard-redis": 0.70}
+#: Issue 14's targets: capacity (CPU per request) as a ratio to plain.
+TARGETS = {
+    "ymguard-norule": 0.98,
+    "ymguard-memory": 0.95,
+    "ymguard-redis": 0.90,
+    "ymguard-full-redis": 0.80,
+}
 TARGET_VS_SLOWAPI = 2.5
+#: Variants with no limit to check in the sanity pass.
+UNLIMITED = ("plain", "asgi-noop", "ymguard-norule")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,6 +63,8 @@ class Run:
     errors: int
     server_cpu_us_per_req: float | None
     redis_scripts_per_req: float | None = None
+    redis_commands_per_req: float | None = None
+    round_trips_per_req: float | None = None
 
 
 @dataclass
@@ -68,6 +78,8 @@ class Server:
     log: Path
     redis_keys: int = 0
     problems: list[str] = field(default_factory=list)
+    #: (scripts, commands, round trips) per request, one request at a time (Redis variants).
+    sequential: tuple[float, float, float | None] | None = None
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -145,7 +157,7 @@ def get(url: str, timeout: float = 2.0) -> int:
         return int(exc.code)
 
 
-def wait_ready(server: Server, timeout: float = 30.0) -> None:
+def wait_ready(server: Server, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
@@ -262,19 +274,25 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
     if args.warmup > 0:
         wrk(prefix, server.url, args.warmup, args.connections, args.threads, args.wrk_script)
     on_redis = server.variant.endswith("redis")
-    scripts0 = script_calls(args.redis_url) if on_redis else 0
+    counts0 = command_counts(args.redis_url) if on_redis else (0, 0)
+    writes0 = pipe_writes(server)
     before = cpu_seconds(server.proc.pid)
     out = parse_wrk(
         wrk(prefix, server.url, args.duration, args.connections, args.threads, args.wrk_script)
     )
     after = cpu_seconds(server.proc.pid)
-    scripts = None
+    writes1 = pipe_writes(server)
+    scripts = commands = trips = None
     if on_redis:  # counters expire within ~1 s: look at once
+        counts1 = command_counts(args.redis_url)
         server.redis_keys = max(
             server.redis_keys, len(redis_keys(args.redis_url, server.key_prefix))
         )
         if out["requests"]:
-            scripts = (script_calls(args.redis_url) - scripts0) / out["requests"]
+            scripts = (counts1[0] - counts0[0]) / out["requests"]
+            commands = (counts1[1] - counts0[1]) / out["requests"]
+            if writes0 is not None and writes1 is not None:
+                trips = (writes1 - writes0) / out["requests"]
     cpu = None
     if before is not None and after is not None and out["requests"]:
         cpu = (after - before) / out["requests"] * 1e6
@@ -288,6 +306,8 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
         errors=out["errors"],
         server_cpu_us_per_req=cpu,
         redis_scripts_per_req=scripts,
+        redis_commands_per_req=commands,
+        round_trips_per_req=trips,
     )
 
 
@@ -308,16 +328,66 @@ def redis_keys(url: str, key_prefix: str) -> list[bytes]:
         client.close()
 
 
-def script_calls(url: str) -> int:
-    """EVALSHA + EVAL calls the Redis has served so far (every client's, on a shared one)."""
+#: Commands a bench itself sends to look (not counted).
+_PROBES = ("info", "scan", "ping", "client", "hello", "del", "unlink", "command")
+
+
+def command_counts(url: str) -> tuple[int, int]:
+    """``(EVALSHA + EVAL calls, every command run)`` so far, scripts' inner calls included.
+
+    The probe's own commands (INFO, SCAN, ...) are left out; on a shared Redis the counts
+    include every other client's.
+    """
     client = redis_client(url)
     try:
         stats = client.info("commandstats")
     finally:
         client.close()
-    return sum(
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
-    )
+    scripts = total = 0
+    for name, value in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if command.split("|")[0] in _PROBES:
+            continue
+        total += int(value["calls"])
+        if command in ("evalsha", "eval"):
+            scripts += int(value["calls"])
+    return scripts, total
+
+
+#: Requests sent one at a time to count each Redis variant's commands and round trips.
+SEQUENTIAL = 200
+
+
+def count_sequential(server: Server, redis_url: str) -> tuple[float, float, float | None]:
+    """``(scripts, commands, round trips)`` per request, one request in flight at a time.
+
+    Under wrk the pipelined connection carries many requests' commands in one write, so
+    writes per request there say how well it batches; one request at a time, every write
+    is a round trip of that request's own.
+    """
+    scripts0, commands0 = command_counts(redis_url)
+    writes0 = pipe_writes(server)
+    for _ in range(SEQUENTIAL):
+        get(server.url)
+    writes1 = pipe_writes(server)
+    scripts1, commands1 = command_counts(redis_url)
+    trips = None
+    if writes0 is not None and writes1 is not None:
+        trips = (writes1 - writes0) / SEQUENTIAL
+    return (scripts1 - scripts0) / SEQUENTIAL, (commands1 - commands0) / SEQUENTIAL, trips
+
+
+def pipe_writes(server: Server) -> int | None:
+    """Round trips a ymguard variant has sent on its pipelined Redis connection so far."""
+    if not server.variant.startswith("ymguard"):
+        return None
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.port}/_bench/writes", timeout=5
+        ) as resp:
+            return int(json.loads(resp.read())["writes"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def delete_keys(url: str, key_prefix: str) -> None:
@@ -335,7 +405,7 @@ def delete_keys(url: str, key_prefix: str) -> None:
 
 def sanity(variants: list[str], prefix: list[str], args: argparse.Namespace, logdir: Path) -> None:
     """Each limiting variant with a 1/second limit refuses the second request."""
-    limited = [v for v in variants if v != "plain"]
+    limited = [v for v in variants if v not in UNLIMITED]
     servers = [
         start_server(v, prefix, args.redis_url, 1, logdir, args.slowapi_middleware == "on")
         for v in limited
@@ -373,6 +443,10 @@ def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:
                 (r.redis_scripts_per_req for r in runs if r.redis_scripts_per_req is not None),
                 default=None,
             ),
+            "redis_scripts_per_req": server.sequential[0] if server.sequential else None,
+            "redis_commands_per_req": server.sequential[1] if server.sequential else None,
+            "round_trips_per_req": server.sequential[2] if server.sequential else None,
+            "writes_per_req_under_load": _median_of(r.round_trips_per_req for r in runs),
         }
     plain = rows.get("plain", {}).get("rps")
     for variant, row in rows.items():
@@ -385,25 +459,55 @@ def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:
                 if s.variant == variant:
                     per_round = [r.rps / plain_runs[r.round] for r in s.runs]
             row["ratio_to_plain_median_of_rounds"] = median(per_round)
+    # Capacity: plain's CPU per request over the variant's, within each round.
+    plain_cpu = {
+        r.round: r.server_cpu_us_per_req
+        for s in servers
+        if s.variant == "plain"
+        for r in s.runs
+        if r.server_cpu_us_per_req
+    }
+    for s in servers:
+        ratios = [
+            plain_cpu[r.round] / r.server_cpu_us_per_req
+            for r in s.runs
+            if r.server_cpu_us_per_req and r.round in plain_cpu
+        ]
+        rows[s.variant]["cpu_ratio_to_plain"] = median(ratios) if ratios else None
     return rows
+
+
+def _median_of(values: Any) -> float | None:
+    kept = [v for v in values if v is not None]
+    return median(kept) if kept else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'variant':<16} {'req/s':>9} {'p99 ms':>8} {'p50 ms':>8} {'cpu us/req':>11} "
-        f"{'vs plain':>9} {'(rounds)':>9}  req/s per round",
+        f"{'variant':<20} {'req/s':>7} {'p99 ms':>7} {'cpu us/req':>10} {'capacity':>9} "
+        f"{'rps ratio':>9} {'scripts':>8} {'commands':>8} {'trips':>6}  req/s per round",
     ]
     for variant, row in rows.items():
-        cpu = f"{row['cpu_us_per_req']:.0f}" if row["cpu_us_per_req"] is not None else "-"
-        ratio = f"{row['ratio_to_plain']:.2f}" if row["ratio_to_plain"] is not None else "-"
-        ratio_r = row.get("ratio_to_plain_median_of_rounds")
-        ratio_r_s = f"{ratio_r:.2f}" if ratio_r is not None else "-"
         per_round = " ".join(f"{v:.0f}" for v in row["rounds_rps"])
         err = f"  ERRORS={row['errors']}" if row["errors"] else ""
         lines.append(
-            f"{variant:<16} {row['rps']:>9.0f} {row['p99_ms']:>8.2f} {row['p50_ms']:>8.2f} "
-            f"{cpu:>11} {ratio:>9} {ratio_r_s:>9}  {per_round}{err}"
+            f"{variant:<20} {row['rps']:>7.0f} {row['p99_ms']:>7.2f} "
+            f"{_fmt(row['cpu_us_per_req'], '.0f'):>10} "
+            f"{_fmt(row.get('cpu_ratio_to_plain'), '.2f'):>9} "
+            f"{_fmt(row.get('ratio_to_plain_median_of_rounds'), '.2f'):>9} "
+            f"{_fmt(row.get('redis_scripts_per_req'), '.2f'):>8} "
+            f"{_fmt(row.get('redis_commands_per_req'), '.1f'):>8} "
+            f"{_fmt(row.get('round_trips_per_req'), '.2f'):>6}  {per_round}{err}"
         )
+    lines.append(
+        "capacity: plain's server CPU per request / the variant's (median of rounds); "
+        f"scripts, commands (inside scripts too), round trips: per request on Redis, "
+        f"counted over {SEQUENTIAL} requests sent one at a time"
+    )
     if "ymguard-redis" in rows and "slowapi-redis" in rows:
         ratio = rows["ymguard-redis"]["rps"] / rows["slowapi-redis"]["rps"]
         lines.append(f"ymguard-redis / slowapi-redis: {ratio:.2f}x")
@@ -416,10 +520,16 @@ def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 def check_targets(rows: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for variant, target in TARGETS.items():
-        ratio = rows.get(variant, {}).get("ratio_to_plain")
+        ratio = rows.get(variant, {}).get("cpu_ratio_to_plain")
         if ratio is not None:
             verdict = "ok" if ratio >= target else "MISSED"
-            out.append(f"target {variant} >= {target:.2f} of plain: {ratio:.2f} {verdict}")
+            out.append(
+                f"target {variant} >= {target:.2f} of plain (capacity): {ratio:.2f} {verdict}"
+            )
+    trips = rows.get("ymguard-full-redis", {}).get("round_trips_per_req")
+    if trips is not None:
+        verdict = "ok" if trips <= 2.05 else "MISSED"
+        out.append(f"target ymguard-full-redis 2 round trips per request: {trips:.2f} {verdict}")
     if "ymguard-redis" in rows and "slowapi-redis" in rows:
         ratio = rows["ymguard-redis"]["rps"] / rows["slowapi-redis"]["rps"]
         verdict = "ok" if ratio >= TARGET_VS_SLOWAPI else "MISSED"
@@ -439,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of variants"
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url", help="use this Redis (counts include other clients) instead of a private one"
+    )
     parser.add_argument("--qps", type=int, default=10_000_000, help="the never-reached limit")
     parser.add_argument(
         "--random-ids",
@@ -464,11 +576,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {sorted(unknown)}; use {', '.join(VARIANTS)}")
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed")
-    if any(v.endswith("redis") for v in variants):
-        try:
-            redis_client(args.redis_url).ping()
-        except Exception as exc:
-            parser.error(f"Redis at {args.redis_url} does not answer ({exc})")
+    private = None
+    if args.redis_url is None:
+        private, args.redis_url = start_redis()
+    try:
+        redis_client(args.redis_url).ping()
+    except Exception as exc:
+        parser.error(f"Redis at {args.redis_url} does not answer ({exc})")
+    try:
+        return _main(args, variants)
+    finally:
+        if private is not None:
+            stop_redis(private)
+
+
+def _main(args: argparse.Namespace, variants: list[str]) -> int:
 
     server_prefix, wrk_prefix, pin_note = pinning(not args.no_pin)
     version = code_version()
@@ -519,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             if server.variant.endswith("redis"):
                 key_check[server.variant] = server.redis_keys
+                server.sequential = count_sequential(server, args.redis_url)
     finally:
         for server in servers:
             stop(server)
@@ -540,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(variant)
         lines.append(
             f"{variant} on Redis: {count} key(s) under its prefix right after its runs, "
-            f"EVALSHA per request >= {scripts or 0:.2f} (shared Redis: a lower bound) "
+            f"EVALSHA per request >= {scripts or 0:.2f} "
             + ("ok" if ok else "PROBLEM: the variant did not use Redis for every request")
         )
     for server in servers:

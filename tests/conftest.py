@@ -10,9 +10,15 @@ test runs at once: each run writes only under its own ``ymt-<run id>-`` namespac
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 
 from tests.helpers import (
     REQUIRE_REDIS,
@@ -20,8 +26,10 @@ from tests.helpers import (
     SHARED_REDIS_URL,
     RedisServer,
     delete_run_keys,
+    free_port,
     redis_answers,
     unique_prefix,
+    wait_for_port,
 )
 from ymguard.storage import Store, store_from_uri
 
@@ -74,6 +82,119 @@ def storage_uri(request: pytest.FixtureRequest) -> str:
     return require_redis()
 
 
+#: A Redis Cluster for the cluster parity tests (``.ci/run`` starts one and sets this).
+CLUSTER_ENV = "YMGUARD_TEST_REDIS_CLUSTER"
+
+
+def _cluster_ok(info: object) -> bool:
+    """Whether a ``CLUSTER INFO`` reply (parsed to a dict by redis-py, or raw) says ok."""
+    if isinstance(info, dict):
+        return str(info.get("cluster_state")) == "ok"
+    raw = info if isinstance(info, bytes) else str(info).encode()
+    return b"cluster_state:ok" in raw
+
+
+class LocalCluster:
+    """Three ``redis-server --cluster-enabled yes`` masters on free ports, joined.
+
+    Started in a temp dir of its own by :meth:`start` and stopped by :meth:`stop`: what the
+    README's plain ``pytest`` uses on a machine where ``.ci/run`` did not start one.
+    """
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="ymguard-cluster-")
+        self.ports = [free_port() for _ in range(3)]
+        # The cluster bus defaults to port + 10000, which may not exist (or be taken).
+        self.bus_ports = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return (
+            f"redis+cluster://127.0.0.1:{self.ports[0]}?socket_timeout=2&socket_connect_timeout=2"
+        )
+
+    def start(self) -> LocalCluster:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            raise RuntimeError("redis-server and redis-cli are needed for a Redis Cluster")
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
+            args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args += ["--appendonly", "no", "--dir", self.dir, "--cluster-enabled", "yes"]
+            args += ["--cluster-port", str(bus)]
+            args += ["--cluster-config-file", f"nodes-{port}.conf", "--loglevel", "warning"]
+            self.procs.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.ports:
+            wait_for_port(port, timeout=30)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 60
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                while not _cluster_ok(client.execute_command("CLUSTER INFO")):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the Redis Cluster did not become ready")
+                    time.sleep(0.1)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A Redis Cluster URL (``redis+cluster://``): CI's, else one started for the session."""
+    url = os.environ.get(CLUSTER_ENV)
+    if url:
+        yield url
+        return
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+    except (OSError, RuntimeError, subprocess.SubprocessError, TimeoutError) as exc:
+        cluster.stop()
+        if REQUIRE_REDIS:
+            pytest.fail(f"cannot start a Redis Cluster: {exc}")
+        pytest.skip(f"cannot start a Redis Cluster: {exc}")
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def storage_uri_with_cluster(request: pytest.FixtureRequest) -> str:
+    """``storage_uri`` with a third param, a Redis Cluster: override ``storage_uri`` with it.
+
+    A test module whose Redis parity should hold on a cluster too overrides ``storage_uri``
+    with a fixture returning this one (the ``store`` fixture then follows).
+    """
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "redis":
+        return require_redis()
+    return str(request.getfixturevalue("redis_cluster_url"))
+
+
 @pytest.fixture
 def redis_url() -> str:
     """The shared Redis URL (tests that only make sense on Redis)."""
@@ -99,7 +220,6 @@ def private_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 async def browser() -> AsyncIterator[object]:
     """A headless Chromium (Playwright's async API); skip, or fail in CI, without one."""
-    import os
 
     from tests.browser import LAUNCH_ARGS, chromium_path
 

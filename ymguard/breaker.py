@@ -32,7 +32,7 @@ import math
 import secrets
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +51,7 @@ from .backends.breaker_state import (
     BreakerState,
     BreakerStore,
 )
-from .chain import DEFAULT_ERROR_STATUSES, Context, has_outcome, is_error
+from .chain import DEFAULT_ERROR_STATUSES, Context, Stage, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
 from .stats import Counts, ResourceStats
 from .storage import Store
@@ -401,6 +401,14 @@ class Breaker:
 # -- the checks --------------------------------------------------------------------------
 
 
+def _admit(reply: Any) -> None:
+    return None
+
+
+#: The stage of a closed breaker: admitted, no store call, no token.
+_CLOSED = Stage(None, None, _admit)
+
+
 class BreakerCheck:
     """A ``breaker`` rule of a resource: decides on the resource's statistics.
 
@@ -435,9 +443,22 @@ class BreakerCheck:
         self._st.watchers.add(self)
         self._remote = breaker._remote
         self._state = breaker._state
+        # On Redis a closed breaker rides in the chain's batch of store calls, so that it
+        # does not split the round trip of the checks around it.
+        self.stage_enter: Callable[[Context], Stage | None] | None = (
+            self._stage_enter if self._remote else None
+        )
 
     def __repr__(self) -> str:
         return f"BreakerCheck({self.breaker.resource!r}, {self.breaker.description!r})"
+
+    def _stage_enter(self, ctx: Context) -> Stage | None:
+        """A closed copy that answers alone joins the chain's batch (no store call);
+        anything else takes the plain ``enter``."""
+        st = self._st
+        if st.state is CLOSED and st.known and (not self._remote or self._state.running()):
+            return _CLOSED
+        return None
 
     async def enter(self, ctx: Context) -> Any:
         """Admit the call (``None``, or the probe token) or raise :class:`CircuitOpen`."""

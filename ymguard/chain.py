@@ -8,6 +8,14 @@ gives back what it took (no half-spent quota, no leaked permit).
 
 A check may also answer the call itself (an idempotent replay) by raising
 :class:`ShortCircuit`: for the checks before it that is a call that passed and finished.
+
+On Redis a check may hand its store call to the chain instead (``stage_enter`` and
+``stage_exit``, see :class:`Stage`): the chain sends the calls of consecutive such checks
+in one round trip (one write on the pipelined connection; on a cluster, each call to its
+node at once) and lets each check decide on its reply, in order. When one refuses, what
+the others took is given back (an extra round trip only on refusal). The exits' calls go
+out together too. A check without them (or one that declines, on the memory store or in
+an outage) runs through plain ``enter`` and ``exit``, in its place in the order.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .errors import Blocked
+from .errors import Blocked, StorageUnavailable
 from .stats import ResourceStats
+from .storage.redis import Unanswered
 from .storage.tasks import in_background
 from .types import ASGIApp, Message, Receive, Scope
 
@@ -151,7 +160,45 @@ class Check(Protocol):
 
         A check whose class sets ``exit_after_call = False`` is only exited when a later
         check (or a guard inside the endpoint) blocked the call.
+
+        Optionally a check also has ``stage_enter(ctx) -> Stage | None`` and
+        ``stage_exit(ctx, token) -> Stage | NOTHING | None`` (attributes, None where it
+        never stages): the same as ``enter``/``exit`` with the store call handed to the
+        chain; returning None means "run my plain ``enter``/``exit``".
         """
+
+
+class Stage:
+    """A check's store call, handed to the chain to send with its neighbours' calls.
+
+    Attributes:
+        store: the store to run it on (a :class:`~ymguard.storage.RedisStore`).
+        call: the call (a :class:`~ymguard.storage.redis.ScriptCall`), or None for a check
+            that decides without the store (``decide(None)``) within a batch.
+        decide: on ``enter``: called with the reply, returns the check's token or raises
+            :class:`Blocked` (an error reply is raised before it is called). On ``exit``:
+            None (the reply is not read).
+        undo: gives back what the call may have taken when its reply is never read (the
+            caller was cancelled, or Redis went silent): run in the background.
+    """
+
+    __slots__ = ("call", "decide", "store", "undo")
+
+    def __init__(
+        self,
+        store: Any,
+        call: Any,
+        decide: Callable[[Any], Any] | None = None,
+        undo: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.store = store
+        self.call = call
+        self.decide = decide
+        self.undo = undo
+
+
+#: What ``stage_exit`` returns when its check had nothing to give back.
+NOTHING: Any = object()
 
 
 #: How a call that passed the chain finished: ``success`` or ``error`` (an outcome the
@@ -240,6 +287,9 @@ class Chain:
 
     __slots__ = (
         "_after_call",
+        "_stage_in",
+        "_stage_out",
+        "_staging",
         "checks",
         "error_statuses",
         "observers",
@@ -269,6 +319,14 @@ class Chain:
             for i in range(len(self.checks) - 1, -1, -1)
             if getattr(self.checks[i], "exit_after_call", True)
         )
+        # The checks that can hand their store calls to the chain (Redis), by index.
+        self._stage_in: tuple[Callable[[Context], Stage | None] | None, ...] = tuple(
+            getattr(check, "stage_enter", None) for check in self.checks
+        )
+        self._stage_out: tuple[Callable[[Context, Any], Any] | None, ...] = tuple(
+            getattr(check, "stage_exit", None) for check in self.checks
+        )
+        self._staging = any(f is not None for f in (*self._stage_in, *self._stage_out))
         # A check that holds a scarce thing for the call (a semaphore permit) asks the edge
         # to cancel the call when its client goes away, so the thing comes back at once.
         self.release_on_disconnect = any(
@@ -284,36 +342,134 @@ class Chain:
         ctx.start = time.perf_counter()
         ctx.observers = self.observers
         tokens: list[Any] = []
-        for check in self.checks:
-            try:
-                tokens.append(await check.enter(ctx))
-            except Blocked as exc:
-                ctx.blocked = exc
-                await self._unwind(ctx, tokens)
-                for observer in self.observers:
-                    observer.blocked(ctx, exc, check)
-                raise
-            except ShortCircuit as exc:
-                # Answered without the endpoint: the earlier checks saw a call that passed.
-                ctx.status = exc.status
-                ctx.replayed = True
-                for observer in self.observers:
-                    observer.passed(ctx)
-                await self.exit(ctx, tokens)
-                raise
-            except asyncio.CancelledError as exc:
-                # Give back what was taken in a task of its own: awaiting it here could
-                # be cancelled again, leaking a permit until its lease ends.
-                ctx.error = exc
-                in_background(self._unwind(ctx, tokens))
-                raise
-            except BaseException as exc:
-                ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
-                await self._unwind(ctx, tokens)
-                raise
+        checks = self.checks
+        try:
+            if self._staging:
+                await self._enter_staged(ctx, tokens)
+            else:
+                for check in checks:
+                    tokens.append(await check.enter(ctx))
+        except Blocked as exc:
+            check = checks[len(tokens)]  # the tokens end before the check that refused
+            ctx.blocked = exc
+            await self._unwind(ctx, tokens)
+            for observer in self.observers:
+                observer.blocked(ctx, exc, check)
+            raise
+        except ShortCircuit as exc:
+            # Answered without the endpoint: the earlier checks saw a call that passed.
+            ctx.status = exc.status
+            ctx.replayed = True
+            for observer in self.observers:
+                observer.passed(ctx)
+            await self.exit(ctx, tokens)
+            raise
+        except asyncio.CancelledError as exc:
+            # Give back what was taken in a task of its own: awaiting it here could
+            # be cancelled again, leaking a permit until its lease ends.
+            ctx.error = exc
+            in_background(self._unwind(ctx, tokens))
+            raise
+        except BaseException as exc:
+            ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
+            await self._unwind(ctx, tokens)
+            raise
         for observer in self.observers:
             observer.passed(ctx)
         return tokens
+
+    async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
+        """Enter every check, consecutive staged ones in one round trip (``tokens`` grows)."""
+        checks, stagers = self.checks, self._stage_in
+        i, n = 0, len(checks)
+        stage: Stage | None = None
+        asked = False  # whether ``stage`` is the answer of checks[i]'s stage_enter already
+        while i < n:
+            if not asked:
+                stager = stagers[i]
+                stage = stager(ctx) if stager is not None else None
+            if stage is None:
+                tokens.append(await checks[i].enter(ctx))
+                i += 1
+                asked = False
+            else:
+                i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
+
+    async def _enter_batch(
+        self, ctx: Context, tokens: list[Any], first: int, stage: Stage
+    ) -> tuple[int, Stage | None, bool]:
+        """Send the store calls of checks ``first``, ``first + 1``, ... in one round trip.
+
+        Appends the tokens of the checks that admitted the call, in order; when one
+        refuses (or its reply is an error), gives back what the later ones of the batch
+        took and raises, with ``tokens`` ending before the refusing check. Returns the
+        next check's index, its stage if it was asked already, and whether it was.
+        """
+        checks, stagers = self.checks, self._stage_in
+        store = stage.store if stage.call is not None else None
+        stages = [stage]
+        j, n = first + 1, len(checks)
+        following: Stage | None = None
+        asked = False
+        while j < n:
+            stager = stagers[j]
+            if stager is None:
+                break
+            following = stager(ctx)
+            if following is None or (
+                following.call is not None and store is not None and following.store is not store
+            ):
+                asked = True
+                break
+            if store is None and following.call is not None:
+                store = following.store
+            stages.append(following)
+            following = None
+            j += 1
+        calls = [s.call for s in stages if s.call is not None]
+        replies: list[Any] = []
+        if calls:
+            store = next(s.store for s in stages if s.call is not None)
+            try:
+                replies = await store.run_many(calls)
+            except asyncio.CancelledError:
+                _undo_all(stages)
+                raise
+            except StorageUnavailable as exc:
+                if isinstance(exc, Unanswered):  # the calls may have run
+                    _undo_all(stages)
+                # Each check meets the outage on its own: its plain enter follows the
+                # store's on_storage_error (the store now fails fast).
+                for k in range(first, j):
+                    tokens.append(await checks[k].enter(ctx))
+                return j, following, asked
+        failure: BaseException | None = None
+        later: list[tuple[int, Any]] = []
+        answers = iter(replies)
+        for k, st in enumerate(stages, first):
+            reply = next(answers) if st.call is not None else None
+            try:
+                if isinstance(reply, BaseException):
+                    raise reply
+                assert st.decide is not None
+                token = st.decide(reply)
+            except BaseException as exc:
+                if failure is None:
+                    failure = exc
+                continue
+            if failure is None:
+                tokens.append(token)
+            else:
+                later.append((k, token))
+        if failure is not None:
+            if isinstance(failure, Blocked):
+                ctx.blocked = failure
+            else:
+                ctx.error = failure
+            for k, token in reversed(later):
+                await self._exit_one(k, ctx, token)
+            raise failure
+        return j, following, asked
 
     async def exit(self, ctx: Context, tokens: list[Any]) -> None:
         """Record the call's outcome and run every ``exit`` in reverse order."""
@@ -325,6 +481,9 @@ class Chain:
             for observer in self.observers:
                 observer.finished(ctx, rt_ms, outcome)
             entered = len(tokens)  # fewer than the checks when one answered the call
+            if self._staging:
+                await self._exit_staged(ctx, tokens, [i for i in self._after_call if i < entered])
+                return
             for i in self._after_call:
                 if i < entered:
                     await self._exit_one(i, ctx, tokens[i])
@@ -341,6 +500,43 @@ class Chain:
         except Exception:  # an exit must never turn a response into a 500
             log.exception("ymguard: exit of %r failed", self.checks[i])
 
+    async def _exit_staged(self, ctx: Context, tokens: list[Any], order: Sequence[int]) -> None:
+        """Run the exits of ``order``; the store calls of staged ones go out together."""
+        batches: dict[int, tuple[Any, list[Any]]] = {}
+        for i in order:
+            stager = self._stage_out[i]
+            stage: Any = None
+            if stager is not None:
+                try:
+                    stage = stager(ctx, tokens[i])
+                except Exception:
+                    log.exception("ymguard: exit of %r failed", self.checks[i])
+                    continue
+            if stage is None:
+                await self._exit_one(i, ctx, tokens[i])
+            elif stage is not NOTHING:
+                batch = batches.get(id(stage.store))
+                if batch is None:
+                    batch = batches[id(stage.store)] = (stage.store, [])
+                batch[1].append(stage.call)
+        for store, calls in batches.values():
+            try:
+                await store.run_many(calls, always_try=True)
+            except StorageUnavailable:
+                pass  # the leases free what could not be given back
+            except Exception:
+                log.exception("ymguard: the exits of %s failed", self.resource)
+
     async def _unwind(self, ctx: Context, tokens: list[Any]) -> None:
+        if self._staging:
+            await self._exit_staged(ctx, tokens, range(len(tokens) - 1, -1, -1))
+            return
         for i in range(len(tokens) - 1, -1, -1):
             await self._exit_one(i, ctx, tokens[i])
+
+
+def _undo_all(stages: Sequence[Stage]) -> None:
+    """Give back, in the background, what calls whose replies were not read may have taken."""
+    for stage in stages:
+        if stage.undo is not None:
+            in_background(stage.undo())

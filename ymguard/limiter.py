@@ -17,18 +17,18 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
-from .backends.permits import Permits, keep_lease
-from .backends.window import BUCKETS, AcquireNow, Window, WindowResult
-from .chain import CheckStatus, Context, cap_origin
+from .backends.permits import Permits, RedisPermits, keep_lease
+from .backends.window import BUCKETS, AcquireNow, RedisWindow, Window, WindowResult
+from .chain import NOTHING, CheckStatus, Context, Stage, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
-from .storage import Store
+from .storage import RedisStore, Store
 from .storage.tasks import in_background
 
 #: Origins one check keeps state for at most (``other`` rules see client-chosen origins).
@@ -299,6 +299,10 @@ class QpsCheck(_FlowCheckBase):
         self._origins: OriginTable[tuple[str, bytes | None]] = OriginTable(
             self._key, self._drop_key, idle_seconds=window_seconds * (1 + 1 / BUCKETS)
         )
+        # On Redis the chain sends the window's script with its neighbours' (one round trip).
+        self.stage_enter: Callable[[Context], Stage | None] | None = (
+            self._stage_enter if isinstance(self.window, RedisWindow) else None
+        )
 
     def _local_window(self) -> Window:
         if self._local is None:
@@ -331,11 +335,36 @@ class QpsCheck(_FlowCheckBase):
                 window = self._local_window()
                 result = await window.acquire(key, self.limit, self.window_seconds)
         if not result.admitted:
-            quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
-            raise FlowLimited(
-                self.resource, self.description, retry_after=result.wait_seconds, quota=quota
-            )
+            self._refuse(result)
         return (window, key, result.slot)
+
+    def _stage_enter(self, ctx: Context) -> Stage | None:
+        """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""
+        store = self.store
+        if not store.available:
+            return None
+        suffix = self.scope.key_for(ctx.origin)
+        if suffix is None:
+            return Stage(store, None, _no_token)
+        key, packed = self._origins.get(suffix) if suffix else self._default
+        window = self.window
+        assert isinstance(window, RedisWindow)
+
+        def decide(reply: Any) -> Any:
+            result = window.result(reply)
+            if not result.admitted:
+                self._refuse(result)
+            return (window, key, result.slot)
+
+        return Stage(
+            store, window.acquire_call(key, self.limit, self.window_seconds, 1, packed), decide
+        )
+
+    def _refuse(self, result: WindowResult) -> NoReturn:
+        quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
+        raise FlowLimited(
+            self.resource, self.description, retry_after=result.wait_seconds, quota=quota
+        )
 
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None and ctx.blocked is not None:
@@ -370,6 +399,12 @@ class ConcurrencyCheck(_FlowCheckBase):
         self._origins: OriginTable[_Count] = OriginTable(
             self._entry, _Count.forget, idle_seconds=1.0, busy=_Count.busy
         )
+        # On Redis the chain sends acquire and release with the other checks' scripts.
+        staged = isinstance(store, RedisStore)
+        self.stage_enter: Callable[[Context], Stage | None] | None = (
+            self._stage_enter if staged else None
+        )
+        self.stage_exit: Callable[[Context, Any], Any] | None = self._stage_exit if staged else None
 
     def _entry(self, suffix: str) -> _Count:
         return _Count(self.store.permits(self._name(suffix), "conc"))
@@ -411,6 +446,40 @@ class ConcurrencyCheck(_FlowCheckBase):
         # A call longer than a third of the lease has it renewed, so it keeps its count.
         return (backend, permit_id, keep_lease(backend, permit_id, self.rule.lease_seconds))
 
+    def _stage_enter(self, ctx: Context) -> Stage | None:
+        """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""
+        store = self.store
+        if not store.available:
+            return None
+        suffix = self.scope.key_for(ctx.origin)
+        if suffix is None:
+            return Stage(store, None, _no_token)
+        backend = self._backend(suffix)
+        assert isinstance(backend, RedisPermits)
+        permit_id = secrets.token_hex(8)
+        lease = self.rule.lease_seconds
+
+        def decide(reply: Any) -> Any:
+            if not backend.acquired(reply).acquired:
+                raise FlowLimited(self.resource, self.description, retry_after=1.0)
+            return (backend, permit_id, keep_lease(backend, permit_id, lease))
+
+        def undo() -> Awaitable[bool]:
+            return backend.release(permit_id)
+
+        call = backend.acquire_call(permit_id, self.limit, lease)
+        return Stage(store, call, decide, undo)
+
+    def _stage_exit(self, ctx: Context, token: Any) -> Any:
+        """``exit``'s release for the chain to send with the others."""
+        if token is None:
+            return NOTHING
+        backend, permit_id, kept = token
+        if not isinstance(backend, RedisPermits):
+            return None  # admitted by the local fallback: its plain exit
+        kept.stop()
+        return Stage(self.store, backend.release_call(permit_id))
+
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None:
             backend, permit_id, kept = token
@@ -442,6 +511,11 @@ class _Count:
 
 
 FlowCheck = QpsCheck | ConcurrencyCheck
+
+
+def _no_token(reply: Any) -> None:
+    """The decision of a rule that does not apply to the caller: admitted, nothing taken."""
+    return None
 
 
 def _build(env: Env, resource: str, rules: list[FlowRule]) -> list[Any]:

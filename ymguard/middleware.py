@@ -14,6 +14,7 @@ by the app's routes, whatever clients send.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -78,38 +79,74 @@ async def run_until_disconnect(
 ) -> bool:
     """Run ``app``, cancelling it if the client disconnects before the response is done.
 
-    A reader task owns ``receive`` and hands every message on to the app; when it sees
-    ``http.disconnect`` while the response is unfinished it cancels the app (a plain
-    endpoint would otherwise run on, holding its permit, for nobody).
+    The app runs in a task of its own while this task reads ``receive`` and hands every
+    message on to it; when it sees ``http.disconnect`` while the response is unfinished it
+    cancels the app (a plain endpoint would otherwise run on, holding its permit, for
+    nobody). One task per request and no queue: when the app ends first, its task's done
+    callback interrupts the read (this task is then waiting in ``receive``).
 
     Returns:
         True if the app was cancelled because the client went away.
     """
-    inbox: asyncio.Queue[Message] = asyncio.Queue()
-    app_task = asyncio.ensure_future(app(scope, inbox.get, send))
-    gone = False
+    loop = asyncio.get_running_loop()
+    this = asyncio.current_task()
+    inbox: collections.deque[Message] = collections.deque()
+    arrived: list[asyncio.Future[None] | None] = [None]  # the app's wait for a message
 
-    async def read() -> None:
-        nonlocal gone
-        while True:
-            message = await receive()
-            inbox.put_nowait(message)
+    async def app_receive() -> Message:
+        while not inbox:
+            waiter = arrived[0] = loop.create_future()
+            try:
+                await waiter
+            finally:
+                arrived[0] = None
+        return inbox.popleft()
+
+    app_task = asyncio.ensure_future(app(scope, app_receive, send))
+    reading = False  # whether this task waits in receive() (the done callback interrupts it)
+    interrupted = False
+
+    def app_done(_: asyncio.Future[None]) -> None:
+        nonlocal interrupted
+        if reading and this is not None:
+            interrupted = True
+            this.cancel()
+
+    app_task.add_done_callback(app_done)
+    gone = False
+    try:
+        while not app_task.done():
+            reading = True
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if interrupted and this is not None and this.cancelling() <= 1:
+                    this.uncancel()  # only our own interruption: the app has ended
+                    break
+                raise
+            finally:
+                reading = False
+            inbox.append(message)
+            waiter = arrived[0]
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
             if message["type"] == "http.disconnect":
                 if not finished():
                     gone = True
                     app_task.cancel()
-                return
-
-    reader = asyncio.ensure_future(read())
-    try:
-        await app_task
-    except asyncio.CancelledError:
-        this = asyncio.current_task()
-        if gone and (this is None or not this.cancelling()):
-            return True
+                break
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if gone and (current is None or not current.cancelling()):
+                return True
+            raise
+    except BaseException:
+        app_task.remove_done_callback(app_done)
+        if not app_task.done():
+            app_task.cancel()
         raise
-    finally:
-        reader.cancel()
     return False
 
 

@@ -180,7 +180,7 @@ async def _drive_async(
     while True:
         try:
             if failure is None:
-                step = steps.send(value)
+                step: Any = steps.send(value)
             else:
                 step, failure = steps.throw(failure), None
         except StopIteration as stop:
@@ -188,10 +188,10 @@ async def _drive_async(
         try:
             if step is _BODY:
                 value = await func(*args, **kwargs)
-            elif isinstance(step, _Handler):
+            elif step.__class__ is _Handler:
                 value = await _maybe_await(step(args, kwargs))
-            else:
-                value = await cast(Coroutine[Any, Any, Any], step)
+            else:  # a chain step (a coroutine): the hot path has two of them
+                value = await step
         except BaseException as exc:
             failure = exc
 

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,9 @@ from .backends.permits import (
     KeptLease,
     LeaseKeeper,
     Permits,
+    RedisPermits,
 )
-from .chain import CheckStatus, Context, WaitResult, report_wait
+from .chain import NOTHING, CheckStatus, Context, Stage, WaitResult, report_wait
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
 from .storage import Store, store_from_uri
 from .storage.redis import Unanswered
@@ -333,6 +334,13 @@ class SemaphoreCheck:
         self.semaphore = semaphore
         self.wait_seconds = rule.wait_ms / 1000.0
         self.description = f"semaphore {semaphore.name} permits={rule.permits}"
+        # On Redis the chain sends acquire and release with the other checks' scripts; a
+        # rule that waits for a permit takes the plain path (it may stand in line).
+        remote = isinstance(semaphore._backend, RedisPermits)
+        self.stage_enter: Callable[[Context], Stage | None] | None = (
+            self._stage_enter if remote and self.wait_seconds == 0 else None
+        )
+        self.stage_exit: Callable[[Context, Any], Any] | None = self._stage_exit if remote else None
 
     def __repr__(self) -> str:
         return f"SemaphoreCheck({self.resource!r}, {self.description!r})"
@@ -367,6 +375,43 @@ class SemaphoreCheck:
                 report_wait(ctx, self, time.perf_counter() - started, result)
         permit.keep_alive()
         return permit
+
+    def _stage_enter(self, ctx: Context) -> Stage | None:
+        """``enter``'s try for a free permit, for the chain to send (None: plain ``enter``)."""
+        sem = self.semaphore
+        backend = sem._backend
+        if not sem.store.available:
+            return None
+        assert isinstance(backend, RedisPermits)
+        permit_id = secrets.token_hex(8)
+
+        def decide(reply: Any) -> Permit:
+            result = backend.acquired(reply)
+            if not result.acquired:
+                retry = result.retry_after if result.retry_after > 0 else 1.0
+                raise SemaphoreFull(ctx.resource, self.description, retry_after=retry)
+            permit = Permit(sem, permit_id, result.expires_at, _backend=backend)
+            permit.keep_alive()
+            return permit
+
+        def undo() -> Awaitable[bool]:
+            return backend.release(permit_id)
+
+        call = backend.acquire_call(permit_id, sem.permits, sem.lease_seconds)
+        return Stage(sem.store, call, decide, undo)
+
+    def _stage_exit(self, ctx: Context, token: Any) -> Any:
+        """``exit``'s release for the chain to send with the others."""
+        if token is None or token.released:
+            return NOTHING
+        backend = token._backend
+        if not isinstance(backend, RedisPermits):
+            return None  # the local fallback's permit (or none): its plain exit
+        token.released = True
+        if token._kept is not None:
+            token._kept.stop()
+            token._kept = None
+        return Stage(self.semaphore.store, backend.release_call(token.id))
 
     async def exit(self, ctx: Context, token: Any) -> None:
         """Release the permit (the call finished, failed, or a later check blocked it)."""

@@ -141,6 +141,11 @@ def shadow_class(cls: type) -> type:
 def shadowed(check: Check) -> Check:
     """``check`` in shadow mode: the same object, its class now its shadow subclass."""
     check.__class__ = shadow_class(type(check))
+    # Its refusals become reports in its plain enter/exit, so it never hands its store
+    # call to the chain (a staged decision would refuse for real).
+    for name in ("stage_enter", "stage_exit"):
+        if getattr(check, name, None) is not None:
+            setattr(check, name, None)
     return check
 
 

@@ -22,6 +22,12 @@ from ymguard.idempotency import parse_idempotency_key
 from ymguard.storage import Store, store_from_uri
 
 
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 

@@ -31,6 +31,13 @@ from ymguard.errors import PROBLEM_BASE, Blocked, StorageUnavailable
 from ymguard.storage import RedisStore, Store, store_from_uri
 from ymguard.storage.pubsub import pubsub_for
 
+
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
 RES = "GET /work"
 OPEN = 0.2  # open_seconds of most tests: short, so the file stays fast
 
@@ -57,6 +64,10 @@ async def make_guard(store: Store) -> AsyncIterator[MakeGuard]:
         rules = {"resources": {resource: {"breaker": list(breakers), **extra}}}
         return Guard(rules, storage=store)
 
+    if isinstance(store, RedisStore):
+        # Connect (on a cluster: read its layout) first, so that no call under test pays
+        # for it: a slow-ratio rule would count that first call slow on a busy machine.
+        await store.call("PING")
     yield make
     await close_breakers(store)
 

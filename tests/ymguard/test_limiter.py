@@ -13,6 +13,12 @@ from ymguard._model import rule_ids
 from ymguard.storage import MemoryStore, Store
 
 
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
 def guard_with(store: Store, flow: list[dict[str, Any]], resource: str = "GET /r") -> Guard:
     return Guard({"resources": {resource: {"flow": flow}}}, storage=store)
 

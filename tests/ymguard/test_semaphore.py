@@ -37,6 +37,13 @@ from ymguard.stats import ResourceStats
 from ymguard.storage import RedisStore, Store, store_from_uri
 from ymguard.storage.pubsub import pubsub_of
 
+
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
 # -- helpers -------------------------------------------------------------------------
 
 

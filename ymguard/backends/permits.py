@@ -19,10 +19,11 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from ..errors import StorageUnavailable
 from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
+from ..storage.redis import ScriptCall
 from ..storage.tasks import stopped
 from ._lua import lua
 
@@ -311,18 +312,26 @@ class RedisPermits:
         self, permit_id: str, permits: int, lease: float, place: float = 0.0
     ) -> AcquireResult:
         """Take a permit; ``place`` > 0 joins the line for that long if none is free."""
+        call = self.acquire_call(permit_id, permits, lease, place)
+        return self.acquired(await self.store.run(call.script, call.keys, call.args))
+
+    def acquire_call(
+        self, permit_id: str, permits: int, lease: float, place: float = 0.0
+    ) -> ScriptCall:
+        """:meth:`acquire` as a call for ``RedisStore.run_many`` (reply: :meth:`acquired`)."""
         self.permits = permits
-        reply = await self.store.run(
-            self._acquire,
-            self.keys.all,
-            (
-                permits,
-                math.ceil(lease * 1000),
-                permit_id,
-                math.ceil(place * 1000),
-                self.keys.channel,
-            ),
+        args = (permits, math.ceil(lease * 1000), permit_id, math.ceil(place * 1000))
+        return ScriptCall(self._acquire, self.keys.all, (*args, self.keys.channel))
+
+    def release_call(self, permit_id: str) -> ScriptCall:
+        """:meth:`release` as a call for ``RedisStore.run_many`` (always tried)."""
+        return ScriptCall(
+            self._release, self.keys.all, (permit_id, self.permits, self.keys.channel)
         )
+
+    @staticmethod
+    def acquired(reply: Any) -> AcquireResult:
+        """The :class:`AcquireResult` of an acquire's reply."""
         if int(reply[0]):
             return AcquireResult(True, int(reply[1]) / 1000.0)
         wait_ms = int(reply[1])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from ..storage.redis import ScriptCall
 from ._lua import lua
 
 if TYPE_CHECKING:
@@ -141,9 +142,19 @@ class RedisWindow:
         self, key: str, limit: int, window: float, n: int = 1, packed: bytes | None = None
     ) -> WindowResult:
         """Count ``n`` calls in the window ending now (server time) if ``limit`` allows."""
-        admitted, remaining, wait_ms, slot = await self.store.run(
-            self._acquire, (key,), self._args(limit, window, n), packed
-        )
+        reply = await self.store.run(self._acquire, (key,), self._args(limit, window, n), packed)
+        return self.result(reply)
+
+    def acquire_call(
+        self, key: str, limit: int, window: float, n: int = 1, packed: bytes | None = None
+    ) -> ScriptCall:
+        """:meth:`acquire` as a call for ``RedisStore.run_many`` (reply: :meth:`result`)."""
+        return ScriptCall(self._acquire, (key,), self._args(limit, window, n), packed)
+
+    @staticmethod
+    def result(reply: Any) -> WindowResult:
+        """The :class:`WindowResult` of an acquire's reply."""
+        admitted, remaining, wait_ms, slot = reply
         return WindowResult(admitted == 1, remaining, wait_ms / 1000.0, slot)
 
     async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:

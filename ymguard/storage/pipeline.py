@@ -81,6 +81,7 @@ class _Protocol(asyncio.Protocol):
         self.flush_scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
         self.lost: BaseException | None = None
+        self.writes = 0  # round trips sent (one write per event-loop turn)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -126,6 +127,7 @@ class _Protocol(asyncio.Protocol):
     def _flush(self) -> None:
         self.flush_scheduled = False
         if self.transport is not None and self.lost is None:
+            self.writes += 1
             self.transport.write(b"".join(self.pending))
         self.pending.clear()
 
@@ -157,6 +159,13 @@ class AutoPipeline:
         self.connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._writes_before = 0  # the writes of the connections closed before this one
+
+    @property
+    def writes(self) -> int:
+        """Writes sent so far, over every connection: each one is one round trip."""
+        protocol = self._protocol
+        return self._writes_before + (protocol.writes if protocol is not None else 0)
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -220,7 +229,10 @@ class AutoPipeline:
             self._connecting.add_done_callback(_retrieve)
         connecting = self._connecting
         try:
-            self._protocol = protocol = await asyncio.shield(connecting)
+            protocol = await asyncio.shield(connecting)
+            if self._protocol is not None and self._protocol is not protocol:
+                self._writes_before += self._protocol.writes
+            self._protocol = protocol
         finally:
             if connecting.done():
                 self._connecting = None
@@ -238,6 +250,20 @@ class AutoPipeline:
         if protocol.loop is not asyncio.get_running_loop():
             return None
         return protocol.send(packed)
+
+    def send_many_now(self, packed: list[bytes]) -> list[asyncio.Future[Any]] | None:
+        """Queue several packed commands in one write; None if it must connect first."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return None
+        if protocol.loop is not asyncio.get_running_loop():
+            return None
+        return [protocol.send(data) for data in packed]
+
+    async def send_many(self, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+        """Connect if needed, then queue several packed commands in one write."""
+        protocol = await self._ready()
+        return [protocol.send(data) for data in packed]
 
     async def send(self, packed: bytes) -> Any:
         """Send a packed command (connecting first if needed) and return its reply."""

@@ -22,8 +22,10 @@ pooled connection per waiting task.
 
 The service holds its store weakly (the map of services is keyed weakly by store): a
 store dropped without :meth:`~ymguard.storage.Store.close_tasks` is collected, and the
-reader then ends by itself. The asyncio Redis Cluster client has no pub/sub: the service
-then says so (:attr:`PubSub.unsupported`); breaker copies are read from Redis instead and
+reader then ends by itself. The asyncio Redis Cluster client has no pub/sub: on a cluster
+the service subscribes on a plain connection to the URI's node (a PUBLISH on a cluster
+reaches the subscribers of every node). A client with no pub/sub at all makes the service
+say so (:attr:`PubSub.unsupported`); breaker copies are then read from Redis instead and
 waiters nap until the next lease expiry.
 """
 
@@ -81,7 +83,7 @@ class PubSub:
 
     def __init__(self, store: RedisStore) -> None:
         self._store = weakref.ref(store)
-        self.client: Any = store.client
+        self.client: Any = store.pubsub_client
         self.uri = store.uri
         self.loop = asyncio.get_running_loop()
         self.patterns: dict[str, Pattern] = {}

@@ -13,15 +13,15 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
@@ -44,6 +44,9 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     OSError,
     asyncio.TimeoutError,
+    # The cluster client's "cannot be connected" (no node reachable) and "TTL exhausted".
+    RedisClusterException,
+    ClusterError,
 )
 
 #: Error replies that mean "this server cannot serve us now" (a failover's read-only
@@ -85,8 +88,11 @@ def make_client(uri: str) -> Any:
     if scheme == "redis+cluster":
         from redis.asyncio.cluster import RedisCluster
 
-        url, _ = _with_defaults("redis://" + rest)
-        return RedisCluster.from_url(url)
+        url, query = _with_defaults("redis://" + rest)
+        # redis-py's cluster pool refuses a command past 100 connections per node (an
+        # outage to us, and a fallback to local state): a single server's has no bound.
+        options = {} if "max_connections" in query else {"max_connections": 2**31}
+        return RedisCluster.from_url(url, **options)
     if scheme == "redis+sentinel":
         from redis.asyncio.sentinel import Sentinel
 
@@ -122,6 +128,22 @@ def make_pipeline(uri: str) -> AutoPipeline | None:
     return AutoPipeline(url, float(query["socket_timeout"]), float(query["socket_connect_timeout"]))
 
 
+class ScriptCall(NamedTuple):
+    """One script call prepared for :meth:`RedisStore.run_many`.
+
+    Attributes:
+        script: the registered script.
+        keys: its KEYS.
+        args: its ARGV.
+        packed: the call packed once (``RedisStore.pack``), or None.
+    """
+
+    script: AsyncScript
+    keys: Sequence[str]
+    args: Sequence[Any]
+    packed: bytes | None = None
+
+
 class RedisStore(Store):
     """Guard state in Redis.
 
@@ -154,6 +176,11 @@ class RedisStore(Store):
         self._retry_at = 0.0
         self._probing = False
         self._local: MemoryStore | None = None
+        # redis-py's asyncio cluster client, used by many tasks at once before it has read
+        # the cluster's layout, breaks connections under them: it is initialized first.
+        self._cluster_ready = uri.partition("://")[0] != "redis+cluster"
+        self._cluster_init: asyncio.Future[Any] | None = None
+        self._pubsub_client: Any = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self.uri!r}, key_prefix={self.key_prefix!r})"
@@ -214,6 +241,73 @@ class RedisStore(Store):
 
         return await self._guarded(send, always_try)
 
+    async def run_many(self, calls: Sequence[ScriptCall], *, always_try: bool = False) -> list[Any]:
+        """Run several scripts in one round trip; per call its reply or its error reply.
+
+        On one server the calls go out in one write on the pipelined connection and their
+        replies come back in order (not a transaction: each script is atomic on its own).
+        On a cluster their keys may live in different slots: redis-py sends each to its
+        node, all at once, so the calls cost one round trip of the slowest node.
+
+        Raises:
+            StorageUnavailable: as :meth:`run` (the batch is refused or unanswered whole;
+                :class:`Unanswered` when some calls may have run).
+        """
+        pipe = self._pipe
+        if pipe is None:
+
+            async def gather() -> list[Any]:
+                return await asyncio.gather(
+                    *(c.script(keys=c.keys, args=c.args) for c in calls), return_exceptions=True
+                )
+
+            replies: list[Any] = await self._guarded(gather, always_try)
+            # An outage met by one call is an outage of the batch (the others are refused).
+            for reply in replies:
+                if isinstance(reply, OUTAGE_ERRORS):
+                    self._mark_down(reply)
+                    raise Unanswered(f"{self.uri} is unavailable: {reply}") from reply
+                if isinstance(reply, ResponseError) and UNAVAILABLE_REPLIES.search(str(reply)):
+                    self._mark_down(reply)
+                    raise StorageUnavailable(f"{self.uri} cannot serve: {reply}") from reply
+            return replies
+
+        async def send() -> list[Any]:
+            packed = [
+                c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
+                for c in calls
+            ]
+            sent = pipe.send_many_now(packed) or await pipe.send_many(packed)
+            replies: list[Any] = []
+            failed: BaseException | None = None
+            for i, waiting in enumerate(sent):
+                try:
+                    replies.append(await waiting)
+                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                    c = calls[i]
+                    replies.append(None)
+                    if failed is None:
+                        args = ("EVAL", c.script.script, len(c.keys), *c.keys, *c.args)
+                        replies[i] = await pipe.execute(*args)
+                except ResponseError as exc:
+                    replies.append(exc)
+                    if failed is None and UNAVAILABLE_REPLIES.search(str(exc)):
+                        failed = exc
+                except asyncio.CancelledError:
+                    for rest in sent[i + 1 :]:
+                        rest.cancel()  # their replies are dropped in order
+                    raise
+                except Exception as exc:  # the connection failed: every later call too
+                    replies.append(exc)
+                    if failed is None:
+                        failed = exc
+            if failed is not None:
+                raise failed
+            return replies
+
+        done: list[Any] = await self._guarded(send, always_try)
+        return done
+
     async def call(self, *args: Any, always_try: bool = False) -> Any:
         """Run one plain command with the same outage handling as :meth:`run`."""
         pipe = self._pipe
@@ -229,6 +323,8 @@ class RedisStore(Store):
                 raise StorageUnavailable(f"{self.uri} is unavailable")
             self._probing = probing = True
         try:
+            if not self._cluster_ready:
+                await self._init_cluster()
             result = await make()
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
@@ -244,6 +340,32 @@ class RedisStore(Store):
         if self._down_since is not None:
             self._mark_up()
         return result
+
+    async def _init_cluster(self) -> None:
+        """Read the cluster's layout once, before the first command (every caller waits)."""
+        init = self._cluster_init
+        if init is None or init.get_loop() is not asyncio.get_running_loop():
+            init = self._cluster_init = asyncio.ensure_future(self.client.initialize())
+        try:
+            await asyncio.shield(init)
+        except BaseException:
+            if init.done():
+                self._cluster_init = None  # the next call tries again
+            raise
+        self._cluster_ready = True
+
+    @property
+    def pubsub_client(self) -> Any:
+        """The client pub/sub runs on: the store's own, or on a cluster a plain client of
+        the URI's node (redis-py's asyncio cluster client has no pub/sub, and a PUBLISH on
+        a cluster reaches the subscribers of every node)."""
+        if self._pubsub_client is None:
+            scheme, _, rest = self.uri.partition("://")
+            if scheme == "redis+cluster":
+                self._pubsub_client = make_client("redis://" + rest)
+            else:
+                self._pubsub_client = self.client
+        return self._pubsub_client
 
     def _mark_down(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -322,4 +444,6 @@ class RedisStore(Store):
         """Close the connection pool and the pipelined connection."""
         if self._pipe is not None:
             self._pipe.close()
+        if self._pubsub_client is not None and self._pubsub_client is not self.client:
+            await self._pubsub_client.aclose()
         await self.client.aclose()

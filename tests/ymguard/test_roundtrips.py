@@ -1,0 +1,195 @@
+"""The chain on Redis: one round trip in and one out, refusals give back, clusters too.
+
+Round trips are counted as writes on the store's pipelined connection (one write carries
+every command issued in one event-loop turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ymguard import Blocked, Context, Guard
+from ymguard.chain import Chain
+from ymguard.storage import RedisStore, store_from_uri
+from ymguard.storage.pubsub import pubsub_of
+
+FULL = {
+    "flow": [{"qps": 1000}, {"concurrency": 5}],
+    "semaphore": {"permits": 3},
+    "breaker": [{"strategy": "error_ratio", "threshold": 0.5}],
+}
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def redis_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[RedisStore]:
+    """The shared Redis and a Redis Cluster."""
+    name = "redis_url" if request.param == "redis" else "redis_cluster_url"
+    store = store_from_uri(str(request.getfixturevalue(name)), key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    yield store
+    await store.close_tasks()
+    await store.aclose()
+
+
+async def settled(store: RedisStore) -> None:
+    """Wait until the breakers' subscriber has subscribed and read their state back: its
+    resync would otherwise be a write of its own in the middle of the one counted."""
+    for _ in range(600):
+        service = pubsub_of(store)
+        if service is not None and service.ready:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the pub/sub service did not become ready")
+
+
+class Writes:
+    """Counts the writes on a store's pipelined connection."""
+
+    def __init__(self, store: RedisStore) -> None:
+        assert store._pipe is not None and store._pipe._protocol is not None
+        transport = store._pipe._protocol.transport
+        self.count = 0
+        write = transport.write
+
+        def counted(data: Any) -> None:
+            self.count += 1
+            write(data)
+
+        transport.write = counted
+
+
+async def call(chain: Chain, status: int = 200) -> bool:
+    ctx = Context(chain.resource)
+    try:
+        tokens = await chain.enter(ctx)
+    except Blocked:
+        return False
+    ctx.status = status
+    await chain.exit(ctx, tokens)
+    return True
+
+
+async def held(guard: Guard, resource: str) -> tuple[int, int]:
+    """(concurrency count, semaphore permits) held now."""
+    checks = {type(check).__name__: check for check in guard.chain(resource).checks}
+    conc = checks["ConcurrencyCheck"]._backend("")  # type: ignore[attr-defined]
+    sem = checks["SemaphoreCheck"].semaphore  # type: ignore[attr-defined]
+    return await conc.held(), await sem.held()
+
+
+async def test_the_full_chain_is_one_round_trip_in_and_one_out(redis_url: str, prefix: str) -> None:
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {"GET /r": FULL}}, storage=store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)  # connects, reads the breaker's state
+    await settled(store)
+    writes = Writes(store)
+    ctx = Context("GET /r")
+    tokens = await chain.enter(ctx)
+    assert writes.count == 1
+    assert await held(guard, "GET /r") == (1, 1)
+    writes.count = 0
+    ctx.status = 200
+    await chain.exit(ctx, tokens)
+    assert writes.count == 1
+    assert await held(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
+async def test_a_refusal_gives_back_what_the_others_took(redis_store: RedisStore) -> None:
+    # The semaphore (third) refuses: the QPS count is refunded, the concurrency permit
+    # (taken in the same round trip) released, and the breaker hears of no call.
+    rules = {**FULL, "flow": [{"qps": 3}, {"concurrency": 5}], "semaphore": {"permits": 0}}
+    guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    assert [await call(chain) for _ in range(5)] == [False] * 5
+    assert await held(guard, "GET /r") == (0, 0)
+    (sem,) = [c for c in chain.checks if c.kind == "semaphore"]
+    await sem.semaphore.set_permits(2)  # type: ignore[attr-defined]
+    # Nothing of the refused calls was spent: the QPS rule still admits its three.
+    assert [await call(chain) for _ in range(4)] == [True, True, True, False]
+    assert await held(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
+async def test_concurrent_calls_never_hold_more_than_the_limit(redis_store: RedisStore) -> None:
+    rules = {**FULL, "flow": [{"qps": 10_000}, {"concurrency": 4}], "semaphore": {"permits": 3}}
+    guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    inside = peak = 0
+
+    async def one() -> bool:
+        nonlocal inside, peak
+        ctx = Context("GET /r")
+        try:
+            tokens = await chain.enter(ctx)
+        except Blocked:
+            return False
+        inside += 1
+        peak = max(peak, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+        ctx.status = 200
+        await chain.exit(ctx, tokens)
+        return True
+
+    results = await asyncio.gather(*(one() for _ in range(60)))
+    assert 3 <= sum(results) < 60 and peak <= 3
+    assert await held(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
+async def test_a_cancelled_call_gives_its_permits_back(redis_store: RedisStore) -> None:
+    guard = Guard({"resources": {"GET /r": FULL}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)
+    for _ in range(5):
+        task = asyncio.ensure_future(chain.enter(Context("GET /r")))
+        await asyncio.sleep(0)  # the scripts are on their way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def given_back() -> bool:
+        return await held(guard, "GET /r") == (0, 0)
+
+    for _ in range(300):
+        if await given_back():
+            break
+        await asyncio.sleep(0.1)
+    assert await given_back()
+    await guard.aclose()
+
+
+async def test_a_breaker_before_the_semaphore_shares_its_round_trip(
+    redis_url: str, prefix: str
+) -> None:
+    # A closed breaker decides without Redis: it rides in the batch of the checks around it
+    # (a per-origin flow rule that does not apply to this caller does the same).
+    rules = {
+        "flow": [{"qps": 5, "origin": "someone-else"}],
+        "breaker": [{"strategy": "error_count", "threshold": 3}],
+        "semaphore": {"permits": 1},
+    }
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {"GET /r": rules}}, storage=store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)
+    await settled(store)
+    writes = Writes(store)
+    ctx = Context("GET /r")
+    tokens = await chain.enter(ctx)
+    assert writes.count == 1
+    assert not await call(chain)  # the one permit is held
+    writes.count = 0
+    ctx.status = 200
+    await chain.exit(ctx, tokens)
+    assert writes.count == 1
+    assert await call(chain)
+    await guard.aclose()
