@@ -31,6 +31,7 @@ from . import (
 )
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
+from .openapi import install as install_openapi
 from .settings import Settings
 
 log = logging.getLogger("demo_service")
@@ -165,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(orders.router)
     app.include_router(payments.router)
     alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
+    install_openapi(app)  # the problem+json answers in /openapi.json
     return app
 
 
