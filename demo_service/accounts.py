@@ -236,7 +236,7 @@ class Credentials(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
-router = APIRouter(tags=["accounts"], responses=problems(401, 409, 422, 429, 503))
+router = APIRouter(tags=["accounts"], responses=problems(400, 401, 409, 422, 429, 503))
 
 
 @router.post("/auth/register", status_code=201)

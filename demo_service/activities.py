@@ -93,7 +93,7 @@ class NewActivity(BaseModel):
         return self
 
 
-router = APIRouter(tags=["activities"], responses=problems(401, 403, 404, 409, 422, 429, 503))
+router = APIRouter(tags=["activities"], responses=problems(400, 401, 403, 404, 409, 422, 429, 503))
 
 
 @router.post("/admin/courses", status_code=201)

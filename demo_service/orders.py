@@ -75,7 +75,7 @@ STOCK_RETURN = "stock.return"
 SUBMIT_RESOURCE = "orders.submit"
 MAX_COURSES_PER_ORDER = 20
 
-router = APIRouter(tags=["orders"], responses=problems(401, 404, 409, 422, 429, 503))
+router = APIRouter(tags=["orders"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 
 def new_order_no() -> str:

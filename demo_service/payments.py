@@ -44,7 +44,7 @@ SUCCESS = "success"
 MAX_NOTIFY_BYTES = 64 * 1024
 FAILURE = "failure"
 
-router = APIRouter(tags=["payments"], responses=problems(401, 404, 409, 422, 429, 503))
+router = APIRouter(tags=["payments"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 
 class RetryLater(Exception):

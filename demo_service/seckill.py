@@ -367,7 +367,7 @@ class SoldOutShortcut:
         await self.app(scope, receive, send)
 
 
-router = APIRouter(tags=["seckill"], responses=problems(401, 404, 409, 422, 429, 503))
+router = APIRouter(tags=["seckill"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 KillCourseId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
