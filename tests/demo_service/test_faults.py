@@ -134,7 +134,7 @@ class FaultShop:
         ]
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 120  # four workers on a loaded 2-core machine
+        deadline = time.monotonic() + 300  # four workers on a loaded 2-core machine
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the shop exited:\n{self.output()}")
@@ -209,7 +209,7 @@ class RunnerProcess:
 
     async def report(self) -> dict[str, Any]:
         try:
-            await asyncio.to_thread(self.proc.wait, 400)
+            await asyncio.to_thread(self.proc.wait, 900)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
