@@ -851,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlashSaleError, ValueError) as exc:
         print(f"flash_sale: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:
+        print(f"flash_sale: the shop does not answer: {exc!r}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     print(json.dumps(report, indent=2) if args.json else format_report(report))
