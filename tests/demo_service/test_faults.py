@@ -39,6 +39,7 @@ import pytest
 from redis.asyncio import Redis
 
 from demo_service.seckill import course_keys, preorder_stream
+from demo_service.settings import Settings, SettingsError
 from tests.demo_service.conftest import ADMIN_PASSWORD, PG_DSN, TOKEN_SECRET, temp_postgres
 from tests.helpers import ROOT, RedisServer, free_port, redis_answers, wait_for_port
 
@@ -423,3 +424,19 @@ async def test_a_slow_and_failing_payment_provider_loses_nothing() -> None:
         "slow-notifies",
         {"ALIPAY_NOTIFY_FAIL_FIRST": "2", "ALIPAY_NOTIFY_SLOW_SECONDS": "1"},
     )
+
+
+def test_the_sandbox_fault_settings_are_read_and_checked() -> None:
+    settings = Settings.from_env(
+        {"ALIPAY_NOTIFY_FAIL_FIRST": "2", "ALIPAY_NOTIFY_SLOW_SECONDS": "0.5"}
+    )
+    assert (settings.alipay_notify_fail_first, settings.alipay_notify_slow_seconds) == (2, 0.5)
+    assert (Settings().alipay_notify_fail_first, Settings().alipay_notify_slow_seconds) == (0, 0)
+    for name, bad in [
+        ("ALIPAY_NOTIFY_FAIL_FIRST", "-1"),
+        ("ALIPAY_NOTIFY_FAIL_FIRST", "two"),
+        ("ALIPAY_NOTIFY_SLOW_SECONDS", "-0.5"),
+        ("ALIPAY_NOTIFY_SLOW_SECONDS", "inf"),
+    ]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})
