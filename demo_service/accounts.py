@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import BadCredentials, Forbidden, Unauthorized, UsernameTaken
 from .models import ShopSecret, User
+from .openapi import problems
 
 log = logging.getLogger("demo_service.accounts")
 
@@ -235,7 +236,7 @@ class Credentials(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], responses=problems(400, 401, 409, 422, 429, 503))
 
 
 @router.post("/auth/register", status_code=201)

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from .accounts import AdminUser
 from .errors import AlreadyPublished, InvalidRequest, NotFound
 from .models import Course, KillActivity, KillCourse
+from .openapi import problems
 from .seckill import MAX_ID, stock_left, warm_course
 
 #: Most activities ``GET /activities`` lists (the latest by start time).
@@ -92,7 +93,7 @@ class NewActivity(BaseModel):
         return self
 
 
-router = APIRouter(tags=["activities"])
+router = APIRouter(tags=["activities"], responses=problems(400, 401, 403, 404, 409, 422, 429, 503))
 
 
 @router.post("/admin/courses", status_code=201)

@@ -322,6 +322,10 @@ class AlipaySandbox:
         redis: where trades and notifies live (``decode_responses`` either way).
         notify_delays: seconds before notify attempt 1, 2, ... (one attempt per entry).
         key_prefix: the first part of every key (all keys also share the ``{alipay}`` tag).
+        notify_fail_first: fault injection: the first this many attempts of every notify
+            fail as if the network lost them (nothing is posted; the schedule goes on).
+        notify_slow_seconds: fault injection: every notify is posted this much later than
+            its attempt starts (a slow provider); kept below the delivery timeout.
     """
 
     def __init__(
@@ -334,7 +338,11 @@ class AlipaySandbox:
         key_prefix: str = "alipay:",
         seller_id: str = DEFAULT_SELLER_ID,
         trade_ttl_seconds: int = DEFAULT_TRADE_TTL_SECONDS,
+        notify_fail_first: int = 0,
+        notify_slow_seconds: float = 0.0,
     ) -> None:
+        if notify_fail_first < 0 or notify_slow_seconds < 0:
+            raise ValueError("notify faults must not be negative")
         if not notify_delays or any(d < 0 for d in notify_delays):
             raise ValueError("notify_delays must be one or more non-negative delays")
         self.keys = keys
@@ -343,6 +351,8 @@ class AlipaySandbox:
         self.notify_delays = tuple(notify_delays)
         self.seller_id = seller_id
         self.trade_ttl_seconds = trade_ttl_seconds
+        self.notify_fail_first = notify_fail_first
+        self.notify_slow_seconds = notify_slow_seconds
         self._base = f"{key_prefix}{{alipay}}:"
         self._create = redis.register_script(_CREATE)
         self._pay = redis.register_script(_PAY)
@@ -850,7 +860,8 @@ class Notifier:
         self.sandbox.wakeup.set()  # room for more
 
     async def claim(self, notify_id: str) -> tuple[str, str, list[str]] | None:
-        """Lease one due notify: ``(notify_id, lease_token, [out_trade_no, status, url])``."""
+        """Lease one due notify: ``(notify_id, lease_token, [out_trade_no, status, url,
+        attempts before this one])``."""
         self._claims += 1
         lease = f"{self._id}:{self._claims}"
         answer = await self.sandbox.claim_script(
@@ -865,13 +876,21 @@ class Notifier:
         )
         if _s(answer[0]) != "claimed":
             return None
-        return notify_id, lease, [_s(a) for a in answer[1:4]]
+        return notify_id, lease, [_s(a) for a in answer[1:5]]
 
     async def deliver(self, notify_id: str, lease: str, item: list[str]) -> str:
         """Post one claimed notify and report how it went; the report's verdict."""
-        out_trade_no, trade_status, url = item
+        out_trade_no, trade_status, url, *rest = item
         trade = await self.sandbox.trade(out_trade_no)
         delivered, status = False, 0
+        sandbox = self.sandbox
+        if rest and rest[0].isdigit() and int(rest[0]) < sandbox.notify_fail_first:
+            log.info(
+                "alipay sandbox notify %s: attempt %s fails (fault injection)", notify_id, rest[0]
+            )
+            trade = {}  # fault injection: this attempt is lost on the way
+        elif sandbox.notify_slow_seconds > 0:
+            await asyncio.sleep(min(sandbox.notify_slow_seconds, self.delivery_timeout / 2))
         if trade and self._http is not None:
             params = self.sandbox.notify_params(notify_id, trade, trade_status)
             try:
@@ -913,6 +932,8 @@ def create_sandbox_app(
     http_client_factory: Callable[[], httpx.AsyncClient] | None = None,
     key_prefix: str = "alipay:",
     seller_id: str = DEFAULT_SELLER_ID,
+    notify_fail_first: int = 0,
+    notify_slow_seconds: float = 0.0,
 ) -> Starlette:
     """The sandbox as an ASGI app; run its notifier with :func:`start_notifier`.
 
@@ -927,6 +948,8 @@ def create_sandbox_app(
         notify_delays=notify_delays,
         key_prefix=key_prefix,
         seller_id=seller_id,
+        notify_fail_first=notify_fail_first,
+        notify_slow_seconds=notify_slow_seconds,
     )
     app = Starlette(
         routes=[
@@ -969,6 +992,8 @@ def install(app: Starlette, settings: Settings, redis_url: str) -> Starlette:
         redis=redis,
         notify_delays=settings.alipay_notify_delays,
         key_prefix=f"{settings.redis_prefix}:",
+        notify_fail_first=settings.alipay_notify_fail_first,
+        notify_slow_seconds=settings.alipay_notify_slow_seconds,
     )
     app.mount(MOUNT_PATH, sandbox)
     app.state.alipay_sandbox = sandbox

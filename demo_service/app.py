@@ -34,6 +34,7 @@ from . import (
 )
 from .embedded_redis import EmbeddedRedis
 from .errors import install_problem_handlers
+from .openapi import install as install_openapi
 from .settings import Settings
 from .telemetry import Telemetry
 
@@ -179,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     alipay_sandbox.install(app, settings, redis_url)  # /sandbox/alipay: its own ASGI app
     # DASHBOARD: the guards' live dashboard, for the admin only (docs/dashboard.md).
     app.mount("/ymguard", guard.dashboard(authorize=dashboard_admin, title="ymguard demo shop"))
+    install_openapi(app)  # the problem+json answers in /openapi.json
     return app
 
 

@@ -61,6 +61,7 @@ from .models import (
     UserCourse,
     utcnow,
 )
+from .openapi import problems
 from .seckill import course_keys, kill_course_of, preorder_stream
 
 #: Topics of the shop's messages.
@@ -74,7 +75,7 @@ STOCK_RETURN = "stock.return"
 SUBMIT_RESOURCE = "orders.submit"
 MAX_COURSES_PER_ORDER = 20
 
-router = APIRouter(tags=["orders"])
+router = APIRouter(tags=["orders"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 
 def new_order_no() -> str:

@@ -36,6 +36,7 @@ from .errors import InvalidRequest, NotFound, ServiceUnavailable
 from .forms import read_form
 from .messaging import Message, enqueue
 from .models import FlowKind, Order, OrderStatus, PayFlow, PayOrder, PayStatus, utcnow
+from .openapi import problems
 from .orders import ORDER_CREATED, PAY_FINISHED, grant_paid_order
 
 SUCCESS = "success"
@@ -43,7 +44,7 @@ SUCCESS = "success"
 MAX_NOTIFY_BYTES = 64 * 1024
 FAILURE = "failure"
 
-router = APIRouter(tags=["payments"])
+router = APIRouter(tags=["payments"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 
 class RetryLater(Exception):

@@ -73,6 +73,7 @@ from ymguard.errors import ProblemResponse
 from .accounts import CurrentUser
 from .errors import ActivityNotOngoing, AlreadyPurchased, NotFound, ServiceUnavailable, SoldOut
 from .models import KillOrder, KillOrderStatus
+from .openapi import problems
 
 log = logging.getLogger("demo_service.seckill")
 
@@ -366,7 +367,7 @@ class SoldOutShortcut:
         await self.app(scope, receive, send)
 
 
-router = APIRouter(tags=["seckill"])
+router = APIRouter(tags=["seckill"], responses=problems(400, 401, 404, 409, 422, 429, 503))
 
 KillCourseId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 

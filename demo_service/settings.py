@@ -53,6 +53,12 @@ class Settings:
     #: ack it (it died) is taken over by another.
     claim_idle_seconds: float = 10.0
     alipay_notify_delays: tuple[float, ...] = DEFAULT_NOTIFY_DELAYS
+    #: ``ALIPAY_NOTIFY_FAIL_FIRST``: fault injection, the sandbox loses the first this many
+    #: attempts of every notify (0: none).
+    alipay_notify_fail_first: int = 0
+    #: ``ALIPAY_NOTIFY_SLOW_SECONDS``: fault injection, the sandbox posts every notify this
+    #: much late (0: at once).
+    alipay_notify_slow_seconds: float = 0.0
     #: ``ALIPAY_APP_ID``: the app the shop calls Alipay as (the sandbox knows only it).
     alipay_app_id: str = DEFAULT_ALIPAY_APP_ID
     #: ``ALIPAY_KEYS_DIR``: the four RSA2 PEMs; None means ``var_dir/alipay``.
@@ -109,6 +115,12 @@ class Settings:
                 "DEMO_CLAIM_IDLE_SECONDS", _positive_float, d.claim_idle_seconds
             ),
             alipay_notify_delays=get("ALIPAY_NOTIFY_DELAYS", _delays, d.alipay_notify_delays),
+            alipay_notify_fail_first=get(
+                "ALIPAY_NOTIFY_FAIL_FIRST", _non_negative_int, d.alipay_notify_fail_first
+            ),
+            alipay_notify_slow_seconds=get(
+                "ALIPAY_NOTIFY_SLOW_SECONDS", _non_negative_float, d.alipay_notify_slow_seconds
+            ),
             alipay_app_id=get("ALIPAY_APP_ID", str, d.alipay_app_id),
             alipay_keys_dir=get("ALIPAY_KEYS_DIR", Path, d.alipay_keys_dir),
             demo_admin_password=get("DEMO_ADMIN_PASSWORD", str, d.demo_admin_password),
@@ -164,6 +176,23 @@ def _positive_int(raw: str) -> int:
     value = _int(raw)
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = _int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or more seconds")
     return value
 
 
