@@ -11,7 +11,9 @@ round to round:
   ``MeterProvider`` with the Prometheus exporter's reader and no exemplars, as the demo
   wires it (every call counts ``ymguard.requests`` and ``ymguard.active_requests`` in
   process and records ``ymguard.request.duration`` through the SDK). The app is scraped
-  once at the end, to check that the calls were counted.
+  once at the end, to check that the calls were counted;
+- ``metrics-on-no-durations``: the same with ``guard.metrics.record_durations = False``
+  (no ``ymguard.request.duration``: what the rest of the metrics cost).
 
 The table shows per variant the median requests/s, p99 latency, server CPU time per
 request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-on`` within
@@ -22,7 +24,7 @@ request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-o
     python -m bench.metrics --chain            # the chain alone, in process: CPU per call
 
 The same module is the benchmarked app: ``uvicorn bench.metrics:app`` with
-``BENCH_METRICS_VARIANT`` (``plain`` | ``metrics-off`` | ``metrics-on``),
+``BENCH_METRICS_VARIANT`` (one of :data:`VARIANTS`),
 ``BENCH_STORE`` (``memory://`` or a Redis URL) and ``BENCH_KEY_PREFIX``.
 """
 
@@ -47,7 +49,7 @@ from typing import Any
 from bench._common import code_version, free_port, median
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain", "metrics-off", "metrics-on")
+VARIANTS = ("plain", "metrics-off", "metrics-on", "metrics-on-no-durations")
 RESOURCE = "GET /items/{item_id}"
 PATH = "/items/42"
 TARGET = 0.95
@@ -78,7 +80,7 @@ def create_app() -> Any:
     from ymguard import Guard, GuardMiddleware
 
     provider: Any = False
-    if variant == "metrics-on":
+    if variant.startswith("metrics-on"):
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
         from prometheus_client import CollectorRegistry, generate_latest
@@ -95,6 +97,8 @@ def create_app() -> Any:
 
     rules = {"key_prefix": prefix, "resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
     guard = Guard(rules, storage=store, metrics=provider)
+    if variant == "metrics-on-no-durations" and guard.metrics is not None:
+        guard.metrics.record_durations = False
     app.add_middleware(GuardMiddleware, guard=guard)
     guard.install(app)
     return app
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 if server.variant == "metrics-on":
                     sent += run["requests"]
                 print(
-                    f"  round {rnd + 1}/{args.rounds} {server.variant:<12} "
+                    f"  round {rnd + 1}/{args.rounds} {server.variant:<24} "
                     f"{run['rps']:8.0f} req/s  p99 {run['p99_ms']:6.2f} ms",
                     flush=True,
                 )
@@ -360,12 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         mine = next(s for s in servers if s.variant == variant).runs
         row["ratio_median_of_rounds"] = median([r["rps"] / off_runs[r["round"]] for r in mine])
     print()
-    header = f"{'variant':<12} {'req/s':>8} {'p99 ms':>8} {'cpu us/req':>11} {'vs off':>7}"
+    header = f"{'variant':<24} {'req/s':>8} {'p99 ms':>8} {'cpu us/req':>11} {'vs off':>7}"
     print(header + f" {'(rounds)':>9}")
     for variant, row in rows.items():
         cpu = f"{row['cpu_us_per_req']:.0f}" if row["cpu_us_per_req"] is not None else "-"
         print(
-            f"{variant:<12} {row['rps']:>8.0f} {row['p99_ms']:>8.2f} {cpu:>11} "
+            f"{variant:<24} {row['rps']:>8.0f} {row['p99_ms']:>8.2f} {cpu:>11} "
             f"{row['ratio_to_metrics_off']:>7.3f} {row['ratio_median_of_rounds']:>9.3f}  "
             + " ".join(str(v) for v in row["rounds_rps"])
         )
@@ -373,9 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = on["ratio_to_metrics_off"]
     verdict = "ok" if ratio >= TARGET else "MISSED"
     print(f"target metrics-on >= {TARGET:.2f} of metrics-off (req/s): {ratio:.3f} {verdict}")
-    if on["cpu_us_per_req"] and off["cpu_us_per_req"]:
-        extra = on["cpu_us_per_req"] - off["cpu_us_per_req"]
-        print(f"server CPU per request, metrics on - off: {extra:+.0f} us")
+    for variant in ("metrics-on", "metrics-on-no-durations"):
+        cpu_on, cpu_off = rows[variant]["cpu_us_per_req"], off["cpu_us_per_req"]
+        if cpu_on and cpu_off:
+            print(f"server CPU per request, {variant} - metrics-off: {cpu_on - cpu_off:+.0f} us")
     counted_ok = scraped >= sent > 0
     print(
         f"metrics-on counted {scraped:.0f} calls of the route in /metrics; wrk sent {sent:.0f} "
