@@ -21,7 +21,7 @@ request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-o
 
     python -m bench.metrics                    # memory store, 5 s x 3 rounds, 32 connections
     python -m bench.metrics --store redis -d 10 -r 5 --json out.json
-    python -m bench.metrics --chain            # the chain alone, in process: CPU per call
+    python -m bench.metrics --in-process       # the ASGI apps called in process: CPU per call
 
 The same module is the benchmarked app: ``uvicorn bench.metrics:app`` with
 ``BENCH_METRICS_VARIANT`` (one of :data:`VARIANTS`),
@@ -66,7 +66,7 @@ def create_app() -> Any:
     variant = os.environ.get("BENCH_METRICS_VARIANT", "plain")
     store = os.environ.get("BENCH_STORE", "memory://")
     prefix = os.environ.get("BENCH_KEY_PREFIX", "ymbench-metrics")
-    if variant not in VARIANTS:
+    if variant not in (*VARIANTS, "metrics-default"):
         raise SystemExit(f"BENCH_METRICS_VARIANT={variant!r}: use one of {', '.join(VARIANTS)}")
     app = FastAPI()
 
@@ -96,6 +96,8 @@ def create_app() -> Any:
             return Response(generate_latest(registry), media_type="text/plain")
 
     rules = {"key_prefix": prefix, "resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
+    if variant == "metrics-default":
+        provider = True  # the global provider, no SDK set: no-op instruments
     guard = Guard(rules, storage=store, metrics=provider)
     if variant == "metrics-on-no-durations" and guard.metrics is not None:
         guard.metrics.record_durations = False
@@ -230,53 +232,63 @@ def counted(server: Server) -> float:
     return total
 
 
-def chain_cost(calls: int, rounds: int) -> int:
-    """CPU per call of a chain's enter and exit in process, metrics off, default and on.
+def in_process_cost(calls: int, rounds: int) -> int:
+    """CPU per request of each variant's ASGI app called in process, without HTTP.
 
-    Without HTTP, so the difference is the observer's and the SDK's alone: ``off`` is
-    ``Guard(metrics=False)``, ``default`` the global provider with no SDK set (a no-op),
-    ``on`` an SDK provider with the Prometheus exporter's reader and no exemplars.
+    The app (FastAPI, ``GuardMiddleware``, the guard) is called directly with an ASGI
+    scope, the variants in turn, ``calls`` requests each per round; CPU time comes from
+    ``time.process_time``, so other processes on the machine do not count. Without
+    uvicorn's HTTP parsing the ratios are harsher than over HTTP. ``metrics-default``
+    is ymguard's default: the global provider with no SDK set (no-op instruments).
     """
     import asyncio
 
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-    from prometheus_client import CollectorRegistry
-
-    from ymguard import Guard
-    from ymguard.chain import Context
-
-    rules = {"resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
-    reader = PrometheusMetricReader(registry=CollectorRegistry(auto_describe=False))
-    provider = MeterProvider(metric_readers=[reader], exemplar_filter=AlwaysOffExemplarFilter())
-    guards = {
-        "off": Guard(rules, metrics=False),
-        "default": Guard(rules),
-        "on": Guard(rules, metrics=provider),
+    apps: dict[str, Any] = {}
+    for variant in (*VARIANTS, "metrics-default"):
+        os.environ["BENCH_METRICS_VARIANT"] = variant
+        apps[variant] = create_app()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
     }
 
-    async def run(guard: Guard) -> float:
-        chain = guard.chain(RESOURCE)
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def run(app: Any, n: int) -> float:
         started = time.process_time()
-        for _ in range(calls):
-            ctx = Context(RESOURCE)
-            tokens = await chain.enter(ctx)
-            ctx.status = 200
-            await chain.exit(ctx, tokens)
-        return (time.process_time() - started) / calls * 1e6
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return (time.process_time() - started) / n * 1e6
 
     async def measure() -> dict[str, list[float]]:
-        found: dict[str, list[float]] = {name: [] for name in guards}
+        for app in apps.values():
+            await run(app, 200)  # warm up
+        found: dict[str, list[float]] = {name: [] for name in apps}
         for _ in range(rounds):
-            for name, guard in guards.items():
-                found[name].append(await run(guard))
+            for name, app in apps.items():
+                found[name].append(await run(app, calls))
         return found
 
     found = asyncio.run(measure())
-    print(f"chain enter+exit in process, {calls} calls x {rounds} rounds, CPU us per call:")
-    off = median(found["off"])
+    off = median(found["metrics-off"])
+    print(f"ASGI app called in process, {calls} requests x {rounds} rounds, CPU us per request:")
     for name, values in found.items():
-        print(f"  metrics {name:<8} {median(values):6.2f}  (+{median(values) - off:.2f} vs off)")
+        cpu = median(values)
+        print(f"  {name:<24} {cpu:7.1f}  {cpu - off:+6.1f} vs metrics-off  ratio {off / cpu:.3f}")
     return 0
 
 
@@ -290,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument(
-        "--chain", action="store_true", help="measure the chain in process instead (no HTTP)"
+        "--in-process",
+        action="store_true",
+        help="call each variant's ASGI app in process instead (no HTTP, CPU per request)",
     )
     args = parser.parse_args(argv)
-    if args.chain:
-        return chain_cost(20_000, max(3, args.rounds))
+    if args.in_process:
+        return in_process_cost(5_000, max(3, args.rounds))
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed")
     store = {"memory": "memory://", "redis": "redis://127.0.0.1:6379/0"}.get(args.store, args.store)
