@@ -11,7 +11,9 @@ round to round:
   ``MeterProvider`` with the Prometheus exporter's reader and no exemplars, as the demo
   wires it (every call counts ``ymguard.requests`` and ``ymguard.active_requests`` in
   process and records ``ymguard.request.duration`` through the SDK). The app is scraped
-  once at the end, to check that the calls were counted.
+  once at the end, to check that the calls were counted;
+- ``metrics-on-no-durations``: the same with ``guard.metrics.record_durations = False``
+  (no ``ymguard.request.duration``: what the rest of the metrics cost).
 
 The table shows per variant the median requests/s, p99 latency, server CPU time per
 request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-on`` within
@@ -19,10 +21,10 @@ request (from /proc) and the ratio to ``metrics-off``; the target is ``metrics-o
 
     python -m bench.metrics                    # memory store, 5 s x 3 rounds, 32 connections
     python -m bench.metrics --store redis -d 10 -r 5 --json out.json
-    python -m bench.metrics --chain            # the chain alone, in process: CPU per call
+    python -m bench.metrics --in-process       # the ASGI apps called in process: CPU per call
 
 The same module is the benchmarked app: ``uvicorn bench.metrics:app`` with
-``BENCH_METRICS_VARIANT`` (``plain`` | ``metrics-off`` | ``metrics-on``),
+``BENCH_METRICS_VARIANT`` (one of :data:`VARIANTS`),
 ``BENCH_STORE`` (``memory://`` or a Redis URL) and ``BENCH_KEY_PREFIX``.
 """
 
@@ -47,7 +49,7 @@ from typing import Any
 from bench._common import code_version, free_port, median
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain", "metrics-off", "metrics-on")
+VARIANTS = ("plain", "metrics-off", "metrics-on", "metrics-on-no-durations")
 RESOURCE = "GET /items/{item_id}"
 PATH = "/items/42"
 TARGET = 0.95
@@ -64,7 +66,7 @@ def create_app() -> Any:
     variant = os.environ.get("BENCH_METRICS_VARIANT", "plain")
     store = os.environ.get("BENCH_STORE", "memory://")
     prefix = os.environ.get("BENCH_KEY_PREFIX", "ymbench-metrics")
-    if variant not in VARIANTS:
+    if variant not in (*VARIANTS, "metrics-default"):
         raise SystemExit(f"BENCH_METRICS_VARIANT={variant!r}: use one of {', '.join(VARIANTS)}")
     app = FastAPI()
 
@@ -78,7 +80,7 @@ def create_app() -> Any:
     from ymguard import Guard, GuardMiddleware
 
     provider: Any = False
-    if variant == "metrics-on":
+    if variant.startswith("metrics-on"):
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
         from prometheus_client import CollectorRegistry, generate_latest
@@ -94,7 +96,11 @@ def create_app() -> Any:
             return Response(generate_latest(registry), media_type="text/plain")
 
     rules = {"key_prefix": prefix, "resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
+    if variant == "metrics-default":
+        provider = True  # the global provider, no SDK set: no-op instruments
     guard = Guard(rules, storage=store, metrics=provider)
+    if variant == "metrics-on-no-durations" and guard.metrics is not None:
+        guard.metrics.record_durations = False
     app.add_middleware(GuardMiddleware, guard=guard)
     guard.install(app)
     return app
@@ -226,53 +232,63 @@ def counted(server: Server) -> float:
     return total
 
 
-def chain_cost(calls: int, rounds: int) -> int:
-    """CPU per call of a chain's enter and exit in process, metrics off, default and on.
+def in_process_cost(calls: int, rounds: int) -> int:
+    """CPU per request of each variant's ASGI app called in process, without HTTP.
 
-    Without HTTP, so the difference is the observer's and the SDK's alone: ``off`` is
-    ``Guard(metrics=False)``, ``default`` the global provider with no SDK set (a no-op),
-    ``on`` an SDK provider with the Prometheus exporter's reader and no exemplars.
+    The app (FastAPI, ``GuardMiddleware``, the guard) is called directly with an ASGI
+    scope, the variants in turn, ``calls`` requests each per round; CPU time comes from
+    ``time.process_time``, so other processes on the machine do not count. Without
+    uvicorn's HTTP parsing the ratios are harsher than over HTTP. ``metrics-default``
+    is ymguard's default: the global provider with no SDK set (no-op instruments).
     """
     import asyncio
 
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-    from prometheus_client import CollectorRegistry
-
-    from ymguard import Guard
-    from ymguard.chain import Context
-
-    rules = {"resources": {RESOURCE: {"flow": [{"qps": 10_000_000}]}}}
-    reader = PrometheusMetricReader(registry=CollectorRegistry(auto_describe=False))
-    provider = MeterProvider(metric_readers=[reader], exemplar_filter=AlwaysOffExemplarFilter())
-    guards = {
-        "off": Guard(rules, metrics=False),
-        "default": Guard(rules),
-        "on": Guard(rules, metrics=provider),
+    apps: dict[str, Any] = {}
+    for variant in (*VARIANTS, "metrics-default"):
+        os.environ["BENCH_METRICS_VARIANT"] = variant
+        apps[variant] = create_app()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
     }
 
-    async def run(guard: Guard) -> float:
-        chain = guard.chain(RESOURCE)
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def run(app: Any, n: int) -> float:
         started = time.process_time()
-        for _ in range(calls):
-            ctx = Context(RESOURCE)
-            tokens = await chain.enter(ctx)
-            ctx.status = 200
-            await chain.exit(ctx, tokens)
-        return (time.process_time() - started) / calls * 1e6
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return (time.process_time() - started) / n * 1e6
 
     async def measure() -> dict[str, list[float]]:
-        found: dict[str, list[float]] = {name: [] for name in guards}
+        for app in apps.values():
+            await run(app, 200)  # warm up
+        found: dict[str, list[float]] = {name: [] for name in apps}
         for _ in range(rounds):
-            for name, guard in guards.items():
-                found[name].append(await run(guard))
+            for name, app in apps.items():
+                found[name].append(await run(app, calls))
         return found
 
     found = asyncio.run(measure())
-    print(f"chain enter+exit in process, {calls} calls x {rounds} rounds, CPU us per call:")
-    off = median(found["off"])
+    off = median(found["metrics-off"])
+    print(f"ASGI app called in process, {calls} requests x {rounds} rounds, CPU us per request:")
     for name, values in found.items():
-        print(f"  metrics {name:<8} {median(values):6.2f}  (+{median(values) - off:.2f} vs off)")
+        cpu = median(values)
+        print(f"  {name:<24} {cpu:7.1f}  {cpu - off:+6.1f} vs metrics-off  ratio {off / cpu:.3f}")
     return 0
 
 
@@ -286,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument(
-        "--chain", action="store_true", help="measure the chain in process instead (no HTTP)"
+        "--in-process",
+        action="store_true",
+        help="call each variant's ASGI app in process instead (no HTTP, CPU per request)",
     )
     args = parser.parse_args(argv)
-    if args.chain:
-        return chain_cost(20_000, max(3, args.rounds))
+    if args.in_process:
+        return in_process_cost(5_000, max(3, args.rounds))
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed")
     store = {"memory": "memory://", "redis": "redis://127.0.0.1:6379/0"}.get(args.store, args.store)
@@ -327,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 if server.variant == "metrics-on":
                     sent += run["requests"]
                 print(
-                    f"  round {rnd + 1}/{args.rounds} {server.variant:<12} "
+                    f"  round {rnd + 1}/{args.rounds} {server.variant:<24} "
                     f"{run['rps']:8.0f} req/s  p99 {run['p99_ms']:6.2f} ms",
                     flush=True,
                 )
@@ -360,12 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         mine = next(s for s in servers if s.variant == variant).runs
         row["ratio_median_of_rounds"] = median([r["rps"] / off_runs[r["round"]] for r in mine])
     print()
-    header = f"{'variant':<12} {'req/s':>8} {'p99 ms':>8} {'cpu us/req':>11} {'vs off':>7}"
+    header = f"{'variant':<24} {'req/s':>8} {'p99 ms':>8} {'cpu us/req':>11} {'vs off':>7}"
     print(header + f" {'(rounds)':>9}")
     for variant, row in rows.items():
         cpu = f"{row['cpu_us_per_req']:.0f}" if row["cpu_us_per_req"] is not None else "-"
         print(
-            f"{variant:<12} {row['rps']:>8.0f} {row['p99_ms']:>8.2f} {cpu:>11} "
+            f"{variant:<24} {row['rps']:>8.0f} {row['p99_ms']:>8.2f} {cpu:>11} "
             f"{row['ratio_to_metrics_off']:>7.3f} {row['ratio_median_of_rounds']:>9.3f}  "
             + " ".join(str(v) for v in row["rounds_rps"])
         )
@@ -373,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = on["ratio_to_metrics_off"]
     verdict = "ok" if ratio >= TARGET else "MISSED"
     print(f"target metrics-on >= {TARGET:.2f} of metrics-off (req/s): {ratio:.3f} {verdict}")
-    if on["cpu_us_per_req"] and off["cpu_us_per_req"]:
-        extra = on["cpu_us_per_req"] - off["cpu_us_per_req"]
-        print(f"server CPU per request, metrics on - off: {extra:+.0f} us")
+    for variant in ("metrics-on", "metrics-on-no-durations"):
+        cpu_on, cpu_off = rows[variant]["cpu_us_per_req"], off["cpu_us_per_req"]
+        if cpu_on and cpu_off:
+            print(f"server CPU per request, {variant} - metrics-off: {cpu_on - cpu_off:+.0f} us")
     counted_ok = scraped >= sent > 0
     print(
         f"metrics-on counted {scraped:.0f} calls of the route in /metrics; wrk sent {sent:.0f} "

@@ -25,7 +25,8 @@ instrument                                kind               recorded
 (*) Counted in process (one integer increment per call) and reported at each collection
 through an observable counter and an observable up-down counter: the same data (a
 monotonic sum, a non-monotonic sum) without the SDK's per-call cost (some 10-20 us per
-instrument call). Only the duration histogram is recorded through the SDK per call.
+instrument call). Durations are kept in process too and recorded into the histogram in
+batches (:data:`DURATION_BATCH`, and at every collection, before the SDK reads it).
 
 Attribute values are resource names, rule kinds, problem codes, breaker and semaphore
 names and the store's URI (without credentials): all come from the rules file and the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -72,6 +74,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
     7.5,
     10.0,
 )
+#: Durations are handed to the SDK at each collection, or once this many are kept for
+#: one series (the SDK's per-value work costs less in a batch than amid a request).
+DURATION_BATCH = 256
 #: The breaker states the state gauge reports (1 for the current one, 0 for the others).
 BREAKER_STATES = ("closed", "open", "half_open")
 #: A semaphore's counts are read from the store at most this long per collection.
@@ -164,6 +169,10 @@ class _Instruments:
         )
 
     def _requests(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        # Callbacks run before the SDK reads its synchronous instruments: the durations
+        # kept since the last collection are recorded now, and are in this collection.
+        for guard in list(self.guards):
+            guard.flush_durations()
         yield from _summed(c for guard in list(self.guards) for c in guard.request_counts())
 
     def _active(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
@@ -216,7 +225,7 @@ class _Resource:
     A count is a ``[attributes, n]`` pair: a call adds to ``n``, a collection reads it.
     """
 
-    __slots__ = ("active", "name", "outcome", "passed", "refusals", "replayed")
+    __slots__ = ("active", "durations", "name", "outcome", "passed", "refusals", "replayed")
 
     def __init__(self, resource: str) -> None:
         self.name = resource
@@ -227,6 +236,8 @@ class _Resource:
         self.outcome = {
             name: {RESOURCE: resource, OUTCOME: name} for name in ("success", "error", "cancelled")
         }
+        # Durations (s) not yet handed to the histogram, by outcome.
+        self.durations: dict[str, list[float]] = {name: [] for name in self.outcome}
 
     def refused(self, result: str, kind: str, code: str) -> list[Any]:
         """The count of refusals (``blocked`` or ``shadow_blocked``) by one kind and code."""
@@ -286,6 +297,7 @@ class GuardMetrics:
         self._store = guard.store
         self._instruments = ins = _instruments(meter_provider)
         self._duration = ins.duration.record
+        self._lock = threading.Lock()  # a collection may run on an exporter's thread
         self._resources: dict[str, _Resource] = {}
         self._remote = bool(getattr(guard.store, "remote", False))
         self._down = False
@@ -294,6 +306,10 @@ class GuardMetrics:
         self._refreshing: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.breaker_listener = _BreakerListener(self)
+        #: Record ``ymguard.request.duration`` (True); False skips it. The histogram is
+        #: the one instrument the SDK records value by value (some 7 us a value); the
+        #: values are kept and recorded together, in batches and at each collection.
+        self.record_durations = True
         ins.guards.add(self)
 
     def _of(self, resource: str) -> _Resource:
@@ -343,7 +359,36 @@ class GuardMetrics:
             name = "error" if (ctx.status or 0) >= 500 else "success"
         else:
             name = "cancelled"
-        self._duration(rt_ms / 1000.0, res.outcome[name])
+        if self.record_durations:
+            with self._lock:
+                kept = res.durations[name]
+                kept.append(rt_ms / 1000.0)
+                full = len(kept) >= DURATION_BATCH
+                if full:
+                    res.durations[name] = []
+            if full:
+                self._record_all(kept, res.outcome[name])
+
+    def _record_all(self, durations: list[float], attrs: Attributes) -> None:
+        record = self._duration
+        for seconds in durations:
+            record(seconds, attrs)
+
+    def flush_durations(self) -> None:
+        """Hand the durations kept since the last collection to the histogram.
+
+        Run by every collection (before the SDK reads the histogram), and by a call that
+        fills a batch of :data:`DURATION_BATCH`; call it yourself before reading a
+        histogram outside a collection.
+        """
+        for res in list(self._resources.values()):
+            for name, attrs in res.outcome.items():
+                with self._lock:
+                    kept = res.durations[name]
+                    if not kept:
+                        continue
+                    res.durations[name] = []
+                self._record_all(kept, attrs)
 
     def request_counts(self) -> list[list[Any]]:
         """``[attributes, calls]`` of every ``ymguard.requests`` series so far."""
@@ -454,6 +499,7 @@ class GuardMetrics:
 
 __all__ = [
     "BREAKER_STATES",
+    "DURATION_BATCH",
     "DURATION_BUCKETS",
     "METER_NAME",
     "GuardMetrics",

@@ -444,3 +444,12 @@ def test_an_sdk_set_globally_gets_the_metrics_of_every_guard() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.splitlines()) == ["GET /a blocked 1", "GET /b passed 1"]
+
+
+async def test_durations_can_be_left_out(guard: Guard, metrics: Metrics) -> None:
+    assert guard.metrics is not None
+    guard.metrics.record_durations = False
+    async with client(app_for(guard)) as c:
+        assert (await c.get("/ok")).status_code == 200
+    assert metrics.points("ymguard.request.duration") == []
+    assert metrics.values("ymguard.requests", "ymguard.resource") == {("GET /ok",): 1}
