@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -85,29 +85,42 @@ class TokenCodec:
         #: token -> (principal, exp) of recently verified tokens: a buyer hammering the
         #: seckill button sends one token many times, and verifying it costs ~60 us.
         #: Only valid tokens enter (forged ones cannot fill it); bounded, oldest out.
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._verified: OrderedDict[str, tuple[Principal, float, str | None]] = OrderedDict()
 
-    def issue(self, user: User | Principal) -> str:
-        """A token for ``user``, valid for ``ttl_seconds``."""
+    def issue(
+        self, user: User | Principal, *, scope: str | None = None, ttl_seconds: int | None = None
+    ) -> str:
+        """A token for ``user``, valid for ``ttl_seconds`` (default: the codec's).
+
+        ``scope`` makes a token good for one purpose only (``"dashboard"``: the guards'
+        dashboard cookie): :meth:`read` gives it back only to a reader asking for that
+        scope, so the API never accepts it as a bearer token.
+        """
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
             "sub": str(user.id),
             "name": user.username,
             "adm": bool(user.is_admin),
             "iat": now,
-            "exp": now + self.ttl_seconds,
+            "exp": now + (ttl_seconds if ttl_seconds is not None else self.ttl_seconds),
         }
+        if scope is not None:
+            claims["scp"] = scope
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
-    def read(self, token: str) -> Principal | None:
-        """The principal of a valid, unexpired token; None for anything else."""
+    def read(self, token: str, scope: str | None = None) -> Principal | None:
+        """The principal of a valid, unexpired token of ``scope``; None for anything else.
+
+        The API reads with ``scope=None``: a token issued for a scope is refused there.
+        """
         if len(token) > 2048:  # no token of ours is this long: do not parse it
             return None
         known = self._verified.get(token)
         if known is not None:
-            if time.time() < known[1]:
+            principal, expires, scoped = known
+            if time.time() < expires:
                 self._verified.move_to_end(token)
-                return known[0]
+                return principal if scoped == scope else None
             del self._verified[token]
             return None
         try:
@@ -119,12 +132,15 @@ class TokenCodec:
             )
             principal = Principal(int(claims["sub"]), str(claims["name"]), bool(claims["adm"]))
             expires = float(claims["exp"])
+            scoped = claims.get("scp")
+            if scoped is not None and not isinstance(scoped, str):
+                return None
         except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
             return None
-        self._verified[token] = (principal, expires)
+        self._verified[token] = (principal, expires, scoped)
         if len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
-        return principal
+        return principal if scoped == scope else None
 
 
 async def token_secret(sessions: async_sessionmaker[AsyncSession], configured: str | None) -> str:
@@ -273,6 +289,46 @@ async def login(body: Credentials, request: Request) -> dict[str, Any]:
         "user_id": user.id,
         "is_admin": user.is_admin,
     }
+
+
+#: The cookie of the admin's dashboard session (``POST /auth/dashboard-session``).
+DASHBOARD_COOKIE = "ymguard_dashboard"
+#: The scope of the token in that cookie: good for the dashboard only, never the API.
+DASHBOARD_SCOPE = "dashboard"
+#: How long a dashboard session lasts.
+DASHBOARD_SESSION_SECONDS = 8 * 3600
+
+
+@router.post("/auth/dashboard-session", status_code=204, responses=problems(403))
+async def open_dashboard_session(user: AdminUser, request: Request) -> Response:
+    """The admin's browser session for the guards' dashboard at ``/ymguard/``.
+
+    A browser opening a page sends no bearer header, so the dashboard reads a cookie: an
+    ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no other site makes the
+    browser send it) cookie for ``/ymguard`` only (``Secure`` over HTTPS), holding a token
+    scoped to the dashboard that the API refuses. 204; 403 for anyone but the admin.
+    """
+    codec: TokenCodec = request.app.state.tokens
+    token = codec.issue(user, scope=DASHBOARD_SCOPE, ttl_seconds=DASHBOARD_SESSION_SECONDS)
+    response = Response(status_code=204)
+    response.set_cookie(
+        DASHBOARD_COOKIE,
+        token,
+        max_age=DASHBOARD_SESSION_SECONDS,
+        path="/ymguard",
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+@router.delete("/auth/dashboard-session", status_code=204)
+async def close_dashboard_session() -> Response:
+    """Forget the dashboard cookie (log out); 204 whoever asks."""
+    response = Response(status_code=204)
+    response.delete_cookie(DASHBOARD_COOKIE, path="/ymguard", httponly=True, samesite="strict")
+    return response
 
 
 @router.get("/me")

@@ -184,21 +184,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-#: The cookie a browser may carry the admin's bearer token in (the API takes the header).
-DASHBOARD_TOKEN_COOKIE = "token"
-
-
 def dashboard_admin(request: Request) -> bool:
-    """Who may see ``/ymguard/``: the admin, by bearer token (header, or the cookie above).
+    """Who may see ``/ymguard/``: the admin, by bearer token or by dashboard session.
 
-    Anyone else gets 403, and a caller with no valid token 401, both problem+json.
+    A bearer token (``Authorization``) as for the API; or, for a browser, the
+    ``ymguard_dashboard`` cookie of ``POST /auth/dashboard-session``, whose token is good
+    for the dashboard only. Anyone else gets 403, a caller with neither 401, problem+json.
     """
     principal = getattr(request.state, "principal", None)
     if principal is None:
-        token = request.cookies.get(DASHBOARD_TOKEN_COOKIE)
+        token = request.cookies.get(accounts.DASHBOARD_COOKIE)
         codec: accounts.TokenCodec | None = getattr(request.app.state, "tokens", None)
         if token and codec is not None:
-            principal = codec.read(token)
+            principal = codec.read(token, scope=accounts.DASHBOARD_SCOPE)
     if not isinstance(principal, accounts.Principal):
         raise HTTPException(401, "sign in as the admin", headers={"WWW-Authenticate": "Bearer"})
     return principal.is_admin

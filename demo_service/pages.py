@@ -12,7 +12,8 @@ How the pages authenticate, and why it is CSRF-safe:
 - The pages use the API's own bearer tokens. ``/login`` posts to ``POST /auth/login`` with
   ``fetch`` and keeps the token in ``localStorage``; the scripts send it as
   ``Authorization: Bearer`` on every API call. The shop sets no cookie but the admin's
-  (``Path=/ymguard``, ``SameSite=Strict``, for the read-only dashboard), so a foreign
+  dashboard session (``HttpOnly``, ``SameSite=Strict``, ``Path=/ymguard``, a token the
+  API refuses: ``POST /auth/dashboard-session``), so a foreign
   site can make a browser send nothing that authenticates it: there is no ambient
   credential to forge a request with (no CSRF), and no CSRF token is needed.
 - The price of ``localStorage`` is that a script injected into a page could read the token:

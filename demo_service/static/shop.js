@@ -2,9 +2,9 @@
 //
 // Security: the bearer token of POST /auth/login lives in localStorage and is sent as
 // "Authorization: Bearer" by fetch(); the shop sets no cookie, so no other site can make a
-// browser send a credential (no CSRF); the one exception is the admin's cookie for the
-// read-only dashboard at /ymguard/ (see setDashboardCookie). Text is written with textContent only; data comes
-// from data-* attributes the server escaped. See demo_service/pages.py.
+// browser send a credential (no CSRF); the one exception is the admin's HttpOnly cookie
+// for the read-only dashboard at /ymguard/ (see openDashboardSession). Text is written with
+// textContent only; data comes from data-* attributes the server escaped. See demo_service/pages.py.
 "use strict";
 
 (function () {
@@ -34,15 +34,17 @@
   }
 
   // The guards' dashboard (/ymguard/) is a page the browser opens itself, so it cannot be
-  // sent the bearer header: the admin's token also goes in a cookie that only that path
-  // receives, SameSite=Strict (no other site can make the browser send it), and it is
-  // read there only for GET pages. Nobody else gets a cookie.
-  const DASHBOARD_COOKIE = "token=";
-  const DASHBOARD_COOKIE_ATTRS = "; Path=/ymguard; SameSite=Strict";
-
-  function setDashboardCookie(t, c) {
+  // sent the bearer header: after the admin logs in, the server sets a cookie of its own
+  // (POST /auth/dashboard-session: HttpOnly, SameSite=Strict, Path=/ymguard) holding a
+  // token good for the dashboard only. Nobody else gets a cookie; "Log out" deletes it.
+  async function openDashboardSession(c) {
     if (c && c.adm === true) {
-      document.cookie = DASHBOARD_COOKIE + encodeURIComponent(t) + DASHBOARD_COOKIE_ATTRS;
+      try {  // not api(): that omits credentials, and a cookie set then is dropped
+        await fetch("/auth/dashboard-session", {
+          method: "POST", credentials: "same-origin", cache: "no-store",
+          headers: { "Authorization": "Bearer " + token(), "Accept": "application/json" },
+        });
+      } catch (e) { /* the shop works without the dashboard */ }
     }
   }
 
@@ -50,16 +52,22 @@
     try {
       localStorage.removeItem(TOKEN_KEY);
     } catch (e) { /* private mode */ }
-    document.cookie = DASHBOARD_COOKIE + DASHBOARD_COOKIE_ATTRS + "; Max-Age=0";
+    fetch("/auth/dashboard-session", { method: "DELETE", credentials: "same-origin" })
+      .catch(function () { /* offline: the cookie expires by itself */ });
   }
 
   // A path of this site to return to, or "/": never another origin.
+  // Parsed as the browser will parse it (which drops tabs and newlines, and reads "\\" as
+  // "/"), then kept only if it stays on this origin.
   function safeNext(raw) {
-    if (typeof raw !== "string" || !raw.startsWith("/") || raw.startsWith("//") ||
-        raw.startsWith("/\\")) {
+    if (typeof raw !== "string" || !raw.startsWith("/")) return "/";
+    try {
+      const url = new URL(raw, location.origin);
+      if (url.origin !== location.origin) return "/";
+      return url.pathname + url.search + url.hash;
+    } catch (e) {
       return "/";
     }
-    return raw;
   }
 
   function toLogin() {
@@ -394,7 +402,7 @@
     async function logIn(username, password) {
       const answer = await api("POST", "/auth/login", { json: { username: username, password: password } });
       localStorage.setItem(TOKEN_KEY, answer.token);
-      setDashboardCookie(answer.token, claims());
+      await openDashboardSession(claims());
       location.assign(next);
     }
 

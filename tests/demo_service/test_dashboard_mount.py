@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from demo_service.app import DASHBOARD_TOKEN_COOKIE
+from demo_service.accounts import DASHBOARD_COOKIE
 from tests.demo_service.conftest import Shop
 
 
@@ -31,10 +31,22 @@ async def test_only_the_admin_sees_the_dashboard(shop: Shop) -> None:
         assert refused.status_code == 403
         assert refused.json()["type"].endswith("/forbidden")
         assert (await c.get(path, headers=admin)).status_code == 200
-    # A browser carries the token in a cookie (it sends no Authorization header on a visit).
-    token = admin["Authorization"].removeprefix("Bearer ")
-    page = await c.get("/ymguard/", headers={"Cookie": f"{DASHBOARD_TOKEN_COOKIE}={token}"})
+    # A browser carries a dashboard session (it sends no Authorization header on a visit):
+    # only the admin gets one, and only a session's token opens the page by cookie.
+    assert (await c.post("/auth/dashboard-session", headers=buyer)).status_code == 403
+    opened = await c.post("/auth/dashboard-session", headers=admin)
+    assert opened.status_code == 204
+    cookie = opened.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ymguard" in cookie
+    session = opened.cookies[DASHBOARD_COOKIE]
+    c.cookies.clear()
+    page = await c.get("/ymguard/", headers={"Cookie": f"{DASHBOARD_COOKIE}={session}"})
     assert page.status_code == 200 and "ymguard demo shop" in page.text
+    # The API refuses the session's token, and the page refuses the API's token by cookie.
+    assert (await c.get("/me", headers=shop.auth(session))).status_code == 401
+    bearer = admin["Authorization"].removeprefix("Bearer ")
+    cookie_with_bearer = {"Cookie": f"{DASHBOARD_COOKIE}={bearer}"}
+    assert (await c.get("/ymguard/", headers=cookie_with_bearer)).status_code == 401
     snapshot = (await c.get("/ymguard/api/snapshot", headers=admin)).json()
     assert snapshot["store"] == "redis" and snapshot["cluster"] is True
     assert "POST /kill/{kill_course_id}" in snapshot["rules"]["resources"]

@@ -443,8 +443,13 @@ async def test_the_admin_opens_the_dashboard_after_logging_in(browser: Any, live
     await form.get_by_role("button", name="Log in").click()
     await page.wait_for_url(re.compile(r"/$"))
     cookies = {c["name"]: c for c in await context.cookies()}
-    assert cookies["token"]["path"] == "/ymguard"
-    assert cookies["token"]["sameSite"] == "Strict"
+    session = cookies["ymguard_dashboard"]
+    assert session["path"] == "/ymguard" and session["sameSite"] == "Strict"
+    assert session["httpOnly"] is True  # no script on any page can read it
+    # The session's token is good for the dashboard only: the API refuses it.
+    async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+        me = await http.get("/me", headers={"Authorization": f"Bearer {session['value']}"})
+        assert me.status_code == 401
     response = await page.goto("/ymguard/")
     assert response is not None and response.status == 200
     await page.get_by_role("heading", name=re.compile("guards dashboard")).wait_for()
@@ -452,7 +457,11 @@ async def test_the_admin_opens_the_dashboard_after_logging_in(browser: Any, live
 
     await page.goto("/")
     await page.locator("[data-logout]").click()
-    assert "token" not in {c["name"] for c in await context.cookies()}
+    for _ in range(100):  # the DELETE that forgets it is sent without waiting for it
+        if "ymguard_dashboard" not in {c["name"] for c in await context.cookies()}:
+            break
+        await asyncio.sleep(0.1)
+    assert "ymguard_dashboard" not in {c["name"] for c in await context.cookies()}
 
     # A buyer signs in: no cookie, and the dashboard stays closed.
     username = "bob_" + unique_prefix().replace(":", "")[-10:]
@@ -462,6 +471,6 @@ async def test_the_admin_opens_the_dashboard_after_logging_in(browser: Any, live
     await register.get_by_label("Password").fill("correct horse battery staple")
     await register.get_by_role("button", name="Create account").click()
     await page.wait_for_url(re.compile(r"/$"))
-    assert "token" not in {c["name"] for c in await context.cookies()}
+    assert "ymguard_dashboard" not in {c["name"] for c in await context.cookies()}
     assert (await page.goto("/ymguard/")).status == 401  # type: ignore[union-attr]
     await context.close()
