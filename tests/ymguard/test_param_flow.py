@@ -171,6 +171,21 @@ async def test_queue_awaits_its_slot_and_a_cancelled_waiter_holds_nothing(store:
     assert result.admitted and round(result.wait_seconds / 60) == 1
 
 
+async def test_a_waiter_leaving_mid_line_never_doubles_a_slot(store: Store) -> None:
+    # X goes now, A and B wait 1 and 2 minutes; A leaves. The next caller must not get
+    # B's slot (two calls of the value at once): it queues after B.
+    buckets = param_buckets(store, "GET /q#mid", DEFAULT_MAX_VALUES)
+    spec = BucketSpec(PACING, 1, 0, 60_000.0, 300_000)
+    x, a, b = [await buckets.acquire("v", spec) for _ in range(3)]
+    assert [round(r.wait_seconds / 60) for r in (x, a, b)] == [0, 1, 2]
+    await buckets.refund("v", spec, a.slot)  # A leaves the middle of the line
+    c = await buckets.acquire("v", spec)
+    assert c.admitted and round(c.wait_seconds / 60) == 3
+    await buckets.refund("v", spec, c.slot)  # the last of the line leaves: its slot comes back
+    d = await buckets.acquire("v", spec)
+    assert d.admitted and round(d.wait_seconds / 60) == 3
+
+
 def _reserved(store: Store, check: ParamFlowCheck, value: str) -> bool:
     """Whether the value's schedule reaches a minute out (someone holds that slot)."""
     if isinstance(check.buckets, MemoryParamBuckets):

@@ -164,7 +164,9 @@ class MemoryParamBuckets:
         if isinstance(slot, str):
             return
         if spec.mode == PACING:
-            if isinstance(state, float) and state >= slot:
+            # Only the last slot goes back: one with later slots after it stays taken, or
+            # the next caller would get a slot a waiter holds (two calls at once).
+            if isinstance(state, float) and state == slot:
                 table[value] = state - _pacing_cost(spec)
             return
         if isinstance(state, tuple):

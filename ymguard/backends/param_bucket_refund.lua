@@ -18,11 +18,12 @@ if tonumber(ARGV[1]) == 0 then
   end
   return 0
 end
--- Pacing: the schedule still reaches this slot, so pull its end back by one spacing.
-local last = tonumber(v[1])
-if last >= tonumber(ARGV[2]) then
+-- Pacing: only the last slot of the schedule goes back (its end moves back one spacing).
+-- A slot with later slots after it stays taken: pulling the end back would give the next
+-- caller a slot a waiter already holds (two calls of the value at once).
+if v[1] == ARGV[2] then
   local cost = math.floor(tonumber(ARGV[5]) / count + 0.5)
-  redis.call('HSET', KEYS[1], 't', string.format('%.3f', last - cost))
+  redis.call('HSET', KEYS[1], 't', string.format('%.3f', tonumber(v[1]) - cost))
   return 1
 end
 return 0
