@@ -474,3 +474,23 @@ async def test_the_admin_opens_the_dashboard_after_logging_in(browser: Any, live
     assert "ymguard_dashboard" not in {c["name"] for c in await context.cookies()}
     assert (await page.goto("/ymguard/")).status == 401  # type: ignore[union-attr]
     await context.close()
+
+
+@pytest.mark.parametrize(
+    "trick", ["%2F%09%2Fevil.example%2Fphish", "%2F%0A%2Fevil.example", "%2F%0D%5Cevil.example"]
+)
+async def test_login_never_sends_a_person_to_another_site(
+    browser: Any, live: LiveShop, trick: str
+) -> None:
+    """``next=`` is read as the browser reads it: tabs, newlines, backslashes lead nowhere."""
+    context = await _context(browser, live, DESKTOP)
+    page = await context.new_page()
+    await page.goto(f"/login?next={trick}")
+    username = "eve_" + unique_prefix().replace(":", "")[-10:]
+    register = page.locator("[data-register-form]")
+    await register.get_by_label("Username").fill(username)
+    await register.get_by_label("Password").fill("correct horse battery staple")
+    await register.get_by_role("button", name="Create account").click()
+    await page.wait_for_url(re.compile(r"/$"))
+    assert page.url == live.url + "/"
+    await context.close()
