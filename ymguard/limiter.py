@@ -344,12 +344,15 @@ class QpsCheck(_FlowCheckBase):
 
     def _enter_now(self, ctx: Context) -> Any:
         """``enter`` without a coroutine, on a window that never waits (memory)."""
-        suffix = self.scope.key_for(ctx.origin)
-        if suffix is None:
-            return None
-        key = (self._origins.get(suffix) if suffix else self._default)[0]
-        assert self._now is not None
-        result = self._now(key, self.limit, self.window_seconds)
+        scope = self.scope
+        if scope.origin == "default":  # every caller shares one counter
+            key = self._default[0]
+        else:
+            suffix = scope.key_for(ctx.origin)
+            if suffix is None:
+                return None
+            key = (self._origins.get(suffix) if suffix else self._default)[0]
+        result = self._now(key, self.limit, self.window_seconds)  # type: ignore[misc]
         if not result.admitted:
             self._refuse(result)
         return (self.window, key, result.slot)

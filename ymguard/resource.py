@@ -277,7 +277,12 @@ def guarded_resource(
                     return await _drive_async(steps(args, kwargs), func, args, kwargs)
                 # The chain decides without awaiting (no rule, one memory window): the
                 # steps of _guarded_call inline, without a generator or a coroutine each.
-                params = {**dict(zip(positional, args, strict=False)), **kwargs} if args else kwargs
+                if args:
+                    params = dict(zip(positional, args, strict=False))
+                    if kwargs:
+                        params.update(kwargs)
+                else:
+                    params = kwargs
                 outer = current_context.get()
                 ctx = Context(name, outer.origin if outer else "", params, parent=outer)
                 try:
