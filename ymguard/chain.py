@@ -287,6 +287,7 @@ class Chain:
 
     __slots__ = (
         "_after_call",
+        "_enter_now",
         "_stage_in",
         "_stage_out",
         "_staging",
@@ -296,6 +297,8 @@ class Chain:
         "release_on_disconnect",
         "resource",
         "stats",
+        "sync_enter",
+        "sync_exit",
     )
 
     def __init__(
@@ -332,6 +335,20 @@ class Chain:
         self.release_on_disconnect = any(
             getattr(check, "release_on_disconnect", False) for check in self.checks
         )
+        # A chain of no check, or of one check that decides without awaiting (a memory
+        # window's ``enter_now``), is entered without a coroutine (:meth:`enter_now`): a
+        # refusal then has nothing to give back. Likewise one whose finished calls leave
+        # no exit to run is left without one (:meth:`exit_now`).
+        # A check in shadow mode (``shadow.py``) turns refusals into reports in its own
+        # ``enter``: it always runs through it.
+        enter_now = (
+            getattr(self.checks[0], "enter_now", None)
+            if len(self.checks) == 1 and not getattr(type(self.checks[0]), "shadow", False)
+            else None
+        )
+        self._enter_now: Callable[[Context], Any] | None = enter_now
+        self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
+        self.sync_exit = not self._after_call and not self._staging
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self.checks)
@@ -377,6 +394,52 @@ class Chain:
         for observer in self.observers:
             observer.passed(ctx)
         return tokens
+
+    def enter_now(self, ctx: Context) -> list[Any]:
+        """:meth:`enter` without a coroutine, for a chain whose ``sync_enter`` is true.
+
+        The same outcomes as :meth:`enter`: the tokens, or :class:`Blocked` raised after
+        the observers heard of it (one check at most, so nothing to give back).
+        """
+        ctx.start = time.perf_counter()
+        observers = ctx.observers = self.observers
+        enter = self._enter_now
+        if enter is None:
+            tokens: list[Any] = []
+        else:
+            try:
+                tokens = [enter(ctx)]
+            except Blocked as exc:
+                ctx.blocked = exc
+                for observer in observers:
+                    observer.blocked(ctx, exc, self.checks[0])
+                raise
+            except BaseException as exc:
+                ctx.error = exc
+                raise
+        for observer in observers:
+            observer.passed(ctx)
+        return tokens
+
+    def exit_now(self, ctx: Context) -> bool:
+        """:meth:`exit` without a coroutine where it has no check's exit to run.
+
+        Returns False, having done nothing, when :meth:`exit` must be awaited instead (the
+        chain's ``sync_exit`` is false, or the call was blocked inside the endpoint).
+        """
+        if not self.sync_exit or ctx.blocked is not None:
+            return False
+        rt_ms = (time.perf_counter() - ctx.start) * 1000.0
+        outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
+        if ctx.error is None:  # has_outcome and is_error, for the usual case
+            status = ctx.status
+            if not ctx.replayed and status != CLIENT_CLOSED_REQUEST:
+                outcome = "error" if status in self.error_statuses else "success"
+        elif has_outcome(ctx):
+            outcome = "error"  # an exception is an error
+        for observer in self.observers:
+            observer.finished(ctx, rt_ms, outcome)
+        return True
 
     async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
         """Enter every check, consecutive staged ones in one round trip (``tokens`` grows)."""

@@ -303,6 +303,10 @@ class QpsCheck(_FlowCheckBase):
         self.stage_enter: Callable[[Context], Stage | None] | None = (
             self._stage_enter if isinstance(self.window, RedisWindow) else None
         )
+        # A window that never waits lets the chain enter without a coroutine.
+        self.enter_now: Callable[[Context], Any] | None = (
+            self._enter_now if self._now is not None else None
+        )
 
     def _local_window(self) -> Window:
         if self._local is None:
@@ -337,6 +341,21 @@ class QpsCheck(_FlowCheckBase):
         if not result.admitted:
             self._refuse(result)
         return (window, key, result.slot)
+
+    def _enter_now(self, ctx: Context) -> Any:
+        """``enter`` without a coroutine, on a window that never waits (memory)."""
+        scope = self.scope
+        if scope.origin == "default":  # every caller shares one counter
+            key = self._default[0]
+        else:
+            suffix = scope.key_for(ctx.origin)
+            if suffix is None:
+                return None
+            key = (self._origins.get(suffix) if suffix else self._default)[0]
+        result = self._now(key, self.limit, self.window_seconds)  # type: ignore[misc]
+        if not result.admitted:
+            self._refuse(result)
+        return (self.window, key, result.slot)
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""

@@ -196,10 +196,12 @@ class GuardMiddleware:
                 warn_unmatched_rules(self.guard, scope.get("app", self.app))
             await self.app(scope, receive, send)
             return
-        resolved = self._resolve(scope)
-        if resolved is None:  # no route: a 404, not a resource worth counting
-            await self.app(scope, receive, send)
-            return
+        resolved = self._resources.get((scope["method"], scope.get("root_path", ""), scope["path"]))
+        if resolved is None:
+            resolved = self._resolve(scope)
+            if resolved is None:  # no route: a 404, not a resource worth counting
+                await self.app(scope, receive, send)
+                return
         guard = self.guard
         if guard.sync_bridge.loop is None:
             guard.bind_loop()
@@ -207,62 +209,84 @@ class GuardMiddleware:
         chain = guard.chain(resource)
         ctx = Context(resource, guard.origin_of(scope), params, scope, receive=receive)
         try:
-            tokens = await chain.enter(ctx)
+            # A chain that decides without awaiting (no check, one memory window) is
+            # entered without a coroutine.
+            tokens = chain.enter_now(ctx) if chain.sync_enter else await chain.enter(ctx)
         except Blocked as exc:
             await guard.problem_for(exc)(scope, receive, send)  # type: ignore[misc]
             return
         except ShortCircuit as answer:  # a check answered itself (an idempotent replay)
             await answer.response(scope, receive, send)
             return
-
-        started = finished = False
-        hooks = ctx.on_send  # None unless a check (idempotency) keeps the response
-
-        async def send_status(message: Message) -> None:
-            nonlocal started, finished
-            if message["type"] == "http.response.start":
-                ctx.status = message["status"]
-                started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                finished = True
-            if hooks is not None:
-                for hook in hooks:
-                    hook(message)
-            await send(message)
-
+        sender = _StatusSender(ctx, send)
         reset = current_context.set(ctx)
         try:
             if chain.release_on_disconnect:
                 if await run_until_disconnect(
-                    self.app, scope, ctx.receive or receive, send_status, lambda: finished
+                    self.app, scope, ctx.receive or receive, sender, sender.is_finished
                 ):
                     ctx.status = CLIENT_CLOSED_REQUEST
             else:
-                await self.app(scope, ctx.receive or receive, send_status)
+                await self.app(scope, ctx.receive or receive, sender)
         except Blocked as exc:  # raised inside the endpoint, and not mapped by install()
-            if started:
+            if sender.started:
                 raise
-            await guard.problem_for(exc)(scope, receive, send_status)  # type: ignore[misc]
+            await guard.problem_for(exc)(scope, receive, sender)  # type: ignore[misc]
         except Exception as exc:
             # A map_exception made after the app started is not in its handlers: render
             # it here, as install() would have (not counted as an error, like a handled one).
-            response = None if started or not guard.installed else guard.problem_for(exc)
+            response = None if sender.started or not guard.installed else guard.problem_for(exc)
             if response is None:
                 ctx.error = exc
                 raise
-            await response(scope, receive, send_status)
+            await response(scope, receive, sender)
         except BaseException as exc:
             ctx.error = exc
             raise
         finally:
             current_context.reset(reset)
-            if isinstance(ctx.error, asyncio.CancelledError):
+            if chain.exit_now(ctx):
+                pass  # nothing to await: the observers have heard how it finished
+            elif isinstance(ctx.error, asyncio.CancelledError):
                 # Our task is being cancelled: release in a task of its own.
                 task = asyncio.ensure_future(chain.exit(ctx, tokens))
                 _background.add(task)
                 task.add_done_callback(_background.discard)
             else:
                 await chain.exit(ctx, tokens)
+
+
+class _StatusSender:
+    """The ``send`` the app gets: notes the status and the response's end, then sends.
+
+    Hooks in ``ctx.on_send`` (a check that keeps the response) see every message first.
+    """
+
+    __slots__ = ("ctx", "finished", "hooks", "send", "started")
+
+    def __init__(self, ctx: Context, send: Send) -> None:
+        self.ctx = ctx
+        self.send = send
+        self.hooks = ctx.on_send  # None unless a check (idempotency) keeps the response
+        self.started = False
+        self.finished = False
+
+    def is_finished(self) -> bool:
+        """Whether the whole response body was sent."""
+        return self.finished
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.ctx.status = message["status"]
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body"):
+            self.finished = True
+        hooks = self.hooks
+        if hooks is not None:
+            for hook in hooks:
+                hook(message)
+        await self.send(message)
 
 
 __all__ = ["GuardMiddleware", "resolve_route"]

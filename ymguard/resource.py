@@ -272,7 +272,41 @@ def guarded_resource(
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _drive_async(steps(args, kwargs), func, args, kwargs)
+                chain = guard.chain(name)  # on every call: a reload replaces the chains
+                if not chain.sync_enter or not chain.sync_exit:
+                    return await _drive_async(steps(args, kwargs), func, args, kwargs)
+                # The chain decides without awaiting (no rule, one memory window): the
+                # steps of _guarded_call inline, without a generator or a coroutine each.
+                if args:
+                    params = dict(zip(positional, args, strict=False))
+                    if kwargs:
+                        params.update(kwargs)
+                else:
+                    params = kwargs
+                outer = current_context.get()
+                ctx = Context(name, outer.origin if outer else "", params, parent=outer)
+                try:
+                    tokens = chain.enter_now(ctx)
+                except Blocked as exc:
+                    handler = block_handler or fallback
+                    if handler is None:
+                        raise
+                    return await _maybe_await(_Handler(handler, exc)(args, kwargs))
+                try:
+                    return await func(*args, **kwargs)
+                except exceptions_to_ignore:
+                    raise
+                except asyncio.CancelledError as exc:
+                    ctx.error = exc  # a cancelled call is no success (a probe re-opens)
+                    raise
+                except Exception as exc:
+                    ctx.error = exc
+                    if fallback is None:
+                        raise
+                    return await _maybe_await(_Handler(fallback, exc)(args, kwargs))
+                finally:
+                    if not chain.exit_now(ctx):
+                        await chain.exit(ctx, tokens)
 
             return cast(F, async_wrapper)
 
