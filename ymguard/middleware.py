@@ -18,7 +18,7 @@ import collections
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from starlette.routing import Match, Mount
+from starlette.routing import Host, Match, Mount
 
 from .chain import CLIENT_CLOSED_REQUEST, Context, ShortCircuit
 from .errors import Blocked
@@ -63,6 +63,8 @@ def resolve_route(
                 return found
             continue
         params = child.get("path_params", {})
+        if isinstance(route, Host):  # a virtual host: its routes name the resource
+            return resolve_route(route.routes, {**scope, **child}, prefix)
         if isinstance(route, Mount):
             found = resolve_route(route.routes, {**scope, **child}, prefix + route.path)
             if found is not None:
@@ -72,6 +74,17 @@ def resolve_route(
             return prefix + _template(route), params
         return prefix + _template(route), params
     return None
+
+
+def routes_by_host(routes: Sequence[Any]) -> bool:
+    """Whether any route (in mounts too) is a Starlette ``Host``: then the Host header,
+    not only the method and path, decides which route serves a request."""
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        if isinstance(route, Mount) and routes_by_host(route.routes):
+            return True
+    return False
 
 
 async def run_until_disconnect(
@@ -163,6 +176,7 @@ class GuardMiddleware:
         self.guard = guard
         self._resources: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]] | None] = {}
         self._router = getattr(app, "router", None)
+        self._by_host: bool | None = None  # whether Host routes exist (known at first use)
         self._started = False
 
     def _resolve(self, scope: Scope) -> tuple[str, Mapping[str, Any]] | None:
@@ -181,7 +195,10 @@ class GuardMiddleware:
         else:
             found = None
         resolved = (f"{method} {found[0]}", found[1]) if found is not None else None
-        if len(scope["path"]) <= _CACHE_PATH_MAX:
+        if self._by_host is None:
+            self._by_host = router is not None and routes_by_host(router.routes)
+        # Cached by method and path, unless virtual hosts share paths: then never.
+        if len(scope["path"]) <= _CACHE_PATH_MAX and not self._by_host:
             if len(self._resources) >= _CACHE_MAX:
                 self._resources.clear()
             self._resources[cache_key] = resolved

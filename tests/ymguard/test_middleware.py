@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Host, Route, Router
 
 from ymguard import Blocked, FlowLimited, Guard, GuardMiddleware
 from ymguard.errors import PROBLEM_BASE
@@ -552,3 +552,26 @@ async def test_long_paths_are_not_cached() -> None:
     for i in range(100):
         await call(app, "GET", f"/items/{i}{'0' * 10_000}")
     assert sum(len(path) for _, _, path in guard_middleware(app)._resources) < 1_000
+
+
+async def test_virtual_hosts_sharing_a_path_are_different_resources() -> None:
+    """Starlette ``Host`` routes: the Host header picks the route, so it picks the resource
+    too (the route cache, keyed by method and path, must not answer for another host)."""
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Host("a.example", app=Router([Route("/items/{item_id}", ok)])),
+            Host("b.example", app=Router([Route("/items/{name}", ok)])),
+        ]
+    )
+    guard = Guard({"resources": {"GET /items/{item_id}": {"flow": [{"qps": 0}]}}})
+    app.add_middleware(GuardMiddleware, guard=guard)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(2):  # the second round is answered from whatever was cached
+            assert (await client.get("http://a.example/items/1")).status_code == 429
+            assert (await client.get("http://b.example/items/1")).status_code == 200
+    await guard.aclose()
