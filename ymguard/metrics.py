@@ -26,7 +26,8 @@ instrument                                kind               recorded
 through an observable counter and an observable up-down counter: the same data (a
 monotonic sum, a non-monotonic sum) without the SDK's per-call cost (some 10-20 us per
 instrument call). Durations are kept in process too and recorded into the histogram in
-batches (:data:`DURATION_BATCH`, and at every collection, before the SDK reads it).
+batches (:data:`DURATION_BATCH`, and at every collection, before the SDK reads it); on
+the global provider, only once an SDK is set (before, the histogram is a no-op).
 
 Attribute values are resource names, rule kinds, problem codes, breaker and semaphore
 names and the store's URI (without credentials): all come from the rules file and the
@@ -40,14 +41,15 @@ the app sets an SDK ``MeterProvider`` globally, the same instruments record into
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics as otel
+from opentelemetry.metrics import _internal as otel_internal
 
 from .chain import CLIENT_CLOSED_REQUEST, Check, Context, Outcome, WaitResult
 from .errors import Blocked, StorageUnavailable
@@ -236,8 +238,12 @@ class _Resource:
         self.outcome = {
             name: {RESOURCE: resource, OUTCOME: name} for name in ("success", "error", "cancelled")
         }
-        # Durations (s) not yet handed to the histogram, by outcome.
-        self.durations: dict[str, list[float]] = {name: [] for name in self.outcome}
+        # Durations (s) not yet handed to the histogram, by outcome. A deque: the loop
+        # appends, a collection (maybe on an exporter's thread) pops, and no value is lost
+        # or recorded twice without a lock.
+        self.durations: dict[str, collections.deque[float]] = {
+            name: collections.deque() for name in self.outcome
+        }
 
     def refused(self, result: str, kind: str, code: str) -> list[Any]:
         """The count of refusals (``blocked`` or ``shadow_blocked``) by one kind and code."""
@@ -252,6 +258,22 @@ class _Resource:
         for count in (self.passed, self.replayed, *list(self.refusals.values())):
             if count[1]:
                 yield count
+
+
+def _no_global_sdk() -> bool:
+    """Whether the global meter provider is still the API's no-op proxy (no SDK set)."""
+    return getattr(otel_internal, "_METER_PROVIDER", True) is None
+
+
+def _drain(kept: collections.deque[float]) -> list[float]:
+    """Pop every value of ``kept`` (thread-safe: each value is popped exactly once)."""
+    values: list[float] = []
+    pop = kept.popleft
+    try:
+        while True:
+            values.append(pop())
+    except IndexError:
+        return values
 
 
 def _rule_kind(error: Blocked, check: Check) -> str:
@@ -297,7 +319,9 @@ class GuardMetrics:
         self._store = guard.store
         self._instruments = ins = _instruments(meter_provider)
         self._duration = ins.duration.record
-        self._lock = threading.Lock()  # a collection may run on an exporter's thread
+        # On the global provider, durations are kept only once an SDK is set: before,
+        # the histogram is the API's no-op.
+        self._global = meter_provider is None
         self._resources: dict[str, _Resource] = {}
         self._remote = bool(getattr(guard.store, "remote", False))
         self._down = False
@@ -351,6 +375,8 @@ class GuardMetrics:
         """
         res = self._resources.get(ctx.resource) or self._of(ctx.resource)
         res.active[1] -= 1
+        if not self.record_durations or (self._global and _no_global_sdk()):
+            return
         if outcome == "success" or outcome == "error":
             name: str = outcome
         elif outcome == "blocked":
@@ -359,15 +385,10 @@ class GuardMetrics:
             name = "error" if (ctx.status or 0) >= 500 else "success"
         else:
             name = "cancelled"
-        if self.record_durations:
-            with self._lock:
-                kept = res.durations[name]
-                kept.append(rt_ms / 1000.0)
-                full = len(kept) >= DURATION_BATCH
-                if full:
-                    res.durations[name] = []
-            if full:
-                self._record_all(kept, res.outcome[name])
+        kept = res.durations[name]
+        kept.append(rt_ms / 1000.0)
+        if len(kept) >= DURATION_BATCH:
+            self._record_all(_drain(kept), res.outcome[name])
 
     def _record_all(self, durations: list[float], attrs: Attributes) -> None:
         record = self._duration
@@ -383,12 +404,9 @@ class GuardMetrics:
         """
         for res in list(self._resources.values()):
             for name, attrs in res.outcome.items():
-                with self._lock:
-                    kept = res.durations[name]
-                    if not kept:
-                        continue
-                    res.durations[name] = []
-                self._record_all(kept, attrs)
+                kept = res.durations[name]
+                if kept:
+                    self._record_all(_drain(kept), attrs)
 
     def request_counts(self) -> list[list[Any]]:
         """``[attributes, calls]`` of every ``ymguard.requests`` series so far."""

@@ -65,8 +65,26 @@ class Window(Protocol):
         """Drop the in-process state under ``key`` (a no-op where keys expire)."""
 
 
+class _Buckets:
+    """One key's window in process: ``{slot: count}``, their total and the oldest slot."""
+
+    __slots__ = ("counts", "oldest", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.total = 0
+        self.oldest = 1 << 62  # no slot yet
+
+    def expire(self, first: int) -> None:
+        """Drop the buckets older than slot ``first``."""
+        counts = self.counts
+        for old in [s for s in counts if s < first]:
+            self.total -= counts.pop(old)
+        self.oldest = min(counts, default=1 << 62)
+
+
 class MemoryWindow:
-    """The sliding window in process: ``{slot: count}`` under the key."""
+    """The sliding window in process: ``{slot: count}`` and their running total per key."""
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
@@ -81,19 +99,25 @@ class MemoryWindow:
 
     def count(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
         """:meth:`acquire` without the coroutine."""
-        counts: dict[int, int] = self.store.data.setdefault(key, {})
+        data = self.store.data
+        state: _Buckets | None = data.get(key)
+        if state is None:
+            state = data[key] = _Buckets()
         now = self.store.now()
         blen = window / BUCKETS
         slot = int(now / blen)
-        if len(counts) > BUCKETS or (counts and next(iter(counts)) <= slot - BUCKETS):
-            first = slot - BUCKETS + 1
-            for old in [s for s in counts if s < first]:
-                del counts[old]
-        total = sum(counts.values())
+        if state.oldest <= slot - BUCKETS:
+            state.expire(slot - BUCKETS + 1)
+        total = state.total
         if total + n <= limit:
+            counts = state.counts
             counts[slot] = counts.get(slot, 0) + n
+            state.total = total + n
+            if slot < state.oldest:
+                state.oldest = slot
             return WindowResult(True, limit - total - n, 0.0, slot)
         wait, freed = window, 0
+        counts = state.counts
         for s in sorted(counts):
             freed += counts[s]
             if total - freed + n <= limit:
@@ -109,9 +133,11 @@ class MemoryWindow:
 
     async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
         """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
-        counts: dict[int, int] | None = self.store.data.get(key)
-        if counts and slot in counts:
-            counts[slot] -= n
+        state: _Buckets | None = self.store.data.get(key)
+        if state is not None and slot in state.counts:
+            assert isinstance(slot, int)
+            state.counts[slot] -= n
+            state.total -= n
 
     def forget(self, key: str) -> None:
         """Drop the counts under ``key``."""
