@@ -296,7 +296,7 @@ class QpsCheck(_FlowCheckBase):
         # shares one entry unless the rule is per origin; then the table bounds them (a
         # window idle for a whole window is empty: dropping it changes no answer).
         self._default = self._key("")
-        self._origins: OriginTable[tuple[str, bytes | None]] = OriginTable(
+        self._origins: OriginTable[_QpsKey] = OriginTable(
             self._key, self._drop_key, idle_seconds=window_seconds * (1 + 1 / BUCKETS)
         )
         # On Redis the chain sends the window's script with its neighbours' (one round trip).
@@ -313,11 +313,24 @@ class QpsCheck(_FlowCheckBase):
             self._local = self.store.local.window()
         return self._local
 
-    def _key(self, suffix: str) -> tuple[str, bytes | None]:
+    def _key(self, suffix: str) -> _QpsKey:
         key = self.store.key("flow", self.key_base, suffix)
-        return (key, self.window.pack(key, self.limit, self.window_seconds))
+        packed = self.window.pack(key, self.limit, self.window_seconds)
+        window = self.window
+        if not isinstance(window, RedisWindow):
+            return (key, packed, None)
 
-    def _drop_key(self, entry: tuple[str, bytes | None]) -> None:
+        def decide(reply: Any) -> Any:
+            result = window.result(reply)
+            if not result.admitted:
+                self._refuse(result)
+            return (window, key, result.slot)
+
+        # The key's stage is the same for every call: made once, not per request.
+        call = window.acquire_call(key, self.limit, self.window_seconds, 1, packed)
+        return (key, packed, Stage(self.store, call, decide))
+
+    def _drop_key(self, entry: _QpsKey) -> None:
         self.window.forget(entry[0])
         if self._local is not None:
             self._local.forget(entry[0])
@@ -326,7 +339,7 @@ class QpsCheck(_FlowCheckBase):
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
-        key, packed = self._origins.get(suffix) if suffix else self._default
+        key, packed, _ = self._origins.get(suffix) if suffix else self._default
         window = self.window
         if self._now is not None:
             result = self._now(key, self.limit, self.window_seconds)
@@ -362,22 +375,12 @@ class QpsCheck(_FlowCheckBase):
         store = self.store
         if not store.available:
             return None
+        if self.scope.origin == "default":  # every caller shares one counter
+            return self._default[2]
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return Stage(store, None, _no_token)
-        key, packed = self._origins.get(suffix) if suffix else self._default
-        window = self.window
-        assert isinstance(window, RedisWindow)
-
-        def decide(reply: Any) -> Any:
-            result = window.result(reply)
-            if not result.admitted:
-                self._refuse(result)
-            return (window, key, result.slot)
-
-        return Stage(
-            store, window.acquire_call(key, self.limit, self.window_seconds, 1, packed), decide
-        )
+        return (self._origins.get(suffix) if suffix else self._default)[2]
 
     def _refuse(self, result: WindowResult) -> NoReturn:
         quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
@@ -530,6 +533,10 @@ class _Count:
 
 
 FlowCheck = QpsCheck | ConcurrencyCheck
+
+
+#: A QPS rule's key, its call packed once (Redis) and its stage for the chain (Redis).
+_QpsKey = tuple[str, bytes | None, Stage | None]
 
 
 def _no_token(reply: Any) -> None:

@@ -39,7 +39,19 @@ def _encode(value: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP."""
+    """One command in RESP (hiredis packs it in C: a quarter of the cost in Python)."""
+    try:
+        packed: bytes = _pack_command(args)
+    except Exception:  # a bool, or a type hiredis does not take: packed (or refused) below
+        return _pack(args)
+    return packed
+
+
+_pack_command = hiredis.pack_command
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """:func:`pack` in Python (bools as 1 and 0; other types refused with a TypeError)."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)

@@ -272,41 +272,69 @@ class RedisStore(Store):
                     raise StorageUnavailable(f"{self.uri} cannot serve: {reply}") from reply
             return replies
 
-        async def send() -> list[Any]:
-            packed = [
-                c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
-                for c in calls
-            ]
-            sent = pipe.send_many_now(packed) or await pipe.send_many(packed)
-            replies: list[Any] = []
-            failed: BaseException | None = None
-            for i, waiting in enumerate(sent):
+        packed = [
+            c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
+            for c in calls
+        ]
+        if self._down_since is None:
+            # The usual case (up, connected): queue the calls now and read the replies here,
+            # without the outage wrapper's coroutines; what it would do on an error is
+            # done the same way below.
+            sent = pipe.send_many_now(packed)
+            if sent is not None:
                 try:
-                    replies.append(await waiting)
-                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                    c = calls[i]
-                    replies.append(None)
-                    if failed is None:
-                        args = ("EVAL", c.script.script, len(c.keys), *c.keys, *c.args)
-                        replies[i] = await pipe.execute(*args)
+                    return await self._replies(pipe, calls, sent)
+                except OUTAGE_ERRORS as exc:
+                    self._mark_down(exc)
+                    raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
                 except ResponseError as exc:
-                    replies.append(exc)
-                    if failed is None and UNAVAILABLE_REPLIES.search(str(exc)):
-                        failed = exc
-                except asyncio.CancelledError:
-                    for rest in sent[i + 1 :]:
-                        rest.cancel()  # their replies are dropped in order
-                    raise
-                except Exception as exc:  # the connection failed: every later call too
-                    replies.append(exc)
-                    if failed is None:
-                        failed = exc
-            if failed is not None:
-                raise failed
-            return replies
+                    if not UNAVAILABLE_REPLIES.search(str(exc)):
+                        raise
+                    self._mark_down(exc)
+                    raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+
+        async def send() -> list[Any]:
+            sent = pipe.send_many_now(packed) or await pipe.send_many(packed)
+            return await self._replies(pipe, calls, sent)
 
         done: list[Any] = await self._guarded(send, always_try)
         return done
+
+    @staticmethod
+    async def _replies(
+        pipe: AutoPipeline, calls: Sequence[ScriptCall], sent: list[asyncio.Future[Any]]
+    ) -> list[Any]:
+        """The replies of ``calls`` sent on the pipelined connection, in order.
+
+        A script the server lost (NOSCRIPT) is sent again with EVAL; an error reply is
+        kept in its place; the first outage error (or unavailable reply) is raised.
+        """
+        replies: list[Any] = []
+        failed: BaseException | None = None
+        for i, waiting in enumerate(sent):
+            try:
+                replies.append(await waiting)
+            except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                c = calls[i]
+                replies.append(None)
+                if failed is None:
+                    args = ("EVAL", c.script.script, len(c.keys), *c.keys, *c.args)
+                    replies[i] = await pipe.execute(*args)
+            except ResponseError as exc:
+                replies.append(exc)
+                if failed is None and UNAVAILABLE_REPLIES.search(str(exc)):
+                    failed = exc
+            except asyncio.CancelledError:
+                for rest in sent[i + 1 :]:
+                    rest.cancel()  # their replies are dropped in order
+                raise
+            except Exception as exc:  # the connection failed: every later call too
+                replies.append(exc)
+                if failed is None:
+                    failed = exc
+        if failed is not None:
+            raise failed
+        return replies
 
     async def call(self, *args: Any, always_try: bool = False) -> Any:
         """Run one plain command with the same outage handling as :meth:`run`."""
