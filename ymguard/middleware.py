@@ -87,26 +87,47 @@ def routes_by_host(routes: Sequence[Any]) -> bool:
     return False
 
 
+#: Seconds a call runs before its client is watched for a disconnect: the calls that end
+#: sooner (nearly all) cost no task of their own; those that hold a permit longer are
+#: cancelled when their client goes away.
+WATCH_AFTER = 0.05
+
+
 async def run_until_disconnect(
     app: ASGIApp, scope: Scope, receive: Receive, send: Send, finished: Callable[[], bool]
 ) -> bool:
     """Run ``app``, cancelling it if the client disconnects before the response is done.
 
-    The app runs in a task of its own while this task reads ``receive`` and hands every
-    message on to it; when it sees ``http.disconnect`` while the response is unfinished it
-    cancels the app (a plain endpoint would otherwise run on, holding its permit, for
-    nobody). One task per request and no queue: when the app ends first, its task's done
-    callback interrupts the read (this task is then waiting in ``receive``).
+    The app runs in this task. Once it has run :data:`WATCH_AFTER` seconds, a watcher task
+    reads ``receive`` and hands every message on to the app; when it sees
+    ``http.disconnect`` while the response is unfinished it cancels this task (a plain
+    endpoint would otherwise run on, holding its permit, for nobody). A call that ends
+    sooner never starts the watcher: one timer, no task and no queue. While the app itself
+    waits in ``receive`` the watcher waits too (the app will see a disconnect itself).
 
     Returns:
         True if the app was cancelled because the client went away.
     """
-    loop = asyncio.get_running_loop()
     this = asyncio.current_task()
+    if this is None:  # not in a task: nothing to cancel
+        await app(scope, receive, send)
+        return False
+    loop = asyncio.get_running_loop()
     inbox: collections.deque[Message] = collections.deque()
     arrived: list[asyncio.Future[None] | None] = [None]  # the app's wait for a message
+    reading = 0  # the app's own receive() calls in progress (before the watcher)
+    watcher: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    gone = False
 
     async def app_receive() -> Message:
+        nonlocal reading
+        if watcher is None:
+            reading += 1
+            try:
+                return await receive()
+            finally:
+                reading -= 1
         while not inbox:
             waiter = arrived[0] = loop.create_future()
             try:
@@ -115,30 +136,10 @@ async def run_until_disconnect(
                 arrived[0] = None
         return inbox.popleft()
 
-    app_task = asyncio.ensure_future(app(scope, app_receive, send))
-    reading = False  # whether this task waits in receive() (the done callback interrupts it)
-    interrupted = False
-
-    def app_done(_: asyncio.Future[None]) -> None:
-        nonlocal interrupted
-        if reading and this is not None:
-            interrupted = True
-            this.cancel()
-
-    app_task.add_done_callback(app_done)
-    gone = False
-    try:
-        while not app_task.done():
-            reading = True
-            try:
-                message = await receive()
-            except asyncio.CancelledError:
-                if interrupted and this is not None and this.cancelling() <= 1:
-                    this.uncancel()  # only our own interruption: the app has ended
-                    break
-                raise
-            finally:
-                reading = False
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await receive()
             inbox.append(message)
             waiter = arrived[0]
             if waiter is not None and not waiter.done():
@@ -146,21 +147,39 @@ async def run_until_disconnect(
             if message["type"] == "http.disconnect":
                 if not finished():
                     gone = True
-                    app_task.cancel()
-                break
-        try:
-            await app_task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if gone and (current is None or not current.cancelling()):
-                return True
-            raise
-    except BaseException:
-        app_task.remove_done_callback(app_done)
-        if not app_task.done():
-            app_task.cancel()
+                    this.cancel()
+                return
+
+    def start_watching() -> None:
+        nonlocal watcher, timer
+        if reading:  # the app is reading: it will see a disconnect; look again later
+            timer = loop.call_later(WATCH_AFTER, start_watching)
+            return
+        watcher = loop.create_task(watch())
+        watcher.add_done_callback(_retrieve)
+
+    timer = loop.call_later(WATCH_AFTER, start_watching)
+    try:
+        await app(scope, app_receive, send)
+    except asyncio.CancelledError:
+        if gone and this.cancelling() <= 1:
+            this.uncancel()  # only our own cancellation: the client went away
+            return True
         raise
+    finally:
+        timer.cancel()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+    if gone and this.cancelling():  # the app swallowed our cancellation
+        this.uncancel()
+        return True
     return False
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Read a watcher's outcome (a failed ``receive`` is the app's to meet, not a log line)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class GuardMiddleware:

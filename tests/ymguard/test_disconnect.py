@@ -1,0 +1,151 @@
+"""``run_until_disconnect``: a call is cancelled when its client goes away, and a quick
+call never starts a watcher task (issue 14: no per-request task where it can be avoided)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ymguard.middleware import WATCH_AFTER, run_until_disconnect
+
+BODY = {"type": "http.request", "body": b"", "more_body": False}
+DISCONNECT = {"type": "http.disconnect"}
+
+
+class Client:
+    """A server's ``receive``: the given messages, then a disconnect once ``leave`` is set."""
+
+    def __init__(self, *messages: dict[str, Any], delay: float = 0.0) -> None:
+        self.messages = list(messages)
+        self.delay = delay
+        self.leave = asyncio.Event()
+        self.calls = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.messages:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return self.messages.pop(0)
+        await self.leave.wait()
+        return DISCONNECT
+
+
+async def send(message: Any) -> None:
+    pass
+
+
+async def test_a_quick_call_starts_no_task_and_never_reads_for_a_disconnect() -> None:
+    client = Client(BODY)
+    tasks: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert await receive() == BODY
+        tasks.append(len(asyncio.all_tasks()))
+        await send({"type": "http.response.start", "status": 200})
+
+    before = len(asyncio.all_tasks())
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: True) is False
+    assert tasks == [before]  # no watcher ran beside the app
+    assert client.calls == 1  # only the app's own read
+    await asyncio.sleep(WATCH_AFTER * 2)  # the timer was cancelled: nothing reads later
+    assert client.calls == 1
+
+
+async def test_a_long_call_is_cancelled_when_its_client_goes_away() -> None:
+    client = Client(BODY)
+    cancelled = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.Event().wait()  # holds its permit until cancelled
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def leave_later() -> None:
+        await asyncio.sleep(WATCH_AFTER * 3)
+        client.leave.set()
+
+    leaving = asyncio.ensure_future(leave_later())
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: False) is True
+    await leaving
+    assert cancelled.is_set()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # our cancellation is taken back
+
+
+async def test_a_disconnect_after_the_response_cancels_nothing() -> None:
+    client = Client(BODY)
+    done = False
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal done
+        await receive()
+        client.leave.set()  # the client leaves once it has its answer
+        await asyncio.sleep(WATCH_AFTER * 3)  # background work after the response
+        done = True
+
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: True) is False
+    assert done
+
+
+async def test_a_body_read_slowly_reaches_the_app_whole_and_in_order() -> None:
+    chunks = [{"type": "http.request", "body": b"%d" % i, "more_body": i < 4} for i in range(5)]
+    client = Client(*chunks, delay=WATCH_AFTER * 0.6)
+    got: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            got.append(message)
+            if not message.get("more_body"):
+                return
+            await asyncio.sleep(WATCH_AFTER * 0.6)  # the watcher may start between reads
+
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: True) is False
+    assert got == chunks
+
+
+async def test_an_app_that_swallows_the_cancellation_still_counts_as_gone() -> None:
+    client = Client(BODY)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return  # a badly behaved app
+
+    async def leave_later() -> None:
+        await asyncio.sleep(WATCH_AFTER * 3)
+        client.leave.set()
+
+    leaving = asyncio.ensure_future(leave_later())
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: False) is True
+    await leaving
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_a_cancellation_from_outside_is_not_taken_for_a_disconnect() -> None:
+    client = Client(BODY)
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(run_until_disconnect(app, {}, client.receive, send, lambda: False))
+    await started.wait()
+    await asyncio.sleep(WATCH_AFTER * 2)  # the watcher is running
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:  # pragma: no cover - the point of the test
+        raise AssertionError("an outside cancellation was swallowed")
+    assert task.cancelled()
