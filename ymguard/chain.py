@@ -322,6 +322,8 @@ class Chain:
     __slots__ = (
         "_after_call",
         "_enter_now",
+        "_finished",
+        "_passed",
         "_stage_in",
         "_stage_out",
         "_staging",
@@ -348,7 +350,10 @@ class Chain:
         self.stats = stats
         self.error_statuses = error_statuses
         # The statistics listen first: breakers decide on them in their exit.
-        self.observers: tuple[Observer, ...] = (stats, *observers)
+        self.observers: tuple[Observer, ...] = ()
+        self._passed: tuple[Callable[[Context], None], ...] = ()
+        self._finished: tuple[Callable[[Context, float, Outcome], None], ...] = ()
+        self.set_observers((stats, *observers))
         # The checks whose exit has work after a finished call, last first; a check with
         # exit_after_call = False only undoes when a later check blocks.
         self._after_call = tuple(
@@ -385,6 +390,13 @@ class Chain:
         # (A staged chain too: staging only batches exits, and there are none to run.)
         self.sync_exit = not self._after_call
 
+    def set_observers(self, observers: Sequence[Observer]) -> None:
+        """Replace the chain's observers (the statistics first)."""
+        self.observers = tuple(observers)
+        # Bound once: every call runs them.
+        self._passed = tuple(observer.passed for observer in self.observers)
+        self._finished = tuple(observer.finished for observer in self.observers)
+
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self.checks)
         return f"Chain({self.resource!r}, [{names}])"
@@ -412,8 +424,8 @@ class Chain:
             # Answered without the endpoint: the earlier checks saw a call that passed.
             ctx.status = exc.status
             ctx.replayed = True
-            for observer in self.observers:
-                observer.passed(ctx)
+            for passed in self._passed:
+                passed(ctx)
             await self.exit(ctx, tokens)
             raise
         except asyncio.CancelledError as exc:
@@ -426,8 +438,8 @@ class Chain:
             ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
             await self._unwind(ctx, tokens)
             raise
-        for observer in self.observers:
-            observer.passed(ctx)
+        for passed in self._passed:
+            passed(ctx)
         return tokens
 
     def enter_now(self, ctx: Context) -> list[Any]:
@@ -452,8 +464,8 @@ class Chain:
             except BaseException as exc:
                 ctx.error = exc
                 raise
-        for observer in observers:
-            observer.passed(ctx)
+        for passed in self._passed:
+            passed(ctx)
         return tokens
 
     def exit_now(self, ctx: Context) -> bool:
@@ -472,8 +484,8 @@ class Chain:
                 outcome = "error" if status in self.error_statuses else "success"
         elif has_outcome(ctx):
             outcome = "error"  # an exception is an error
-        for observer in self.observers:
-            observer.finished(ctx, rt_ms, outcome)
+        for finished in self._finished:
+            finished(ctx, rt_ms, outcome)
         return True
 
     async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
@@ -576,8 +588,8 @@ class Chain:
             outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
             if has_outcome(ctx):
                 outcome = "error" if is_error(ctx, self.error_statuses) else "success"
-            for observer in self.observers:
-                observer.finished(ctx, rt_ms, outcome)
+            for finished in self._finished:
+                finished(ctx, rt_ms, outcome)
             entered = len(tokens)  # fewer than the checks when one answered the call
             if self._staging:
                 await self._exit_staged(ctx, tokens, [i for i in self._after_call if i < entered])

@@ -273,7 +273,7 @@ class Guard:
         with self._lock:
             self._observers.append(observer)
             for chain in self._chains.values():
-                chain.observers = (*chain.observers, observer)
+                chain.set_observers((*chain.observers, observer))
 
     def status(self) -> list[object]:
         """What every check of every resource shows a dashboard now (no store call).
