@@ -56,6 +56,50 @@ async def test_scripts_survive_a_script_cache_flush(private_redis: RedisServer) 
     await store.aclose()
 
 
+async def test_batches_survive_a_script_cache_flush(private_redis: RedisServer) -> None:
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url)
+    add = store.script("return ARGV[1] + 1")
+    double = store.script("return ARGV[1] * 2")
+    calls = [ScriptCall(add, (), (1,)), ScriptCall(double, (), (4,))]
+    assert await store.run_many(calls) == [2, 8]
+    await store.client.script_flush()
+    assert await store.run_many(calls) == [2, 8]  # each lost script is sent again with EVAL
+    await store.aclose()
+
+
+async def test_a_batch_keeps_error_replies_in_their_places(redis_url: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    assert await pipe.execute("PING") == b"PONG"  # connected: the batch goes out at once
+    batch = pipe.send_many_now([_pack("PING"), _pack("NOSUCHCOMMAND"), _pack("PING")])
+    assert batch is not None
+    first, error, last = await batch
+    assert first == last == b"PONG"
+    assert isinstance(error, ResponseError)
+    pipe.close()
+
+
+async def test_a_cancelled_batch_does_not_shift_the_replies(redis_url: str, prefix: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    await pipe.execute("SET", f"{prefix}:a", "A")
+    await pipe.execute("SET", f"{prefix}:b", "B")
+    batch = pipe.send_many_now([_pack("GET", f"{prefix}:a"), _pack("GET", f"{prefix}:a")])
+    assert batch is not None
+    after = asyncio.ensure_future(pipe.execute("GET", f"{prefix}:b"))
+    batch.cancel()
+    assert await after == b"B"
+    assert await pipe.execute("GET", f"{prefix}:a") == b"A"
+    await pipe.execute("DEL", f"{prefix}:a", f"{prefix}:b")
+    pipe.close()
+
+
+def _pack(*args: str) -> bytes:
+    from ymguard.storage.pipeline import pack
+
+    return pack(args)
+
+
 async def test_password_and_database_from_the_url() -> None:
     server = RedisServer().start()
     try:

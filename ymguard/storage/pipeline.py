@@ -85,7 +85,11 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.reader = hiredis.Reader()
-        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # Per command or batch sent: its future, its deadline, and for a batch the list
+        # its replies are gathered in and how many it waits for (one future per batch).
+        self.waiters: collections.deque[
+            tuple[asyncio.Future[Any], float, list[Any] | None, int]
+        ] = collections.deque()
         self.pending: list[bytes] = []
         # Any: uvloop's transports are not asyncio.Transport subclasses.
         self.transport: Any = None
@@ -100,14 +104,25 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        waiters = self.waiters
         while (reply := self.reader.gets()) is not False:
-            future, _ = self.waiters.popleft()
-            if future.done():  # its caller was cancelled; the reply is dropped in order
-                continue
+            future, _, batch, expected = waiters[0]
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
-                error = NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
-                future.set_exception(error)
+                reply = NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+            if batch is not None:  # a batch's error replies stay in their places
+                batch.append(reply)
+                if len(batch) < expected:
+                    continue
+                waiters.popleft()
+                if not future.done():  # a cancelled caller's replies are dropped in order
+                    future.set_result(batch)
+                continue
+            waiters.popleft()
+            if future.done():  # its caller was cancelled; the reply is dropped in order
+                continue
+            if isinstance(reply, ResponseError):
+                future.set_exception(reply)
             else:
                 future.set_result(reply)
 
@@ -119,7 +134,7 @@ class _Protocol(asyncio.Protocol):
         if self.watchdog is not None:
             self.watchdog.cancel()
         while self.waiters:
-            future, _ = self.waiters.popleft()
+            future = self.waiters.popleft()[0]
             if not future.done():
                 future.set_exception(error)
         if self.transport is not None:
@@ -127,8 +142,24 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, data: bytes) -> asyncio.Future[Any]:
         future = self.loop.create_future()
-        self.waiters.append((future, self.loop.time() + self.timeout))
+        self.waiters.append((future, self.loop.time() + self.timeout, None, 1))
         self.pending.append(data)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self._check)
+        return future
+
+    def send_batch(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
+        """Queue several commands; one future for the list of their replies, in order.
+
+        An error reply is in its place as a ``ResponseError`` (``NoScriptError``), not
+        raised; a lost connection fails the future.
+        """
+        future = self.loop.create_future()
+        self.waiters.append((future, self.loop.time() + self.timeout, [], len(packed)))
+        self.pending.extend(packed)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -263,19 +294,23 @@ class AutoPipeline:
             return None
         return protocol.send(packed)
 
-    def send_many_now(self, packed: list[bytes]) -> list[asyncio.Future[Any]] | None:
-        """Queue several packed commands in one write; None if it must connect first."""
+    def send_many_now(self, packed: list[bytes]) -> asyncio.Future[list[Any]] | None:
+        """Queue several packed commands in one write; None if it must connect first.
+
+        The future's result is the list of replies in order, error replies in their
+        places as ``ResponseError`` (see :meth:`_Protocol.send_batch`).
+        """
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             return None
         if protocol.loop is not asyncio.get_running_loop():
             return None
-        return [protocol.send(data) for data in packed]
+        return protocol.send_batch(packed)
 
-    async def send_many(self, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+    async def send_many(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
         """Connect if needed, then queue several packed commands in one write."""
         protocol = await self._ready()
-        return [protocol.send(data) for data in packed]
+        return protocol.send_batch(packed)
 
     async def send(self, packed: bytes) -> Any:
         """Send a packed command (connecting first if needed) and return its reply."""

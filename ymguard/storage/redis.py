@@ -302,36 +302,31 @@ class RedisStore(Store):
 
     @staticmethod
     async def _replies(
-        pipe: AutoPipeline, calls: Sequence[ScriptCall], sent: list[asyncio.Future[Any]]
+        pipe: AutoPipeline, calls: Sequence[ScriptCall], sent: asyncio.Future[list[Any]]
     ) -> list[Any]:
         """The replies of ``calls`` sent on the pipelined connection, in order.
 
         A script the server lost (NOSCRIPT) is sent again with EVAL; an error reply is
-        kept in its place; the first outage error (or unavailable reply) is raised.
+        kept in its place; the first unavailable reply (or a lost connection) is raised.
         """
-        replies: list[Any] = []
+        replies = await sent
         failed: BaseException | None = None
-        for i, waiting in enumerate(sent):
-            try:
-                replies.append(await waiting)
-            except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                c = calls[i]
-                replies.append(None)
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, ResponseError):
+                continue
+            if isinstance(reply, NoScriptError):  # a restarted or flushed server: EVAL again
+                replies[i] = None
                 if failed is None:
+                    c = calls[i]
                     args = ("EVAL", c.script.script, len(c.keys), *c.keys, *c.args)
-                    replies[i] = await pipe.execute(*args)
-            except ResponseError as exc:
-                replies.append(exc)
-                if failed is None and UNAVAILABLE_REPLIES.search(str(exc)):
-                    failed = exc
-            except asyncio.CancelledError:
-                for rest in sent[i + 1 :]:
-                    rest.cancel()  # their replies are dropped in order
-                raise
-            except Exception as exc:  # the connection failed: every later call too
-                replies.append(exc)
-                if failed is None:
-                    failed = exc
+                    try:
+                        replies[i] = await pipe.execute(*args)
+                    except ResponseError as exc:
+                        replies[i] = exc
+                        if UNAVAILABLE_REPLIES.search(str(exc)):
+                            failed = exc
+            elif failed is None and UNAVAILABLE_REPLIES.search(str(reply)):
+                failed = reply
         if failed is not None:
             raise failed
         return replies
