@@ -25,7 +25,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
 from .backends.permits import Permits, RedisPermits, keep_lease
-from .backends.window import BUCKETS, AcquireNow, RedisWindow, Window, WindowResult
+from .backends.window import (
+    BUCKETS,
+    AcquireNow,
+    MemoryWindow,
+    RedisWindow,
+    Window,
+    WindowResult,
+)
 from .chain import NOTHING, CheckStatus, Context, Stage, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .storage import RedisStore, Store
@@ -291,6 +298,11 @@ class QpsCheck(_FlowCheckBase):
         self.window: Window = store.window()
         # A window that never waits (memory) is called without a coroutine.
         self._now: AcquireNow | None = self.window.acquire_now()
+        # The memory window also counts one call without building a result.
+        self._take: Callable[[str, int, float], int | None] | None = None
+        self._refusal: Callable[[str, int, float], WindowResult] = self._no_refusal
+        if isinstance(self.window, MemoryWindow):
+            self._take, self._refusal = self.window.take, self.window.refusal
         self._local: Window | None = None
         # Per origin suffix: the key and, on Redis, the call packed once. Every caller
         # shares one entry unless the rule is per origin; then the table bounds them (a
@@ -307,6 +319,10 @@ class QpsCheck(_FlowCheckBase):
         self.enter_now: Callable[[Context], Any] | None = (
             self._enter_now if self._now is not None else None
         )
+
+    @staticmethod
+    def _no_refusal(key: str, limit: int, window: float) -> WindowResult:
+        raise AssertionError("only the memory window takes calls one by one")
 
     def _local_window(self) -> Window:
         if self._local is None:
@@ -365,6 +381,12 @@ class QpsCheck(_FlowCheckBase):
             if suffix is None:
                 return None
             key = (self._origins.get(suffix) if suffix else self._default)[0]
+        take = self._take
+        if take is not None:  # the memory window: one call counted, no result built
+            slot = take(key, self.limit, self.window_seconds)
+            if slot is None:
+                self._refuse(self._refusal(key, self.limit, self.window_seconds))
+            return (self.window, key, slot)
         result = self._now(key, self.limit, self.window_seconds)  # type: ignore[misc]
         if not result.admitted:
             self._refuse(result)

@@ -262,7 +262,12 @@ class _Resource:
 
 def _no_global_sdk() -> bool:
     """Whether the global meter provider is still the API's no-op proxy (no SDK set)."""
-    return getattr(otel_internal, "_METER_PROVIDER", True) is None
+    return _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None
+
+
+#: The API module's globals, read without a call per request (``_METER_PROVIDER`` is
+#: None until ``set_meter_provider``; a version without it counts as set).
+_OTEL_GLOBALS = vars(otel_internal)
 
 
 def _drain(kept: collections.deque[float]) -> list[float]:
@@ -321,7 +326,7 @@ class GuardMetrics:
         self._duration = ins.duration.record
         # On the global provider, durations are kept only once an SDK is set: before,
         # the histogram is the API's no-op.
-        self._global = meter_provider is None
+        self._sdk = meter_provider is not None
         self._resources: dict[str, _Resource] = {}
         self._remote = bool(getattr(guard.store, "remote", False))
         self._down = False
@@ -375,8 +380,12 @@ class GuardMetrics:
         """
         res = self._resources.get(ctx.resource) or self._of(ctx.resource)
         res.active[1] -= 1
-        if not self.record_durations or (self._global and _no_global_sdk()):
+        if not self.record_durations:
             return
+        if not self._sdk:  # the global provider: no SDK yet? (set once, never unset)
+            if _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None:  # _no_global_sdk()
+                return
+            self._sdk = True
         if outcome == "success" or outcome == "error":
             name: str = outcome
         elif outcome == "blocked":

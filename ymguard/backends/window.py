@@ -97,6 +97,44 @@ class MemoryWindow:
         """The memory window never waits: :meth:`count` is ``acquire`` without a coroutine."""
         return self.count
 
+    def take(self, key: str, limit: int, window: float) -> int | None:
+        """Count one call if ``limit`` allows: its slot, or None (:meth:`refusal` then
+        says how long to wait). :meth:`count` for one call, without building a result."""
+        data = self.store.data
+        state: _Buckets | None = data.get(key)
+        if state is None:
+            state = data[key] = _Buckets()
+        slot = int(self.store.now() / (window / BUCKETS))
+        if state.oldest <= slot - BUCKETS:
+            state.expire(slot - BUCKETS + 1)
+        if state.total >= limit:
+            return None
+        counts = state.counts
+        counts[slot] = counts.get(slot, 0) + 1
+        state.total += 1
+        if slot < state.oldest:
+            state.oldest = slot
+        return slot
+
+    def refusal(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
+        """What :meth:`count` answers a refused call now, without counting anything."""
+        state: _Buckets = self.store.data.get(key) or _Buckets()
+        now = self.store.now()
+        blen = window / BUCKETS
+        slot = int(now / blen)
+        if state.oldest <= slot - BUCKETS:
+            state.expire(slot - BUCKETS + 1)
+        total = state.total
+        wait, freed = 0.0 if total + n <= limit else window, 0
+        if wait:
+            counts = state.counts
+            for s in sorted(counts):
+                freed += counts[s]
+                if total - freed + n <= limit:
+                    wait = (s + BUCKETS) * blen - now
+                    break
+        return WindowResult(False, max(0, limit - total), wait, slot)
+
     def count(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
         """:meth:`acquire` without the coroutine."""
         data = self.store.data
