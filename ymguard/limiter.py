@@ -352,6 +352,8 @@ class QpsCheck(_FlowCheckBase):
             self._local.forget(entry[0])
 
     async def enter(self, ctx: Context) -> Any:
+        if self._take is not None:  # the memory window decides without awaiting
+            return self._enter_now(ctx)
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
