@@ -14,7 +14,6 @@ resource names a limit of its own.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
-from .backends.permits import Permits, RedisPermits, keep_lease
+from .backends.permits import Permits, RedisPermits, keep_lease, new_permit_id
 from .backends.window import (
     BUCKETS,
     AcquireNow,
@@ -474,7 +473,7 @@ class ConcurrencyCheck(_FlowCheckBase):
         if suffix is None:
             return None
         backend = self._backend(suffix)
-        permit_id = secrets.token_hex(8)
+        permit_id = new_permit_id()
         try:
             result = await backend.acquire(permit_id, self.limit, self.rule.lease_seconds)
         except StorageUnavailable:
@@ -502,7 +501,7 @@ class ConcurrencyCheck(_FlowCheckBase):
             return Stage(store, None, _no_token)
         backend = self._backend(suffix)
         assert isinstance(backend, RedisPermits)
-        permit_id = secrets.token_hex(8)
+        permit_id = new_permit_id()
         lease = self.rule.lease_seconds
 
         def decide(reply: Any) -> Any:

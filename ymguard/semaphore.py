@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .backends.permits import (
     LeaseKeeper,
     Permits,
     RedisPermits,
+    new_permit_id,
 )
 from .chain import NOTHING, CheckStatus, Context, Stage, WaitResult, report_wait
 from .errors import SemaphoreFull, StorageBlocked, StorageUnavailable
@@ -201,12 +201,12 @@ class Semaphore:
             return await self._acquire_on(self._backend, deadline)
         except StorageUnavailable as exc:
             if self.store.on_outage(exc) == "open":
-                return Permit(self, secrets.token_hex(8), 0.0)
+                return Permit(self, new_permit_id(), 0.0)
             return await self._acquire_on(self._local_backend(), deadline)
 
     async def _acquire_on(self, backend: Permits, deadline: float) -> Permit:
         loop = asyncio.get_running_loop()
-        permit_id = secrets.token_hex(8)
+        permit_id = new_permit_id()
         event: asyncio.Event | None = None
         reliable = True
         # True while the store may hold a permit or a place for this id that we may not keep.
@@ -383,7 +383,7 @@ class SemaphoreCheck:
         if not sem.store.available:
             return None
         assert isinstance(backend, RedisPermits)
-        permit_id = secrets.token_hex(8)
+        permit_id = new_permit_id()
 
         def decide(reply: Any) -> Permit:
             result = backend.acquired(reply)

@@ -855,3 +855,22 @@ async def test_a_plain_endpoint_is_cancelled_when_its_client_goes_away(prefix: s
                 raise AssertionError("the permit was not released when the client left")
     finally:
         servers[0].stop()
+
+
+def test_permit_ids_are_unique_and_a_forked_process_draws_its_own() -> None:
+    import os
+
+    from ymguard.backends.permits import new_permit_id
+
+    ids = {new_permit_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids must not repeat the parent's
+        os.write(write, new_permit_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert child.split("-")[0] != new_permit_id().split("-")[0]
