@@ -51,7 +51,7 @@ from .backends.breaker_state import (
     BreakerState,
     BreakerStore,
 )
-from .chain import DEFAULT_ERROR_STATUSES, Context, Stage, has_outcome, is_error
+from .chain import AWAIT, DEFAULT_ERROR_STATUSES, Context, Stage, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
 from .stats import Counts, ResourceStats
 from .storage import Store
@@ -459,6 +459,14 @@ class BreakerCheck:
         if st.state is CLOSED and st.known and (not self._remote or self._state.running()):
             return _CLOSED
         return None
+
+    def enter_fast(self, ctx: Context) -> Any:
+        """:meth:`enter` without a coroutine while a known closed copy answers alone
+        (None: admitted); else ``AWAIT`` (the chain awaits :meth:`enter`)."""
+        st = self._st
+        if st.state is CLOSED and st.known and (not self._remote or self._state.running()):
+            return None
+        return AWAIT
 
     async def enter(self, ctx: Context) -> Any:
         """Admit the call (``None``, or the probe token) or raise :class:`CircuitOpen`."""

@@ -199,6 +199,10 @@ class Check(Protocol):
         ``stage_exit(ctx, token) -> Stage | NOTHING | None`` (attributes, None where it
         never stages): the same as ``enter``/``exit`` with the store call handed to the
         chain; returning None means "run my plain ``enter``/``exit``".
+
+        A check may also enter without a coroutine: ``enter_now(ctx)`` when it always
+        decides at once (a memory window), ``enter_fast(ctx)`` when it usually does (a
+        closed breaker) and returns :data:`AWAIT` when its ``enter`` must run instead.
         """
 
 
@@ -233,6 +237,10 @@ class Stage:
 
 #: What ``stage_exit`` returns when its check had nothing to give back.
 NOTHING: Any = object()
+
+#: What a check's ``enter_fast`` returns when it cannot decide without awaiting: the
+#: chain then awaits its ``enter``.
+AWAIT: Any = object()
 
 
 #: How a call that passed the chain finished: ``success`` or ``error`` (an outcome the
@@ -322,6 +330,7 @@ class Chain:
     __slots__ = (
         "_after_call",
         "_enter_now",
+        "_fast",
         "_finished",
         "_passed",
         "_stage_in",
@@ -386,6 +395,14 @@ class Chain:
             else None
         )
         self._enter_now: Callable[[Context], Any] | None = enter_now
+        # Per check, a way in without a coroutine where it has one: ``enter_now`` (always
+        # decides) or ``enter_fast`` (decides, or answers AWAIT: then ``enter`` runs).
+        self._fast: tuple[Callable[[Context], Any] | None, ...] = tuple(
+            None
+            if getattr(type(check), "shadow", False)
+            else getattr(check, "enter_now", None) or getattr(check, "enter_fast", None)
+            for check in self.checks
+        )
         self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
         # (A staged chain too: staging only batches exits, and there are none to run.)
         self.sync_exit = not self._after_call
@@ -411,8 +428,12 @@ class Chain:
             if self._staging:
                 await self._enter_staged(ctx, tokens)
             else:
-                for check in checks:
-                    tokens.append(await check.enter(ctx))
+                for check, fast in zip(checks, self._fast, strict=True):
+                    if fast is None:
+                        tokens.append(await check.enter(ctx))
+                        continue
+                    token = fast(ctx)
+                    tokens.append(await check.enter(ctx) if token is AWAIT else token)
         except Blocked as exc:
             check = checks[len(tokens)]  # the tokens end before the check that refused
             ctx.blocked = exc
@@ -499,7 +520,9 @@ class Chain:
                 stager = stagers[i]
                 stage = stager(ctx) if stager is not None else None
             if stage is None:
-                tokens.append(await checks[i].enter(ctx))
+                fast = self._fast[i]
+                token = AWAIT if fast is None else fast(ctx)
+                tokens.append(await checks[i].enter(ctx) if token is AWAIT else token)
                 i += 1
                 asked = False
             else:
