@@ -102,8 +102,9 @@ async def run_until_disconnect(
     reads ``receive`` and hands every message on to the app; when it sees
     ``http.disconnect`` while the response is unfinished it cancels this task (a plain
     endpoint would otherwise run on, holding its permit, for nobody). A call that ends
-    sooner never starts the watcher: one timer, no task and no queue. While the app itself
-    waits in ``receive`` the watcher waits too (the app will see a disconnect itself).
+    sooner never starts the watcher: no task, no queue and no timer of its own (one timer
+    per event loop looks over the calls in flight). While the app itself waits in
+    ``receive`` the watcher waits too (the app will see a disconnect itself).
 
     Returns:
         True if the app was cancelled because the client went away.
@@ -112,74 +113,157 @@ async def run_until_disconnect(
     if this is None:  # not in a task: nothing to cancel
         await app(scope, receive, send)
         return False
-    loop = asyncio.get_running_loop()
-    inbox: collections.deque[Message] = collections.deque()
-    arrived: list[asyncio.Future[None] | None] = [None]  # the app's wait for a message
-    reading = 0  # the app's own receive() calls in progress (before the watcher)
-    watcher: asyncio.Task[None] | None = None
-    timer: asyncio.TimerHandle | None = None
-    gone = False
-
-    async def app_receive() -> Message:
-        nonlocal reading
-        if watcher is None:
-            reading += 1
-            try:
-                return await receive()
-            finally:
-                reading -= 1
-        while not inbox:
-            waiter = arrived[0] = loop.create_future()
-            try:
-                await waiter
-            finally:
-                arrived[0] = None
-        return inbox.popleft()
-
-    async def watch() -> None:
-        nonlocal gone
-        while True:
-            message = await receive()
-            inbox.append(message)
-            waiter = arrived[0]
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            if message["type"] == "http.disconnect":
-                if not finished():
-                    gone = True
-                    this.cancel()
-                return
-
-    def start_watching() -> None:
-        nonlocal watcher, timer
-        if reading:  # the app is reading: it will see a disconnect; look again later
-            timer = loop.call_later(WATCH_AFTER, start_watching)
-            return
-        watcher = loop.create_task(watch())
-        watcher.add_done_callback(_retrieve)
-
-    timer = loop.call_later(WATCH_AFTER, start_watching)
+    loop = this.get_loop()
+    sweeper = _sweeper
+    if sweeper is None or sweeper.loop is not loop:
+        sweeper = _new_sweeper(loop)
+    call = _Watched(this, receive, finished, sweeper)
     try:
-        await app(scope, app_receive, send)
+        await app(scope, call.app_receive, send)
     except asyncio.CancelledError:
-        if gone and this.cancelling() <= 1:
+        if call.gone and this.cancelling() <= 1:
             this.uncancel()  # only our own cancellation: the client went away
             return True
         raise
     finally:
-        timer.cancel()
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
-    if gone and this.cancelling():  # the app swallowed our cancellation
+        call.done()
+    if call.gone and this.cancelling():  # the app swallowed our cancellation
         this.uncancel()
         return True
     return False
+
+
+class _Watched:
+    """One call run by :func:`run_until_disconnect`, and its watcher once it has one."""
+
+    __slots__ = (
+        "arrived",
+        "finished",
+        "gone",
+        "inbox",
+        "reading",
+        "receive",
+        "since",
+        "sweeper",
+        "task",
+        "watcher",
+    )
+
+    def __init__(
+        self,
+        task: asyncio.Task[Any],
+        receive: Receive,
+        finished: Callable[[], bool],
+        sweeper: _Sweeper,
+    ) -> None:
+        self.task = task
+        self.receive = receive
+        self.finished = finished
+        self.sweeper = sweeper
+        self.since = sweeper.loop.time()
+        self.reading = 0  # the app's own receive() calls in progress (before the watcher)
+        self.watcher: asyncio.Task[None] | None = None
+        self.inbox: collections.deque[Message] | None = None
+        self.arrived: asyncio.Future[None] | None = None  # the app's wait for a message
+        self.gone = False
+        sweeper.add(self)
+
+    async def app_receive(self) -> Message:
+        """The ``receive`` the app gets: the server's, or the watcher's messages."""
+        if self.watcher is None:
+            self.reading += 1
+            try:
+                return await self.receive()
+            finally:
+                self.reading -= 1
+        inbox = self.inbox
+        assert inbox is not None
+        while not inbox:
+            waiter = self.arrived = self.sweeper.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.arrived = None
+        return inbox.popleft()
+
+    def watch(self) -> None:
+        """Start reading ``receive`` for a disconnect (the sweeper calls it)."""
+        self.inbox = collections.deque()
+        self.watcher = self.sweeper.loop.create_task(self._watch())
+        self.watcher.add_done_callback(_retrieve)
+
+    async def _watch(self) -> None:
+        inbox = self.inbox
+        assert inbox is not None
+        while True:
+            message = await self.receive()
+            inbox.append(message)
+            waiter = self.arrived
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if message["type"] == "http.disconnect":
+                if not self.finished():
+                    self.gone = True
+                    self.task.cancel()
+                return
+
+    def done(self) -> None:
+        """The app has ended: no watching from now on."""
+        self.sweeper.calls.pop(self, None)
+        watcher = self.watcher
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+
+
+class _Sweeper:
+    """Starts the watchers of an event loop's calls that have run :data:`WATCH_AFTER`.
+
+    One timer per loop, armed while calls are in flight: a call costs an entry in a dict
+    (in start order), not a timer of its own.
+    """
+
+    __slots__ = ("calls", "loop", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: dict[_Watched, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, call: _Watched) -> None:
+        self.calls[call] = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(call.since + WATCH_AFTER, self.sweep)
+
+    def sweep(self) -> None:
+        self.timer = None
+        due = self.loop.time() - WATCH_AFTER
+        later: float | None = None
+        for call in list(self.calls):  # the oldest first
+            if call.since > due:
+                later = call.since if later is None else min(later, call.since)
+                break
+            if call.reading:  # the app is reading: it will see a disconnect; look later
+                continue
+            del self.calls[call]
+            call.watch()
+        if self.calls:
+            at = (later if later is not None else self.loop.time()) + WATCH_AFTER
+            self.timer = self.loop.call_at(at, self.sweep)
+
+
+_sweeper: _Sweeper | None = None
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
     """Read a watcher's outcome (a failed ``receive`` is the app's to meet, not a log line)."""
     if not task.cancelled():
         task.exception()
+
+
+def _new_sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+    global _sweeper
+    sweeper = _sweeper = _Sweeper(loop)
+    return sweeper
 
 
 class GuardMiddleware:

@@ -149,3 +149,33 @@ async def test_a_cancellation_from_outside_is_not_taken_for_a_disconnect() -> No
     else:  # pragma: no cover - the point of the test
         raise AssertionError("an outside cancellation was swallowed")
     assert task.cancelled()
+
+
+async def test_calls_started_at_different_times_are_each_watched() -> None:
+    clients = [Client(BODY) for _ in range(3)]
+    cancelled: list[int] = []
+
+    def app_for(i: int) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+
+        return app
+
+    runs = []
+    for i, client in enumerate(clients):
+        runs.append(
+            asyncio.ensure_future(
+                run_until_disconnect(app_for(i), {}, client.receive, send, lambda: False)
+            )
+        )
+        await asyncio.sleep(WATCH_AFTER * 0.7)  # each one starts in a later sweep
+    await asyncio.sleep(WATCH_AFTER * 2)
+    for client in clients:
+        client.leave.set()
+    assert await asyncio.gather(*runs) == [True, True, True]
+    assert sorted(cancelled) == [0, 1, 2]
