@@ -59,9 +59,8 @@ def new_permit_id() -> str:
     return f"{_prefix}{next(_serial):x}"
 
 
-@dataclass(frozen=True, slots=True)
 class AcquireResult:
-    """What one acquire attempt found.
+    """What one acquire attempt found (a plain class: two are built per guarded request).
 
     Attributes:
         acquired: whether a permit was taken.
@@ -71,10 +70,25 @@ class AcquireResult:
         waiting: when not acquired, how many waiters stand in line.
     """
 
-    acquired: bool
-    expires_at: float = 0.0
-    retry_after: float = -1.0
-    waiting: int = 0
+    __slots__ = ("acquired", "expires_at", "retry_after", "waiting")
+
+    def __init__(
+        self,
+        acquired: bool,
+        expires_at: float = 0.0,
+        retry_after: float = -1.0,
+        waiting: int = 0,
+    ) -> None:
+        self.acquired = acquired
+        self.expires_at = expires_at
+        self.retry_after = retry_after
+        self.waiting = waiting
+
+    def __repr__(self) -> str:
+        return (
+            f"AcquireResult(acquired={self.acquired}, expires_at={self.expires_at}, "
+            f"retry_after={self.retry_after}, waiting={self.waiting})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
