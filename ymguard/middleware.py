@@ -138,6 +138,7 @@ class _Watched:
 
     __slots__ = (
         "arrived",
+        "ended",
         "finished",
         "gone",
         "inbox",
@@ -166,6 +167,9 @@ class _Watched:
         self.inbox: collections.deque[Message] | None = None
         self.arrived: asyncio.Future[None] | None = None  # the app's wait for a message
         self.gone = False
+        # Once the watcher has stopped: True after a disconnect (the app gets another on
+        # every later read, as from a server), or the error its receive() raised.
+        self.ended: bool | BaseException = False
         sweeper.add(self)
 
     async def app_receive(self) -> Message:
@@ -179,6 +183,11 @@ class _Watched:
         inbox = self.inbox
         assert inbox is not None
         while not inbox:
+            ended = self.ended
+            if isinstance(ended, BaseException):
+                raise ended
+            if ended:
+                return {"type": "http.disconnect"}
             waiter = self.arrived = self.sweeper.loop.create_future()
             try:
                 await waiter
@@ -195,17 +204,26 @@ class _Watched:
     async def _watch(self) -> None:
         inbox = self.inbox
         assert inbox is not None
-        while True:
-            message = await self.receive()
-            inbox.append(message)
-            waiter = self.arrived
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            if message["type"] == "http.disconnect":
-                if not self.finished():
-                    self.gone = True
-                    self.task.cancel()
-                return
+        try:
+            while True:
+                message = await self.receive()
+                inbox.append(message)
+                self._wake()
+                if message["type"] == "http.disconnect":
+                    self.ended = True
+                    if not self.finished():
+                        self.gone = True
+                        self.task.cancel()
+                    return
+        except Exception as exc:  # the server's receive failed: the app meets it
+            self.ended = exc
+            self._wake()
+            raise
+
+    def _wake(self) -> None:
+        waiter = self.arrived
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def done(self) -> None:
         """The app has ended: no watching from now on."""

@@ -179,3 +179,46 @@ async def test_calls_started_at_different_times_are_each_watched() -> None:
         client.leave.set()
     assert await asyncio.gather(*runs) == [True, True, True]
     assert sorted(cancelled) == [0, 1, 2]
+
+
+async def test_after_a_disconnect_every_read_answers_disconnect() -> None:
+    client = Client(BODY)
+    got: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.sleep(WATCH_AFTER * 3)  # the watcher reads for us now
+        client.leave.set()
+        got.append(await receive())
+        got.append(await receive())  # a server answers disconnect again; so do we
+
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: True) is False
+    assert got == [DISCONNECT, DISCONNECT]
+
+
+async def test_a_failing_receive_reaches_the_app() -> None:
+    class Broken(Exception):
+        pass
+
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return BODY
+        await asyncio.sleep(WATCH_AFTER)
+        raise Broken("the server's receive failed")
+
+    caught: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.sleep(WATCH_AFTER * 2)  # the watcher starts, its read fails
+        try:
+            await receive()
+        except Broken as exc:
+            caught.append(exc)
+
+    assert await run_until_disconnect(app, {}, receive, send, lambda: True) is False
+    assert len(caught) == 1
