@@ -121,16 +121,20 @@ async def run_until_disconnect(
     try:
         await app(scope, call.app_receive, send)
     except asyncio.CancelledError:
-        if call.gone and this.cancelling() <= 1:
-            this.uncancel()  # only our own cancellation: the client went away
-            return True
+        if call.gone:
+            this.uncancel()  # our own cancellation, taken back whatever else cancels
+            if not this.cancelling():  # no one else's: the client went away
+                return True
         raise
     finally:
         call.done()
-    if call.gone and this.cancelling():  # the app swallowed our cancellation
-        this.uncancel()
+    if call.gone:
+        if this.cancelling():  # the app swallowed our cancellation
+            this.uncancel()
         return True
-    return False
+    # An app that read the disconnect itself (a streaming response listens for it) and
+    # ended before its response did: its client went away all the same.
+    return call.left
 
 
 class _Watched:
@@ -142,6 +146,7 @@ class _Watched:
         "finished",
         "gone",
         "inbox",
+        "left",
         "reading",
         "receive",
         "since",
@@ -166,7 +171,8 @@ class _Watched:
         self.watcher: asyncio.Task[None] | None = None
         self.inbox: collections.deque[Message] | None = None
         self.arrived: asyncio.Future[None] | None = None  # the app's wait for a message
-        self.gone = False
+        self.gone = False  # the watcher cancelled the call: its client went away
+        self.left = False  # the app itself read a disconnect before its response ended
         # Once the watcher has stopped: True after a disconnect (the app gets another on
         # every later read, as from a server), or the error its receive() raised.
         self.ended: bool | BaseException = False
@@ -177,9 +183,12 @@ class _Watched:
         if self.watcher is None:
             self.reading += 1
             try:
-                return await self.receive()
+                message = await self.receive()
             finally:
                 self.reading -= 1
+            if message["type"] == "http.disconnect" and not self.finished():
+                self.left = True
+            return message
         inbox = self.inbox
         assert inbox is not None
         while not inbox:

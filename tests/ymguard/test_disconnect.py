@@ -222,3 +222,58 @@ async def test_a_failing_receive_reaches_the_app() -> None:
 
     assert await run_until_disconnect(app, {}, receive, send, lambda: True) is False
     assert len(caught) == 1
+
+
+async def test_an_outer_timeout_still_fires_when_the_client_also_leaves() -> None:
+    client = Client(BODY)
+    cleaned = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await cleaned.wait()  # cleanup that takes a while; both cancellations land
+            raise
+
+    async def leave_then_time_out() -> None:
+        await asyncio.sleep(WATCH_AFTER * 3)
+        client.leave.set()  # our cancellation first ...
+        await asyncio.sleep(WATCH_AFTER)
+
+    async def release_cleanup() -> None:
+        await asyncio.sleep(WATCH_AFTER * 8)
+        cleaned.set()
+
+    task = asyncio.current_task()
+    assert task is not None
+    events = asyncio.ensure_future(leave_then_time_out())
+    releasing = asyncio.ensure_future(release_cleanup())
+    timed_out = False
+    try:
+        async with asyncio.timeout(WATCH_AFTER * 5):  # ... then the outer deadline's
+            await run_until_disconnect(app, {}, client.receive, send, lambda: False)
+    except TimeoutError:
+        timed_out = True
+    await events
+    await releasing
+    assert timed_out  # the timeout knew its own cancellation: ours was taken back
+    assert task.cancelling() == 0
+
+
+async def test_a_stream_that_reads_the_disconnect_itself_counts_as_gone() -> None:
+    client = Client(BODY)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        # A streaming response listening for the disconnect itself, from the start.
+        await receive()
+        message = await receive()
+        assert message == DISCONNECT  # it stops streaming: its client went away
+
+    async def leave_later() -> None:
+        await asyncio.sleep(WATCH_AFTER * 3)
+        client.leave.set()
+
+    leaving = asyncio.ensure_future(leave_later())
+    assert await run_until_disconnect(app, {}, client.receive, send, lambda: False) is True
+    await leaving

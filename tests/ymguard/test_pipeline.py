@@ -80,6 +80,16 @@ async def test_a_batch_keeps_error_replies_in_their_places(redis_url: str) -> No
     pipe.close()
 
 
+async def test_an_empty_batch_takes_no_reply(redis_url: str) -> None:
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    assert await pipe.execute("PING") == b"PONG"
+    empty = pipe.send_many_now([])
+    assert empty is not None
+    assert await pipe.execute("ECHO", "mine") == b"mine"  # not taken by the empty batch
+    assert await empty == []
+    pipe.close()
+
+
 async def test_a_cancelled_batch_does_not_shift_the_replies(redis_url: str, prefix: str) -> None:
     pipe = AutoPipeline(redis_url, 2.0, 2.0)
     await pipe.execute("SET", f"{prefix}:a", "A")

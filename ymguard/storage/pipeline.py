@@ -158,6 +158,9 @@ class _Protocol(asyncio.Protocol):
         raised; a lost connection fails the future.
         """
         future = self.loop.create_future()
+        if not packed:  # nothing to wait for (a waiter for no reply would take the next)
+            future.set_result([])
+            return future
         self.waiters.append((future, self.loop.time() + self.timeout, [], len(packed)))
         self.pending.extend(packed)
         if not self.flush_scheduled:
