@@ -107,7 +107,8 @@ async def run_until_disconnect(
     ``receive`` the watcher waits too (the app will see a disconnect itself).
 
     Returns:
-        True if the app was cancelled because the client went away.
+        True if the client went away before the response was done: the app was cancelled,
+        or it read the disconnect itself and ended (a streaming response).
     """
     this = asyncio.current_task()
     if this is None:  # not in a task: nothing to cancel
