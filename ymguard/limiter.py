@@ -26,7 +26,6 @@ from ._model import Rule, rule_ids
 from .backends.permits import Permits, RedisPermits, keep_lease, new_permit_id
 from .backends.window import (
     BUCKETS,
-    AcquireNow,
     MemoryWindow,
     RedisWindow,
     Window,
@@ -295,13 +294,8 @@ class QpsCheck(_FlowCheckBase):
         self.limit = rule.qps
         self.window_seconds = window_seconds
         self.window: Window = store.window()
-        # A window that never waits (memory) is called without a coroutine.
-        self._now: AcquireNow | None = self.window.acquire_now()
-        # The memory window also counts one call without building a result.
-        self._take: Callable[[str, int, float], int | None] | None = None
-        self._refusal: Callable[[str, int, float], WindowResult] = self._no_refusal
-        if isinstance(self.window, MemoryWindow):
-            self._take, self._refusal = self.window.take, self.window.refusal
+        # The memory window never waits: it is called without a coroutine.
+        self._memory = self.window if isinstance(self.window, MemoryWindow) else None
         self._local: Window | None = None
         # Per origin suffix: the key and, on Redis, the call packed once. Every caller
         # shares one entry unless the rule is per origin; then the table bounds them (a
@@ -316,12 +310,8 @@ class QpsCheck(_FlowCheckBase):
         )
         # A window that never waits lets the chain enter without a coroutine.
         self.enter_now: Callable[[Context], Any] | None = (
-            self._enter_now if self._now is not None else None
+            self._enter_now if self._memory is not None else None
         )
-
-    @staticmethod
-    def _no_refusal(key: str, limit: int, window: float) -> WindowResult:
-        raise AssertionError("only the memory window takes calls one by one")
 
     def _local_window(self) -> Window:
         if self._local is None:
@@ -351,23 +341,20 @@ class QpsCheck(_FlowCheckBase):
             self._local.forget(entry[0])
 
     async def enter(self, ctx: Context) -> Any:
-        if self._take is not None:  # the memory window decides without awaiting
+        if self._memory is not None:  # the memory window decides without awaiting
             return self._enter_now(ctx)
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
         key, packed, _ = self._origins.get(suffix) if suffix else self._default
         window = self.window
-        if self._now is not None:
-            result = self._now(key, self.limit, self.window_seconds)
-        else:
-            try:
-                result = await window.acquire(key, self.limit, self.window_seconds, packed=packed)
-            except StorageUnavailable:
-                if self._on_outage() == "open":
-                    return None
-                window = self._local_window()
-                result = await window.acquire(key, self.limit, self.window_seconds)
+        try:
+            result = await window.acquire(key, self.limit, self.window_seconds, packed=packed)
+        except StorageUnavailable:
+            if self._on_outage() == "open":
+                return None
+            window = self._local_window()
+            result = await window.acquire(key, self.limit, self.window_seconds)
         if not result.admitted:
             self._refuse(result)
         return (window, key, result.slot)
@@ -382,16 +369,12 @@ class QpsCheck(_FlowCheckBase):
             if suffix is None:
                 return None
             key = (self._origins.get(suffix) if suffix else self._default)[0]
-        take = self._take
-        if take is not None:  # the memory window: one call counted, no result built
-            slot = take(key, self.limit, self.window_seconds)
-            if slot is None:
-                self._refuse(self._refusal(key, self.limit, self.window_seconds))
-            return (self.window, key, slot)
-        result = self._now(key, self.limit, self.window_seconds)  # type: ignore[misc]
-        if not result.admitted:
-            self._refuse(result)
-        return (self.window, key, result.slot)
+        memory = self._memory
+        assert memory is not None
+        slot = memory.take(key, self.limit, self.window_seconds)  # no result built
+        if slot is None:
+            self._refuse(memory.refusal(key, self.limit, self.window_seconds))
+        return (memory, key, slot)
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""

@@ -260,11 +260,6 @@ class _Resource:
                 yield count
 
 
-def _no_global_sdk() -> bool:
-    """Whether the global meter provider is still the API's no-op proxy (no SDK set)."""
-    return _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None
-
-
 #: The API module's globals, read without a call per request (``_METER_PROVIDER`` is
 #: None until ``set_meter_provider``; a version without it counts as set).
 _OTEL_GLOBALS = vars(otel_internal)
@@ -383,7 +378,7 @@ class GuardMetrics:
         if not self.record_durations:
             return
         if not self._sdk:  # the global provider: no SDK yet? (set once, never unset)
-            if _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None:  # _no_global_sdk()
+            if _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None:
                 return
             self._sdk = True
         if outcome == "success" or outcome == "error":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from ymguard.middleware import WATCH_AFTER, run_until_disconnect
 
 BODY = {"type": "http.request", "body": b"", "more_body": False}
@@ -224,41 +226,38 @@ async def test_a_failing_receive_reaches_the_app() -> None:
     assert len(caught) == 1
 
 
-async def test_an_outer_timeout_still_fires_when_the_client_also_leaves() -> None:
+async def test_our_cancellation_is_taken_back_when_another_lands_too() -> None:
+    # An outer timeout (asyncio.timeout, anyio.fail_after) knows its own cancellation by
+    # the task's cancel count: ours must be taken back even when both land.
     client = Client(BODY)
-    cleaned = asyncio.Event()
+    cleaning = asyncio.Event()
+    counts: list[int] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            await cleaned.wait()  # cleanup that takes a while; both cancellations land
+            cleaning.set()
+            await asyncio.Event().wait()  # cleanup, cancelled in turn from outside
             raise
 
-    async def leave_then_time_out() -> None:
-        await asyncio.sleep(WATCH_AFTER * 3)
-        client.leave.set()  # our cancellation first ...
-        await asyncio.sleep(WATCH_AFTER)
-
-    async def release_cleanup() -> None:
-        await asyncio.sleep(WATCH_AFTER * 8)
-        cleaned.set()
-
-    task = asyncio.current_task()
-    assert task is not None
-    events = asyncio.ensure_future(leave_then_time_out())
-    releasing = asyncio.ensure_future(release_cleanup())
-    timed_out = False
-    try:
-        async with asyncio.timeout(WATCH_AFTER * 5):  # ... then the outer deadline's
+    async def guarded() -> None:
+        try:
             await run_until_disconnect(app, {}, client.receive, send, lambda: False)
-    except TimeoutError:
-        timed_out = True
-    await events
-    await releasing
-    assert timed_out  # the timeout knew its own cancellation: ours was taken back
-    assert task.cancelling() == 0
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            counts.append(task.cancelling())
+            raise
+
+    task = asyncio.ensure_future(guarded())
+    client.leave.set()  # our cancellation first, once the watcher runs ...
+    await cleaning.wait()
+    task.cancel()  # ... then another one
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert counts == [1]  # only the outside cancellation is left
 
 
 async def test_a_stream_that_reads_the_disconnect_itself_counts_as_gone() -> None:

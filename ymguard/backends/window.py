@@ -97,21 +97,28 @@ class MemoryWindow:
         """The memory window never waits: :meth:`count` is ``acquire`` without a coroutine."""
         return self.count
 
-    def take(self, key: str, limit: int, window: float) -> int | None:
-        """Count one call if ``limit`` allows: its slot, or None (:meth:`refusal` then
-        says how long to wait). :meth:`count` for one call, without building a result."""
+    def _now(self, state: _Buckets, window: float) -> tuple[float, float, int]:
+        """The store's clock, the bucket length and the current slot; stale buckets dropped."""
+        now = self.store.now()
+        blen = window / BUCKETS
+        slot = int(now / blen)
+        if state.oldest <= slot - BUCKETS:
+            state.expire(slot - BUCKETS + 1)
+        return now, blen, slot
+
+    def take(self, key: str, limit: int, window: float, n: int = 1) -> int | None:
+        """Count ``n`` calls if ``limit`` allows: their slot, or None (:meth:`refusal`
+        then says how long to wait). :meth:`count` without building a result."""
         data = self.store.data
         state: _Buckets | None = data.get(key)
         if state is None:
             state = data[key] = _Buckets()
-        slot = int(self.store.now() / (window / BUCKETS))
-        if state.oldest <= slot - BUCKETS:
-            state.expire(slot - BUCKETS + 1)
-        if state.total >= limit:
+        slot = self._now(state, window)[2]
+        if state.total + n > limit:
             return None
         counts = state.counts
-        counts[slot] = counts.get(slot, 0) + 1
-        state.total += 1
+        counts[slot] = counts.get(slot, 0) + n
+        state.total += n
         if slot < state.oldest:
             state.oldest = slot
         return slot
@@ -119,11 +126,7 @@ class MemoryWindow:
     def refusal(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
         """What :meth:`count` answers a refused call now, without counting anything."""
         state: _Buckets = self.store.data.get(key) or _Buckets()
-        now = self.store.now()
-        blen = window / BUCKETS
-        slot = int(now / blen)
-        if state.oldest <= slot - BUCKETS:
-            state.expire(slot - BUCKETS + 1)
+        now, blen, slot = self._now(state, window)
         total = state.total
         wait, freed = 0.0 if total + n <= limit else window, 0
         if wait:
@@ -137,31 +140,10 @@ class MemoryWindow:
 
     def count(self, key: str, limit: int, window: float, n: int = 1) -> WindowResult:
         """:meth:`acquire` without the coroutine."""
-        data = self.store.data
-        state: _Buckets | None = data.get(key)
-        if state is None:
-            state = data[key] = _Buckets()
-        now = self.store.now()
-        blen = window / BUCKETS
-        slot = int(now / blen)
-        if state.oldest <= slot - BUCKETS:
-            state.expire(slot - BUCKETS + 1)
-        total = state.total
-        if total + n <= limit:
-            counts = state.counts
-            counts[slot] = counts.get(slot, 0) + n
-            state.total = total + n
-            if slot < state.oldest:
-                state.oldest = slot
-            return WindowResult(True, limit - total - n, 0.0, slot)
-        wait, freed = window, 0
-        counts = state.counts
-        for s in sorted(counts):
-            freed += counts[s]
-            if total - freed + n <= limit:
-                wait = (s + BUCKETS) * blen - now
-                break
-        return WindowResult(False, max(0, limit - total), wait, slot)
+        slot = self.take(key, limit, window, n)
+        if slot is None:
+            return self.refusal(key, limit, window, n)
+        return WindowResult(True, limit - self.store.data[key].total, 0.0, slot)
 
     async def acquire(
         self, key: str, limit: int, window: float, n: int = 1, packed: bytes | None = None

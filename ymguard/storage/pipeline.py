@@ -144,12 +144,16 @@ class _Protocol(asyncio.Protocol):
         future = self.loop.create_future()
         self.waiters.append((future, self.loop.time() + self.timeout, None, 1))
         self.pending.append(data)
+        self._queued()
+        return future
+
+    def _queued(self) -> None:
+        """Commands were queued: flush them at the end of this turn, and watch the time."""
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
         if self.watchdog is None:
             self.watchdog = self.loop.call_later(self.timeout, self._check)
-        return future
 
     def send_batch(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
         """Queue several commands; one future for the list of their replies, in order.
@@ -163,11 +167,7 @@ class _Protocol(asyncio.Protocol):
             return future
         self.waiters.append((future, self.loop.time() + self.timeout, [], len(packed)))
         self.pending.extend(packed)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-        if self.watchdog is None:
-            self.watchdog = self.loop.call_later(self.timeout, self._check)
+        self._queued()
         return future
 
     def _flush(self) -> None:
