@@ -39,6 +39,7 @@ from ymguard.shaping import (
     WarmUpCheck,
 )
 from ymguard.storage import Store
+from ymguard.storage.memory import MemoryStore
 
 
 def guard_with(store: Store, resources: dict[str, Any]) -> Guard:
@@ -61,6 +62,27 @@ async def burst(guard: Guard, resource: str, n: int) -> int:
     """How many of ``n`` calls sent at once are admitted."""
     results = await asyncio.gather(*(attempt(guard, resource) for _ in range(n)))
     return sum(r is not None for r in results)
+
+
+async def store_clock(store: Store) -> float:
+    """Seconds on the clock the store's algorithms read (Redis ``TIME``, else monotonic)."""
+    if isinstance(store, MemoryStore):
+        return store.now()
+    seconds, micros = await store.call("TIME")
+    return int(seconds) + int(micros) / 1e6
+
+
+async def next_whole_second(store: Store) -> None:
+    """Wait until just after the next whole second of the store's clock.
+
+    Per-second algorithms (warm-up's sync) change their state at whole seconds: a burst
+    that starts there has the whole second to itself and cannot straddle two.
+    """
+    while True:
+        now = await store_clock(store)
+        await asyncio.sleep(1.0 - now % 1.0 + 0.01)
+        if (await store_clock(store)) % 1.0 < 0.5:
+            return
 
 
 # -- the curve -------------------------------------------------------------------------
@@ -185,10 +207,13 @@ async def test_warm_up_starts_cold_warms_to_qps_and_cools_again(store: Store) ->
     flow = [{"qps": 60, "behavior": "warm_up", "warm_up_seconds": 2}]
     guard = guard_with(store, {"w": {"flow": flow}})
     assert isinstance(guard.chain("w").checks[0], WarmUpCheck)
+    # Each burst starts just after a whole second of the store's clock, so none straddles
+    # the once-a-second sync (a straddling cold burst admits 20 + ~5 of the next second).
+    await next_whole_second(store)
     first = await burst(guard, "w", 100)
-    assert 20 <= first <= 23  # 20, or a few more if the burst straddles a second
+    assert 20 <= first <= 23  # 20, or a few more on a machine too slow to end within it
     for _ in range(20):  # a burst a second: the rate rises 20, 25, 40, 60 (on an idle box)
-        await asyncio.sleep(1.05)
+        await next_whole_second(store)
         admitted = await burst(guard, "w", 100)
         assert admitted <= 60
         if admitted >= 55:
@@ -196,6 +221,7 @@ async def test_warm_up_starts_cold_warms_to_qps_and_cools_again(store: Store) ->
     else:
         raise AssertionError("warm-up never reached qps")
     await asyncio.sleep(3.5)  # idle: the tokens fill up, the resource is cold again
+    await next_whole_second(store)
     assert 20 <= await burst(guard, "w", 100) <= 23
 
 
