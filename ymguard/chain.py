@@ -68,7 +68,9 @@ class Context:
         params: path parameters (HTTP) or call arguments (code resources).
         scope: the ASGI scope for HTTP calls, else ``None``.
         start: ``time.perf_counter()`` when the call entered the chain.
-        status: the HTTP status the call answered with, once known.
+        status: the HTTP status the call answered with, once known (over HTTP: once the
+            response has started).
+        answered: over HTTP, the whole response has been sent (its last body message).
         error: the exception the call raised, if any.
         blocked: the error of a later check that blocked this call, if any.
         extras: per-check data for the rare check that needs more than its token.
@@ -89,6 +91,7 @@ class Context:
     # Hand-written rather than a dataclass: one is made per call, and setting the fields
     # in a plain __init__ costs 40% less than a dataclass's (keyword defaults, a factory).
     __slots__ = (
+        "answered",
         "blocked",
         "error",
         "extras",
@@ -124,6 +127,7 @@ class Context:
         self.scope = scope
         self.start = start
         self.status = status
+        self.answered = False
         self.error: BaseException | None = None
         self.blocked: Blocked | None = None
         self.extras: dict[str, Any] | None = None

@@ -366,24 +366,25 @@ class GuardMiddleware:
         except ShortCircuit as answer:  # a check answered itself (an idempotent replay)
             await answer.response(scope, receive, send)
             return
-        sender = _StatusSender(ctx, send)
+        sender = _status_sender(ctx, send)
         reset = current_context.set(ctx)
         try:
             if chain.release_on_disconnect:
                 if await run_until_disconnect(
-                    self.app, scope, ctx.receive or receive, sender, sender.is_finished
+                    self.app, scope, ctx.receive or receive, sender, lambda: ctx.answered
                 ):
                     ctx.status = CLIENT_CLOSED_REQUEST
             else:
                 await self.app(scope, ctx.receive or receive, sender)
         except Blocked as exc:  # raised inside the endpoint, and not mapped by install()
-            if sender.started:
+            if ctx.status is not None:  # the response has started
                 raise
             await guard.problem_for(exc)(scope, receive, sender)  # type: ignore[misc]
         except Exception as exc:
             # A map_exception made after the app started is not in its handlers: render
             # it here, as install() would have (not counted as an error, like a handled one).
-            response = None if sender.started or not guard.installed else guard.problem_for(exc)
+            started = ctx.status is not None
+            response = None if started or not guard.installed else guard.problem_for(exc)
             if response is None:
                 ctx.error = exc
                 raise
@@ -404,39 +405,29 @@ class GuardMiddleware:
                 await chain.exit(ctx, tokens)
 
 
-class _StatusSender:
+def _status_sender(ctx: Context, send: Send) -> Send:
     """The ``send`` the app gets: notes the status and the response's end, then sends.
 
-    Hooks in ``ctx.on_send`` (a check that keeps the response) see every message first.
+    ``ctx.status`` is set by the response's start (so it is None until the response has
+    started) and ``ctx.answered`` by its last body message. Hooks in ``ctx.on_send`` (a
+    check that keeps the response) see every message first. A closure, not an object with
+    ``__call__``: the app calls it for every message, and a plain function is the
+    cheapest thing to call (it hands back the inner send's awaitable: no coroutine).
     """
+    hooks = ctx.on_send
 
-    __slots__ = ("ctx", "finished", "hooks", "send", "started")
-
-    def __init__(self, ctx: Context, send: Send) -> None:
-        self.ctx = ctx
-        self.send = send
-        self.hooks = ctx.on_send  # None unless a check (idempotency) keeps the response
-        self.started = False
-        self.finished = False
-
-    def is_finished(self) -> bool:
-        """Whether the whole response body was sent."""
-        return self.finished
-
-    def __call__(self, message: Message) -> Awaitable[None]:
-        # Not a coroutine: it hands back the inner send's awaitable (one frame less per
-        # message; the app awaits it as it would the server's send).
+    def sender(message: Message) -> Awaitable[None]:
         kind = message["type"]
         if kind == "http.response.start":
-            self.ctx.status = message["status"]
-            self.started = True
+            ctx.status = message["status"]
         elif kind == "http.response.body" and not message.get("more_body"):
-            self.finished = True
-        hooks = self.hooks
+            ctx.answered = True
         if hooks is not None:
             for hook in hooks:
                 hook(message)
-        return self.send(message)
+        return send(message)
+
+    return sender
 
 
 __all__ = ["GuardMiddleware", "resolve_route"]
