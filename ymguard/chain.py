@@ -348,6 +348,7 @@ class Chain:
         "stats",
         "sync_enter",
         "sync_exit",
+        "try_enter",
     )
 
     def __init__(
@@ -393,12 +394,12 @@ class Chain:
         # no exit to run is left without one (:meth:`exit_now`).
         # A check in shadow mode (``shadow.py``) turns refusals into reports in its own
         # ``enter``: it always runs through it.
-        enter_now = (
-            getattr(self.checks[0], "enter_now", None)
-            if len(self.checks) == 1 and not getattr(type(self.checks[0]), "shadow", False)
-            else None
-        )
-        self._enter_now: Callable[[Context], Any] | None = enter_now
+        single = len(self.checks) == 1 and not getattr(type(self.checks[0]), "shadow", False)
+        enter_now = getattr(self.checks[0], "enter_now", None) if single else None
+        # One check that usually decides at once (``enter_fast``: prefetched permits, a
+        # closed breaker) may be tried without a coroutine too (:attr:`try_enter`).
+        enter_fast = getattr(self.checks[0], "enter_fast", None) if single else None
+        self._enter_now: Callable[[Context], Any] | None = enter_now or enter_fast
         # Per check, a way in without a coroutine where it has one: ``enter_now`` (always
         # decides) or ``enter_fast`` (decides, or answers AWAIT: then ``enter`` runs).
         self._fast: tuple[Callable[[Context], Any] | None, ...] = tuple(
@@ -408,6 +409,9 @@ class Chain:
             for check in self.checks
         )
         self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
+        #: Whether :meth:`enter_now` may be tried first: it then decides, or answers
+        #: :data:`AWAIT` (await :meth:`enter`).
+        self.try_enter = self.sync_enter or (enter_fast is not None and not self._staging)
         # (A staged chain too: staging only batches exits, and there are none to run.)
         self.sync_exit = not self._after_call
 
@@ -467,11 +471,14 @@ class Chain:
             passed(ctx)
         return tokens
 
-    def enter_now(self, ctx: Context) -> list[Any]:
-        """:meth:`enter` without a coroutine, for a chain whose ``sync_enter`` is true.
+    def enter_now(self, ctx: Context) -> Any:
+        """:meth:`enter` without a coroutine, for a chain whose ``try_enter`` is true.
 
         The same outcomes as :meth:`enter`: the tokens, or :class:`Blocked` raised after
-        the observers heard of it (one check at most, so nothing to give back).
+        the observers heard of it (one check at most, so nothing to give back). Or
+        :data:`AWAIT`, having done nothing the call must undo, where the chain's
+        ``sync_enter`` is false and its check could not decide at once: then await
+        :meth:`enter`.
         """
         ctx.start = time.perf_counter()
         observers = ctx.observers = self.observers
@@ -480,7 +487,10 @@ class Chain:
             tokens: list[Any] = []
         else:
             try:
-                tokens = [enter(ctx)]
+                token = enter(ctx)
+                if token is AWAIT:
+                    return AWAIT
+                tokens = [token]
             except Blocked as exc:
                 ctx.blocked = exc
                 for observer in observers:

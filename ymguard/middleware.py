@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.routing import Host, Match, Mount
 
-from .chain import CLIENT_CLOSED_REQUEST, Context, ShortCircuit
+from .chain import AWAIT, CLIENT_CLOSED_REQUEST, Context, ShortCircuit
 from .errors import Blocked
 from .guard import Guard, current_context
 from .routecheck import warn_unmatched_rules
@@ -357,9 +357,15 @@ class GuardMiddleware:
         chain = guard.chain(resource)
         ctx = Context(resource, guard.origin_of(scope), params, scope, receive=receive)
         try:
-            # A chain that decides without awaiting (no check, one memory window) is
-            # entered without a coroutine.
-            tokens = chain.enter_now(ctx) if chain.sync_enter else await chain.enter(ctx)
+            # A chain that decides without awaiting (no check, one memory window), or
+            # usually does (prefetched permits, a closed breaker), is entered without a
+            # coroutine where it can be.
+            if chain.try_enter:
+                tokens = chain.enter_now(ctx)
+                if tokens is AWAIT:
+                    tokens = await chain.enter(ctx)
+            else:
+                tokens = await chain.enter(ctx)
         except Blocked as exc:
             await guard.problem_for(exc)(scope, receive, send)  # type: ignore[misc]
             return
