@@ -7,6 +7,8 @@
 - ``ymguard-norule``: ``GuardMiddleware`` on the memory store, no rule on the route.
 - ``ymguard-memory`` / ``ymguard-redis``: ``GuardMiddleware`` with one ``flow`` qps rule
   on the route's resource, on the memory store or on Redis.
+- ``ymguard-redis-prefetch``: the same rule with ``prefetch: true`` (permits taken from
+  Redis a few at a time, most calls admitted without a round trip).
 - ``ymguard-full-memory`` / ``ymguard-full-redis``: qps + concurrency + breaker +
   semaphore on the route (none ever refuses at the bench's load).
 - ``slowapi-memory`` / ``slowapi-redis``: slowapi's quick start (``@limiter.limit`` on the
@@ -36,6 +38,7 @@ VARIANTS = (
     "ymguard-norule",
     "ymguard-memory",
     "ymguard-redis",
+    "ymguard-redis-prefetch",
     "ymguard-full-memory",
     "ymguard-full-redis",
     "slowapi-memory",
@@ -63,7 +66,7 @@ async def get_item(item_id: int, request: Request) -> dict[str, Any]:
 if VARIANT.startswith("ymguard"):
     from ymguard import Guard, GuardMiddleware
 
-    rules: dict[str, Any] = {"flow": [{"qps": QPS}]}
+    rules: dict[str, Any] = {"flow": [{"qps": QPS, "prefetch": VARIANT.endswith("prefetch")}]}
     if VARIANT.startswith("ymguard-full"):
         # The limits are never reached at the bench's 32 connections (QPS: the sanity pass).
         rules = {
@@ -76,7 +79,7 @@ if VARIANT.startswith("ymguard"):
             "key_prefix": KEY_PREFIX,
             "resources": {} if VARIANT == "ymguard-norule" else {RESOURCE: rules},
         },
-        storage=REDIS_URL if VARIANT.endswith("redis") else "memory://",
+        storage=REDIS_URL if "redis" in VARIANT else "memory://",
     )
     app.add_middleware(GuardMiddleware, guard=guard)
     guard.install(app)

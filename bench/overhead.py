@@ -273,7 +273,7 @@ def wrk(
 def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str]) -> Run:
     if args.warmup > 0:
         wrk(prefix, server.url, args.warmup, args.connections, args.threads, args.wrk_script)
-    on_redis = server.variant.endswith("redis")
+    on_redis = "redis" in server.variant
     counts0 = command_counts(args.redis_url) if on_redis else (0, 0)
     writes0 = pipe_writes(server)
     before = cpu_seconds(server.proc.pid)
@@ -423,7 +423,7 @@ def sanity(variants: list[str], prefix: list[str], args: argparse.Namespace, log
     finally:
         for server in servers:
             stop(server)
-            if server.variant.endswith("redis"):
+            if "redis" in server.variant:
                 delete_keys(args.redis_url, server.key_prefix)
 
 
@@ -639,14 +639,14 @@ def _main(args: argparse.Namespace, variants: list[str]) -> int:
                     flush=True,
                 )
         for server in servers:
-            if server.variant.endswith("redis"):
+            if "redis" in server.variant:
                 key_check[server.variant] = server.redis_keys
                 server.sequential = count_sequential(server, args.redis_url)
     finally:
         for server in servers:
             stop(server)
         for server in servers:
-            if server.variant.endswith("redis"):
+            if "redis" in server.variant:
                 delete_keys(args.redis_url, server.key_prefix)
             server.problems = log_problems(server)
         if not any(server.problems for server in servers):

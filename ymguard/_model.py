@@ -107,6 +107,10 @@ class Rule(RuleModel):
     shadow: bool = Field(False, description="evaluate and report, never block (a dry run)")
 
 
+#: Fields that do not change what a rule's state means (see :func:`rule_ids`).
+_NOT_IDENTITY = {"shadow", "prefetch"}
+
+
 def rule_ids(rules: Sequence[RuleModel]) -> list[str]:
     """The identity of each of a resource's rules of one kind, which keys its state.
 
@@ -114,12 +118,14 @@ def rule_ids(rules: Sequence[RuleModel]) -> list[str]:
     its position: a rule inserted before it, or a reload that keeps it, leaves its state
     (window counts, breaker state, held permits) where it is. A rule repeated word for
     word gets ``~2``, ``~3``... after its digest, so the copies keep counting apart.
-    ``shadow`` is not part of it: a rule moved from shadow to enforced keeps its state.
+    ``shadow`` is not part of it: a rule moved from shadow to enforced keeps its state;
+    nor is ``prefetch`` (the same window, counted the same way), which also keeps the
+    identities of rules written before it existed.
     """
     ids: list[str] = []
     seen: dict[str, int] = {}
     for rule in rules:
-        text = rule.model_dump_json(by_alias=True, exclude={"shadow"})
+        text = rule.model_dump_json(by_alias=True, exclude=_NOT_IDENTITY)
         digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
         n = seen[digest] = seen.get(digest, 0) + 1
         ids.append(digest if n == 1 else f"{digest}~{n}")

@@ -24,6 +24,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
 from .backends.permits import Permits, RedisPermits, keep_lease, new_permit_id
+from .backends.prefetch import PrefetchWindow
 from .backends.window import (
     BUCKETS,
     MemoryWindow,
@@ -31,7 +32,7 @@ from .backends.window import (
     Window,
     WindowResult,
 )
-from .chain import NOTHING, CheckStatus, Context, Stage, cap_origin
+from .chain import AWAIT, NOTHING, CheckStatus, Context, Stage, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .storage import RedisStore, Store
 from .storage.tasks import in_background
@@ -71,6 +72,12 @@ class FlowRule(Rule):
         validate_default=True,
         description="the resource relate counts, or the one chain's calls enter from",
     )
+    prefetch: bool = Field(
+        False,
+        description="qps on Redis: take permits a few at a time and admit most calls "
+        "without a round trip (never more than the limit; unused permits held back "
+        "from other processes until their 100 ms bucket ends)",
+    )
 
     @field_validator("behavior")
     @classmethod
@@ -106,6 +113,19 @@ class FlowRule(Rule):
             raise ValueError(f"strategy {strategy} needs ref_resource (a resource name)")
         if value != value.strip() or not value.isprintable():
             raise ValueError("a resource name is printable text without leading or trailing spaces")
+        return value
+
+    @field_validator("prefetch")
+    @classmethod
+    def _prefetch_fits(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if info.data.get("concurrency") is not None:
+            raise ValueError("prefetch takes permits of a qps window, not concurrency")
+        if info.data.get("behavior", "reject") != "reject":
+            raise ValueError("prefetch takes behavior reject")
+        if info.data.get("strategy", "direct") == "relate":
+            raise ValueError("prefetch takes strategy direct or chain")
         return value
 
     @model_validator(mode="after")
@@ -304,13 +324,23 @@ class QpsCheck(_FlowCheckBase):
         self._origins: OriginTable[_QpsKey] = OriginTable(
             self._key, self._drop_key, idle_seconds=window_seconds * (1 + 1 / BUCKETS)
         )
+        # ``prefetch`` on Redis: permits taken a few at a time, most calls admitted in
+        # process without a coroutine (``enter_fast``), the others through ``enter``.
+        self._prefetch: PrefetchWindow | None = None
+        if rule.prefetch and isinstance(self.window, RedisWindow):
+            self._prefetch = PrefetchWindow(self.window, self.limit, window_seconds)
         # On Redis the chain sends the window's script with its neighbours' (one round trip).
         self.stage_enter: Callable[[Context], Stage | None] | None = (
-            self._stage_enter if isinstance(self.window, RedisWindow) else None
+            self._stage_enter
+            if isinstance(self.window, RedisWindow) and self._prefetch is None
+            else None
         )
         # A window that never waits lets the chain enter without a coroutine.
         self.enter_now: Callable[[Context], Any] | None = (
             self._enter_now if self._memory is not None else None
+        )
+        self.enter_fast: Callable[[Context], Any] | None = (
+            self._enter_prefetched if self._prefetch is not None else None
         )
 
     def _local_window(self) -> Window:
@@ -337,6 +367,8 @@ class QpsCheck(_FlowCheckBase):
 
     def _drop_key(self, entry: _QpsKey) -> None:
         self.window.forget(entry[0])
+        if self._prefetch is not None:
+            self._prefetch.forget(entry[0])
         if self._local is not None:
             self._local.forget(entry[0])
 
@@ -349,7 +381,10 @@ class QpsCheck(_FlowCheckBase):
         key, packed, _ = self._origins.get(suffix) if suffix else self._default
         window = self.window
         try:
-            result = await window.acquire(key, self.limit, self.window_seconds, packed=packed)
+            if self._prefetch is not None:
+                result = await self._prefetch.acquire(key)
+            else:
+                result = await window.acquire(key, self.limit, self.window_seconds, packed=packed)
         except StorageUnavailable:
             if self._on_outage() == "open":
                 return None
@@ -376,6 +411,23 @@ class QpsCheck(_FlowCheckBase):
             self._refuse(memory.refusal(key, self.limit, self.window_seconds))
         return (memory, key, slot)
 
+    def _enter_prefetched(self, ctx: Context) -> Any:
+        """``enter`` from the prefetched permits in process, or AWAIT (then ``enter``)."""
+        scope = self.scope
+        if scope.origin == "default":
+            key = self._default[0]
+        else:
+            suffix = scope.key_for(ctx.origin)
+            if suffix is None:
+                return None
+            key = (self._origins.get(suffix) if suffix else self._default)[0]
+        prefetch = self._prefetch
+        assert prefetch is not None
+        slot = prefetch.take_now(key)
+        if slot is None:
+            return AWAIT
+        return (self.window, key, slot)
+
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""
         store = self.store
@@ -388,6 +440,14 @@ class QpsCheck(_FlowCheckBase):
             return Stage(store, None, _no_token)
         return (self._origins.get(suffix) if suffix else self._default)[2]
 
+    def status(self) -> CheckStatus:
+        """The limit, the origins kept, and with ``prefetch`` the permits held here."""
+        found = super().status()
+        if self._prefetch is None:
+            return found
+        state = {**found.state, "prefetched": self._prefetch.held()}
+        return CheckStatus(found.kind, found.resource, found.rule, state)
+
     def _refuse(self, result: WindowResult) -> NoReturn:
         quota = Quota(self.policy_name, self.limit, self.window_seconds, 0, result.wait_seconds)
         raise FlowLimited(
@@ -397,6 +457,9 @@ class QpsCheck(_FlowCheckBase):
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None and ctx.blocked is not None:
             window, key, slot = token
+            prefetch = self._prefetch
+            if window is self.window and prefetch is not None and prefetch.give_back(key, slot):
+                return  # back in the stock: its bucket still runs
             try:
                 await window.refund(key, slot)
             except StorageUnavailable:

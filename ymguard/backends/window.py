@@ -40,6 +40,26 @@ class WindowResult(NamedTuple):
     slot: int | bytes
 
 
+class Prefetched(NamedTuple):
+    """Permits taken ahead from a Redis window (:meth:`RedisWindow.prefetch`).
+
+    Attributes:
+        admitted: whether any permit was taken.
+        remaining: permits left in the window after this call.
+        wait_seconds: when none was taken, seconds until one could be.
+        slot: the bucket the permits were counted in.
+        taken: how many were taken (0 when refused).
+        seconds_left: how long the bucket ``slot`` still runs, by the server's clock.
+    """
+
+    admitted: bool
+    remaining: int
+    wait_seconds: float
+    slot: int | bytes
+    taken: int
+    seconds_left: float
+
+
 #: ``acquire`` as a plain function, for a window that never waits (the memory store).
 AcquireNow = Callable[[str, int, float], WindowResult]
 
@@ -203,6 +223,15 @@ class RedisWindow:
         admitted, remaining, wait_ms, slot = reply
         return WindowResult(admitted == 1, remaining, wait_ms / 1000.0, slot)
 
+    async def prefetch(self, key: str, limit: int, window: float, want: int) -> Prefetched:
+        """Count up to ``want`` calls now: what fits, at most half of what is left, at
+        least one if any is left (``window_acquire.lua`` with its partial flag)."""
+        args = (*self._args(limit, window, want), 1)
+        admitted, remaining, wait_ms, slot, taken, ms_left = await self.store.run(
+            self._acquire, (key,), args
+        )
+        return Prefetched(admitted == 1, remaining, wait_ms / 1000.0, slot, taken, ms_left / 1000.0)
+
     async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
         """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""
         await self.store.run(self._refund, (key,), (slot, n), always_try=True)
@@ -211,4 +240,12 @@ class RedisWindow:
         """Keys on Redis expire by themselves."""
 
 
-__all__ = ["BUCKETS", "AcquireNow", "MemoryWindow", "RedisWindow", "Window", "WindowResult"]
+__all__ = [
+    "BUCKETS",
+    "AcquireNow",
+    "MemoryWindow",
+    "Prefetched",
+    "RedisWindow",
+    "Window",
+    "WindowResult",
+]

@@ -1,0 +1,278 @@
+"""``prefetch: true`` on qps rules: permits taken from Redis a few at a time.
+
+Never more than the limit, across processes (guards with stores of their own stand for
+processes); unused permits go back when their bucket ends; most calls make no round trip;
+outages follow ``on_storage_error``; the same answers as without it on every store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import RedisServer
+from ymguard import Blocked, Context, FlowLimited, Guard, RulesError
+from ymguard._model import rule_ids
+from ymguard.backends.prefetch import PrefetchWindow
+from ymguard.backends.window import RedisWindow
+from ymguard.chain import CheckStatus
+from ymguard.limiter import QpsCheck
+from ymguard.rules import load_rules_text
+from ymguard.storage import Store
+
+from .test_middleware import client, shop
+
+RESOURCE = "GET /r"
+
+
+@pytest.fixture
+def storage_uri(storage_uri_with_cluster: str) -> str:
+    """Parity on memory, Redis and a Redis Cluster (``redis+cluster://``)."""
+    return storage_uri_with_cluster
+
+
+def prefetching(storage: Any, qps: int, prefix: str | None = None, **rule: Any) -> Guard:
+    rules: dict[str, Any] = {
+        "resources": {RESOURCE: {"flow": [{"qps": qps, "prefetch": True, **rule}]}}
+    }
+    if prefix is not None:
+        rules["key_prefix"] = prefix
+    return Guard(rules, storage=storage)
+
+
+async def attempt(guard: Guard, origin: str = "") -> bool:
+    """Enter and immediately exit; True if admitted."""
+    chain = guard.chain(RESOURCE)
+    ctx = Context(RESOURCE, origin)
+    try:
+        tokens = await chain.enter(ctx)
+    except Blocked:
+        return False
+    await chain.exit(ctx, tokens)
+    return True
+
+
+def stock_of(guard: Guard) -> PrefetchWindow | None:
+    check = guard.chain(RESOURCE).checks[0]
+    assert isinstance(check, QpsCheck)
+    return check._prefetch
+
+
+async def counted(redis_url: str, prefix: str) -> int:
+    """The permits the Redis windows under ``prefix`` count now."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        total = 0
+        async for key in client.scan_iter(f"{prefix}:*"):
+            total += sum(int(v) for v in (await client.hgetall(key)).values())
+        return total
+    finally:
+        await client.aclose()
+
+
+async def until_given_back(guards: list[Guard]) -> None:
+    """Wait until no guard holds prefetched permits (their buckets have ended)."""
+    for _ in range(100):  # buckets are 100 ms: this ends within a few
+        await asyncio.sleep(0.05)
+        if all((s := stock_of(g)) is None or s.held() == 0 for g in guards):
+            await asyncio.sleep(0.05)  # the refunds are on their way: let them land
+            return
+    raise AssertionError("prefetched permits were never given back")
+
+
+# -- the same answers on every store -------------------------------------------------------
+
+
+async def test_a_burst_admits_exactly_the_limit(store: Store) -> None:
+    guard = Guard(
+        {"resources": {RESOURCE: {"flow": [{"qps": 10, "prefetch": True}]}}}, storage=store
+    )
+    assert sum(await asyncio.gather(*(attempt(guard) for _ in range(40)))) == 10
+
+
+async def test_a_refusal_says_when_to_retry(store: Store) -> None:
+    guard = Guard(
+        {"resources": {RESOURCE: {"flow": [{"qps": 2, "prefetch": True}]}}}, storage=store
+    )
+    assert await attempt(guard) and await attempt(guard)
+    with pytest.raises(FlowLimited) as info:
+        await guard.chain(RESOURCE).enter(Context(RESOURCE))
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 1.0
+
+
+async def test_a_call_blocked_by_a_later_rule_spends_no_permit(store: Store) -> None:
+    flow = [{"qps": 5, "prefetch": True}, {"qps": 1}]
+    guard = Guard({"resources": {RESOURCE: {"flow": flow}}}, storage=store)
+    assert sum([await attempt(guard) for _ in range(8)]) == 1
+    # The first rule gave back the 7 the second refused (to its stock, then to the
+    # window): another process's first rule passes 4 more.
+    await until_given_back([guard])
+    other = Guard({"resources": {RESOURCE: {"flow": flow[:1]}}}, storage=store)
+    assert sum([await attempt(other) for _ in range(8)]) == 4
+
+
+async def test_origins_count_apart(store: Store) -> None:
+    guard = Guard(
+        {"resources": {RESOURCE: {"flow": [{"qps": 2, "prefetch": True, "origin": "other"}]}}},
+        storage=store,
+    )
+    results = {o: sum([await attempt(guard, o) for _ in range(4)]) for o in ("a", "b", "")}
+    assert results == {"a": 2, "b": 2, "": 4}  # no origin: the rule does not apply
+
+
+# -- across processes, on Redis --------------------------------------------------------------
+
+
+async def test_processes_together_never_pass_the_limit_and_unused_permits_go_back(
+    redis_url: str, prefix: str
+) -> None:
+    guards = [prefetching(redis_url, 300, prefix) for _ in range(3)]
+    try:
+        admitted = sum(await asyncio.gather(*(attempt(g) for _ in range(200) for g in guards)))
+        # Never more than the limit. Permits a process held when its bucket ended were
+        # kept from the others for that bucket: at most a batch (30) each short.
+        assert 300 - 3 * 30 <= admitted <= 300
+        await until_given_back(guards)
+        assert await counted(redis_url, prefix) == admitted  # none lost, none extra
+    finally:
+        for guard in guards:
+            await guard.aclose()
+
+
+async def test_most_calls_make_no_round_trip(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetches = 0
+    real = RedisWindow.prefetch
+
+    async def counting(self: RedisWindow, *args: Any) -> Any:
+        nonlocal fetches
+        fetches += 1
+        return await real(self, *args)
+
+    monkeypatch.setattr(RedisWindow, "prefetch", counting)
+    guard = prefetching(redis_url, 100_000, prefix)
+    try:
+        assert sum(await asyncio.gather(*(attempt(guard) for _ in range(1000)))) == 1000
+        # Batches double while they run out (1, 2, 4, ... up to 10,000): a few dozen
+        # fetches at most, even if the calls straddle several 100 ms buckets.
+        assert fetches <= 100
+        await until_given_back([guard])
+        assert await counted(redis_url, prefix) == 1000
+    finally:
+        await guard.aclose()
+
+
+async def test_cancelled_callers_leave_nothing_behind(redis_url: str, prefix: str) -> None:
+    guards = [prefetching(redis_url, 200, prefix) for _ in range(2)]
+    rng = random.Random(7)
+    try:
+        tasks = [asyncio.ensure_future(attempt(g)) for _ in range(300) for g in guards]
+        await asyncio.sleep(0)
+        for task in rng.sample(tasks, 150):  # some wait for a fetch when they are cancelled
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        admitted = sum(1 for r in done if r is True)
+        assert admitted <= 200
+        await until_given_back(guards)
+        assert await counted(redis_url, prefix) == admitted
+    finally:
+        for guard in guards:
+            await guard.aclose()
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("local", 3), ("open", 10), ("closed", 0)])
+async def test_an_outage_follows_on_storage_error(
+    private_redis: RedisServer, policy: str, expected: int
+) -> None:
+    rules = {
+        "on_storage_error": policy,
+        "resources": {"GET /items/{item_id}": {"flow": [{"qps": 3, "prefetch": True}]}},
+    }
+    guard = Guard(rules, storage=private_redis.url + "?socket_timeout=0.3")
+    async with client(shop(guard)) as c:
+        statuses = [(await c.get(f"/items/{i}")).status_code for i in range(5)]
+        assert statuses == [200, 200, 200, 429, 429]
+        private_redis.stop()
+        # A liveness bound, not a timing: an outage must not hang the calls.
+        responses = await asyncio.wait_for(
+            asyncio.gather(*(c.get(f"/items/{i}") for i in range(10))), timeout=10
+        )
+        assert sum(r.status_code == 200 for r in responses) == expected
+        assert all(r.status_code in (200, 429, 503) for r in responses)
+    await guard.aclose()
+
+
+async def test_over_http_the_headers_are_those_of_any_qps_refusal(
+    redis_url: str, prefix: str
+) -> None:
+    guard = Guard(
+        {
+            "key_prefix": prefix,
+            "resources": {"GET /items/{item_id}": {"flow": [{"qps": 1, "prefetch": True}]}},
+        },
+        storage=redis_url,
+    )
+    async with client(shop(guard)) as c:
+        assert (await c.get("/items/1")).status_code == 200
+        refused: httpx.Response = await c.get("/items/2")
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "ratelimit-policy" in refused.headers
+    await guard.aclose()
+
+
+# -- the rules file ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [
+        ("concurrency: 5", "not concurrency"),
+        ("qps: 5\n        behavior: queue", "behavior reject"),
+        ("qps: 5\n        strategy: relate\n        ref_resource: GET /x", "strategy direct"),
+    ],
+)
+def test_prefetch_only_where_it_means_something(rule: str, why: str) -> None:
+    text = f"""
+resources:
+  GET /r:
+    flow:
+      - {rule}
+        prefetch: true
+"""
+    with pytest.raises(RulesError) as info:
+        load_rules_text(text)
+    message = str(info.value)
+    assert "prefetch" in message and why in message
+
+
+def test_prefetch_keeps_the_rules_identity() -> None:
+    # The same window either way: toggling it keeps the counts (and a rule written
+    # before the field existed keeps its key).
+    plain = load_rules_text("resources:\n  GET /r:\n    flow:\n      - qps: 5\n")
+    fetched = load_rules_text(
+        "resources:\n  GET /r:\n    flow:\n      - qps: 5\n        prefetch: true\n"
+    )
+
+    assert rule_ids(plain.resources["GET /r"].flow) == rule_ids(fetched.resources["GET /r"].flow)
+
+
+async def test_the_dashboard_status_shows_the_permits_held(redis_url: str, prefix: str) -> None:
+    guard = prefetching(redis_url, 1000, prefix)
+    try:
+        for _ in range(4):  # batches of 1, 2, 4 (and 8): some are left in hand
+            assert await attempt(guard)
+        (status,) = [s for s in guard.status() if getattr(s, "kind", "") == "flow"]
+        assert isinstance(status, CheckStatus)
+        held = stock_of(guard)
+        assert held is not None and status.state["prefetched"] == held.held() >= 0
+        assert status.state["qps"] == 1000
+    finally:
+        await guard.aclose()

@@ -1,0 +1,156 @@
+"""Prefetched QPS permits: a Redis window's permits taken a few at a time, handed out here.
+
+A ``qps`` rule with ``prefetch: true`` still counts every call in the shared Redis window,
+but a process takes several permits in one call and hands them out without a round trip.
+Permits are only handed out within the 100 ms bucket they were counted in (the window's
+resolution), so what the window counts is what was admitted, bucket by bucket, exactly as
+without prefetching: no process ever admits more than the window allows. What changes is
+that permits a process took and did not use are held back from the others until their
+bucket ends, when they are given back (``window_refund.lua``).
+
+How many a process asks for adapts to its own traffic: it starts at one; a stock that runs
+out within its bucket doubles the next request, one that ends its bucket with permits left
+halves it; at most ``max_batch`` (default: a tenth of the limit, a bucket's share). The
+window gives at most half of what is left to one request (at least one), so near the limit
+the batches shrink to one and processes share the last permits.
+
+One fetch per key is in flight at a time: calls that find the stock empty meanwhile wait
+for it (no extra round trip), then take from what it brought.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..storage.tasks import in_background
+from .window import BUCKETS, RedisWindow, WindowResult
+
+
+class _Stock:
+    """One key's permits in this process: how many, their bucket, until when they count."""
+
+    __slots__ = ("fetching", "left", "size", "slot", "until")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.slot: int | bytes = b""
+        self.until = 0.0  # time.monotonic() at which the bucket ends (a little early)
+        self.size = 1  # how many the next fetch asks for
+        self.fetching: asyncio.Future[WindowResult] | None = None
+
+
+class PrefetchWindow:
+    """A Redis window's permits for one rule, taken ahead and handed out in process.
+
+    Args:
+        window: the Redis window.
+        limit: the rule's permits per window.
+        window_seconds: the window's length.
+        max_batch: the most permits one fetch asks for (default ``limit / BUCKETS``).
+    """
+
+    def __init__(
+        self,
+        window: RedisWindow,
+        limit: int,
+        window_seconds: float = 1.0,
+        max_batch: int | None = None,
+    ) -> None:
+        self.window = window
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self.max_batch = max(1, max_batch if max_batch is not None else limit // BUCKETS)
+        self._stocks: dict[str, _Stock] = {}
+
+    def take_now(self, key: str) -> int | bytes | None:
+        """A permit from the stock in process (its slot), or None: then :meth:`acquire`."""
+        stock = self._stocks.get(key)
+        if stock is None or not stock.left or time.monotonic() >= stock.until:
+            return None
+        stock.left -= 1
+        return stock.slot
+
+    async def acquire(self, key: str) -> WindowResult:
+        """A permit from the stock, or from Redis (fetching a batch): its result.
+
+        Refused only when Redis refuses one permit. Raises what the store raises in an
+        outage (:class:`~ymguard.errors.StorageUnavailable`).
+        """
+        while True:
+            slot = self.take_now(key)
+            if slot is not None:
+                return WindowResult(True, 0, 0.0, slot)
+            stock = self._stocks.get(key)
+            if stock is None:
+                stock = self._stocks[key] = _Stock()
+            fetching = stock.fetching
+            if fetching is None:
+                fetching = stock.fetching = asyncio.ensure_future(self._fetch(key, stock))
+                fetching.add_done_callback(_retrieve)
+            # Shielded: a caller that is cancelled leaves the fetch to the others.
+            result = await asyncio.shield(fetching)
+            if not result.admitted:
+                return result
+            # The stock was filled; others waiting may have emptied it: take, or fetch again.
+
+    async def _fetch(self, key: str, stock: _Stock) -> WindowResult:
+        try:
+            now = time.monotonic()
+            if stock.left == 0 and now < stock.until:  # ran out within its bucket
+                stock.size = min(stock.size * 2, self.max_batch)
+            got = await self.window.prefetch(key, self.limit, self.window_seconds, stock.size)
+            if got.admitted:
+                if stock.left and stock.slot != got.slot:  # an ended bucket's leftovers
+                    in_background(self.window.refund(key, stock.slot, stock.left))
+                    stock.left = 0
+                stock.left += got.taken
+                stock.slot = got.slot
+                # The bucket ends seconds_left after the script ran, which was after `now`.
+                stock.until = now + got.seconds_left
+                asyncio.get_running_loop().call_later(
+                    got.seconds_left, self._expire, key, stock, got.slot
+                )
+            return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
+        finally:
+            stock.fetching = None
+
+    def _expire(self, key: str, stock: _Stock, slot: int | bytes) -> None:
+        """A bucket has ended: give back what is left of its permits, ask for fewer."""
+        if stock.slot != slot or time.monotonic() < stock.until or not stock.left:
+            return  # refilled since (a later bucket, or this one again), or all used
+        left, stock.left = stock.left, 0
+        stock.size = max(1, stock.size // 2)
+        in_background(self.window.refund(key, slot, left))
+
+    def give_back(self, key: str, slot: int | bytes) -> bool:
+        """Put back a permit a later check refused, if its bucket still runs here."""
+        stock = self._stocks.get(key)
+        if stock is None or stock.slot != slot or time.monotonic() >= stock.until:
+            return False
+        stock.left += 1
+        return True
+
+    def forget(self, key: str) -> None:
+        """Drop a key's stock (its origin left the check's table): give back what is left."""
+        stock = self._stocks.pop(key, None)
+        if stock is not None and stock.left:
+            left, stock.left = stock.left, 0
+            try:
+                in_background(self.window.refund(key, stock.slot, left))
+            except RuntimeError:  # no loop running: they count until the window passes
+                pass
+
+    def held(self) -> int:
+        """Permits taken from Redis and not handed out yet, over every key."""
+        return sum(stock.left for stock in self._stocks.values())
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read a fetch's outcome: its waiters got it (or were cancelled and left)."""
+    if not future.cancelled():
+        future.exception()
+
+
+__all__ = ["PrefetchWindow"]
