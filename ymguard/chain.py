@@ -409,11 +409,11 @@ class Chain:
             for check in self.checks
         )
         self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
-        #: Whether :meth:`enter_now` may be tried first: it then decides, or answers
-        #: :data:`AWAIT` (await :meth:`enter`).
-        self.try_enter = self.sync_enter or (enter_fast is not None and not self._staging)
         # (A staged chain too: staging only batches exits, and there are none to run.)
         self.sync_exit = not self._after_call
+        #: Whether :meth:`enter_now` may be tried first: it then decides, or answers
+        #: :data:`AWAIT` (await :meth:`enter`).
+        self.try_enter = self.sync_enter or enter_fast is not None
 
     def set_observers(self, observers: Sequence[Observer]) -> None:
         """Replace the chain's observers (the statistics first)."""

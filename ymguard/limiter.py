@@ -329,12 +329,13 @@ class QpsCheck(_FlowCheckBase):
         self._prefetch: PrefetchWindow | None = None
         if rule.prefetch and isinstance(self.window, RedisWindow):
             self._prefetch = PrefetchWindow(self.window, self.limit, window_seconds)
-        # On Redis the chain sends the window's script with its neighbours' (one round trip).
-        self.stage_enter: Callable[[Context], Stage | None] | None = (
-            self._stage_enter
-            if isinstance(self.window, RedisWindow) and self._prefetch is None
-            else None
-        )
+        # On Redis the chain sends the window's script with its neighbours' (one round trip);
+        # a prefetched permit joins their batch without a call of its own.
+        self.stage_enter: Callable[[Context], Stage | None] | None = None
+        if self._prefetch is not None:
+            self.stage_enter = self._stage_prefetched
+        elif isinstance(self.window, RedisWindow):
+            self.stage_enter = self._stage_enter
         # A window that never waits lets the chain enter without a coroutine.
         self.enter_now: Callable[[Context], Any] | None = (
             self._enter_now if self._memory is not None else None
@@ -427,6 +428,14 @@ class QpsCheck(_FlowCheckBase):
         if slot is None:
             return AWAIT
         return (self.window, key, slot)
+
+    def _stage_prefetched(self, ctx: Context) -> Stage | None:
+        """A prefetched permit, decided in its place in a batch of its neighbours' calls
+        (no call of its own); None when the stock is empty: then ``enter`` fetches."""
+        token = self._enter_prefetched(ctx)
+        if token is AWAIT:
+            return None
+        return Stage(self.store, None, lambda _reply: token)
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""

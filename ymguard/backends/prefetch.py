@@ -15,7 +15,9 @@ window gives at most half of what is left to one request (at least one), so near
 the batches shrink to one and processes share the last permits.
 
 One fetch per key is in flight at a time: calls that find the stock empty meanwhile wait
-for it (no extra round trip), then take from what it brought.
+for it (no extra round trip), then take from what it brought; one that finds nothing left
+it can use asks Redis for its own permit (so a call waits for two round trips at most,
+even when a round trip is as long as a bucket).
 """
 
 from __future__ import annotations
@@ -67,33 +69,40 @@ class PrefetchWindow:
     def take_now(self, key: str) -> int | bytes | None:
         """A permit from the stock in process (its slot), or None: then :meth:`acquire`."""
         stock = self._stocks.get(key)
-        if stock is None or not stock.left or time.monotonic() >= stock.until:
-            return None
-        stock.left -= 1
-        return stock.slot
+        return None if stock is None else _take(stock)
 
     async def acquire(self, key: str) -> WindowResult:
         """A permit from the stock, or from Redis (fetching a batch): its result.
 
+        A caller waits for at most one fetch (its own, or one already in flight). If
+        that one brought nothing it can use (others took it all, or its reply came after
+        its bucket had ended: a round trip or a stalled loop as long as a bucket), it
+        asks Redis for its own permit, as without prefetching: every call ends, admitted
+        or refused, within two round trips.
+
         Refused only when Redis refuses one permit. Raises what the store raises in an
         outage (:class:`~ymguard.errors.StorageUnavailable`).
         """
-        while True:
-            slot = self.take_now(key)
-            if slot is not None:
-                return WindowResult(True, 0, 0.0, slot)
-            stock = self._stocks.get(key)
-            if stock is None:
-                stock = self._stocks[key] = _Stock()
-            fetching = stock.fetching
-            if fetching is None:
-                fetching = stock.fetching = asyncio.ensure_future(self._fetch(key, stock))
-                fetching.add_done_callback(_retrieve)
-            # Shielded: a caller that is cancelled leaves the fetch to the others.
-            result = await asyncio.shield(fetching)
-            if not result.admitted:
-                return result
-            # The stock was filled; others waiting may have emptied it: take, or fetch again.
+        stock = self._stocks.get(key)
+        if stock is None:
+            stock = self._stocks[key] = _Stock()
+        slot = _take(stock)
+        if slot is not None:
+            return WindowResult(True, 0, 0.0, slot)
+        fetching = stock.fetching
+        if fetching is None:
+            fetching = stock.fetching = asyncio.ensure_future(self._fetch(key, stock))
+            fetching.add_done_callback(_retrieve)
+        # Shielded: a caller that is cancelled leaves the fetch to the others. The same
+        # stock after the wait: if its key was forgotten meanwhile (its origin left the
+        # check's table), it is not put back.
+        result = await asyncio.shield(fetching)
+        if not result.admitted:
+            return result
+        slot = _take(stock)
+        if slot is not None:
+            return WindowResult(True, 0, 0.0, slot)
+        return await self.window.acquire(key, self.limit, self.window_seconds)
 
     async def _fetch(self, key: str, stock: _Stock) -> WindowResult:
         try:
@@ -105,12 +114,13 @@ class PrefetchWindow:
                 if stock.left and stock.slot != got.slot:  # an ended bucket's leftovers
                     in_background(self.window.refund(key, stock.slot, stock.left))
                     stock.left = 0
+                    stock.size = max(1, stock.size // 2)
                 stock.left += got.taken
                 stock.slot = got.slot
                 # The bucket ends seconds_left after the script ran, which was after `now`.
                 stock.until = now + got.seconds_left
                 asyncio.get_running_loop().call_later(
-                    got.seconds_left, self._expire, key, stock, got.slot
+                    max(0.0, stock.until - time.monotonic()), self._expire, key, stock, got.slot
                 )
             return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
         finally:
@@ -145,6 +155,14 @@ class PrefetchWindow:
     def held(self) -> int:
         """Permits taken from Redis and not handed out yet, over every key."""
         return sum(stock.left for stock in self._stocks.values())
+
+
+def _take(stock: _Stock) -> int | bytes | None:
+    """A permit of ``stock`` (its slot) while its bucket runs, else None."""
+    if not stock.left or time.monotonic() >= stock.until:
+        return None
+    stock.left -= 1
+    return stock.slot
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -227,10 +227,12 @@ class RedisWindow:
         """Count up to ``want`` calls now: what fits, at most half of what is left, at
         least one if any is left (``window_acquire.lua`` with its partial flag)."""
         args = (*self._args(limit, window, want), 1)
-        admitted, remaining, wait_ms, slot, taken, ms_left = await self.store.run(
+        admitted, remaining, wait_ms, slot, taken, us_left = await self.store.run(
             self._acquire, (key,), args
         )
-        return Prefetched(admitted == 1, remaining, wait_ms / 1000.0, slot, taken, ms_left / 1000.0)
+        return Prefetched(
+            admitted == 1, remaining, wait_ms / 1000.0, slot, taken, us_left / 1_000_000
+        )
 
     async def refund(self, key: str, slot: int | bytes, n: int = 1) -> None:
         """Give back ``n`` calls counted in ``slot`` (if it is still in the window)."""

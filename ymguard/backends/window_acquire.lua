@@ -6,9 +6,9 @@
 -- ARGV[4]  n, the permits this call wants
 -- ARGV[5]  (optional) "1": take part of n if not all of it fits (prefetching): at most
 --          half of what is left, at least 1; the reply then also carries the permits
---          taken and the ms left in the slot's bucket
+--          taken and the microseconds left in the slot's bucket
 -- returns  {admitted 1|0, remaining after this call, ms until this call could succeed
---          (0 when admitted), slot[, taken, ms left in the bucket]}
+--          (0 when admitted), slot[, taken, us left in the bucket]}
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local buckets = tonumber(ARGV[3])
@@ -47,7 +47,9 @@ if total + n <= limit then
     redis.call('PEXPIRE', KEYS[1], math.ceil(window + blen))
   end
   if partial then
-    return {1, limit - total - n, 0, field, n, math.floor((slot + 1) * blen - now)}
+    -- From the clock's microseconds, not `now` (whole ms): the bucket's end, not later.
+    local left = (slot + 1) * blen * 1000 - (tonumber(t[1]) * 1000000 + tonumber(t[2]))
+    return {1, limit - total - n, 0, field, n, math.floor(left)}
   end
   return {1, limit - total - n, 0, field}
 end
