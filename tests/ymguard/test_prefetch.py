@@ -24,9 +24,10 @@ from ymguard.backends.window import RedisWindow
 from ymguard.chain import CheckStatus
 from ymguard.limiter import QpsCheck
 from ymguard.rules import load_rules_text
-from ymguard.storage import Store
+from ymguard.storage import RedisStore, Store, store_from_uri
 
 from .test_middleware import client, shop
+from .test_roundtrips import Writes
 
 RESOURCE = "GET /r"
 
@@ -61,6 +62,11 @@ async def attempt(guard: Guard, origin: str = "") -> bool:
 def stock_of(guard: Guard) -> PrefetchWindow | None:
     check = guard.chain(RESOURCE).checks[0]
     assert isinstance(check, QpsCheck)
+    return check._prefetch
+
+
+def stock_of_check(check: object) -> PrefetchWindow:
+    assert isinstance(check, QpsCheck) and check._prefetch is not None
     return check._prefetch
 
 
@@ -355,5 +361,48 @@ async def test_a_forgotten_origin_is_not_brought_back_by_its_fetch(
         assert all("gone" not in k for k in stocks._stocks)
         await until_given_back([guard])
         assert await counted(redis_url, prefix) == 4
+    finally:
+        await guard.aclose()
+
+
+async def test_the_full_chain_stays_one_round_trip_in(redis_url: str, prefix: str) -> None:
+    # A prefetched permit is decided in its place among its neighbours' staged calls:
+    # concurrency, qps (from the stock) and the semaphore still go out in one write.
+    rules = {
+        "flow": [{"concurrency": 5}, {"qps": 100_000, "prefetch": True}],
+        "semaphore": {"permits": 3},
+    }
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {RESOURCE: rules}}, storage=store)
+    chain = guard.chain(RESOURCE)
+    assert [type(c).__name__ for c in chain.checks] == [
+        "ConcurrencyCheck",
+        "QpsCheck",
+        "SemaphoreCheck",
+    ]
+    stock = stock_of_check(chain.checks[1])
+
+    async def one() -> int:
+        """Enter and exit a call; the writes its way in took."""
+        ctx = Context(RESOURCE)
+        writes.count = 0
+        tokens = await chain.enter(ctx)
+        entered_with = writes.count
+        await chain.exit(ctx, tokens)
+        return entered_with
+
+    try:
+        assert await attempt(guard)  # connected
+        writes = Writes(store)
+        for _ in range(50):  # until a call finds permits in the stock (not at a bucket's end)
+            for _ in range(4):
+                await one()  # the batches grow: 1, 2, 4, ...
+            held = stock.held()
+            entered_with = await one()
+            if held and stock.held() == held - 1:  # the qps permit came from the stock
+                assert entered_with == 1
+                return
+        raise AssertionError("no call found a permit in the stock")
     finally:
         await guard.aclose()

@@ -29,6 +29,10 @@ from typing import Any
 from ..storage.tasks import in_background
 from .window import BUCKETS, RedisWindow, WindowResult
 
+#: Seconds after a bucket's end before its leftovers are given back: time for the calls
+#: that waited for its fetch to take theirs.
+_GRACE = 0.01
+
 
 class _Stock:
     """One key's permits in this process: how many, their bucket, until when they count."""
@@ -99,7 +103,10 @@ class PrefetchWindow:
         result = await asyncio.shield(fetching)
         if not result.admitted:
             return result
-        slot = _take(stock)
+        # A permit of the fetch it waited for, even if its reply came after the bucket
+        # ended: it was counted when the script ran, while this call waited (as a call
+        # without prefetching is).
+        slot = _take(stock, late=stock.slot == result.slot)
         if slot is not None:
             return WindowResult(True, 0, 0.0, slot)
         return await self.window.acquire(key, self.limit, self.window_seconds)
@@ -119,8 +126,14 @@ class PrefetchWindow:
                 stock.slot = got.slot
                 # The bucket ends seconds_left after the script ran, which was after `now`.
                 stock.until = now + got.seconds_left
+                # Given back a moment after the bucket ends: the calls that waited for
+                # this fetch take theirs first, even from a reply that came late.
                 asyncio.get_running_loop().call_later(
-                    max(0.0, stock.until - time.monotonic()), self._expire, key, stock, got.slot
+                    max(0.0, stock.until - time.monotonic()) + _GRACE,
+                    self._expire,
+                    key,
+                    stock,
+                    got.slot,
                 )
             return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
         finally:
@@ -157,9 +170,9 @@ class PrefetchWindow:
         return sum(stock.left for stock in self._stocks.values())
 
 
-def _take(stock: _Stock) -> int | bytes | None:
-    """A permit of ``stock`` (its slot) while its bucket runs, else None."""
-    if not stock.left or time.monotonic() >= stock.until:
+def _take(stock: _Stock, late: bool = False) -> int | bytes | None:
+    """A permit of ``stock`` (its slot) while its bucket runs (or ``late``), else None."""
+    if not stock.left or (not late and time.monotonic() >= stock.until):
         return None
     stock.left -= 1
     return stock.slot
