@@ -98,6 +98,11 @@ def count(checkout: Path, variant: str, n: int, env: dict[str, str]) -> int:
     return int(found.group(1).replace(",", ""))
 
 
+def knows(checkout: Path, variant: str) -> bool:
+    """Whether ``checkout``'s ``bench/apps.py`` has ``variant``."""
+    return f'"{variant}"' in (checkout / "bench" / "apps.py").read_text(encoding="utf-8")
+
+
 def per_request(checkout: Path, variant: str, n: int, env: dict[str, str]) -> float:
     """Instructions per request: (count(4 n) - count(n)) / 3 n."""
     return (count(checkout, variant, 4 * n, env) - count(checkout, variant, n, env)) / (3 * n)
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     redis_proc, redis_url = start_redis()
     env = {**os.environ, "BENCH_REDIS_URL": redis_url, "BENCH_KEY_PREFIX": "ymbench-ir"}
     try:
-        jobs = {(c, v): (c, v) for c in checkouts for v in variants}
+        # A variant the other checkout's bench/apps.py does not have yet is measured here only.
+        jobs = {(c, v): (c, v) for c in checkouts for v in variants if knows(c, v)}
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {key: pool.submit(per_request, c, v, n, env) for key, (c, v) in jobs.items()}
             found = {key: f.result() for key, f in futures.items()}
@@ -144,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         ours = found[(ROOT, v)]
         row = {"variant": v, "instructions": round(ours), "vs_plain": plain / ours}
         line = f"{v:<22} {ours:>12,.0f} {ours - plain:>+11,.0f} {plain / ours:>9.3f}"
-        if args.against:
+        if args.against and (checkouts[1], v) in found:
             theirs = found[(checkouts[1], v)]
             row["against"] = round(theirs)
             line += f" {theirs:>12,.0f} {(ours - theirs) / theirs:>+8.1%}"
+        elif args.against:
+            line += f" {'-':>12} {'new':>8}"
         rows.append(row)
         print(line)
     if args.json:
