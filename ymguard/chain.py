@@ -584,11 +584,16 @@ class Chain:
                 raise
             except StorageUnavailable as exc:
                 if isinstance(exc, Unanswered):  # the calls may have run
-                    _undo_all(stages)
-                # Each check meets the outage on its own: its plain enter follows the
-                # store's on_storage_error (the store now fails fast).
-                for k in range(first, j):
-                    tokens.append(await checks[k].enter(ctx))
+                    _undo_all([s for s in stages if s.call is not None])
+                # Each check with a call meets the outage on its own: its plain enter
+                # follows the store's on_storage_error (the store now fails fast). One
+                # that decided without a call (a prefetched permit) keeps its decision.
+                for k, st in enumerate(stages, first):
+                    if st.call is None:
+                        assert st.decide is not None
+                        tokens.append(st.decide(None))
+                    else:
+                        tokens.append(await checks[k].enter(ctx))
                 return j, following, asked
         failure: BaseException | None = None
         later: list[tuple[int, Any]] = []

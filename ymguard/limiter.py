@@ -412,16 +412,21 @@ class QpsCheck(_FlowCheckBase):
             self._refuse(memory.refusal(key, self.limit, self.window_seconds))
         return (memory, key, slot)
 
-    def _enter_prefetched(self, ctx: Context) -> Any:
-        """``enter`` from the prefetched permits in process, or AWAIT (then ``enter``)."""
+    def _prefetch_key(self, ctx: Context) -> str | None:
+        """The key of the caller's count, or None where the rule does not apply."""
         scope = self.scope
         if scope.origin == "default":
-            key = self._default[0]
-        else:
-            suffix = scope.key_for(ctx.origin)
-            if suffix is None:
-                return None
-            key = (self._origins.get(suffix) if suffix else self._default)[0]
+            return self._default[0]
+        suffix = scope.key_for(ctx.origin)
+        if suffix is None:
+            return None
+        return (self._origins.get(suffix) if suffix else self._default)[0]
+
+    def _enter_prefetched(self, ctx: Context) -> Any:
+        """``enter`` from the prefetched permits in process, or AWAIT (then ``enter``)."""
+        key = self._prefetch_key(ctx)
+        if key is None:
+            return None
         prefetch = self._prefetch
         assert prefetch is not None
         slot = prefetch.take_now(key)
@@ -431,11 +436,45 @@ class QpsCheck(_FlowCheckBase):
 
     def _stage_prefetched(self, ctx: Context) -> Stage | None:
         """A prefetched permit, decided in its place in a batch of its neighbours' calls
-        (no call of its own); None when the stock is empty: then ``enter`` fetches."""
-        token = self._enter_prefetched(ctx)
-        if token is AWAIT:
-            return None
-        return Stage(self.store, None, lambda _reply: token)
+        (no call of its own; given back if the batch is cancelled). When the stock is
+        empty, a fetch rides in the batch instead (its reply stocks the permits); in an
+        outage, None: the plain ``enter``."""
+        store = self.store
+        key = self._prefetch_key(ctx)
+        if key is None:
+            return Stage(store, None, _no_token)
+        prefetch = self._prefetch
+        assert prefetch is not None
+        window = self.window
+        slot = prefetch.take_now(key)
+        if slot is not None:
+            token = (window, key, slot)
+            return Stage(store, None, lambda _reply: token, lambda: self.exit_quietly(token))
+        fetch = prefetch.fetch_call(key) if store.available else None
+        if fetch is None:
+            return None  # another fetch is on its way (or an outage): the plain enter
+        call, stock, sent_at = fetch
+        assert isinstance(window, RedisWindow)
+
+        def decide(reply: Any) -> Any:
+            got = window.prefetched(reply)
+            slot = prefetch.stocked(key, stock, got, sent_at)
+            if slot is None:
+                self._refuse(WindowResult(False, got.remaining, got.wait_seconds, got.slot))
+            return (window, key, slot)
+
+        return Stage(store, call, decide)
+
+    async def exit_quietly(self, token: Any) -> None:
+        """Give back a permit whose call never ran (a cancelled batch)."""
+        window, key, slot = token
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch.give_back(key, slot):
+            return
+        try:
+            await window.refund(key, slot)
+        except StorageUnavailable:
+            pass
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""

@@ -60,9 +60,8 @@ async def attempt(guard: Guard, origin: str = "") -> bool:
 
 
 def stock_of(guard: Guard) -> PrefetchWindow | None:
-    check = guard.chain(RESOURCE).checks[0]
-    assert isinstance(check, QpsCheck)
-    return check._prefetch
+    found = [c._prefetch for c in guard.chain(RESOURCE).checks if isinstance(c, QpsCheck)]
+    return next((p for p in found if p is not None), None)
 
 
 def stock_of_check(check: object) -> PrefetchWindow:
@@ -404,5 +403,74 @@ async def test_the_full_chain_stays_one_round_trip_in(redis_url: str, prefix: st
                 assert entered_with == 1
                 return
         raise AssertionError("no call found a permit in the stock")
+    finally:
+        await guard.aclose()
+
+
+async def test_a_miss_in_a_chain_fetches_in_the_chains_round_trip(
+    redis_url: str, prefix: str
+) -> None:
+    # With the stock empty, the fetch rides in the batch of the checks around it: still
+    # one write on the way in (not a batch, a fetch and another batch).
+    rules = {
+        "flow": [{"concurrency": 5}, {"qps": 100_000, "prefetch": True}],
+        "semaphore": {"permits": 3},
+    }
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {RESOURCE: rules}}, storage=store)
+    chain = guard.chain(RESOURCE)
+    stock = stock_of_check(chain.checks[1])
+    try:
+        ctx = Context(RESOURCE)
+        await chain.exit(ctx, await chain.enter(ctx))  # connected
+        await until_given_back([guard])  # the stock is empty again
+        writes = Writes(store)
+        ctx = Context(RESOURCE)
+        tokens = await chain.enter(ctx)
+        assert writes.count == 1
+        await chain.exit(ctx, tokens)
+        assert stock.held() >= 0
+        await until_given_back([guard])
+        assert await counted(redis_url, prefix) == 2
+    finally:
+        await guard.aclose()
+
+
+async def test_a_cancelled_batch_gives_back_its_prefetched_permits(
+    redis_url: str, prefix: str
+) -> None:
+    rules = {
+        "flow": [{"concurrency": 50}, {"qps": 100_000, "prefetch": True}],
+        "semaphore": {"permits": 50},
+    }
+    guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
+    chain = guard.chain(RESOURCE)
+    stock = stock_of_check(chain.checks[1])
+    admitted = 0
+    try:
+        for _ in range(50):  # until 5 calls all take their permit from the stock
+            ctx = Context(RESOURCE)
+            await chain.exit(ctx, await chain.enter(ctx))
+            admitted += 1
+            held = stock.held()
+            if held < 5:
+                continue
+            calls = [asyncio.ensure_future(chain.enter(Context(RESOURCE))) for _ in range(5)]
+            await asyncio.sleep(0)  # each took a permit; their batch is on its way
+            took_from_stock = stock.held() == held - 5
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            if took_from_stock:
+                break
+            await until_given_back([guard])  # a bucket ended meanwhile: start over
+            await asyncio.sleep(1.1)  # and let the window pass
+            admitted = 0
+        else:
+            raise AssertionError("the stock never held 5 permits")
+        await until_given_back([guard])
+        assert stock.held() == 0
+        assert await counted(redis_url, prefix) == admitted  # the cancelled ones came back
     finally:
         await guard.aclose()

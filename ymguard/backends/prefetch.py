@@ -23,12 +23,17 @@ even when a round trip is as long as a bucket).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
+from ..storage.redis import ScriptCall
 from ..storage.tasks import in_background
-from .window import BUCKETS, RedisWindow, WindowResult
+from .window import BUCKETS, Prefetched, RedisWindow, WindowResult
 
+#: A fetch sent in a chain's batch counts as on its way this long at most (its reply
+#: may never be read: a cancelled batch); meanwhile the stock's misses wait for a shared one.
+_STAGED_FOR = 1.0
 #: Seconds after a bucket's end before its leftovers are given back: time for the calls
 #: that waited for its fetch to take theirs.
 _GRACE = 0.01
@@ -37,7 +42,7 @@ _GRACE = 0.01
 class _Stock:
     """One key's permits in this process: how many, their bucket, until when they count."""
 
-    __slots__ = ("fetching", "left", "size", "slot", "until")
+    __slots__ = ("fetching", "left", "size", "slot", "staged", "until")
 
     def __init__(self) -> None:
         self.left = 0
@@ -45,6 +50,8 @@ class _Stock:
         self.until = 0.0  # time.monotonic() at which the bucket ends (a little early)
         self.size = 1  # how many the next fetch asks for
         self.fetching: asyncio.Future[WindowResult] | None = None
+        # When a fetch riding in a chain's batch was sent, until its reply (-inf: none).
+        self.staged = -math.inf
 
 
 class PrefetchWindow:
@@ -113,31 +120,71 @@ class PrefetchWindow:
 
     async def _fetch(self, key: str, stock: _Stock) -> WindowResult:
         try:
-            now = time.monotonic()
-            if stock.left == 0 and now < stock.until:  # ran out within its bucket
-                stock.size = min(stock.size * 2, self.max_batch)
+            now = self._grow(stock)
             got = await self.window.prefetch(key, self.limit, self.window_seconds, stock.size)
             if got.admitted:
-                if stock.left and stock.slot != got.slot:  # an ended bucket's leftovers
-                    in_background(self.window.refund(key, stock.slot, stock.left))
-                    stock.left = 0
-                    stock.size = max(1, stock.size // 2)
-                stock.left += got.taken
-                stock.slot = got.slot
-                # The bucket ends seconds_left after the script ran, which was after `now`.
-                stock.until = now + got.seconds_left
-                # Given back a moment after the bucket ends: the calls that waited for
-                # this fetch take theirs first, even from a reply that came late.
-                asyncio.get_running_loop().call_later(
-                    max(0.0, stock.until - time.monotonic()) + _GRACE,
-                    self._expire,
-                    key,
-                    stock,
-                    got.slot,
-                )
+                self._stock_in(key, stock, got, now)
             return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
         finally:
             stock.fetching = None
+
+    def fetch_call(self, key: str) -> tuple[ScriptCall, _Stock, float] | None:
+        """A fetch as a call to send with other checks' calls (the chain's batch), for a
+        call that found the stock empty: the call, the stock and when it was made; hand
+        the reply to :meth:`stocked`. None while another fetch of the key is on its way:
+        then :meth:`acquire` (which waits for the shared one).
+        """
+        stock = self._stocks.get(key)
+        if stock is None:
+            stock = self._stocks[key] = _Stock()
+        now = time.monotonic()
+        if stock.fetching is not None or now - stock.staged < _STAGED_FOR:
+            return None
+        self._grow(stock)
+        stock.staged = now
+        call = self.window.prefetch_call(key, self.limit, self.window_seconds, stock.size)
+        return call, stock, now
+
+    def stocked(
+        self, key: str, stock: _Stock, got: Prefetched, sent_at: float
+    ) -> int | bytes | None:
+        """The reply of a :meth:`fetch_call`: its permits stocked and the caller's one
+        taken (its slot, whenever the reply came: it was counted while the caller
+        waited), or None if Redis refused."""
+        if stock.staged == sent_at:
+            stock.staged = -math.inf  # answered: the next miss may send a fetch again
+        if not got.admitted:
+            return None
+        self._stock_in(key, stock, got, sent_at)
+        stock.left -= 1
+        return got.slot
+
+    def _grow(self, stock: _Stock) -> float:
+        """Before a fetch: a stock that ran out within its bucket asks for twice as many."""
+        now = time.monotonic()
+        if stock.left == 0 and now < stock.until:
+            stock.size = min(stock.size * 2, self.max_batch)
+        return now
+
+    def _stock_in(self, key: str, stock: _Stock, got: Prefetched, sent_at: float) -> None:
+        """Add a fetch's permits to the stock (``got`` admitted; sent at ``sent_at``)."""
+        if stock.left and stock.slot != got.slot:  # an ended bucket's leftovers
+            in_background(self.window.refund(key, stock.slot, stock.left))
+            stock.left = 0
+            stock.size = max(1, stock.size // 2)
+        stock.left += got.taken
+        stock.slot = got.slot
+        # The bucket ends seconds_left after the script ran, which was after `sent_at`.
+        stock.until = sent_at + got.seconds_left
+        # Given back a moment after the bucket ends: the calls that waited for this fetch
+        # take theirs first, even from a reply that came late.
+        asyncio.get_running_loop().call_later(
+            max(0.0, stock.until - time.monotonic()) + _GRACE,
+            self._expire,
+            key,
+            stock,
+            got.slot,
+        )
 
     def _expire(self, key: str, stock: _Stock, slot: int | bytes) -> None:
         """A bucket has ended: give back what is left of its permits, ask for fewer."""

@@ -226,10 +226,17 @@ class RedisWindow:
     async def prefetch(self, key: str, limit: int, window: float, want: int) -> Prefetched:
         """Count up to ``want`` calls now: what fits, at most half of what is left, at
         least one if any is left (``window_acquire.lua`` with its partial flag)."""
-        args = (*self._args(limit, window, want), 1)
-        admitted, remaining, wait_ms, slot, taken, us_left = await self.store.run(
-            self._acquire, (key,), args
-        )
+        call = self.prefetch_call(key, limit, window, want)
+        return self.prefetched(await self.store.run(call.script, call.keys, call.args))
+
+    def prefetch_call(self, key: str, limit: int, window: float, want: int) -> ScriptCall:
+        """:meth:`prefetch` as a call for ``RedisStore.run_many`` (reply: :meth:`prefetched`)."""
+        return ScriptCall(self._acquire, (key,), (*self._args(limit, window, want), 1))
+
+    @staticmethod
+    def prefetched(reply: Any) -> Prefetched:
+        """The :class:`Prefetched` of a prefetch's reply."""
+        admitted, remaining, wait_ms, slot, taken, us_left = reply
         return Prefetched(
             admitted == 1, remaining, wait_ms / 1000.0, slot, taken, us_left / 1_000_000
         )
