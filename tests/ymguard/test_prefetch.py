@@ -474,3 +474,33 @@ async def test_a_cancelled_batch_gives_back_its_prefetched_permits(
         assert await counted(redis_url, prefix) == admitted  # the cancelled ones came back
     finally:
         await guard.aclose()
+
+
+async def test_an_outage_met_by_a_batch_takes_one_permit_per_call(
+    private_redis: RedisServer,
+) -> None:
+    # Redis dies with permits in the stock: the batch's round trip fails, and each check
+    # with a call meets the outage on its own; the prefetched check keeps the one permit
+    # it took (entering it again would take a second).
+    rules = {"flow": [{"qps": 100_000, "prefetch": True}, {"concurrency": 100}]}
+    guard = Guard(
+        {"on_storage_error": "local", "resources": {RESOURCE: rules}},
+        storage=private_redis.url + "?socket_timeout=5",
+    )
+    chain = guard.chain(RESOURCE)
+    stock = stock_of_check(chain.checks[0])
+    for _ in range(200):  # grow the batches until the stock holds some
+        ctx = Context(RESOURCE)
+        await chain.exit(ctx, await chain.enter(ctx))
+        if stock.held() >= 10:
+            break
+    assert stock.held() >= 10
+    private_redis.stop()
+    # The test's own clock: the stock's bucket runs on (stopping Redis may outlast it).
+    for kept in stock._stocks.values():
+        kept.until = time.monotonic() + 60
+    held = stock.held()
+    results = await asyncio.gather(*(chain.enter(Context(RESOURCE)) for _ in range(5)))
+    assert len(results) == 5  # all admitted (local counts)
+    assert held - stock.held() == 5  # one permit per call
+    await guard.aclose()
