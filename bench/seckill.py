@@ -105,8 +105,8 @@ def _bench_rules(workdir: Path, guarded: bool = True) -> Path:
     without the seckill route's rules when not ``guarded``."""
     rules = yaml.safe_load((ROOT / "demo_service" / "rules.yaml").read_text())
     for resource in rules["resources"].values():
-        for flow in resource.get("flow", []):
-            if "qps" in flow:
+        for flow in resource.get("flow", []) + resource.get("param_flow", []):
+            if "qps" in flow:  # flow and hot-parameter rules: checked, never refusing
                 flow["qps"] = 10_000_000
     if not guarded:
         del rules["resources"][KILL_RESOURCE]
