@@ -874,3 +874,19 @@ def test_permit_ids_are_unique_and_a_forked_process_draws_its_own() -> None:
     os.close(read)
     os.close(write)
     assert child.split("-")[0] != new_permit_id().split("-")[0]
+
+
+async def test_the_keeper_forgets_ended_leases_behind_a_long_holder(store: Store) -> None:
+    # Leases come in young (an append per holder) and leave from the head when they end;
+    # one long holder at the head must not keep every lease that ended behind it.
+    sem = Semaphore("s", 10, 30, store)
+    keeper = LeaseKeeper.of(store)
+    long_holder = await sem.acquire()
+    long_holder.keep_alive()
+    for _ in range(20_000):
+        kept = keeper.keep(sem._backend, "short", 30.0)
+        kept.stop()
+    assert len(keeper) == 1
+    assert len(keeper._young) <= 2 * 4096
+    assert await long_holder.release() is True
+    assert len(keeper) == 0

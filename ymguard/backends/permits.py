@@ -12,6 +12,7 @@ One :class:`LeaseKeeper` task per store and event loop renews the leases of long
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -482,23 +483,35 @@ class KeptLease:
     due: float
     permit: weakref.ref[LeaseHolder] | None = None
     lost: bool = False
+    dropped: bool = False  # stopped (it may still sit among the keeper's young leases)
+    old: bool = False  # among the keeper's weakly held leases (it was once due)
 
     def stop(self) -> None:
         """Stop renewing (call it before releasing the permit)."""
         self.keeper.drop(self)
 
 
+#: Young leases kept before the ended ones among them are swept out (then twice the live).
+_COMPACT_AT = 4096
+
+
 class LeaseKeeper:
     """Renews the leases of long holders: one task per store and event loop, started lazily.
 
-    A holder registers with :meth:`keep` and leaves with :meth:`drop`, two set operations.
-    The task wakes when the oldest lease reaches a third of its length, renews every lease
-    that old (one script per semaphore for all of them), and ends when nothing is kept.
-    Most requests end long before a third of their lease and cost the keeper nothing.
+    A holder registers with :meth:`keep` and leaves with :meth:`drop`: an append to a
+    queue and a flag, on every request that holds a permit. The task wakes when the oldest
+    lease reaches a third of its length, renews every lease that old (one script per
+    semaphore for all of them), and ends when nothing is kept. Most requests end long
+    before a third of their lease and cost the keeper nothing more.
 
-    The keeper holds its leases weakly: a lease whose holder (a :class:`Permit`, a chain
+    Leases come in young: held in a queue until they are first due (dropped ones leave it
+    from its head, or when the task looks). The task then moves those still kept among the
+    old ones, which it holds weakly: a lease whose holder (a :class:`Permit`, a chain
     token) is no longer referenced anywhere can never be released, so, like a holder whose
-    process died, it is left to expire. :func:`close_store_tasks` stops it.
+    process died, it is left to expire (at most a third of its lease later than if it had
+    been held weakly from the start: never renewed). A weak reference per lease costs some
+    thousands of instructions (a set insert, a removal, a callback when it dies); the
+    queue costs an append. :func:`close_store_tasks` stops it.
     """
 
     #: By store, weakly; a keeper references neither its store nor its leases' holders.
@@ -507,6 +520,8 @@ class LeaseKeeper:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.renewals = 0
+        self._young: collections.deque[KeptLease] = collections.deque()
+        self._compact_at = _COMPACT_AT
         self._kept: weakref.WeakSet[KeptLease] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -522,7 +537,8 @@ class LeaseKeeper:
         return keeper
 
     def __len__(self) -> int:
-        return len(self._kept)
+        """How many leases are kept now."""
+        return len(self._kept) + sum(1 for kept in self._young if not kept.dropped)
 
     def keep(
         self,
@@ -535,7 +551,11 @@ class LeaseKeeper:
         due = self.loop.time() + lease_seconds / 3
         ref = None if permit is None else weakref.ref(permit)
         kept = KeptLease(self, backend, permit_id, lease_seconds, due, ref)
-        self._kept.add(kept)
+        young = self._young
+        young.append(kept)
+        if len(young) >= self._compact_at:  # a long holder at the head keeps ended ones in
+            young = self._young = collections.deque(k for k in young if not k.dropped)
+            self._compact_at = max(_COMPACT_AT, 2 * len(young))
         if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._run())
         elif kept.due < self._next_due:
@@ -544,10 +564,19 @@ class LeaseKeeper:
 
     def drop(self, kept: KeptLease) -> None:
         """Stop renewing a lease."""
-        self._kept.discard(kept)
+        kept.dropped = True
+        if kept.old:
+            self._kept.discard(kept)
+            return
+        young = self._young
+        while young and young[0].dropped:  # ended leases leave from the head (the oldest)
+            young.popleft()
 
     async def aclose(self) -> None:
         """Stop renewing every lease and end the task (the leases are left to expire)."""
+        for kept in self._young:
+            kept.dropped = True
+        self._young.clear()
         self._kept.clear()
         if self._task is not None:
             await stopped([self._task])
@@ -571,8 +600,9 @@ class LeaseKeeper:
         A method of its own so that no lease is referenced from a frame while the keeper
         sleeps (it holds them weakly).
         """
-        kept_now = list(self._kept)
         now = self.loop.time()
+        self._age(now)
+        kept_now = list(self._kept)
         groups: dict[tuple[Permits, float], list[KeptLease]] = {}
         for kept in kept_now:
             if kept.due <= now:
@@ -580,12 +610,28 @@ class LeaseKeeper:
         if groups:
             await asyncio.gather(*(self._renew(group) for group in groups.values()))
             kept_now = list(self._kept)
+        kept_now += [kept for kept in self._young if not kept.dropped]
         if not kept_now:
             return None
         # Sleep to the next due lease, but at least a sixth of the shortest lease, so that
         # leases come due in batches: a lease is renewed between 1/3 and 1/2 of its length.
         shortest = min(k.lease_seconds for k in kept_now)
         return max(min(k.due for k in kept_now), self.loop.time() + shortest / 6)
+
+    def _age(self, now: float) -> None:
+        """Move the young leases that are due among the old ones (held weakly from now on:
+        one whose holder is gone goes at once, unrenewed); forget the dropped ones."""
+        young: collections.deque[KeptLease] = collections.deque()
+        while self._young:
+            kept = self._young.popleft()
+            if kept.dropped:
+                continue
+            if kept.due <= now:
+                kept.old = True
+                self._kept.add(kept)
+            else:
+                young.append(kept)
+        self._young = young
 
     async def _renew(self, group: list[KeptLease]) -> None:
         backend, lease = group[0].backend, group[0].lease_seconds
