@@ -14,10 +14,14 @@ halves it; at most ``max_batch`` (default: a tenth of the limit, a bucket's shar
 window gives at most half of what is left to one request (at least one), so near the limit
 the batches shrink to one and processes share the last permits.
 
-One fetch per key is in flight at a time: calls that find the stock empty meanwhile wait
-for it (no extra round trip), then take from what it brought; one that finds nothing left
-it can use asks Redis for its own permit (so a call waits for two round trips at most,
-even when a round trip is as long as a bucket).
+A call that finds the stock empty sends a fetch with its chain's other store calls
+(:meth:`PrefetchWindow.fetch_call`: one round trip for the chain) and keeps a permit of
+what it brings. Calls that find the stock empty while a fetch is on its way wait for one
+shared fetch instead (:meth:`PrefetchWindow.acquire`), then take from what it brought,
+even from a reply that came after its bucket ended (they were counted while they waited,
+as a call without prefetching is); one that finds nothing left asks Redis for its own
+permit. So a call waits for two round trips at most, even when a round trip is as long
+as a bucket.
 """
 
 from __future__ import annotations
