@@ -17,15 +17,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import RedisServer
-from ymguard import Blocked, Context, FlowLimited, Guard, RulesError
+from ymguard import Context, FlowLimited, Guard, RulesError
 from ymguard._model import rule_ids
 from ymguard.backends.prefetch import PrefetchWindow
 from ymguard.backends.window import RedisWindow
-from ymguard.chain import CheckStatus
+from ymguard.chain import Chain, CheckStatus
 from ymguard.limiter import QpsCheck
 from ymguard.rules import load_rules_text
 from ymguard.storage import RedisStore, Store, store_from_uri
 
+from .test_limiter import attempt
 from .test_middleware import client, shop
 from .test_roundtrips import Writes
 
@@ -47,18 +48,6 @@ def prefetching(storage: Any, qps: int, prefix: str | None = None, **rule: Any) 
     return Guard(rules, storage=storage)
 
 
-async def attempt(guard: Guard, origin: str = "") -> bool:
-    """Enter and immediately exit; True if admitted."""
-    chain = guard.chain(RESOURCE)
-    ctx = Context(RESOURCE, origin)
-    try:
-        tokens = await chain.enter(ctx)
-    except Blocked:
-        return False
-    await chain.exit(ctx, tokens)
-    return True
-
-
 def stock_of(guard: Guard) -> PrefetchWindow | None:
     found = [c._prefetch for c in guard.chain(RESOURCE).checks if isinstance(c, QpsCheck)]
     return next((p for p in found if p is not None), None)
@@ -67,6 +56,33 @@ def stock_of(guard: Guard) -> PrefetchWindow | None:
 def stock_of_check(check: object) -> PrefetchWindow:
     assert isinstance(check, QpsCheck) and check._prefetch is not None
     return check._prefetch
+
+
+def chained(
+    redis_url: str, prefix: str, permits: int
+) -> tuple[RedisStore, Guard, Chain, PrefetchWindow]:
+    """A guard whose prefetched qps rule sits between two staged checks (concurrency,
+    semaphore), as on the demo's seckill: its store, the chain and the qps rule's stock."""
+    rules = {
+        "flow": [{"concurrency": permits}, {"qps": 100_000, "prefetch": True}],
+        "semaphore": {"permits": permits},
+    }
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    assert isinstance(store, RedisStore)
+    guard = Guard({"resources": {RESOURCE: rules}}, storage=store)
+    chain = guard.chain(RESOURCE)
+    assert [type(c).__name__ for c in chain.checks] == [
+        "ConcurrencyCheck",
+        "QpsCheck",
+        "SemaphoreCheck",
+    ]
+    return store, guard, chain, stock_of_check(chain.checks[1])
+
+
+async def through(chain: Chain) -> None:
+    """One call through ``chain``, admitted (entered and left)."""
+    ctx = Context(chain.resource)
+    await chain.exit(ctx, await chain.enter(ctx))
 
 
 async def counted(redis_url: str, prefix: str) -> int:
@@ -111,7 +127,9 @@ async def test_a_refusal_says_when_to_retry(store: Store) -> None:
     assert await attempt(guard) and await attempt(guard)
     with pytest.raises(FlowLimited) as info:
         await guard.chain(RESOURCE).enter(Context(RESOURCE))
-    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 1.0
+    quota = info.value.quota
+    assert info.value.retry_after and quota is not None
+    assert (quota.limit, quota.remaining, quota.reset_seconds) == (2, 0, info.value.retry_after)
 
 
 async def test_a_call_blocked_by_a_later_rule_spends_no_permit(store: Store) -> None:
@@ -130,7 +148,7 @@ async def test_origins_count_apart(store: Store) -> None:
         {"resources": {RESOURCE: {"flow": [{"qps": 2, "prefetch": True, "origin": "other"}]}}},
         storage=store,
     )
-    results = {o: sum([await attempt(guard, o) for _ in range(4)]) for o in ("a", "b", "")}
+    results = {o: sum([await attempt(guard, origin=o) for _ in range(4)]) for o in ("a", "b", "")}
     assert results == {"a": 2, "b": 2, "": 4}  # no origin: the rule does not apply
 
 
@@ -291,19 +309,19 @@ async def test_the_bucket_end_is_read_to_the_microsecond(redis_url: str, prefix:
     # The time left is the bucket's end minus the script's TIME to the microsecond: a
     # whole-ms clock would say up to 1 ms too much, and permits would outlive their bucket.
     guard = prefetching(redis_url, 1000, prefix)
-    client = aioredis.Redis.from_url(redis_url)
     try:
         check = guard.chain(RESOURCE).checks[0]
         assert isinstance(check, QpsCheck) and isinstance(check.window, RedisWindow)
+        sub_ms = 0
         for _ in range(20):
-            before = await client.time()
             got = await check.window.prefetch(f"{prefix}:{{w}}", 1000, 1.0, 1)
-            after = await client.time()
-            end_us = (int(got.slot) + 1) * 100_000
-            ran_at = end_us - round(got.seconds_left * 1_000_000)  # the script's TIME, in us
-            assert before[0] * 1_000_000 + before[1] <= ran_at <= after[0] * 1_000_000 + after[1]
+            left_us = round(got.seconds_left * 1_000_000)
+            # The instant the script read lies within the bucket it counted in.
+            ran_at = (int(got.slot) + 1) * 100_000 - left_us
+            assert int(got.slot) * 100_000 <= ran_at < (int(got.slot) + 1) * 100_000
+            sub_ms += left_us % 1000 != 0  # a whole-ms clock never leaves a remainder
+        assert sub_ms > 0
     finally:
-        await client.aclose()
         await guard.aclose()
 
 
@@ -348,10 +366,10 @@ async def test_a_forgotten_origin_is_not_brought_back_by_its_fetch(
         storage=redis_url,
     )
     try:
-        assert await attempt(guard, "warm")  # connected
+        assert await attempt(guard, origin="warm")  # connected
         stocks = stock_of(guard)
         assert stocks is not None
-        calls = [asyncio.ensure_future(attempt(guard, "gone")) for _ in range(3)]
+        calls = [asyncio.ensure_future(attempt(guard, origin="gone")) for _ in range(3)]
         for _ in range(3):  # the fetch is sent
             await asyncio.sleep(0)
         (key,) = [k for k in stocks._stocks if "gone" in k]
@@ -367,20 +385,7 @@ async def test_a_forgotten_origin_is_not_brought_back_by_its_fetch(
 async def test_the_full_chain_stays_one_round_trip_in(redis_url: str, prefix: str) -> None:
     # A prefetched permit is decided in its place among its neighbours' staged calls:
     # concurrency, qps (from the stock) and the semaphore still go out in one write.
-    rules = {
-        "flow": [{"concurrency": 5}, {"qps": 100_000, "prefetch": True}],
-        "semaphore": {"permits": 3},
-    }
-    store = store_from_uri(redis_url, key_prefix=prefix)
-    assert isinstance(store, RedisStore)
-    guard = Guard({"resources": {RESOURCE: rules}}, storage=store)
-    chain = guard.chain(RESOURCE)
-    assert [type(c).__name__ for c in chain.checks] == [
-        "ConcurrencyCheck",
-        "QpsCheck",
-        "SemaphoreCheck",
-    ]
-    stock = stock_of_check(chain.checks[1])
+    store, guard, chain, stock = chained(redis_url, prefix, 5)
 
     async def one() -> int:
         """Enter and exit a call; the writes its way in took."""
@@ -412,25 +417,15 @@ async def test_a_miss_in_a_chain_fetches_in_the_chains_round_trip(
 ) -> None:
     # With the stock empty, the fetch rides in the batch of the checks around it: still
     # one write on the way in (not a batch, a fetch and another batch).
-    rules = {
-        "flow": [{"concurrency": 5}, {"qps": 100_000, "prefetch": True}],
-        "semaphore": {"permits": 3},
-    }
-    store = store_from_uri(redis_url, key_prefix=prefix)
-    assert isinstance(store, RedisStore)
-    guard = Guard({"resources": {RESOURCE: rules}}, storage=store)
-    chain = guard.chain(RESOURCE)
-    stock = stock_of_check(chain.checks[1])
+    store, guard, chain, _ = chained(redis_url, prefix, 5)
     try:
-        ctx = Context(RESOURCE)
-        await chain.exit(ctx, await chain.enter(ctx))  # connected
+        await through(chain)  # connected
         await until_given_back([guard])  # the stock is empty again
         writes = Writes(store)
         ctx = Context(RESOURCE)
         tokens = await chain.enter(ctx)
         assert writes.count == 1
         await chain.exit(ctx, tokens)
-        assert stock.held() >= 0
         await until_given_back([guard])
         assert await counted(redis_url, prefix) == 2
     finally:
@@ -440,18 +435,11 @@ async def test_a_miss_in_a_chain_fetches_in_the_chains_round_trip(
 async def test_a_cancelled_batch_gives_back_its_prefetched_permits(
     redis_url: str, prefix: str
 ) -> None:
-    rules = {
-        "flow": [{"concurrency": 50}, {"qps": 100_000, "prefetch": True}],
-        "semaphore": {"permits": 50},
-    }
-    guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
-    chain = guard.chain(RESOURCE)
-    stock = stock_of_check(chain.checks[1])
+    _, guard, chain, stock = chained(redis_url, prefix, 50)
     admitted = 0
     try:
         for _ in range(50):  # until 5 calls all take their permit from the stock
-            ctx = Context(RESOURCE)
-            await chain.exit(ctx, await chain.enter(ctx))
+            await through(chain)
             admitted += 1
             held = stock.held()
             if held < 5:
