@@ -449,7 +449,7 @@ class QpsCheck(_FlowCheckBase):
         slot = prefetch.take_now(key)
         if slot is not None:
             token = (window, key, slot)
-            return Stage(store, None, lambda _reply: token, lambda: self.exit_quietly(token))
+            return Stage(store, None, lambda _reply: token, lambda: self._give_back(token))
         fetch = prefetch.fetch_call(key) if store.available else None
         if fetch is None:
             return None  # another fetch is on its way (or an outage): the plain enter
@@ -465,11 +465,12 @@ class QpsCheck(_FlowCheckBase):
 
         return Stage(store, call, decide)
 
-    async def exit_quietly(self, token: Any) -> None:
-        """Give back a permit whose call never ran (a cancelled batch)."""
+    async def _give_back(self, token: Any) -> None:
+        """Give back the permit of a call that did not run: to the stock while its bucket
+        runs (prefetched), else to the window."""
         window, key, slot = token
         prefetch = self._prefetch
-        if prefetch is not None and prefetch.give_back(key, slot):
+        if window is self.window and prefetch is not None and prefetch.give_back(key, slot):
             return
         try:
             await window.refund(key, slot)
@@ -504,14 +505,7 @@ class QpsCheck(_FlowCheckBase):
 
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None and ctx.blocked is not None:
-            window, key, slot = token
-            prefetch = self._prefetch
-            if window is self.window and prefetch is not None and prefetch.give_back(key, slot):
-                return  # back in the stock: its bucket still runs
-            try:
-                await window.refund(key, slot)
-            except StorageUnavailable:
-                pass
+            await self._give_back(token)
 
 
 class ConcurrencyCheck(_FlowCheckBase):

@@ -81,6 +81,12 @@ class PrefetchWindow:
         self.max_batch = max(1, max_batch if max_batch is not None else limit // BUCKETS)
         self._stocks: dict[str, _Stock] = {}
 
+    def _stock(self, key: str) -> _Stock:
+        stock = self._stocks.get(key)
+        if stock is None:
+            stock = self._stocks[key] = _Stock()
+        return stock
+
     def take_now(self, key: str) -> int | bytes | None:
         """A permit from the stock in process (its slot), or None: then :meth:`acquire`."""
         stock = self._stocks.get(key)
@@ -98,9 +104,7 @@ class PrefetchWindow:
         Refused only when Redis refuses one permit. Raises what the store raises in an
         outage (:class:`~ymguard.errors.StorageUnavailable`).
         """
-        stock = self._stocks.get(key)
-        if stock is None:
-            stock = self._stocks[key] = _Stock()
+        stock = self._stock(key)
         slot = _take(stock)
         if slot is not None:
             return WindowResult(True, 0, 0.0, slot)
@@ -138,9 +142,7 @@ class PrefetchWindow:
         the reply to :meth:`stocked`. None while another fetch of the key is on its way:
         then :meth:`acquire` (which waits for the shared one).
         """
-        stock = self._stocks.get(key)
-        if stock is None:
-            stock = self._stocks[key] = _Stock()
+        stock = self._stock(key)
         now = time.monotonic()
         if stock.fetching is not None or now - stock.staged < _STAGED_FOR:
             return None
