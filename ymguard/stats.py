@@ -60,7 +60,17 @@ class ResourceStats:
         buckets: how many buckets it is cut into (the resolution of ``counts``).
     """
 
-    __slots__ = ("_data", "_len", "_stamps", "buckets", "inflight", "slow_ms", "window_seconds")
+    __slots__ = (
+        "_current",
+        "_data",
+        "_len",
+        "_stamps",
+        "_until",
+        "buckets",
+        "inflight",
+        "slow_ms",
+        "window_seconds",
+    )
 
     def __init__(self, window_seconds: float = 1.0, buckets: int = 10) -> None:
         self.window_seconds = window_seconds
@@ -70,6 +80,10 @@ class ResourceStats:
         self.slow_ms: tuple[float, ...] = ()
         self._data = [[0.0] * _FIXED for _ in range(buckets)]
         self.inflight = 0
+        # The bucket calls are counted in now, and when it ends: a call in the same bucket
+        # as the one before (nearly every call) costs one comparison to find its row.
+        self._current = self._data[0]
+        self._until = float("-inf")
 
     def track_slow(self, threshold_ms: float) -> int:
         """Count calls slower than ``threshold_ms`` too; returns the index into ``Counts.slow``."""
@@ -86,8 +100,11 @@ class ResourceStats:
             self.window_seconds = window_seconds
             self._len = window_seconds / self.buckets
             self._stamps = [-1] * self.buckets
+            self._until = float("-inf")
 
     def _row(self, now: float) -> list[float]:
+        if now < self._until:  # the current bucket (monotonic time never goes back)
+            return self._current
         slot = int(now / self._len)
         pos = slot % self.buckets
         row = self._data[pos]
@@ -95,6 +112,8 @@ class ResourceStats:
             self._stamps[pos] = slot
             for i in range(len(row)):
                 row[i] = 0.0
+        self._current = row
+        self._until = (slot + 1) * self._len
         return row
 
     def on_pass(self) -> None:
@@ -120,14 +139,9 @@ class ResourceStats:
 
     def passed(self, ctx: Context) -> None:
         """The chain admitted a call (:meth:`on_pass`, inlined: it runs on every call)."""
-        slot = int(time.monotonic() / self._len)
-        pos = slot % self.buckets
-        row = self._data[pos]
-        if self._stamps[pos] != slot:
-            self._stamps[pos] = slot
-            for i in range(len(row)):
-                row[i] = 0.0
-        row[PASS] += 1
+        now = time.monotonic()
+        row = self._current if now < self._until else self._row(now)
+        row[0] += 1  # PASS
         self.inflight += 1
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
@@ -138,15 +152,10 @@ class ResourceStats:
         """An admitted call finished: an outcome is counted, the others only leave."""
         if outcome == "success" or outcome == "error":
             # :meth:`on_exit`, inlined: it runs on every call.
-            slot = int(time.monotonic() / self._len)
-            pos = slot % self.buckets
-            row = self._data[pos]
-            if self._stamps[pos] != slot:
-                self._stamps[pos] = slot
-                for i in range(len(row)):
-                    row[i] = 0.0
-            row[ERROR if outcome == "error" else SUCCESS] += 1
-            row[RT] += rt_ms
+            now = time.monotonic()
+            row = self._current if now < self._until else self._row(now)
+            row[3 if outcome == "error" else 2] += 1  # ERROR, SUCCESS
+            row[4] += rt_ms  # RT
             if self.slow_ms:
                 for i, threshold in enumerate(self.slow_ms):
                     if rt_ms > threshold:

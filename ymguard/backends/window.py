@@ -129,11 +129,13 @@ class MemoryWindow:
     def take(self, key: str, limit: int, window: float, n: int = 1) -> int | None:
         """Count ``n`` calls if ``limit`` allows: their slot, or None (:meth:`refusal`
         then says how long to wait). :meth:`count` without building a result."""
-        data = self.store.data
-        state: _Buckets | None = data.get(key)
+        store = self.store
+        state: _Buckets | None = store.data.get(key)
         if state is None:
-            state = data[key] = _Buckets()
-        slot = self._now(state, window)[2]
+            state = store.data[key] = _Buckets()
+        slot = int(store.now() / (window / BUCKETS))  # :meth:`_now`, inlined: every call
+        if state.oldest <= slot - BUCKETS:
+            state.expire(slot - BUCKETS + 1)
         if state.total + n > limit:
             return None
         counts = state.counts
