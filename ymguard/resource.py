@@ -127,7 +127,7 @@ _Step = Coroutine[Any, Any, Any] | object
 def _guarded_call(
     guard: Guard,
     name: str,
-    kwargs: dict[str, Any],
+    call_args: tuple[tuple[str, ...], tuple[Any, ...], dict[str, Any]],
     fallback: Callable[..., Any] | None,
     block_handler: Callable[..., Any] | None,
     exceptions_to_ignore: tuple[type[BaseException], ...],
@@ -139,7 +139,7 @@ def _guarded_call(
     wrappers keep the same rules by construction.
     """
     outer = current_context.get()
-    ctx = Context(name, outer.origin if outer else "", kwargs, parent=outer)
+    ctx = Context(name, outer.origin if outer else "", parent=outer, call_args=call_args)
     chain = guard.chain(name)
     try:
         tokens = yield chain.enter(ctx)
@@ -264,9 +264,10 @@ def guarded_resource(
         positional = _positional_names(func)
 
         def steps(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Generator[_Step, Any, Any]:
-            # The call's arguments by name (param_flow reads them), positional ones too.
-            params = {**dict(zip(positional, args, strict=False)), **kwargs} if args else kwargs
-            return _guarded_call(guard, name, params, fallback, block_handler, exceptions_to_ignore)
+            call_args = (positional, args, kwargs)
+            return _guarded_call(
+                guard, name, call_args, fallback, block_handler, exceptions_to_ignore
+            )
 
         if inspect.iscoroutinefunction(func):
 
@@ -277,14 +278,14 @@ def guarded_resource(
                     return await _drive_async(steps(args, kwargs), func, args, kwargs)
                 # The chain decides without awaiting (no rule, one memory window): the
                 # steps of _guarded_call inline, without a generator or a coroutine each.
-                if args:
-                    params = dict(zip(positional, args, strict=False))
-                    if kwargs:
-                        params.update(kwargs)
-                else:
-                    params = kwargs
+                # The arguments by name (``ctx.params``) are only built if a check reads them.
                 outer = current_context.get()
-                ctx = Context(name, outer.origin if outer else "", params, parent=outer)
+                ctx = Context(
+                    name,
+                    outer.origin if outer else "",
+                    parent=outer,
+                    call_args=(positional, args, kwargs),
+                )
                 try:
                     tokens = chain.enter_now(ctx)
                 except Blocked as exc:
@@ -305,7 +306,7 @@ def guarded_resource(
                         raise
                     return await _maybe_await(_Handler(fallback, exc)(args, kwargs))
                 finally:
-                    if not chain.exit_now(ctx):
+                    if not chain.exit_now(ctx, tokens):
                         await chain.exit(ctx, tokens)
 
             return cast(F, async_wrapper)
