@@ -285,6 +285,10 @@ class Observer(Protocol):
     """Something that listens to a chain: statistics, metrics, a dashboard.
 
     Called on the event loop for every call: keep each method quick and never raise.
+
+    An observer that keeps something per resource may also have ``bind(resource)``,
+    returning an object whose ``passed`` and ``finished`` the resource's chains call
+    instead of its own (no look-up by name on every call), or None.
     """
 
     def passed(self, ctx: Context) -> None:
@@ -446,9 +450,15 @@ class Chain:
     def set_observers(self, observers: Sequence[Observer]) -> None:
         """Replace the chain's observers (the statistics first)."""
         self.observers = tuple(observers)
-        # Bound once: every call runs them.
-        self._passed = tuple(observer.passed for observer in self.observers)
-        self._finished = tuple(observer.finished for observer in self.observers)
+        # Bound once: every call runs them (an observer's own for this resource, if it
+        # keeps one: see ``Observer``).
+        bound = []
+        for observer in self.observers:
+            bind = getattr(observer, "bind", None)
+            own = bind(self.resource) if callable(bind) else None
+            bound.append(observer if own is None else own)
+        self._passed = tuple(observer.passed for observer in bound)
+        self._finished = tuple(observer.finished for observer in bound)
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self.checks)

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit, urlunsplit
 from opentelemetry import metrics as otel
 from opentelemetry.metrics import _internal as otel_internal
 
-from .chain import CLIENT_CLOSED_REQUEST, Check, Context, Outcome, WaitResult
+from .chain import CLIENT_CLOSED_REQUEST, Check, Context, Observer, Outcome, WaitResult
 from .errors import Blocked, StorageUnavailable
 
 if TYPE_CHECKING:
@@ -222,18 +222,29 @@ def _instruments(provider: otel.MeterProvider | None) -> _Instruments:
 
 
 class _Resource:
-    """The counts of one resource, each beside its attribute set (made once per series).
+    """The counts of one resource, each beside its attribute set (made once per series),
+    and the observer of that resource's chains (:meth:`GuardMetrics.bind`).
 
     A count is a ``[attributes, n]`` pair: a call adds to ``n``, a collection reads it.
     """
 
-    __slots__ = ("active", "durations", "name", "outcome", "passed", "refusals", "replayed")
+    __slots__ = (
+        "active",
+        "durations",
+        "metrics",
+        "name",
+        "outcome",
+        "passes",
+        "refusals",
+        "replays",
+    )
 
-    def __init__(self, resource: str) -> None:
+    def __init__(self, resource: str, metrics: GuardMetrics) -> None:
         self.name = resource
+        self.metrics = metrics
         self.active: list[Any] = [{RESOURCE: resource}, 0]
-        self.passed: list[Any] = [{RESOURCE: resource, RESULT: "passed"}, 0]
-        self.replayed: list[Any] = [{RESOURCE: resource, RESULT: "replayed"}, 0]
+        self.passes: list[Any] = [{RESOURCE: resource, RESULT: "passed"}, 0]
+        self.replays: list[Any] = [{RESOURCE: resource, RESULT: "replayed"}, 0]
         self.refusals: dict[tuple[str, str, str], list[Any]] = {}
         self.outcome = {
             name: {RESOURCE: resource, OUTCOME: name} for name in ("success", "error", "cancelled")
@@ -255,9 +266,46 @@ class _Resource:
 
     def counts(self) -> Iterator[list[Any]]:
         """Every request count of the resource that has counted a call."""
-        for count in (self.passed, self.replayed, *list(self.refusals.values())):
+        for count in (self.passes, self.replays, *list(self.refusals.values())):
             if count[1]:
                 yield count
+
+    def passed(self, ctx: Context) -> None:
+        """:meth:`GuardMetrics.passed` for this resource."""
+        if ctx.shadowed:
+            error, check = ctx.shadowed[0]
+            self.refused("shadow_blocked", _rule_kind(error, check), error.code)[1] += 1
+        elif ctx.replayed:
+            self.replays[1] += 1
+        else:
+            self.passes[1] += 1
+        self.active[1] += 1
+        metrics = self.metrics
+        if metrics._remote:
+            metrics._watch_store()
+
+    def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
+        """:meth:`GuardMetrics.finished` for this resource."""
+        self.active[1] -= 1
+        metrics = self.metrics
+        if not metrics.record_durations:
+            return
+        if not metrics._sdk:  # the global provider: no SDK yet? (set once, never unset)
+            if _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None:
+                return
+            metrics._sdk = True
+        if outcome == "success" or outcome == "error":
+            name: str = outcome
+        elif outcome == "blocked":
+            name = "error"
+        elif ctx.replayed and ctx.status != CLIENT_CLOSED_REQUEST:
+            name = "error" if (ctx.status or 0) >= 500 else "success"
+        else:
+            name = "cancelled"
+        kept = self.durations[name]
+        kept.append(rt_ms / 1000.0)
+        if len(kept) >= DURATION_BATCH:
+            metrics._record_all(_drain(kept), self.outcome[name])
 
 
 #: The API module's globals, read without a call per request (``_METER_PROVIDER`` is
@@ -339,24 +387,19 @@ class GuardMetrics:
     def _of(self, resource: str) -> _Resource:
         found = self._resources.get(resource)
         if found is None:
-            found = self._resources[resource] = _Resource(resource)
+            found = self._resources[resource] = _Resource(resource, self)
         return found
 
     # -- the chain's observer ----------------------------------------------------------
 
+    def bind(self, resource: str) -> Observer:
+        """The observer of one resource's chains: :meth:`passed` and :meth:`finished`
+        without looking the resource up by name (the chain's hot path)."""
+        return self._of(resource)
+
     def passed(self, ctx: Context) -> None:
         """Count the call (``passed``, ``replayed`` or ``shadow_blocked``); one more in flight."""
-        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
-        if ctx.shadowed:
-            error, check = ctx.shadowed[0]
-            res.refused("shadow_blocked", _rule_kind(error, check), error.code)[1] += 1
-        elif ctx.replayed:
-            res.replayed[1] += 1
-        else:
-            res.passed[1] += 1
-        res.active[1] += 1
-        if self._remote:
-            self._watch_store()
+        (self._resources.get(ctx.resource) or self._of(ctx.resource)).passed(ctx)
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
         """Count a refusal, with the rule's kind and the problem code."""
@@ -373,26 +416,7 @@ class GuardMetrics:
         call cancelled or abandoned by its client; a replay counts by its status, and a
         call a guard inside the endpoint refused is an ``error``.
         """
-        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
-        res.active[1] -= 1
-        if not self.record_durations:
-            return
-        if not self._sdk:  # the global provider: no SDK yet? (set once, never unset)
-            if _OTEL_GLOBALS.get("_METER_PROVIDER", True) is None:
-                return
-            self._sdk = True
-        if outcome == "success" or outcome == "error":
-            name: str = outcome
-        elif outcome == "blocked":
-            name = "error"
-        elif ctx.replayed and ctx.status != CLIENT_CLOSED_REQUEST:
-            name = "error" if (ctx.status or 0) >= 500 else "success"
-        else:
-            name = "cancelled"
-        kept = res.durations[name]
-        kept.append(rt_ms / 1000.0)
-        if len(kept) >= DURATION_BATCH:
-            self._record_all(_drain(kept), res.outcome[name])
+        (self._resources.get(ctx.resource) or self._of(ctx.resource)).finished(ctx, rt_ms, outcome)
 
     def _record_all(self, durations: list[float], attrs: Attributes) -> None:
         record = self._duration
