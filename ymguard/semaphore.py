@@ -36,9 +36,9 @@ from ._model import Rule
 from .backends.permits import (
     AcquireResult,
     KeptLease,
-    LeaseKeeper,
     Permits,
     RedisPermits,
+    keeper_of,
     new_permit_id,
 )
 from .chain import NOTHING, CheckStatus, Context, Stage, WaitResult, report_wait
@@ -129,7 +129,7 @@ class Permit:
     def keep_alive(self) -> None:
         """Renew the lease in the background (the loop's :class:`LeaseKeeper`) until release."""
         if self._kept is None and not self.released and self._backend is not None:
-            self._kept = LeaseKeeper.of(self._backend.store).keep(
+            self._kept = keeper_of(self._backend).keep(
                 self._backend, self.id, self.semaphore.lease_seconds, self
             )
 

@@ -55,9 +55,10 @@ os.register_at_fork(after_in_child=_new_prefix)  # a forked worker draws its own
 
 def new_permit_id() -> str:
     """A permit's id, unique across processes and hosts: 64 random bits drawn once per
-    process (again after a fork), then a counter. Ids are never shown to clients; this
-    costs a third of ``secrets.token_hex(8)`` per call, and a request takes two."""
-    return f"{_prefix}{next(_serial):x}"
+    process (again after a fork), then a counter in decimal. Ids are never shown to
+    clients; this costs a sixth of ``secrets.token_hex(8)`` per call (a hex counter, a
+    third: formatting with ``:x`` costs three times ``str``), and a request takes two."""
+    return f"{_prefix}{next(_serial)}"
 
 
 class AcquireResult:
@@ -109,6 +110,8 @@ class Permits(Protocol):
     """Leased permits called one name on one store (memory or Redis)."""
 
     keys: PermitKeys
+    #: The lease keeper of its store, once a lease was kept (see :func:`keeper_of`).
+    keeper: LeaseKeeper | None
 
     @property
     def store(self) -> Store:
@@ -173,6 +176,7 @@ class MemoryPermits:
         self.store = store
         self.keys = keys
         self.permits = 0
+        self.keeper: LeaseKeeper | None = None
         data = store.data
         self._holders: dict[str, float] = data.setdefault(keys.holders, {})
         self._heap: list[tuple[float, str]] = data.setdefault(keys.holders + ":heap", [])
@@ -338,6 +342,7 @@ class RedisPermits:
         self.store = store
         self.keys = keys
         self.permits = 0
+        self.keeper: LeaseKeeper | None = None
         self._acquire = store.script(lua("permit_acquire", "permit_lib"))
         self._release = store.script(lua("permit_release", "permit_lib"))
         self._renew = store.script(lua("permit_renew", "permit_lib"))
@@ -520,6 +525,7 @@ class LeaseKeeper:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.renewals = 0
+        self.closed = False  # by :meth:`aclose` (:func:`close_store_tasks`)
         self._young: collections.deque[KeptLease] = collections.deque()
         self._compact_at = _COMPACT_AT
         self._kept: weakref.WeakSet[KeptLease] = weakref.WeakSet()
@@ -573,7 +579,11 @@ class LeaseKeeper:
             young.popleft()
 
     async def aclose(self) -> None:
-        """Stop renewing every lease and end the task (the leases are left to expire)."""
+        """Stop renewing every lease and end the task (the leases are left to expire).
+
+        The keeper is closed for good: the store's next lease starts another.
+        """
+        self.closed = True
         for kept in self._young:
             kept.dropped = True
         self._young.clear()
@@ -661,9 +671,23 @@ class LeaseKeeper:
                 )
 
 
+def keeper_of(backend: Permits) -> LeaseKeeper:
+    """The :class:`LeaseKeeper` of ``backend``'s store in the running event loop.
+
+    The backend remembers it (``backend.keeper``): :meth:`LeaseKeeper.of` looks a store up
+    in a weak dictionary, which makes a weak reference on every call, and a request that
+    holds permits asks once per permit.
+    """
+    loop = asyncio.get_running_loop()
+    keeper = backend.keeper
+    if keeper is None or keeper.loop is not loop or keeper.closed:
+        keeper = backend.keeper = LeaseKeeper.of(backend.store)
+    return keeper
+
+
 def keep_lease(backend: Permits, permit_id: str, lease_seconds: float) -> KeptLease:
     """Have the store's :class:`LeaseKeeper` renew a permit until ``stop()``."""
-    return LeaseKeeper.of(backend.store).keep(backend, permit_id, lease_seconds)
+    return keeper_of(backend).keep(backend, permit_id, lease_seconds)
 
 
 async def close_store_tasks(store: Store) -> None:
@@ -691,6 +715,7 @@ __all__ = [
     "RedisPermits",
     "close_store_tasks",
     "keep_lease",
+    "keeper_of",
     "new_permit_id",
     "permit_keys",
 ]
