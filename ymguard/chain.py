@@ -235,6 +235,8 @@ class Check(Protocol):
         A check may also enter without a coroutine: ``enter_now(ctx)`` when it always
         decides at once (a memory window), ``enter_fast(ctx)`` when it usually does (a
         closed breaker) and returns :data:`AWAIT` when its ``enter`` must run instead.
+        Likewise ``exit_now(ctx, token)``: its ``exit`` without a coroutine (a memory
+        permit's release), run by the chain in its place.
         """
 
 
@@ -366,6 +368,7 @@ class Chain:
     __slots__ = (
         "_after_call",
         "_enter_now",
+        "_exit_fast",
         "_fast",
         "_finished",
         "_passed",
@@ -423,7 +426,7 @@ class Chain:
         # A chain of no check, or of one check that decides without awaiting (a memory
         # window's ``enter_now``), is entered without a coroutine (:meth:`enter_now`): a
         # refusal then has nothing to give back. Likewise one whose finished calls leave
-        # no exit to run is left without one (:meth:`exit_now`).
+        # no exit to run, or only ``exit_now``s, is left without one (:meth:`exit_now`).
         # A check in shadow mode (``shadow.py``) turns refusals into reports in its own
         # ``enter``: it always runs through it.
         single = len(self.checks) == 1 and not getattr(type(self.checks[0]), "shadow", False)
@@ -440,9 +443,15 @@ class Chain:
             else getattr(check, "enter_now", None) or getattr(check, "enter_fast", None)
             for check in self.checks
         )
+        # Per check, a way out without a coroutine where it has one (``exit_now``: a
+        # memory permit's release).
+        self._exit_fast: tuple[Callable[[Context, Any], None] | None, ...] = tuple(
+            None if getattr(type(check), "shadow", False) else getattr(check, "exit_now", None)
+            for check in self.checks
+        )
         self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
         # (A staged chain too: staging only batches exits, and there are none to run.)
-        self.sync_exit = not self._after_call
+        self.sync_exit = all(self._exit_fast[i] is not None for i in self._after_call)
         #: Whether :meth:`enter_now` may be tried first: it then decides, or answers
         #: :data:`AWAIT` (await :meth:`enter`).
         self.try_enter = self.sync_enter or enter_fast is not None
@@ -541,8 +550,8 @@ class Chain:
             passed(ctx)
         return tokens
 
-    def exit_now(self, ctx: Context) -> bool:
-        """:meth:`exit` without a coroutine where it has no check's exit to run.
+    def exit_now(self, ctx: Context, tokens: Sequence[Any] = ()) -> bool:
+        """:meth:`exit` without a coroutine where every exit to run has an ``exit_now``.
 
         Returns False, having done nothing, when :meth:`exit` must be awaited instead (the
         chain's ``sync_exit`` is false, or the call was blocked inside the endpoint).
@@ -559,6 +568,10 @@ class Chain:
             outcome = "error"  # an exception is an error
         for finished in self._finished:
             finished(ctx, rt_ms, outcome)
+        entered = len(tokens)
+        for i in self._after_call:
+            if i < entered:
+                self._exit_at_once(i, ctx, tokens[i])
         return True
 
     async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
@@ -657,7 +670,8 @@ class Chain:
             else:
                 ctx.error = failure
             for k, token in reversed(later):
-                await self._exit_one(k, ctx, token)
+                if not self._exit_at_once(k, ctx, token):
+                    await self._exit_one(k, ctx, token)
             raise failure
         return j, following, asked
 
@@ -675,7 +689,7 @@ class Chain:
                 await self._exit_staged(ctx, tokens, [i for i in self._after_call if i < entered])
                 return
             for i in self._after_call:
-                if i < entered:
+                if i < entered and not self._exit_at_once(i, ctx, tokens[i]):
                     await self._exit_one(i, ctx, tokens[i])
             return
         # Blocked inside the endpoint (a nested guard answered for it): a refusal by
@@ -690,6 +704,17 @@ class Chain:
         except Exception:  # an exit must never turn a response into a 500
             log.exception("ymguard: exit of %r failed", self.checks[i])
 
+    def _exit_at_once(self, i: int, ctx: Context, token: Any) -> bool:
+        """Run check ``i``'s ``exit_now``, if it has one (else False: await its exit)."""
+        exit_now = self._exit_fast[i]
+        if exit_now is None:
+            return False
+        try:
+            exit_now(ctx, token)
+        except Exception:  # an exit must never turn a response into a 500
+            log.exception("ymguard: exit of %r failed", self.checks[i])
+        return True
+
     async def _exit_staged(self, ctx: Context, tokens: list[Any], order: Sequence[int]) -> None:
         """Run the exits of ``order``; the store calls of staged ones go out together."""
         batches: dict[int, tuple[Any, list[Any]]] = {}
@@ -703,7 +728,8 @@ class Chain:
                     log.exception("ymguard: exit of %r failed", self.checks[i])
                     continue
             if stage is None:
-                await self._exit_one(i, ctx, tokens[i])
+                if not self._exit_at_once(i, ctx, tokens[i]):
+                    await self._exit_one(i, ctx, tokens[i])
             elif stage is not NOTHING:
                 batch = batches.get(id(stage.store))
                 if batch is None:
@@ -722,7 +748,8 @@ class Chain:
             await self._exit_staged(ctx, tokens, range(len(tokens) - 1, -1, -1))
             return
         for i in range(len(tokens) - 1, -1, -1):
-            await self._exit_one(i, ctx, tokens[i])
+            if not self._exit_at_once(i, ctx, tokens[i]):
+                await self._exit_one(i, ctx, tokens[i])
 
 
 def _undo_all(stages: Sequence[Stage]) -> None:

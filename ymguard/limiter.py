@@ -23,7 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
-from .backends.permits import Permits, RedisPermits, keep_lease, new_permit_id
+from .backends.permits import MemoryPermits, Permits, RedisPermits, keep_lease, new_permit_id
 from .backends.prefetch import PrefetchWindow
 from .backends.window import (
     BUCKETS,
@@ -34,7 +34,7 @@ from .backends.window import (
 )
 from .chain import AWAIT, NOTHING, CheckStatus, Context, Stage, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
-from .storage import RedisStore, Store
+from .storage import MemoryStore, RedisStore, Store
 from .storage.tasks import in_background
 
 #: Origins one check keeps state for at most (``other`` rules see client-chosen origins).
@@ -538,6 +538,10 @@ class ConcurrencyCheck(_FlowCheckBase):
             self._stage_enter if staged else None
         )
         self.stage_exit: Callable[[Context, Any], Any] | None = self._stage_exit if staged else None
+        # In process nothing waits: the chain enters and exits without a coroutine.
+        memory = isinstance(store, MemoryStore)
+        self.enter_now: Callable[[Context], Any] | None = self._enter_now if memory else None
+        self.exit_now: Callable[[Context, Any], None] | None = self._exit_now if memory else None
 
     def _entry(self, suffix: str) -> _Count:
         return _Count(self.store.permits(self._name(suffix), "conc"))
@@ -557,6 +561,8 @@ class ConcurrencyCheck(_FlowCheckBase):
         return entry.local
 
     async def enter(self, ctx: Context) -> Any:
+        if self.enter_now is not None:
+            return self.enter_now(ctx)
         suffix = self.scope.key_for(ctx.origin)
         if suffix is None:
             return None
@@ -578,6 +584,19 @@ class ConcurrencyCheck(_FlowCheckBase):
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
         # A call longer than a third of the lease has it renewed, so it keeps its count.
         return (backend, permit_id, keep_lease(backend, permit_id, self.rule.lease_seconds))
+
+    def _enter_now(self, ctx: Context) -> Any:
+        """``enter`` without a coroutine, on the memory store."""
+        suffix = self.scope.key_for(ctx.origin)
+        if suffix is None:
+            return None
+        backend = self._backend(suffix)
+        assert isinstance(backend, MemoryPermits)
+        permit_id = new_permit_id()
+        lease = self.rule.lease_seconds
+        if not backend.acquire_now(permit_id, self.limit, lease).acquired:
+            raise FlowLimited(self.resource, self.description, retry_after=1.0)
+        return (backend, permit_id, keep_lease(backend, permit_id, lease))
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""
@@ -613,8 +632,17 @@ class ConcurrencyCheck(_FlowCheckBase):
         kept.stop()
         return Stage(self.store, backend.release_call(permit_id))
 
-    async def exit(self, ctx: Context, token: Any) -> None:
+    def _exit_now(self, ctx: Context, token: Any) -> None:
+        """``exit`` without a coroutine, on the memory store."""
         if token is not None:
+            backend, permit_id, kept = token
+            kept.stop()
+            backend.release_now(permit_id)
+
+    async def exit(self, ctx: Context, token: Any) -> None:
+        if self.exit_now is not None:
+            self.exit_now(ctx, token)
+        elif token is not None:
             backend, permit_id, kept = token
             kept.stop()
             try:

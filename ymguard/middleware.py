@@ -400,7 +400,7 @@ class GuardMiddleware:
             raise
         finally:
             current_context.reset(reset)
-            if chain.exit_now(ctx):
+            if chain.exit_now(ctx, tokens):
                 pass  # nothing to await: the observers have heard how it finished
             elif isinstance(ctx.error, asyncio.CancelledError):
                 # Our task is being cancelled: release in a task of its own.

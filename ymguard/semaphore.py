@@ -36,6 +36,7 @@ from ._model import Rule
 from .backends.permits import (
     AcquireResult,
     KeptLease,
+    MemoryPermits,
     Permits,
     RedisPermits,
     keeper_of,
@@ -96,18 +97,24 @@ class Permit:
             hold that permit now, and keeps it), if it was already released, or if the
             store could not be reached (the lease then frees it).
         """
-        if self.released:
+        backend = self._let_go()
+        if backend is None:
             return False
+        try:
+            return await backend.release(self.id)
+        except StorageUnavailable:
+            return False
+
+    def _let_go(self) -> Permits | None:
+        """Mark the permit released and stop its lease's renewals; the backend to give it
+        back to, or None (released already, or given without a store)."""
+        if self.released:
+            return None
         self.released = True
         if self._kept is not None:
             self._kept.stop()
             self._kept = None
-        if self._backend is None:  # given without a store (on_storage_error: open)
-            return False
-        try:
-            return await self._backend.release(self.id)
-        except StorageUnavailable:
-            return False
+        return self._backend  # None: given without a store (on_storage_error: open)
 
     async def renew(self, lease_seconds: float | None = None) -> bool:
         """Extend the lease from now; returns False if it had already expired.
@@ -341,6 +348,12 @@ class SemaphoreCheck:
             self._stage_enter if remote and self.wait_seconds == 0 else None
         )
         self.stage_exit: Callable[[Context, Any], Any] | None = self._stage_exit if remote else None
+        # In process a try that does not wait, and every release, run without a coroutine.
+        memory = isinstance(semaphore._backend, MemoryPermits)
+        self.enter_now: Callable[[Context], Any] | None = (
+            self._enter_now if memory and self.wait_seconds == 0 else None
+        )
+        self.exit_now: Callable[[Context, Any], None] | None = self._exit_now if memory else None
 
     def __repr__(self) -> str:
         return f"SemaphoreCheck({self.resource!r}, {self.description!r})"
@@ -376,6 +389,33 @@ class SemaphoreCheck:
         permit.keep_alive()
         return permit
 
+    def _granted(
+        self, ctx: Context, backend: Permits, permit_id: str, result: AcquireResult
+    ) -> Permit:
+        """The permit a try without waiting got, kept alive; or :class:`SemaphoreFull`."""
+        if not result.acquired:
+            retry = result.retry_after if result.retry_after > 0 else 1.0
+            raise SemaphoreFull(ctx.resource, self.description, retry_after=retry)
+        permit = Permit(self.semaphore, permit_id, result.expires_at, _backend=backend)
+        permit.keep_alive()
+        return permit
+
+    def _enter_now(self, ctx: Context) -> Permit:
+        """``enter`` without a coroutine: in process, with no ``wait_ms``."""
+        sem = self.semaphore
+        backend = sem._backend
+        assert isinstance(backend, MemoryPermits)
+        permit_id = new_permit_id()
+        result = backend.acquire_now(permit_id, sem.permits, sem.lease_seconds)
+        return self._granted(ctx, backend, permit_id, result)
+
+    def _exit_now(self, ctx: Context, token: Any) -> None:
+        """``exit`` without a coroutine, in process."""
+        if token is not None:
+            backend = token._let_go()
+            if backend is not None:
+                backend.release_now(token.id)
+
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s try for a free permit, for the chain to send (None: plain ``enter``)."""
         sem = self.semaphore
@@ -386,13 +426,7 @@ class SemaphoreCheck:
         permit_id = new_permit_id()
 
         def decide(reply: Any) -> Permit:
-            result = backend.acquired(reply)
-            if not result.acquired:
-                retry = result.retry_after if result.retry_after > 0 else 1.0
-                raise SemaphoreFull(ctx.resource, self.description, retry_after=retry)
-            permit = Permit(sem, permit_id, result.expires_at, _backend=backend)
-            permit.keep_alive()
-            return permit
+            return self._granted(ctx, backend, permit_id, backend.acquired(reply))
 
         def undo() -> Awaitable[bool]:
             return backend.release(permit_id)
@@ -407,10 +441,7 @@ class SemaphoreCheck:
         backend = token._backend
         if not isinstance(backend, RedisPermits):
             return None  # the local fallback's permit (or none): its plain exit
-        token.released = True
-        if token._kept is not None:
-            token._kept.stop()
-            token._kept = None
+        token._let_go()
         return Stage(self.semaphore.store, backend.release_call(token.id))
 
     async def exit(self, ctx: Context, token: Any) -> None:

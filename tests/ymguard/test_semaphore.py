@@ -460,6 +460,24 @@ async def test_close_store_tasks_stops_the_keeper_and_the_wake_ups(store: Store)
     assert store not in LeaseKeeper._keepers and pubsub_of(store) is None
 
 
+async def test_a_lease_kept_after_close_store_tasks_has_a_new_keeper(store: Store) -> None:
+    sem = Semaphore("s", 2, 30.0, store)
+    first = await sem.acquire()
+    first.keep_alive()
+    closed = LeaseKeeper.of(store)
+    await close_store_tasks(store)
+    assert closed.closed
+    # The backend remembered the closed keeper: the next lease must not go to it (nothing
+    # would ever close its task again).
+    second = await sem.acquire()
+    second.keep_alive()
+    keeper = LeaseKeeper._keepers.get(store)
+    assert keeper is not None and keeper is not closed and len(keeper) == 1
+    assert len(closed) == 0
+    assert await second.release() and await first.release()
+    await close_store_tasks(store)
+
+
 async def test_the_tasks_of_a_store_do_not_keep_it_alive(storage_uri: str, prefix: str) -> None:
     store = store_from_uri(storage_uri, key_prefix=prefix)
     sem = Semaphore("s", 1, 0.3, store)

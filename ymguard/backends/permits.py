@@ -229,11 +229,18 @@ class MemoryPermits:
         self, permit_id: str, permits: int, lease: float, place: float = 0.0
     ) -> AcquireResult:
         """Take a permit (see ``permit_acquire.lua``, which this mirrors)."""
+        return self.acquire_now(permit_id, permits, lease, place)
+
+    def acquire_now(
+        self, permit_id: str, permits: int, lease: float, place: float = 0.0
+    ) -> AcquireResult:
+        """:meth:`acquire` without a coroutine (in process, nothing waits)."""
         self.permits = permits
         now, reclaimed = self._reclaim()
         free = self._count(permits) - len(self._holders)
-        rank = self._rank(permit_id)
-        queued = len(self._line)
+        line = self._line
+        rank = self._rank(permit_id) if line else None
+        queued = len(line)
         pos = queued if rank is None else rank
         if pos < free:
             self._hold(permit_id, now + lease)
@@ -260,11 +267,16 @@ class MemoryPermits:
 
     async def release(self, permit_id: str) -> bool:
         """Give a permit back (or leave the line); whether it was still held."""
-        _, reclaimed = self._reclaim()
+        return self.release_now(permit_id)
+
+    def release_now(self, permit_id: str) -> bool:
+        """:meth:`release` without a coroutine."""
         held = self._holders.pop(permit_id, None) is not None
-        left = self._line.pop(permit_id, None) is not None
-        if held or left or reclaimed:
-            self._wake(self._count(self.permits) - len(self._holders))
+        if self._line:  # someone to wake (lapsed leases are reclaimed by the next acquire)
+            _, reclaimed = self._reclaim()
+            left = self._line.pop(permit_id, None) is not None
+            if held or left or reclaimed:
+                self._wake(self._count(self.permits) - len(self._holders))
         return held
 
     async def renew_many(self, permit_ids: Sequence[str], lease: float) -> list[float]:
