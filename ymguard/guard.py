@@ -268,7 +268,9 @@ class Guard:
         """Tell ``observer`` of every call of every chain: passed, blocked, finished.
 
         For metrics and dashboards (the statistics listen the same way). It stays through
-        reloads; it is called on the event loop for every call, so keep it quick.
+        reloads; it is called on the event loop for every call, so keep it quick. An
+        observer that keeps counts per resource may define ``bind(resource)``: each chain
+        then calls the ``passed`` and ``finished`` of what it returns (see ``Observer``).
         """
         with self._lock:
             self._observers.append(observer)
