@@ -23,7 +23,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ._kind import Env, Kind
 from ._model import Rule, rule_ids
-from .backends.permits import MemoryPermits, Permits, RedisPermits, keep_lease, new_permit_id
+from .backends.permits import (
+    MemoryPermits,
+    Permits,
+    RedisPermits,
+    keep_lease,
+    keeper_of,
+    new_permit_id,
+)
 from .backends.prefetch import PrefetchWindow
 from .backends.window import (
     BUCKETS,
@@ -592,11 +599,14 @@ class ConcurrencyCheck(_FlowCheckBase):
             return None
         backend = self._backend(suffix)
         assert isinstance(backend, MemoryPermits)
+        # The keeper first: without a running loop (sync code run at once) it raises
+        # before a permit is taken, not after (the permit would leak).
+        keeper = keeper_of(backend)
         permit_id = new_permit_id()
         lease = self.rule.lease_seconds
         if not backend.acquire_now(permit_id, self.limit, lease).acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
-        return (backend, permit_id, keep_lease(backend, permit_id, lease))
+        return (backend, permit_id, keeper.keep(backend, permit_id, lease))
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""

@@ -405,6 +405,7 @@ class SemaphoreCheck:
         sem = self.semaphore
         backend = sem._backend
         assert isinstance(backend, MemoryPermits)
+        keeper_of(backend)  # raises before a permit is taken when no loop runs (sync code)
         permit_id = new_permit_id()
         result = backend.acquire_now(permit_id, sem.permits, sem.lease_seconds)
         return self._granted(ctx, backend, permit_id, result)

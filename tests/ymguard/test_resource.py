@@ -154,6 +154,34 @@ def test_a_sync_resource_with_no_loop_runs_on_memory() -> None:
     assert [body(), body()] == ["ran", "blocked"]
 
 
+def test_a_sync_permit_with_no_loop_to_keep_its_lease_on_is_refused_before_it_is_taken() -> None:
+    # A permit's lease is kept on an event loop; with none, the call fails before it takes
+    # one (taken first, it would never be given back).
+    guard = Guard(
+        {
+            "resources": {
+                "conc": {"flow": [{"concurrency": 1}]},
+                "sem": {"semaphore": {"permits": 1}},
+            }
+        },
+        metrics=False,
+    )
+    for name in ("conc", "sem"):
+
+        @guard.resource(name)
+        def work() -> int:
+            return 1
+
+        @guard.resource(name)
+        async def awork() -> int:
+            return 2
+
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                work()
+        assert asyncio.run(awork()) == 2, name  # the one permit is free
+
+
 async def test_a_sync_resource_runs_its_body_in_the_callers_thread(
     redis_url: str, prefix: str
 ) -> None:

@@ -460,6 +460,14 @@ async def test_close_store_tasks_stops_the_keeper_and_the_wake_ups(store: Store)
     assert store not in LeaseKeeper._keepers and pubsub_of(store) is None
 
 
+async def test_releasing_a_permit_whose_lease_lapsed_says_it_was_not_held(store: Store) -> None:
+    sem = Semaphore("s", 1, 0.1, store)
+    permit = await sem.acquire()
+    await asyncio.sleep(0.3)  # the lease lapses; nobody waits, nobody took it since
+    assert await permit.release() is False
+    assert await sem.held() == 0
+
+
 async def test_a_lease_kept_after_close_store_tasks_has_a_new_keeper(store: Store) -> None:
     sem = Semaphore("s", 2, 30.0, store)
     first = await sem.acquire()

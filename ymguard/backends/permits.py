@@ -271,11 +271,16 @@ class MemoryPermits:
 
     def release_now(self, permit_id: str) -> bool:
         """:meth:`release` without a coroutine."""
-        held = self._holders.pop(permit_id, None) is not None
-        if self._line:  # someone to wake (lapsed leases are reclaimed by the next acquire)
+        now = self.store.now()
+        expiry = self._holders.pop(permit_id, None)
+        held = expiry is not None and expiry > now  # a lapsed lease was no longer held
+        heap = self._heap
+        # Reclaiming and waking only when there is something to: waiters in line, or a
+        # lease that has lapsed (the usual release has neither: a pop and a clock read).
+        if self._line or (heap and heap[0][0] <= now):
             _, reclaimed = self._reclaim()
             left = self._line.pop(permit_id, None) is not None
-            if held or left or reclaimed:
+            if expiry is not None or left or reclaimed:
                 self._wake(self._count(self.permits) - len(self._holders))
         return held
 
@@ -691,9 +696,11 @@ def keeper_of(backend: Permits) -> LeaseKeeper:
     holds permits asks once per permit.
     """
     loop = asyncio.get_running_loop()
-    keeper = backend.keeper
+    keeper = getattr(backend, "keeper", None)  # a third party's Permits may not have it
     if keeper is None or keeper.loop is not loop or keeper.closed:
-        keeper = backend.keeper = LeaseKeeper.of(backend.store)
+        keeper = LeaseKeeper.of(backend.store)
+        with contextlib.suppress(AttributeError):
+            backend.keeper = keeper
     return keeper
 
 
