@@ -288,9 +288,9 @@ class Observer(Protocol):
 
     Called on the event loop for every call: keep each method quick and never raise.
 
-    An observer that keeps something per resource may also have ``bind(resource)``,
-    returning an object whose ``passed`` and ``finished`` the resource's chains call
-    instead of its own (no look-up by name on every call), or None.
+    An observer that keeps something per resource may also define ``bind(resource)`` (a
+    method of its class), returning an object whose ``passed`` and ``finished`` the
+    resource's chains call instead of its own (no look-up by name on every call), or None.
     """
 
     def passed(self, ctx: Context) -> None:
@@ -463,8 +463,10 @@ class Chain:
         # keeps one: see ``Observer``).
         bound = []
         for observer in self.observers:
-            bind = getattr(observer, "bind", None)
-            own = bind(self.resource) if callable(bind) else None
+            # Looked up on the class: an object that makes attributes on demand (a mock,
+            # a proxy's __getattr__) has not asked to be bound.
+            bind = getattr(type(observer), "bind", None)
+            own = bind(observer, self.resource) if callable(bind) else None
             bound.append(observer if own is None else own)
         self._passed = tuple(observer.passed for observer in bound)
         self._finished = tuple(observer.finished for observer in bound)
@@ -550,7 +552,7 @@ class Chain:
             passed(ctx)
         return tokens
 
-    def exit_now(self, ctx: Context, tokens: Sequence[Any] = ()) -> bool:
+    def exit_now(self, ctx: Context, tokens: Sequence[Any]) -> bool:
         """:meth:`exit` without a coroutine where every exit to run has an ``exit_now``.
 
         Returns False, having done nothing, when :meth:`exit` must be awaited instead (the
@@ -694,8 +696,8 @@ class Chain:
             return
         # Blocked inside the endpoint (a nested guard answered for it): a refusal by
         # ymguard is neither a success nor an error of this resource.
-        for observer in self.observers:
-            observer.finished(ctx, rt_ms, "blocked")
+        for finished in self._finished:  # bound like passed (see set_observers)
+            finished(ctx, rt_ms, "blocked")
         await self._unwind(ctx, tokens)
 
     async def _exit_one(self, i: int, ctx: Context, token: Any) -> None:

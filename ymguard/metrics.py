@@ -442,7 +442,13 @@ class GuardMetrics:
 
     def active_counts(self) -> list[list[Any]]:
         """``[attributes, calls in flight]`` of every resource called so far."""
-        return [list(res.active) for res in list(self._resources.values())]
+        # Every call is counted as passed, replayed or refused (shadow refusals too); a
+        # resource bound to its chain but never called has no series.
+        return [
+            list(res.active)
+            for res in list(self._resources.values())
+            if res.passes[1] or res.replays[1] or res.refusals
+        ]
 
     def waited(self, ctx: Context, check: Check, seconds: float, result: WaitResult) -> None:
         """Record a wait a check reported (:func:`~ymguard.chain.report_wait`)."""

@@ -230,3 +230,30 @@ async def test_memory_concurrency_and_semaphore_enter_and_leave_without_a_corout
         again = Context(resource)
         assert chain.exit_now(again, chain.enter_now(again))
     await guard.aclose()
+
+
+async def test_an_observer_without_bind_on_its_class_is_not_bound() -> None:
+    from unittest.mock import Mock
+
+    guard = Guard({"resources": {"r": {"flow": [{"qps": 9}]}}}, metrics=False)
+    observer = Mock()  # makes a callable ``bind`` on demand: not a request to be bound
+    guard.observe(observer)
+    assert await call(guard, "r")
+    assert (observer.passed.call_count, observer.finished.call_count) == (1, 1)
+
+
+async def test_a_bound_observer_hears_the_end_of_a_call_refused_inside_its_endpoint() -> None:
+    from ymguard.errors import FlowLimited
+
+    guard = Guard({"resources": {"GET /a": {"flow": [{"qps": 9}]}}}, metrics=False)
+    observer = PerResource({"GET /a"})
+    guard.observe(observer)
+    chain = guard.chain("GET /a")
+    ctx = Context("GET /a")
+    tokens = await chain.enter(ctx)
+    ctx.blocked = FlowLimited("inner", "flow[0] qps=0")  # a guard inside the endpoint refused
+    await chain.exit(ctx, tokens)
+    assert observer.recorders["GET /a"].events == [
+        ("passed", "GET /a"),
+        ("finished", "GET /a", None, "blocked"),
+    ]

@@ -236,6 +236,18 @@ async def test_series_are_bounded_by_routes_not_clients(guard: Guard, metrics: M
     assert points[0].value == 50
 
 
+async def test_series_only_for_resources_called(guard: Guard, metrics: Metrics) -> None:
+    # Every resource of the rules has a chain (and the metrics bind to it) from the start;
+    # only the ones called have series.
+    async with client(app_for(guard)) as c:
+        await c.get("/ok")
+        await c.get("/limited")
+    assert set(metrics.values("ymguard.active_requests", "ymguard.resource")) == {
+        ("GET /ok",),
+        ("GET /limited",),
+    }
+
+
 async def test_semaphore_waits_and_permits(storage_uri: str, prefix: str, metrics: Metrics) -> None:
     rules = {
         "key_prefix": prefix,
