@@ -284,6 +284,13 @@ class _Resource:
         if metrics._remote:
             metrics._watch_store()
 
+    def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
+        """:meth:`GuardMetrics.blocked` for this resource."""
+        self.refused("blocked", _rule_kind(error, check), error.code)[1] += 1
+        metrics = self.metrics
+        if metrics._remote:
+            metrics._watch_store()
+
     def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
         """:meth:`GuardMetrics.finished` for this resource."""
         self.active[1] -= 1
@@ -403,10 +410,7 @@ class GuardMetrics:
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
         """Count a refusal, with the rule's kind and the problem code."""
-        res = self._resources.get(ctx.resource) or self._of(ctx.resource)
-        res.refused("blocked", _rule_kind(error, check), error.code)[1] += 1
-        if self._remote:
-            self._watch_store()
+        (self._resources.get(ctx.resource) or self._of(ctx.resource)).blocked(ctx, error, check)
 
     def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
         """Record the call's duration and outcome; one fewer in flight.
