@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 from tests.helpers import RedisServer
 from ymguard import Context, FlowLimited, Guard, RulesError
 from ymguard._model import rule_ids
+from ymguard.backends._lua import lua
 from ymguard.backends.prefetch import PrefetchWindow
-from ymguard.backends.window import RedisWindow
+from ymguard.backends.window import Prefetched, RedisWindow
 from ymguard.chain import Chain, CheckStatus
 from ymguard.limiter import QpsCheck
 from ymguard.rules import load_rules_text
@@ -127,9 +128,12 @@ async def test_a_refusal_says_when_to_retry(store: Store) -> None:
     assert await attempt(guard) and await attempt(guard)
     with pytest.raises(FlowLimited) as info:
         await guard.chain(RESOURCE).enter(Context(RESOURCE))
-    quota = info.value.quota
-    assert info.value.retry_after and quota is not None
-    assert (quota.limit, quota.remaining, quota.reset_seconds) == (2, 0, info.value.retry_after)
+    # Rendered like any window's refusal: when to retry, the policy and what is left.
+    response = guard.problem_for(info.value)
+    assert response is not None and response.status_code == 429
+    assert "retry-after" in response.headers
+    assert response.headers["ratelimit-policy"] == '"flow";q=2;w=1'
+    assert response.headers["ratelimit"].startswith('"flow";r=0;')
 
 
 async def test_a_call_blocked_by_a_later_rule_spends_no_permit(store: Store) -> None:
@@ -306,21 +310,20 @@ async def test_the_dashboard_status_shows_the_permits_held(redis_url: str, prefi
 
 
 async def test_the_bucket_end_is_read_to_the_microsecond(redis_url: str, prefix: str) -> None:
-    # The time left is the bucket's end minus the script's TIME to the microsecond: a
-    # whole-ms clock would say up to 1 ms too much, and permits would outlive their bucket.
+    # The script replies with the microseconds left in its bucket (from TIME's two parts,
+    # not a whole-ms clock that says up to 1 ms too much: permits would outlive their
+    # bucket), and the reply is read to the microsecond.
+    assert RedisWindow.prefetched([1, 7, 0, b"42", 3, 12_345]) == Prefetched(
+        True, 7, 0.0, b"42", 3, 0.012345
+    )
+    source = lua("window_acquire")
+    assert "tonumber(t[1]) * 1000000 + tonumber(t[2])" in source
     guard = prefetching(redis_url, 1000, prefix)
     try:
         check = guard.chain(RESOURCE).checks[0]
         assert isinstance(check, QpsCheck) and isinstance(check.window, RedisWindow)
-        sub_ms = 0
-        for _ in range(20):
-            got = await check.window.prefetch(f"{prefix}:{{w}}", 1000, 1.0, 1)
-            left_us = round(got.seconds_left * 1_000_000)
-            # The instant the script read lies within the bucket it counted in.
-            ran_at = (int(got.slot) + 1) * 100_000 - left_us
-            assert int(got.slot) * 100_000 <= ran_at < (int(got.slot) + 1) * 100_000
-            sub_ms += left_us % 1000 != 0  # a whole-ms clock never leaves a remainder
-        assert sub_ms > 0
+        got = await check.window.prefetch(f"{prefix}:{{w}}", 1000, 1.0, 1)
+        assert (got.admitted, got.taken) == (True, 1)
     finally:
         await guard.aclose()
 
