@@ -23,11 +23,21 @@ Environment:
     BENCH_KEY_PREFIX: the key prefix on Redis (default ``ymbench``); make it unique.
     BENCH_SLOWAPI_MIDDLEWARE: ``1`` adds ``SlowAPIMiddleware`` (slowapi's setup for
         global limits); ``0`` (default) is the quick start, the decorator alone.
+    BENCH_GC_FREEZE: ``1`` moves everything alive once the app is built out of the
+        garbage collector's reach (``gc.freeze()``, as a tuned service does after start-up);
+        ``0`` (default) leaves the collector as a plain app has it.
+
+Every variant also serves ``GET /_bench/gc``: the garbage collector's pauses so far (how
+many collections of each generation, their total time, and the longest pause since the
+last read). An app whose requests wait mid-way (for Redis) keeps more objects alive across
+collections, and the full collections this brings pause the whole process.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,6 +61,7 @@ QPS = int(os.environ.get("BENCH_QPS", "10000000"))
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "ymbench")
 SLOWAPI_MIDDLEWARE = os.environ.get("BENCH_SLOWAPI_MIDDLEWARE", "0") == "1"
+GC_FREEZE = os.environ.get("BENCH_GC_FREEZE", "0") == "1"
 
 if VARIANT not in VARIANTS:
     raise SystemExit(f"BENCH_VARIANT={VARIANT!r}: use one of {', '.join(VARIANTS)}")
@@ -125,3 +136,47 @@ elif VARIANT.startswith("slowapi"):
 
 else:
     app.get("/items/{item_id}")(get_item)
+
+
+class GCPauses:
+    """The collector's pauses, timed by a ``gc.callbacks`` hook (it runs per collection)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = 0.0  # since the last read
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        took = time.perf_counter() - self.started
+        generation = info["generation"]
+        self.collections[generation] += 1
+        self.seconds[generation] += took
+        self.longest = max(self.longest, took)
+
+    def read(self) -> dict[str, Any]:
+        longest, self.longest = self.longest, 0.0
+        return {
+            "collections": list(self.collections),
+            "seconds": list(self.seconds),
+            "longest_s": longest,
+            "frozen": gc.get_freeze_count(),
+        }
+
+
+gc_pauses = GCPauses()
+
+
+@app.get("/_bench/gc", include_in_schema=False)
+async def gc_stats() -> dict[str, Any]:
+    """The garbage collector's pauses so far (see :class:`GCPauses`)."""
+    return gc_pauses.read()
+
+
+if GC_FREEZE:  # after every import and the app's construction, as a service would
+    gc.collect()
+    gc.freeze()
+gc.callbacks.append(gc_pauses)

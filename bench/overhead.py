@@ -15,6 +15,10 @@ and every request must have run a script (a batch of them, with ``prefetch``).
 
     python -m bench.overhead                       # 5 s x 3 rounds, 32 connections
     python -m bench.overhead -d 10 -r 5 --json out.json
+    python -m bench.overhead --gc-freeze           # every server freezes its start-up heap
+
+The last columns are each server's garbage collector (``/_bench/gc``): full collections
+per 10k requests, their share of its CPU, and the longest pause.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class Run:
     redis_scripts_per_req: float | None = None
     redis_commands_per_req: float | None = None
     round_trips_per_req: float | None = None
+    full_gcs_per_10k: float | None = None  # full (generation 2) collections
+    gc_share: float | None = None  # of the server's CPU time, in collections
+    gc_longest_ms: float | None = None  # the longest collection
 
 
 @dataclass
@@ -119,6 +126,7 @@ def start_server(
     qps: int,
     logdir: Path,
     slowapi_middleware: bool = False,
+    gc_freeze: bool = False,
 ) -> Server:
     port = free_port()
     key_prefix = f"ymbench-{variant}-{uuid.uuid4().hex[:10]}"
@@ -129,6 +137,7 @@ def start_server(
         BENCH_REDIS_URL=redis_url,
         BENCH_KEY_PREFIX=key_prefix,
         BENCH_SLOWAPI_MIDDLEWARE="1" if slowapi_middleware else "0",
+        BENCH_GC_FREEZE="1" if gc_freeze else "0",
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     )
     log = logdir / f"{variant}-{port}.log"
@@ -280,11 +289,13 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
     on_redis = "redis" in server.variant
     counts0 = command_counts(args.redis_url) if on_redis else (0, 0)
     writes0 = pipe_writes(server)
+    gc0 = gc_pauses(server)
     before = cpu_seconds(server.proc.pid)
     out = parse_wrk(
         wrk(prefix, server.url, args.duration, args.connections, args.threads, args.wrk_script)
     )
     after = cpu_seconds(server.proc.pid)
+    gc1 = gc_pauses(server)
     writes1 = pipe_writes(server)
     scripts = commands = trips = None
     if on_redis:  # counters expire within ~1 s: look at once
@@ -300,6 +311,12 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
     cpu = None
     if before is not None and after is not None and out["requests"]:
         cpu = (after - before) / out["requests"] * 1e6
+    full_gcs = gc_share = gc_longest = None
+    if gc0 is not None and gc1 is not None and out["requests"]:
+        full_gcs = (gc1["collections"][2] - gc0["collections"][2]) / out["requests"] * 10_000
+        gc_longest = gc1["longest_s"] * 1000
+        if before is not None and after is not None and after > before:
+            gc_share = (sum(gc1["seconds"]) - sum(gc0["seconds"])) / (after - before)
     return Run(
         variant=server.variant,
         round=rnd,
@@ -312,7 +329,20 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
         redis_scripts_per_req=scripts,
         redis_commands_per_req=commands,
         round_trips_per_req=trips,
+        full_gcs_per_10k=full_gcs,
+        gc_share=gc_share,
+        gc_longest_ms=gc_longest,
     )
+
+
+def gc_pauses(server: Server) -> dict[str, Any] | None:
+    """The server's garbage collector so far (``/_bench/gc``; its longest pause is reset)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/_bench/gc", timeout=5) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+    except (OSError, ValueError):
+        return None
 
 
 # -- Redis -----------------------------------------------------------------------------------
@@ -451,6 +481,11 @@ def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:
             "redis_commands_per_req": server.sequential[1] if server.sequential else None,
             "round_trips_per_req": server.sequential[2] if server.sequential else None,
             "writes_per_req_under_load": _median_of(r.round_trips_per_req for r in runs),
+            "full_gcs_per_10k": _median_of(r.full_gcs_per_10k for r in runs),
+            "gc_share": _median_of(r.gc_share for r in runs),
+            "gc_longest_ms": max(
+                (r.gc_longest_ms for r in runs if r.gc_longest_ms is not None), default=None
+            ),
         }
     plain = rows.get("plain", {}).get("rps")
     for variant, row in rows.items():
@@ -486,6 +521,10 @@ def _median_of(values: Any) -> float | None:
     return median(kept) if kept else None
 
 
+def _percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -493,7 +532,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         f"{'variant':<20} {'req/s':>7} {'p99 ms':>7} {'cpu us/req':>10} {'capacity':>9} "
-        f"{'rps ratio':>9} {'scripts':>8} {'commands':>8} {'trips':>6}  req/s per round",
+        f"{'rps ratio':>9} {'scripts':>8} {'commands':>8} {'trips':>6} {'full gc':>7} "
+        f"{'gc cpu':>6} {'gc max':>6}  req/s per round",
     ]
     for variant, row in rows.items():
         per_round = " ".join(f"{v:.0f}" for v in row["rounds_rps"])
@@ -505,12 +545,17 @@ def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
             f"{_fmt(row.get('ratio_to_plain_median_of_rounds'), '.2f'):>9} "
             f"{_fmt(row.get('redis_scripts_per_req'), '.2f'):>8} "
             f"{_fmt(row.get('redis_commands_per_req'), '.1f'):>8} "
-            f"{_fmt(row.get('round_trips_per_req'), '.2f'):>6}  {per_round}{err}"
+            f"{_fmt(row.get('round_trips_per_req'), '.2f'):>6} "
+            f"{_fmt(row.get('full_gcs_per_10k'), '.1f'):>7} "
+            f"{_fmt(_percent(row.get('gc_share')), '.1f'):>5}% "
+            f"{_fmt(row.get('gc_longest_ms'), '.0f'):>6}  {per_round}{err}"
         )
     lines.append(
         "capacity: plain's server CPU per request / the variant's (median of rounds); "
         f"scripts, commands (inside scripts too), round trips: per request on Redis, "
-        f"counted over {SEQUENTIAL} requests sent one at a time"
+        f"counted over {SEQUENTIAL} requests sent one at a time; full gc: the garbage "
+        "collector's full collections per 10k requests, gc cpu: its share of the server's "
+        "CPU, gc max: its longest pause in ms (of every round)"
     )
     if "ymguard-redis" in rows and "slowapi-redis" in rows:
         ratio = rows["ymguard-redis"]["rps"] / rows["slowapi-redis"]["rps"]
@@ -569,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         help="off (default): slowapi's quick start, the decorator and its exception handler; "
         "on: add SlowAPIMiddleware too (its global-limits setup, a BaseHTTPMiddleware)",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="every server freezes its start-up heap (gc.freeze() once the app is built), "
+        "as a tuned service does: full collections no longer walk FastAPI's objects",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--no-sanity", action="store_true", help="skip the 1/s sanity check")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -603,7 +654,8 @@ def _main(args: argparse.Namespace, variants: list[str]) -> int:
         f"ymguard overhead: GET {path}, wrk -t{args.threads} -c{args.connections} "
         f"-d{round(args.duration)}s --latency (+{args.warmup:g}s warm-up), {args.rounds} "
         f"rounds interleaved, medians; {pin_note}; uvicorn 1 worker, --no-access-log; "
-        f"slowapi middleware {args.slowapi_middleware}; ymguard at {version}"
+        f"slowapi middleware {args.slowapi_middleware}; "
+        f"gc.freeze() {'on' if args.gc_freeze else 'off'}; ymguard at {version}"
     )
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ymbench-{uuid.uuid4().hex[:8]}"
     logdir.mkdir(parents=True)
@@ -627,6 +679,7 @@ def _main(args: argparse.Namespace, variants: list[str]) -> int:
                     args.qps,
                     logdir,
                     args.slowapi_middleware == "on",
+                    args.gc_freeze,
                 )
             )
         for server in servers:
@@ -685,6 +738,7 @@ def _main(args: argparse.Namespace, variants: list[str]) -> int:
             "config": {
                 "ymguard": version,
                 "slowapi_middleware": args.slowapi_middleware,
+                "gc_freeze": args.gc_freeze,
                 "path": path,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
