@@ -73,6 +73,11 @@ class Settings:
     #: Where the default SQLite file and the embedded Redis live (relative to the working
     #: directory, like the default ``DATABASE_URL``).
     var_dir: Path = Path("var")
+    #: ``DEMO_GC_FREEZE`` (``1`` unless set to ``0``): once started, the shop moves every
+    #: object alive (FastAPI, SQLAlchemy, the rules) out of the garbage collector's full
+    #: collections (``gc.freeze()``), which otherwise walk them all, tens of ms at a time,
+    #: while requests wait on Redis. Off in a ``Settings()`` built by code (the tests).
+    gc_freeze: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -126,6 +131,7 @@ class Settings:
             demo_admin_password=get("DEMO_ADMIN_PASSWORD", str, d.demo_admin_password),
             redis_prefix=get("DEMO_REDIS_PREFIX", str, d.redis_prefix),
             token_secret=get("DEMO_TOKEN_SECRET", str, d.token_secret),
+            gc_freeze=get("DEMO_GC_FREEZE", _switch, True),
         )
 
     @property
@@ -163,6 +169,12 @@ def _int(raw: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError("must be a whole number") from None
+
+
+def _switch(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("must be 1 (on) or 0 (off)")
+    return raw == "1"
 
 
 def _port(raw: str) -> int:

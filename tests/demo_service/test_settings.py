@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
+from demo_service.app import create_app
 from demo_service.settings import PACKAGED_RULES, Settings, SettingsError
+from tests.conftest import require_redis
+from tests.demo_service.conftest import ADMIN_PASSWORD, TOKEN_SECRET, delete_prefixed
+from tests.helpers import unique_prefix
 from ymguard.cli import main as ymguard_cli
 
 
@@ -17,6 +22,8 @@ def test_defaults_run_on_a_fresh_machine() -> None:
     assert settings.rules_path == PACKAGED_RULES
     assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8000, 1)
     assert settings.order_pay_timeout_seconds == 1800
+    assert settings.gc_freeze  # a served shop freezes its start-up heap
+    assert not Settings().gc_freeze  # a shop built by code (tests) does not
 
 
 def test_environment_overrides_defaults() -> None:
@@ -47,6 +54,7 @@ def test_environment_overrides_defaults() -> None:
         ("SWEEPER_INTERVAL_SECONDS", "soon"),
         ("ALIPAY_NOTIFY_DELAYS", "1,-2"),
         ("ALIPAY_NOTIFY_DELAYS", "1,x"),
+        ("DEMO_GC_FREEZE", "yes"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
@@ -71,3 +79,31 @@ def test_ymguard_storage_wins_for_the_guards_only() -> None:
 def test_the_packaged_rules_file_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert ymguard_cli(["check", str(PACKAGED_RULES)]) == 0
     assert "POST /kill/{kill_course_id}" in capsys.readouterr().out
+
+
+def test_the_collector_can_be_left_alone() -> None:
+    assert not Settings.from_env({"DEMO_GC_FREEZE": "0"}).gc_freeze
+
+
+async def test_a_started_shop_freezes_its_heap_and_thaws_it_when_it_stops(tmp_path: Path) -> None:
+    redis_url, guard_prefix, shop_prefix = require_redis(), unique_prefix(), unique_prefix()
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+        redis_url=redis_url,
+        key_prefix=guard_prefix,
+        redis_prefix=shop_prefix,
+        demo_admin_password=ADMIN_PASSWORD,
+        token_secret=TOKEN_SECRET,
+        var_dir=tmp_path / "var",
+        gc_freeze=True,
+    )
+    app = create_app(settings)
+    try:
+        async with app.router.lifespan_context(app):
+            # everything start-up built is out of the collector's walks
+            assert gc.get_freeze_count() > 0
+            assert app not in gc.get_objects()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        await delete_prefixed(redis_url, guard_prefix, shop_prefix)
