@@ -228,16 +228,52 @@ class RedisStore(Store):
                 while trying costs nothing when Redis is back and little when it is not.
         """
         pipe = self._pipe
+        if pipe is not None and self._down_since is None:
+            # The usual case (up, connected): one await on the reply's future, without the
+            # outage wrapper's coroutines; what it would do on an error is done here.
+            future = pipe.send_now(packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
+            if future is not None:
+                try:
+                    return await future
+                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                    return await self._run_guarded(script, keys, args, None, always_try, True)
+                except OUTAGE_ERRORS as exc:
+                    self._mark_down(exc)
+                    raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
+                except ResponseError as exc:
+                    if not UNAVAILABLE_REPLIES.search(str(exc)):
+                        raise
+                    self._mark_down(exc)
+                    raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+        return await self._run_guarded(script, keys, args, packed, always_try)
+
+    async def _run_guarded(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        packed: bytes | None,
+        always_try: bool,
+        lost: bool = False,
+    ) -> Any:
+        """:meth:`run` through the outage wrapper (down, connecting, or no pipeline).
+
+        Its closures live here, not in :meth:`run`: a function's captured variables cost
+        a cell each on every call, taken or not. ``lost``: the server answered NOSCRIPT.
+        """
+        pipe = self._pipe
         if pipe is None:
             return await self._guarded(lambda: script(keys=keys, args=args), always_try)
 
         async def send() -> Any:
-            data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-            try:
-                future = pipe.send_now(data)
-                return await (future if future is not None else pipe.send(data))
-            except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                return await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
+            if not lost:
+                data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+                try:
+                    future = pipe.send_now(data)
+                    return await (future if future is not None else pipe.send(data))
+                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                    pass
+            return await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
 
         return await self._guarded(send, always_try)
 
@@ -255,35 +291,23 @@ class RedisStore(Store):
         """
         pipe = self._pipe
         if pipe is None:
-
-            async def gather() -> list[Any]:
-                return await asyncio.gather(
-                    *(c.script(keys=c.keys, args=c.args) for c in calls), return_exceptions=True
-                )
-
-            replies: list[Any] = await self._guarded(gather, always_try)
-            # An outage met by one call is an outage of the batch (the others are refused).
-            for reply in replies:
-                if isinstance(reply, OUTAGE_ERRORS):
-                    self._mark_down(reply)
-                    raise Unanswered(f"{self.uri} is unavailable: {reply}") from reply
-                if isinstance(reply, ResponseError) and UNAVAILABLE_REPLIES.search(str(reply)):
-                    self._mark_down(reply)
-                    raise StorageUnavailable(f"{self.uri} cannot serve: {reply}") from reply
-            return replies
-
+            return await self._run_many_client(calls, always_try)
         packed = [
             c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
             for c in calls
         ]
         if self._down_since is None:
             # The usual case (up, connected): queue the calls now and read the replies here,
-            # without the outage wrapper's coroutines; what it would do on an error is
-            # done the same way below.
+            # without the outage wrapper's coroutines (and no closure: see _run_guarded);
+            # what it would do on an error is done the same way below.
             sent = pipe.send_many_now(packed)
             if sent is not None:
                 try:
-                    return await self._replies(pipe, calls, sent)
+                    replies: list[Any] = await sent
+                    for reply in replies:
+                        if isinstance(reply, ResponseError):
+                            return await self._mended(pipe, calls, replies)
+                    return replies
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
                     raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
@@ -292,24 +316,48 @@ class RedisStore(Store):
                         raise
                     self._mark_down(exc)
                     raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+        return await self._run_many_guarded(pipe, calls, packed, always_try)
+
+    async def _run_many_guarded(
+        self, pipe: AutoPipeline, calls: Sequence[ScriptCall], packed: list[bytes], always_try: bool
+    ) -> list[Any]:
+        """:meth:`run_many` on the pipelined connection through the outage wrapper."""
 
         async def send() -> list[Any]:
             sent = pipe.send_many_now(packed) or await pipe.send_many(packed)
-            return await self._replies(pipe, calls, sent)
+            return await self._mended(pipe, calls, await sent)
 
         done: list[Any] = await self._guarded(send, always_try)
         return done
 
+    async def _run_many_client(self, calls: Sequence[ScriptCall], always_try: bool) -> list[Any]:
+        """:meth:`run_many` through redis-py (a cluster or a sentinel store)."""
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(
+                *(c.script(keys=c.keys, args=c.args) for c in calls), return_exceptions=True
+            )
+
+        replies: list[Any] = await self._guarded(gather, always_try)
+        # An outage met by one call is an outage of the batch (the others are refused).
+        for reply in replies:
+            if isinstance(reply, OUTAGE_ERRORS):
+                self._mark_down(reply)
+                raise Unanswered(f"{self.uri} is unavailable: {reply}") from reply
+            if isinstance(reply, ResponseError) and UNAVAILABLE_REPLIES.search(str(reply)):
+                self._mark_down(reply)
+                raise StorageUnavailable(f"{self.uri} cannot serve: {reply}") from reply
+        return replies
+
     @staticmethod
-    async def _replies(
-        pipe: AutoPipeline, calls: Sequence[ScriptCall], sent: asyncio.Future[list[Any]]
+    async def _mended(
+        pipe: AutoPipeline, calls: Sequence[ScriptCall], replies: list[Any]
     ) -> list[Any]:
         """The replies of ``calls`` sent on the pipelined connection, in order.
 
         A script the server lost (NOSCRIPT) is sent again with EVAL; an error reply is
         kept in its place; the first unavailable reply (or a lost connection) is raised.
         """
-        replies = await sent
         failed: BaseException | None = None
         for i, reply in enumerate(replies):
             if not isinstance(reply, ResponseError):
