@@ -252,6 +252,12 @@ class Stage:
             None (the reply is not read).
         undo: gives back what the call may have taken when its reply is never read (the
             caller was cancelled, or Redis went silent): run in the background.
+
+    A check that stages a call on every request may subclass this and define ``decide``
+    and ``undo`` as methods (setting ``store`` and ``call`` itself, not calling
+    ``__init__``): the stage is then one object, not two closures and a cell per captured
+    variable, which stay alive while the request waits for Redis and so feed the garbage
+    collector's full collections.
     """
 
     __slots__ = ("call", "decide", "store", "undo")

@@ -515,6 +515,29 @@ class QpsCheck(_FlowCheckBase):
             await self._give_back(token)
 
 
+class _AcquireStage(Stage):
+    """A concurrency permit's acquire in the chain's batch (``decide`` and ``undo`` are
+    methods: one object per call, see :class:`~ymguard.chain.Stage`)."""
+
+    __slots__ = ("backend", "check", "permit_id")
+
+    def __init__(self, check: ConcurrencyCheck, backend: RedisPermits, permit_id: str) -> None:
+        self.store = check.store
+        self.call = backend.acquire_call(permit_id, check.limit, check.rule.lease_seconds)
+        self.check = check
+        self.backend = backend
+        self.permit_id = permit_id
+
+    def decide(self, reply: Any) -> Any:
+        backend, permit_id, check = self.backend, self.permit_id, self.check
+        if not backend.acquired(reply).acquired:
+            raise FlowLimited(check.resource, check.description, retry_after=1.0)
+        return (backend, permit_id, keep_lease(backend, permit_id, check.rule.lease_seconds))
+
+    def undo(self) -> Awaitable[bool]:
+        return self.backend.release(self.permit_id)
+
+
 class ConcurrencyCheck(_FlowCheckBase):
     """``concurrency``: at most this many calls in flight, counted with leased permits."""
 
@@ -618,19 +641,7 @@ class ConcurrencyCheck(_FlowCheckBase):
             return Stage(store, None, _no_token)
         backend = self._backend(suffix)
         assert isinstance(backend, RedisPermits)
-        permit_id = new_permit_id()
-        lease = self.rule.lease_seconds
-
-        def decide(reply: Any) -> Any:
-            if not backend.acquired(reply).acquired:
-                raise FlowLimited(self.resource, self.description, retry_after=1.0)
-            return (backend, permit_id, keep_lease(backend, permit_id, lease))
-
-        def undo() -> Awaitable[bool]:
-            return backend.release(permit_id)
-
-        call = backend.acquire_call(permit_id, self.limit, lease)
-        return Stage(store, call, decide, undo)
+        return _AcquireStage(self, backend, new_permit_id())
 
     def _stage_exit(self, ctx: Context, token: Any) -> Any:
         """``exit``'s release for the chain to send with the others."""

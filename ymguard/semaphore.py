@@ -323,6 +323,31 @@ class Semaphore:
 # -- the check -----------------------------------------------------------------------
 
 
+class _AcquireStage(Stage):
+    """A semaphore permit's try in the chain's batch (``decide`` and ``undo`` are methods:
+    one object per call, see :class:`~ymguard.chain.Stage`)."""
+
+    __slots__ = ("backend", "check", "ctx", "permit_id")
+
+    def __init__(
+        self, check: SemaphoreCheck, ctx: Context, backend: RedisPermits, permit_id: str
+    ) -> None:
+        sem = check.semaphore
+        self.store = sem.store
+        self.call = backend.acquire_call(permit_id, sem.permits, sem.lease_seconds)
+        self.check = check
+        self.ctx = ctx
+        self.backend = backend
+        self.permit_id = permit_id
+
+    def decide(self, reply: Any) -> Permit:
+        backend = self.backend
+        return self.check._granted(self.ctx, backend, self.permit_id, backend.acquired(reply))
+
+    def undo(self) -> Awaitable[bool]:
+        return self.backend.release(self.permit_id)
+
+
 class SemaphoreCheck:
     """``semaphore``: each call holds one permit of a (possibly shared) semaphore.
 
@@ -424,16 +449,7 @@ class SemaphoreCheck:
         if not sem.store.available:
             return None
         assert isinstance(backend, RedisPermits)
-        permit_id = new_permit_id()
-
-        def decide(reply: Any) -> Permit:
-            return self._granted(ctx, backend, permit_id, backend.acquired(reply))
-
-        def undo() -> Awaitable[bool]:
-            return backend.release(permit_id)
-
-        call = backend.acquire_call(permit_id, sem.permits, sem.lease_seconds)
-        return Stage(sem.store, call, decide, undo)
+        return _AcquireStage(self, ctx, backend, new_permit_id())
 
     def _stage_exit(self, ctx: Context, token: Any) -> Any:
         """``exit``'s release for the chain to send with the others."""
