@@ -166,6 +166,10 @@ class Context:
     def params(self, value: Mapping[str, Any]) -> None:
         self._params = value
 
+    def is_answered(self) -> bool:
+        """Whether the whole response has been sent (``answered``), as a callable."""
+        return self.answered
+
     def __repr__(self) -> str:
         return f"Context({self.resource!r}, origin={self.origin!r}, status={self.status!r})"
 
@@ -633,7 +637,7 @@ class Chain:
             following = None
             j += 1
         calls = [s.call for s in stages if s.call is not None]
-        replies: list[Any] = []
+        replies: Sequence[Any] = ()  # no list to make when no check of the batch calls
         if calls:
             store = next(s.store for s in stages if s.call is not None)
             try:

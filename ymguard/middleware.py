@@ -377,7 +377,13 @@ class GuardMiddleware:
         try:
             if chain.release_on_disconnect:
                 if await run_until_disconnect(
-                    self.app, scope, ctx.receive or receive, sender, lambda: ctx.answered
+                    # A bound method, not a lambda: a closure over ctx would cost a cell
+                    # on every request, watched or not.
+                    self.app,
+                    scope,
+                    ctx.receive or receive,
+                    sender,
+                    ctx.is_answered,
                 ):
                     ctx.status = CLIENT_CLOSED_REQUEST
             else:
