@@ -698,7 +698,10 @@ class Chain:
                 finished(ctx, rt_ms, outcome)
             entered = len(tokens)  # fewer than the checks when one answered the call
             if self._staging:
-                await self._exit_staged(ctx, tokens, [i for i in self._after_call if i < entered])
+                order = self._after_call
+                if entered < len(self.checks):  # no comprehension: it would cost a cell
+                    order = tuple(filter(entered.__gt__, order))
+                await self._exit_staged(ctx, tokens, order)
                 return
             for i in self._after_call:
                 if i < entered and not self._exit_at_once(i, ctx, tokens[i]):
