@@ -42,6 +42,7 @@ from .backends.window import (
 from .chain import AWAIT, NOTHING, CheckStatus, Context, Stage, cap_origin
 from .errors import FlowLimited, Quota, StorageBlocked, StorageUnavailable
 from .storage import MemoryStore, RedisStore, Store
+from .storage.redis import ScriptCall
 from .storage.tasks import in_background
 
 #: Origins one check keeps state for at most (``other`` rules see client-chosen origins).
@@ -452,25 +453,13 @@ class QpsCheck(_FlowCheckBase):
             return Stage(store, None, _no_token)
         prefetch = self._prefetch
         assert prefetch is not None
-        window = self.window
         slot = prefetch.take_now(key)
         if slot is not None:
-            token = (window, key, slot)
-            return Stage(store, None, lambda _reply: token, lambda: self._give_back(token))
+            return _PrefetchedStage(self, (self.window, key, slot))
         fetch = prefetch.fetch_call(key) if store.available else None
         if fetch is None:
             return None  # another fetch is on its way (or an outage): the plain enter
-        call, stock, sent_at = fetch
-        assert isinstance(window, RedisWindow)
-
-        def decide(reply: Any) -> Any:
-            got = window.prefetched(reply)
-            slot = prefetch.stocked(key, stock, got, sent_at)
-            if slot is None:
-                self._refuse(WindowResult(False, got.remaining, got.wait_seconds, got.slot))
-            return (window, key, slot)
-
-        return Stage(store, call, decide)
+        return _FetchStage(self, prefetch, key, *fetch)
 
     async def _give_back(self, token: Any) -> None:
         """Give back the permit of a call that did not run: to the stock while its bucket
@@ -513,6 +502,61 @@ class QpsCheck(_FlowCheckBase):
     async def exit(self, ctx: Context, token: Any) -> None:
         if token is not None and ctx.blocked is not None:
             await self._give_back(token)
+
+
+class _PrefetchedStage(Stage):
+    """A prefetched permit in a batch: decided without a call of its own, given back if
+    the batch is cancelled (``decide`` and ``undo`` are methods: one object per call, see
+    :class:`~ymguard.chain.Stage`)."""
+
+    __slots__ = ("check", "token")
+
+    def __init__(self, check: QpsCheck, token: tuple[Any, str, Any]) -> None:
+        self.store = check.store
+        self.call = None
+        self.check = check
+        self.token = token
+
+    def decide(self, reply: Any) -> Any:
+        return self.token
+
+    def undo(self) -> Awaitable[None]:
+        return self.check._give_back(self.token)
+
+
+class _FetchStage(Stage):
+    """A prefetch's fetch riding in a batch: its reply stocks the permits and admits this
+    call, or refuses it (``decide`` is a method: see :class:`~ymguard.chain.Stage`)."""
+
+    __slots__ = ("check", "key", "prefetch", "sent_at", "stock", "window")
+
+    def __init__(
+        self,
+        check: QpsCheck,
+        prefetch: PrefetchWindow,
+        key: str,
+        call: ScriptCall,
+        stock: Any,  # the prefetch's stock of the key
+        sent_at: float,
+    ) -> None:
+        window = check.window
+        assert isinstance(window, RedisWindow)
+        self.store = check.store
+        self.call = call
+        self.undo = None
+        self.check = check
+        self.prefetch = prefetch
+        self.window = window
+        self.key = key
+        self.stock = stock
+        self.sent_at = sent_at
+
+    def decide(self, reply: Any) -> Any:
+        got = self.window.prefetched(reply)
+        slot = self.prefetch.stocked(self.key, self.stock, got, self.sent_at)
+        if slot is None:
+            self.check._refuse(WindowResult(False, got.remaining, got.wait_seconds, got.slot))
+        return (self.window, self.key, slot)
 
 
 class _AcquireStage(Stage):
