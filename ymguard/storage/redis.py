@@ -230,13 +230,15 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is not None and self._down_since is None:
             # The usual case (up, connected): one await on the reply's future, without the
-            # outage wrapper's coroutines; what it would do on an error is done here.
+            # outage wrapper's coroutines (and no closure: see _run_guarded); what it would
+            # do on an error is done here.
             future = pipe.send_now(packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
             if future is not None:
                 try:
-                    return await future
-                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                    return await self._run_guarded(script, keys, args, None, always_try, True)
+                    try:
+                        reply = await future
+                    except NoScriptError:  # a restarted or flushed server: EVAL caches it
+                        reply = await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
                     raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
@@ -245,6 +247,9 @@ class RedisStore(Store):
                         raise
                     self._mark_down(exc)
                     raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+                if self._down_since is not None:  # another call met an outage meanwhile
+                    self._mark_up()
+                return reply
         return await self._run_guarded(script, keys, args, packed, always_try)
 
     async def _run_guarded(
@@ -254,26 +259,23 @@ class RedisStore(Store):
         args: Sequence[Any],
         packed: bytes | None,
         always_try: bool,
-        lost: bool = False,
     ) -> Any:
         """:meth:`run` through the outage wrapper (down, connecting, or no pipeline).
 
         Its closures live here, not in :meth:`run`: a function's captured variables cost
-        a cell each on every call, taken or not. ``lost``: the server answered NOSCRIPT.
+        a cell each on every call, taken or not.
         """
         pipe = self._pipe
         if pipe is None:
             return await self._guarded(lambda: script(keys=keys, args=args), always_try)
 
         async def send() -> Any:
-            if not lost:
-                data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-                try:
-                    future = pipe.send_now(data)
-                    return await (future if future is not None else pipe.send(data))
-                except NoScriptError:  # a restarted or flushed server: EVAL caches it again
-                    pass
-            return await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
+            data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+            try:
+                future = pipe.send_now(data)
+                return await (future if future is not None else pipe.send(data))
+            except NoScriptError:  # a restarted or flushed server: EVAL caches it again
+                return await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
 
         return await self._guarded(send, always_try)
 
@@ -306,16 +308,14 @@ class RedisStore(Store):
                     replies: list[Any] = await sent
                     for reply in replies:
                         if isinstance(reply, ResponseError):
-                            return await self._mended(pipe, calls, replies)
-                    return replies
+                            replies = await self._mended(pipe, calls, replies)
+                            break
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
                     raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
-                except ResponseError as exc:
-                    if not UNAVAILABLE_REPLIES.search(str(exc)):
-                        raise
-                    self._mark_down(exc)
-                    raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+                if self._down_since is not None:  # another call met an outage meanwhile
+                    self._mark_up()
+                return replies
         return await self._run_many_guarded(pipe, calls, packed, always_try)
 
     async def _run_many_guarded(
@@ -339,36 +339,43 @@ class RedisStore(Store):
             )
 
         replies: list[Any] = await self._guarded(gather, always_try)
-        # An outage met by one call is an outage of the batch (the others are refused).
+        # An outage met by one call is an outage of the batch (the others are refused);
+        # Unanswered where a call may have run, or did (its caller gives back what it took).
+        ran = any(not isinstance(reply, BaseException) for reply in replies)
         for reply in replies:
             if isinstance(reply, OUTAGE_ERRORS):
                 self._mark_down(reply)
                 raise Unanswered(f"{self.uri} is unavailable: {reply}") from reply
             if isinstance(reply, ResponseError) and UNAVAILABLE_REPLIES.search(str(reply)):
                 self._mark_down(reply)
-                raise StorageUnavailable(f"{self.uri} cannot serve: {reply}") from reply
+                error = Unanswered if ran else StorageUnavailable
+                raise error(f"{self.uri} cannot serve: {reply}") from reply
         return replies
 
-    @staticmethod
     async def _mended(
-        pipe: AutoPipeline, calls: Sequence[ScriptCall], replies: list[Any]
+        self, pipe: AutoPipeline, calls: Sequence[ScriptCall], replies: list[Any]
     ) -> list[Any]:
         """The replies of ``calls`` sent on the pipelined connection, in order.
 
         A script the server lost (NOSCRIPT) is sent again with EVAL; an error reply is
-        kept in its place; the first unavailable reply (or a lost connection) is raised.
+        kept in its place. An unavailable reply (OOM, LOADING, ...) marks the store down
+        and fails the batch: :class:`Unanswered` if another call of it ran (its caller
+        must give back what that one took), else :class:`StorageUnavailable`; a lost
+        connection is raised as it is.
         """
         failed: BaseException | None = None
+        ran = False  # whether a call of the batch ran (its reply is not an error)
         for i, reply in enumerate(replies):
             if not isinstance(reply, ResponseError):
+                ran = True
                 continue
             if isinstance(reply, NoScriptError):  # a restarted or flushed server: EVAL again
-                replies[i] = None
                 if failed is None:
                     c = calls[i]
                     args = ("EVAL", c.script.script, len(c.keys), *c.keys, *c.args)
                     try:
                         replies[i] = await pipe.execute(*args)
+                        ran = True
                     except ResponseError as exc:
                         replies[i] = exc
                         if UNAVAILABLE_REPLIES.search(str(exc)):
@@ -376,7 +383,9 @@ class RedisStore(Store):
             elif failed is None and UNAVAILABLE_REPLIES.search(str(reply)):
                 failed = reply
         if failed is not None:
-            raise failed
+            self._mark_down(failed)
+            error = Unanswered if ran else StorageUnavailable
+            raise error(f"{self.uri} cannot serve: {failed}") from failed
         return replies
 
     async def call(self, *args: Any, always_try: bool = False) -> Any:

@@ -1,0 +1,283 @@
+"""How the Redis store reads error replies: ``run`` and ``run_many`` against a scripted
+server speaking RESP over TCP.
+
+A real Redis cannot be made to answer LOADING, OOM or NOSCRIPT to one chosen call while
+the next succeeds; this server answers each command as a test says (the rest of the
+suite runs on real Redis). What is checked: an unavailable reply marks the store down and
+fails fast after; a bug in a script is raised, not taken for an outage; a lost script is
+sent again with EVAL; a success after another call's outage marks the store up; a batch
+in which some call ran fails as Unanswered, so that its caller gives back what it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+import pytest
+from redis.exceptions import ResponseError
+
+from ymguard.errors import StorageUnavailable
+from ymguard.storage import RedisStore
+from ymguard.storage.redis import ScriptCall, Unanswered
+
+Reply = bytes | None  # None: close the connection; b"...": raw RESP
+
+
+class FakeRedis:
+    """Answers each command with ``handler(args)``; all replies of one read in one write."""
+
+    def __init__(self, handler: Callable[[list[bytes]], Any]) -> None:
+        self.handler = handler
+        self.commands: list[list[bytes]] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.store: RedisStore | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}?socket_timeout=0.5&socket_connect_timeout=0.5"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        parser = hiredis.Reader()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                out = []
+                while (cmd := parser.gets()) is not False:
+                    self.commands.append(cmd)
+                    reply = self.handler(cmd)
+                    if asyncio.iscoroutine(reply):
+                        reply = await reply
+                    if reply is None:
+                        writer.write(b"".join(out))
+                        writer.close()
+                        return
+                    out.append(reply)
+                writer.write(b"".join(out))
+        except ConnectionError:
+            pass
+
+    async def stop(self) -> None:
+        """Close the test's store (its connections), then the server."""
+        if self.store is not None:
+            await self.store.aclose()
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+def by_key(replies: dict[bytes, list[Reply]]) -> Callable[[list[bytes]], Any]:
+    """EVALSHA/EVAL with KEYS[1] == k: the next of replies[k]; PING etc.: +OK."""
+
+    def handler(cmd: list[bytes]) -> Any:
+        name = cmd[0].upper()
+        if name in (b"EVALSHA", b"EVAL"):
+            key = cmd[3]
+            queue = replies[key]
+            return queue.pop(0) if len(queue) > 1 else queue[0]
+        return b"+OK\r\n"
+
+    return handler
+
+
+SRC = "return 1"
+
+
+async def make(handler: Callable[[list[bytes]], Any]) -> tuple[FakeRedis, RedisStore]:
+    fake = FakeRedis(handler)
+    url = await fake.start()
+    store = fake.store = RedisStore(url, key_prefix="replies", retry_interval=30.0)
+    # open the pipelined connection
+    assert store._pipe is not None
+    await store._pipe.execute("PING")
+    return fake, store
+
+
+async def test_success_after_a_concurrent_outage_marks_the_store_up() -> None:
+    """Two runs in flight: A's reply is LOADING (marks down), B's succeeds afterwards.
+
+    B's success shows the store answers: it is up again at once, not after a probe."""
+    fake, store = await make(by_key({b"a": [b"-LOADING Redis is loading\r\n"], b"b": [b":7\r\n"]}))
+    script = store.script(SRC)
+    a = asyncio.ensure_future(store.run(script, ["a"], []))
+    b = asyncio.ensure_future(store.run(script, ["b"], []))
+    with pytest.raises(StorageUnavailable):
+        await a
+    assert await b == 7
+    assert store.available, "B's answer came after A's outage: the store is up again"
+    await fake.stop()
+
+
+async def test_noscript_after_a_concurrent_outage_still_runs_eval() -> None:
+    """A: LOADING (marks down); B: NOSCRIPT, then its EVAL is sent (not failed fast)."""
+    fake, store = await make(
+        by_key({b"a": [b"-LOADING Redis is loading\r\n"], b"b": [b"-NOSCRIPT x\r\n", b":7\r\n"]})
+    )
+    script = store.script(SRC)
+    a = asyncio.ensure_future(store.run(script, ["a"], []))
+    b = asyncio.ensure_future(store.run(script, ["b"], []))
+    with pytest.raises(StorageUnavailable):
+        await a
+    assert await b == 7
+    await fake.stop()
+
+
+async def test_noscript_then_eval_bug_reply_is_raised_not_an_outage() -> None:
+    fake, store = await make(by_key({b"a": [b"-NOSCRIPT x\r\n", b"-ERR user_script:1: boom\r\n"]}))
+    script = store.script(SRC)
+    with pytest.raises(ResponseError) as info:
+        await store.run(script, ["a"], [])
+    assert not isinstance(info.value, StorageUnavailable)
+    assert store.available
+    await fake.stop()
+
+
+async def test_noscript_then_eval_loses_the_connection_is_unanswered() -> None:
+    fake, store = await make(by_key({b"a": [b"-NOSCRIPT x\r\n", None]}))
+    script = store.script(SRC)
+    with pytest.raises(Unanswered):
+        await store.run(script, ["a"], [])
+    assert not store.available
+    await fake.stop()
+
+
+@pytest.mark.parametrize(
+    "reply", [b"-LOADING x\r\n", b"-MASTERDOWN x\r\n", b"-ERR Error running script -READONLY x\r\n"]
+)
+async def test_unavailable_replies_in_run(reply: bytes) -> None:
+    fake, store = await make(by_key({b"a": [reply]}))
+    script = store.script(SRC)
+    with pytest.raises(StorageUnavailable) as info:
+        await store.run(script, ["a"], [])
+    assert not isinstance(info.value, Unanswered)
+    assert not store.available
+    # fail fast now (no command sent)
+    n = len(fake.commands)
+    with pytest.raises(StorageUnavailable):
+        await store.run(script, ["a"], [])
+    assert len(fake.commands) == n
+    # always_try goes through and marks up on success
+    fake.handler = by_key({b"a": [b":1\r\n"]})
+    assert await store.run(script, ["a"], [], always_try=True) == 1
+    assert store.available
+    await fake.stop()
+
+
+async def test_bug_reply_in_run_is_raised_and_store_stays_up() -> None:
+    fake, store = await make(by_key({b"a": [b"-ERR user_script:1: Script attempted x\r\n"]}))
+    script = store.script(SRC)
+    with pytest.raises(ResponseError) as info:
+        await store.run(script, ["a"], [])
+    assert not isinstance(info.value, StorageUnavailable)
+    assert store.available
+    await fake.stop()
+
+
+async def test_run_many_noscript_then_later_unavailable() -> None:
+    """[NOSCRIPT->EVAL ok, LOADING]: the EVAL ran: must be Unanswered (chain undoes)."""
+    fake, store = await make(
+        by_key({b"a": [b"-NOSCRIPT x\r\n", b":1\r\n"], b"b": [b"-LOADING x\r\n"]})
+    )
+    script = store.script(SRC)
+    calls = [ScriptCall(script, ["a"], []), ScriptCall(script, ["b"], [])]
+    with pytest.raises(StorageUnavailable) as info:
+        await store.run_many(calls)
+    assert isinstance(info.value, Unanswered), "call a ran (EVAL answered 1)"
+    await fake.stop()
+
+
+async def test_run_many_ok_then_later_unavailable() -> None:
+    fake, store = await make(by_key({b"a": [b":1\r\n"], b"b": [b"-OOM x\r\n"]}))
+    script = store.script(SRC)
+    calls = [ScriptCall(script, ["a"], []), ScriptCall(script, ["b"], [])]
+    with pytest.raises(StorageUnavailable) as info:
+        await store.run_many(calls)
+    assert isinstance(info.value, Unanswered), "call a ran"
+    await fake.stop()
+
+
+async def test_run_many_bug_reply_kept_in_place() -> None:
+    fake, store = await make(
+        by_key({b"a": [b"-NOSCRIPT x\r\n", b":1\r\n"], b"b": [b"-ERR boom\r\n"], b"c": [b":3\r\n"]})
+    )
+    script = store.script(SRC)
+    calls = [ScriptCall(script, [k], []) for k in ("a", "b", "c")]
+    replies = await store.run_many(calls)
+    assert replies[0] == 1 and isinstance(replies[1], ResponseError) and replies[2] == 3
+    assert store.available
+    await fake.stop()
+
+
+async def test_cancel_in_the_fast_path_does_not_shift_replies() -> None:
+    gate = asyncio.Event()
+
+    async def slow(cmd: list[bytes]) -> bytes:
+        if cmd[0].upper() == b"EVALSHA" and cmd[3] == b"slow":
+            await gate.wait()
+            return b":1\r\n"
+        return b":2\r\n" if cmd[0].upper() == b"EVALSHA" else b"+OK\r\n"
+
+    fake, store = await make(slow)
+    script = store.script(SRC)
+    t = asyncio.ensure_future(store.run(script, ["slow"], []))
+    await asyncio.sleep(0.01)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    gate.set()
+    assert await store.run(script, ["x"], []) == 2
+    assert store.available
+    await fake.stop()
+
+
+async def test_cancel_during_noscript_eval_fallback() -> None:
+    gate, eval_sent = asyncio.Event(), asyncio.Event()
+
+    async def handler(cmd: list[bytes]) -> bytes:
+        name = cmd[0].upper()
+        if name == b"EVALSHA" and cmd[3] == b"a":
+            return b"-NOSCRIPT x\r\n"
+        if name == b"EVAL" and cmd[3] == b"a":
+            eval_sent.set()
+            await gate.wait()
+            return b":1\r\n"
+        return b":2\r\n" if name in (b"EVALSHA", b"EVAL") else b"+OK\r\n"
+
+    fake, store = await make(handler)
+    script = store.script(SRC)
+    t = asyncio.ensure_future(store.run(script, ["a"], []))
+    await asyncio.wait_for(eval_sent.wait(), 5)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    gate.set()
+    assert await store.run(script, ["x"], []) == 2
+    assert store.available and not store._probing
+    await fake.stop()
+
+
+async def test_timeout_in_the_fast_path_is_unanswered_then_probe_recovers() -> None:
+    async def never(cmd: list[bytes]) -> bytes:
+        if cmd[0].upper() == b"EVALSHA" and cmd[3] == b"hang":
+            await asyncio.sleep(5)
+        return b":1\r\n" if cmd[0].upper() == b"EVALSHA" else b"+OK\r\n"
+
+    fake, store = await make(never)
+    store.retry_interval = 0.05
+    script = store.script(SRC)
+    with pytest.raises(Unanswered):
+        await store.run(script, ["hang"], [])
+    assert not store.available
+    with pytest.raises(StorageUnavailable):
+        await store.run(script, ["x"], [])
+    await asyncio.sleep(0.1)
+    assert await store.run(script, ["x"], []) == 1  # the probe
+    assert store.available
+    await fake.stop()
