@@ -253,7 +253,8 @@ class Stage:
             that decides without the store (``decide(None)``) within a batch.
         decide: on ``enter``: called with the reply, returns the check's token or raises
             :class:`Blocked` (an error reply is raised before it is called). On ``exit``:
-            None (the reply is not read).
+            None (the reply is not read), and the call must be idempotent (a release by
+            id): a batch of exits whose sender is cancelled is sent again.
         undo: gives back what the call may have taken when its reply is never read (the
             caller was cancelled, or Redis went silent): run in the background.
 
@@ -731,9 +732,14 @@ class Chain:
         return True
 
     async def _exit_staged(self, ctx: Context, tokens: list[Any], order: Sequence[int]) -> None:
-        """Run the exits of ``order``; the store calls of staged ones go out together."""
+        """Run the exits of ``order``; the store calls of staged ones go out together.
+
+        Cancelled while it awaits (a plain exit, or the batch's replies), it still gives
+        back everything, in a task of its own: what a cancelled unwind skipped would
+        otherwise stay held until its lease ends.
+        """
         batches: dict[int, tuple[Any, list[Any]]] = {}
-        for i in order:
+        for n, i in enumerate(order):
             stager = self._stage_out[i]
             stage: Any = None
             if stager is not None:
@@ -744,15 +750,30 @@ class Chain:
                     continue
             if stage is None:
                 if not self._exit_at_once(i, ctx, tokens[i]):
-                    await self._exit_one(i, ctx, tokens[i])
+                    try:
+                        await self._exit_one(i, ctx, tokens[i])
+                    except asyncio.CancelledError:
+                        in_background(self._send_exits(list(batches.values())))
+                        in_background(self._exit_staged(ctx, tokens, order[n + 1 :]))
+                        raise
             elif stage is not NOTHING:
                 batch = batches.get(id(stage.store))
                 if batch is None:
                     batch = batches[id(stage.store)] = (stage.store, [])
                 batch[1].append(stage.call)
-        for store, calls in batches.values():
+        if batches:
+            await self._send_exits(list(batches.values()))
+
+    async def _send_exits(self, batches: Sequence[tuple[Any, list[Any]]]) -> None:
+        """Send each store's batch of exit calls (releases are idempotent: a batch that
+        may not have gone out when the caller is cancelled is sent again, in the
+        background)."""
+        for n, (store, calls) in enumerate(batches):
             try:
                 await store.run_many(calls, always_try=True)
+            except asyncio.CancelledError:
+                in_background(self._send_exits(batches[n:]))
+                raise
             except StorageUnavailable:
                 pass  # the leases free what could not be given back
             except Exception:
@@ -764,7 +785,11 @@ class Chain:
             return
         for i in range(len(tokens) - 1, -1, -1):
             if not self._exit_at_once(i, ctx, tokens[i]):
-                await self._exit_one(i, ctx, tokens[i])
+                try:
+                    await self._exit_one(i, ctx, tokens[i])
+                except asyncio.CancelledError:  # the rest still give back, in the background
+                    in_background(self._unwind(ctx, tokens[:i]))
+                    raise
 
 
 def _undo_all(stages: Sequence[Stage]) -> None:

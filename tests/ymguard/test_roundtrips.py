@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -129,6 +130,40 @@ async def test_a_call_waiting_on_redis_holds_few_objects(redis_url: str, prefix:
     finally:
         gc.enable()
     assert len(alive) / waiting <= 32, collections.Counter(type(o).__name__ for o in alive)
+    assert await held(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
+async def test_calls_cancelled_anywhere_give_everything_back(redis_store: RedisStore) -> None:
+    """Four calls at a time on 3 semaphore permits (one is refused and gives back what it
+    took), cancelled at random points: in their entry, in a refusal's give-back, anywhere.
+    Whatever was taken comes back (the exits of admitted calls are never cancelled)."""
+    guard = Guard({"resources": {"GET /r": FULL}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)
+    rnd = random.Random(7)
+    exits: list[asyncio.Future[None]] = []
+
+    async def one() -> None:
+        ctx = Context("GET /r")
+        tokens = await chain.enter(ctx)
+        ctx.status = 200
+        exits.append(asyncio.ensure_future(chain.exit(ctx, tokens)))
+
+    for _ in range(60):
+        calls = [asyncio.ensure_future(one()) for _ in range(4)]
+        for _ in range(rnd.randrange(0, 6)):
+            await asyncio.sleep(0)
+        if rnd.random() < 0.5:
+            await asyncio.sleep(rnd.random() * 0.003)
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    await asyncio.gather(*exits)
+    for _ in range(200):  # the give-backs of cancelled calls run in tasks of their own
+        if await held(guard, "GET /r") == (0, 0):
+            break
+        await asyncio.sleep(0.05)
     assert await held(guard, "GET /r") == (0, 0)
     await guard.aclose()
 
