@@ -76,6 +76,26 @@ def build_guard(settings: Settings, metrics: bool | MeterProvider = True) -> Gua
     return Guard(rules, store, metrics=metrics)
 
 
+#: Shops started in this process that froze the heap: the last one to stop thaws it.
+_frozen_by = 0
+
+
+def _freeze_heap() -> None:
+    global _frozen_by
+    gc.collect()
+    gc.freeze()
+    _frozen_by += 1
+
+
+def _thaw_heap() -> None:
+    """``gc.unfreeze()`` once no shop of this process wants the heap frozen (it is
+    process-wide: one shop stopping must not thaw another's)."""
+    global _frozen_by
+    _frozen_by -= 1
+    if _frozen_by == 0:
+        gc.unfreeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The demo shop as a FastAPI app.
 
@@ -159,9 +179,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.gc_freeze:
                 # What start-up built lives as long as the process: out of the full
                 # collections' walk (their pauses were the p99 of every Redis-guarded route).
-                gc.collect()
-                gc.freeze()
-                stack.callback(gc.unfreeze)
+                _freeze_heap()
+                stack.callback(_thaw_heap)
             yield
 
     app = FastAPI(title="ymguard demo shop", version=__version__, lifespan=lifespan)

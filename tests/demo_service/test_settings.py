@@ -107,3 +107,34 @@ async def test_a_started_shop_freezes_its_heap_and_thaws_it_when_it_stops(tmp_pa
     finally:
         gc.unfreeze()
         await delete_prefixed(redis_url, guard_prefix, shop_prefix)
+
+
+async def test_one_shop_stopping_leaves_anothers_heap_frozen(tmp_path: Path) -> None:
+    redis_url = require_redis()
+    prefixes = [unique_prefix() for _ in range(4)]
+    apps = []
+    for name, (guard_prefix, shop_prefix) in (("a", prefixes[:2]), ("b", prefixes[2:])):
+        apps.append(
+            create_app(
+                Settings(
+                    database_url=f"sqlite+aiosqlite:///{tmp_path / name}.db",
+                    redis_url=redis_url,
+                    key_prefix=guard_prefix,
+                    redis_prefix=shop_prefix,
+                    demo_admin_password=ADMIN_PASSWORD,
+                    token_secret=TOKEN_SECRET,
+                    var_dir=tmp_path / name,
+                    gc_freeze=True,
+                )
+            )
+        )
+    first, second = apps
+    try:
+        async with second.router.lifespan_context(second):
+            async with first.router.lifespan_context(first):
+                pass
+            assert gc.get_freeze_count() > 0  # the second shop still serves, frozen
+        assert gc.get_freeze_count() == 0  # the last one out thawed it
+    finally:
+        gc.unfreeze()
+        await delete_prefixed(redis_url, *prefixes)
