@@ -682,9 +682,13 @@ class Chain:
                 ctx.blocked = failure
             else:
                 ctx.error = failure
-            for k, token in reversed(later):
-                if not self._exit_at_once(k, ctx, token):
-                    await self._exit_one(k, ctx, token)
+            if later:  # what checks after the failed one took: given back, latest first
+                taken: list[Any] = [None] * (later[-1][0] + 1)
+                for k, token in later:
+                    taken[k] = token
+                # Staged like an unwind: one round trip, and cancelled it still gives back
+                # everything, in a task of its own.
+                await self._exit_staged(ctx, taken, [k for k, _ in reversed(later)])
             raise failure
         return j, following, asked
 
@@ -770,7 +774,9 @@ class Chain:
         background)."""
         for n, (store, calls) in enumerate(batches):
             try:
-                await store.run_many(calls, always_try=True)
+                for reply in await store.run_many(calls, always_try=True):
+                    if isinstance(reply, BaseException):  # an error reply: a bug, seen
+                        log.error("ymguard: an exit of %s failed: %r", self.resource, reply)
             except asyncio.CancelledError:
                 in_background(self._send_exits(batches[n:]))
                 raise

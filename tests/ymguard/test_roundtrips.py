@@ -168,6 +168,62 @@ async def test_calls_cancelled_anywhere_give_everything_back(redis_store: RedisS
     await guard.aclose()
 
 
+async def settle(guard: Guard, resource: str) -> tuple[int, int]:
+    """What is held once the give-backs running in tasks of their own are done."""
+    for _ in range(100):
+        if await held(guard, resource) == (0, 0):
+            break
+        await asyncio.sleep(0.05)
+    return await held(guard, resource)
+
+
+async def test_a_refusal_cancelled_while_giving_back_gives_back_everything(
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qps refuses first in the batch, after the concurrency and semaphore permits of the
+    same round trip were taken; the call is cancelled while it gives them back (a client
+    leaving). Before, the first give-back awaited was the last: a concurrency permit
+    stayed held for its whole lease. Found by review."""
+    rules = {"flow": [{"qps": 1}, {"concurrency": 5}], "semaphore": {"permits": 3}}
+    guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)  # the one qps permit of this second
+    giving_back = asyncio.Event()
+    run_many = redis_store.run_many
+
+    async def watched(calls: Any, *, always_try: bool = False) -> list[Any]:
+        if always_try:  # releases: the give-back awaits Redis now
+            giving_back.set()
+        return await run_many(calls, always_try=always_try)
+
+    monkeypatch.setattr(redis_store, "run_many", watched)
+    refused = asyncio.ensure_future(chain.enter(Context("GET /r")))
+    await asyncio.wait_for(giving_back.wait(), 5)
+    refused.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await refused
+    monkeypatch.undo()
+    assert await settle(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
+async def test_refused_calls_cancelled_at_random_give_everything_back(
+    redis_store: RedisStore,
+) -> None:
+    rules = {"flow": [{"qps": 1}, {"concurrency": 50}], "semaphore": {"permits": 50}}
+    guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
+    chain = guard.chain("GET /r")
+    assert await call(chain)
+    rnd = random.Random(3)
+    for _ in range(100):
+        refused = asyncio.ensure_future(call(chain))
+        await asyncio.sleep(rnd.random() * 0.002)
+        refused.cancel()
+        await asyncio.gather(refused, return_exceptions=True)
+    assert await settle(guard, "GET /r") == (0, 0)
+    await guard.aclose()
+
+
 async def test_a_refusal_gives_back_what_the_others_took(redis_store: RedisStore) -> None:
     # The semaphore (third) refuses: the QPS count is refunded, the concurrency permit
     # (taken in the same round trip) released, and the breaker hears of no call.
