@@ -12,16 +12,18 @@ in which some call ran fails as Unanswered, so that its caller gives back what i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import hiredis
 import pytest
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ymguard.errors import StorageUnavailable
 from ymguard.storage import RedisStore
-from ymguard.storage.redis import ScriptCall, Unanswered
+from ymguard.storage.redis import ClientFailed, ScriptCall, Unanswered
 
 Reply = bytes | None  # None: close the connection; b"...": raw RESP
 
@@ -281,3 +283,96 @@ async def test_timeout_in_the_fast_path_is_unanswered_then_probe_recovers() -> N
     assert await store.run(script, ["x"], []) == 1  # the probe
     assert store.available
     await fake.stop()
+
+
+# -- batches through redis-py (a cluster or a sentinel store) ----------------------------
+# Each call of a batch goes to its own node: the replies can mix outcomes. The scripts
+# here are stand-ins answering as a test says; the client is never connected.
+
+OOM = ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+TIMED_OUT = RedisTimeoutError("Timeout reading from socket")
+#: What redis-py's cluster client raised while slots moved under load (found by review).
+CLIENT_BUG = AttributeError("'NoneType' object has no attribute 'writelines'")
+
+
+class Answering:
+    """A registered script's stand-in: returns ``outcome``, or raises it."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+    async def __call__(self, keys: Any = None, args: Any = None) -> Any:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+async def client_batch(*outcomes: Any, down: bool = False) -> tuple[RedisStore, Any]:
+    """``run_many`` on a cluster store whose calls end as ``outcomes``: (store, result or
+    the exception raised)."""
+    store = RedisStore("redis+cluster://127.0.0.1:1?socket_timeout=0.1", key_prefix="replies")
+    store._cluster_ready = True  # no layout to read: no call reaches a node
+    if down:
+        store._mark_down(TIMED_OUT)
+    calls = [ScriptCall(Answering(o), ["k"], []) for o in outcomes]  # type: ignore[arg-type]
+    try:
+        result: Any = await store.run_many(calls, always_try=down)
+    except Exception as exc:
+        result = exc
+    return store, result
+
+
+@pytest.mark.parametrize(
+    "outcomes",
+    [(TIMED_OUT, OOM), (OOM, TIMED_OUT), (1, OOM), (OOM, 1), (CLIENT_BUG, OOM), (OOM, CLIENT_BUG)],
+    ids=["timeout,oom", "oom,timeout", "ok,oom", "oom,ok", "client,oom", "oom,client"],
+)
+async def test_a_client_batch_where_a_call_may_have_run_is_unanswered(outcomes: Any) -> None:
+    """Whatever the order of the replies (before, [OOM, timeout] was a plain
+    StorageUnavailable: the timed-out call's permit was not given back)."""
+    store, result = await client_batch(*outcomes)
+    assert isinstance(result, Unanswered)
+    assert not store.available
+    await store.aclose()
+
+
+async def test_a_client_batch_refused_by_every_node_is_not_unanswered() -> None:
+    store, result = await client_batch(OOM, OOM)
+    assert isinstance(result, StorageUnavailable) and not isinstance(result, Unanswered)
+    await store.aclose()
+
+
+async def test_redis_py_failing_inside_is_an_outage_not_a_500() -> None:
+    """A batch and a single call: the store is marked down, the caller meets an outage."""
+    store, result = await client_batch(1, CLIENT_BUG)
+    assert isinstance(result, Unanswered)
+    assert isinstance(result.__cause__, AttributeError)  # named in the outage's message
+    await store.aclose()
+    store = RedisStore("redis+cluster://127.0.0.1:1?socket_timeout=0.1", key_prefix="replies")
+    store._cluster_ready = True
+    with pytest.raises(Unanswered) as raised:
+        await store.run(Answering(CLIENT_BUG), ["k"], [])  # type: ignore[arg-type]
+    assert isinstance(raised.value.__cause__, ClientFailed)
+    assert not store.available
+    await store.aclose()
+
+
+async def test_a_client_batch_keeps_a_bug_reply_in_its_place() -> None:
+    bug = ResponseError("ERR Error running script: attempt to compare nil with number")
+    store, result = await client_batch(1, bug)
+    assert result == [1, bug]
+    assert store.available
+    await store.aclose()
+
+
+async def test_a_down_store_failing_again_logs_no_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A release tried while the store is down, whose batch meets the outage again, is
+    no sign of recovery (before: 'is back after 0.0 s', then 'unavailable' again)."""
+    with caplog.at_level(logging.WARNING, logger="ymguard.storage"):
+        store, result = await client_batch(1, TIMED_OUT, down=True)
+    assert isinstance(result, Unanswered)
+    assert not store.available
+    assert not [r for r in caplog.records if "is back" in r.getMessage()]
+    await store.aclose()

@@ -20,7 +20,13 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, ResponseError
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,8 +44,29 @@ from .pipeline import AutoPipeline, pack
 
 log = logging.getLogger("ymguard.storage")
 
+
+class ClientFailed(Exception):
+    """redis-py failed inside a call (not a Redis reply, not one of its errors): an
+    ``AttributeError`` or ``TypeError`` writing to a connection the peer closed
+    (redis/redis-py#4287), seen on a cluster whose slots move under load. The call may
+    have been sent: an outage, not a 500 with redis-py's stack trace."""
+
+
+async def _client(call: Awaitable[Any]) -> Any:
+    """Await a call of the redis-py client; its own failures become :class:`ClientFailed`."""
+    try:
+        return await call
+    except RedisError:
+        raise
+    except OUTAGE_ERRORS:
+        raise
+    except Exception as exc:
+        raise ClientFailed(f"redis-py failed: {type(exc).__name__}: {exc}") from exc
+
+
 #: Errors that mean "Redis is not answering", as opposed to a bug in a script.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ClientFailed,
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
@@ -267,7 +294,7 @@ class RedisStore(Store):
         """
         pipe = self._pipe
         if pipe is None:
-            return await self._guarded(lambda: script(keys=keys, args=args), always_try)
+            return await self._guarded(lambda: _client(script(keys=keys, args=args)), always_try)
 
         async def send() -> Any:
             data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
@@ -334,23 +361,42 @@ class RedisStore(Store):
         """:meth:`run_many` through redis-py (a cluster or a sentinel store)."""
 
         async def gather() -> list[Any]:
-            return await asyncio.gather(
+            replies: list[Any] = await asyncio.gather(
                 *(c.script(keys=c.keys, args=c.args) for c in calls), return_exceptions=True
             )
+            # Judged in here: an outage raised from this marks the store down, and
+            # _guarded does not take the batch's return for a recovery.
+            self._fail_on_outage(replies)
+            return replies
 
-        replies: list[Any] = await self._guarded(gather, always_try)
-        # An outage met by one call is an outage of the batch (the others are refused);
-        # Unanswered where a call may have run, or did (its caller gives back what it took).
-        ran = any(not isinstance(reply, BaseException) for reply in replies)
+        done: list[Any] = await self._guarded(gather, always_try)
+        return done
+
+    def _fail_on_outage(self, replies: Sequence[Any]) -> None:
+        """Raise if one call of a batch sent through redis-py met an outage.
+
+        An outage met by one call is an outage of the batch (the others are refused):
+        :class:`Unanswered` if any call ran or may have (a reply, a lost or timed-out
+        call, redis-py failing inside; the caller gives back what they took), else
+        :class:`StorageUnavailable` (every failure an unavailable reply: nothing ran).
+        Other error replies (a bug in a script) are kept in their places.
+        """
+        failed: BaseException | None = None
+        ran = False
         for reply in replies:
-            if isinstance(reply, OUTAGE_ERRORS):
-                self._mark_down(reply)
-                raise Unanswered(f"{self.uri} is unavailable: {reply}") from reply
-            if isinstance(reply, ResponseError) and UNAVAILABLE_REPLIES.search(str(reply)):
-                self._mark_down(reply)
-                error = Unanswered if ran else StorageUnavailable
-                raise error(f"{self.uri} cannot serve: {reply}") from reply
-        return replies
+            if not isinstance(reply, BaseException):
+                ran = True
+            elif isinstance(reply, ResponseError):
+                if failed is None and UNAVAILABLE_REPLIES.search(str(reply)):
+                    failed = reply
+            elif isinstance(reply, OUTAGE_ERRORS) or not isinstance(reply, RedisError):
+                ran = True  # sent, perhaps run: no answer says otherwise
+                if failed is None:
+                    failed = reply
+        if failed is not None:
+            self._mark_down(failed)
+            error = Unanswered if ran else StorageUnavailable
+            raise error(f"{self.uri} is unavailable: {failed}") from failed
 
     async def _mended(
         self, pipe: AutoPipeline, calls: Sequence[ScriptCall], replies: list[Any]
@@ -393,7 +439,7 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is not None:
             return await self._guarded(lambda: pipe.execute(*args), always_try)
-        return await self._guarded(lambda: self.client.execute_command(*args), always_try)
+        return await self._guarded(lambda: _client(self.client.execute_command(*args)), always_try)
 
     async def _guarded(self, make: Callable[[], Awaitable[Any]], always_try: bool) -> Any:
         """Await ``make()`` under the outage rules: fail fast, one prober, log once."""
