@@ -376,3 +376,39 @@ async def test_a_down_store_failing_again_logs_no_recovery(
     assert not store.available
     assert not [r for r in caplog.records if "is back" in r.getMessage()]
     await store.aclose()
+
+
+def as_redis_py_raises(reply: str) -> BaseException:
+    """An error reply as redis-py's own connections raise it (the code taken off the
+    message, named by the class)."""
+    from redis._parsers.base import BaseParser
+
+    error: BaseException = BaseParser.parse_error(reply)
+    return error
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "READONLY You can't write against a read only replica.",
+        "CLUSTERDOWN The cluster is down",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    ],
+    ids=["oom", "readonly", "clusterdown", "masterdown"],
+)
+async def test_redis_py_unavailable_replies_are_outages(reply: str) -> None:
+    """Through redis-py (cluster, sentinel) the code is off the message: before, OOM and
+    READONLY read as bugs in a script (a 500), CLUSTERDOWN in a batch too."""
+    error = as_redis_py_raises(reply)
+    assert reply.split()[0] not in str(error)  # what the text alone could not tell
+    store, result = await client_batch(error)
+    assert isinstance(result, StorageUnavailable) and not isinstance(result, Unanswered)
+    assert not store.available
+    await store.aclose()
+    store = RedisStore("redis+cluster://127.0.0.1:1?socket_timeout=0.1", key_prefix="replies")
+    store._cluster_ready = True
+    with pytest.raises(StorageUnavailable):
+        await store.run(Answering(error), ["k"], [])  # type: ignore[arg-type]
+    assert not store.available
+    await store.aclose()

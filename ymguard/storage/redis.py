@@ -21,8 +21,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    ClusterDownError,
     ClusterError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -80,6 +83,18 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 #: replica, out of memory, a busy script, loading a dataset): an outage, not a bug.
 #: Inside a script the reply is wrapped (``ERR Error running script ... -READONLY ...``).
 UNAVAILABLE_REPLIES = re.compile(r"(?:^|-)(?:READONLY|OOM|BUSY|LOADING|MASTERDOWN|CLUSTERDOWN)\b")
+#: The same replies as redis-py's own connections raise them (cluster and sentinel stores):
+#: it takes the code off the message and names it by the class (LOADING is its
+#: ``BusyLoadingError``, a connection error: an outage already).
+_UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, ClusterDownError)
+
+
+def cannot_serve(exc: BaseException) -> bool:
+    """Whether an error reply means "this server cannot serve us now" (an outage), not a
+    bug: by redis-py's class for it, or by its text (the pipelined connection keeps the
+    code in the message, and inside a script the reply is wrapped)."""
+    return isinstance(exc, _UNAVAILABLE_CLASSES) or UNAVAILABLE_REPLIES.search(str(exc)) is not None
+
 
 _DEFAULTS = {"socket_timeout": "0.5", "socket_connect_timeout": "0.5"}
 
@@ -270,7 +285,7 @@ class RedisStore(Store):
                     self._mark_down(exc)
                     raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
                 except ResponseError as exc:
-                    if not UNAVAILABLE_REPLIES.search(str(exc)):
+                    if not cannot_serve(exc):
                         raise
                     self._mark_down(exc)
                     raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
@@ -387,7 +402,7 @@ class RedisStore(Store):
             if not isinstance(reply, BaseException):
                 ran = True
             elif isinstance(reply, ResponseError):
-                if failed is None and UNAVAILABLE_REPLIES.search(str(reply)):
+                if failed is None and cannot_serve(reply):
                     failed = reply
             elif isinstance(reply, OUTAGE_ERRORS) or not isinstance(reply, RedisError):
                 ran = True  # sent, perhaps run: no answer says otherwise
@@ -424,9 +439,9 @@ class RedisStore(Store):
                         ran = True
                     except ResponseError as exc:
                         replies[i] = exc
-                        if UNAVAILABLE_REPLIES.search(str(exc)):
+                        if cannot_serve(exc):
                             failed = exc
-            elif failed is None and UNAVAILABLE_REPLIES.search(str(reply)):
+            elif failed is None and cannot_serve(reply):
                 failed = reply
         if failed is not None:
             self._mark_down(failed)
@@ -456,7 +471,7 @@ class RedisStore(Store):
             self._mark_down(exc)
             raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
         except ResponseError as exc:
-            if not UNAVAILABLE_REPLIES.search(str(exc)):
+            if not cannot_serve(exc):
                 raise  # a bug in a script: let it be seen
             self._mark_down(exc)
             raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
