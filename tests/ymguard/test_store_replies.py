@@ -394,12 +394,13 @@ def as_redis_py_raises(reply: str) -> BaseException:
         "READONLY You can't write against a read only replica.",
         "CLUSTERDOWN The cluster is down",
         "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
     ],
-    ids=["oom", "readonly", "clusterdown", "masterdown"],
+    ids=["oom", "readonly", "clusterdown", "masterdown", "tryagain"],
 )
 async def test_redis_py_unavailable_replies_are_outages(reply: str) -> None:
-    """Through redis-py (cluster, sentinel) the code is off the message: before, OOM and
-    READONLY read as bugs in a script (a 500), CLUSTERDOWN in a batch too."""
+    """Through redis-py (cluster, sentinel) the code is off the message: before, OOM,
+    READONLY and TRYAGAIN read as bugs in a script (a 500), CLUSTERDOWN in a batch too."""
     error = as_redis_py_raises(reply)
     assert reply.split()[0] not in str(error)  # what the text alone could not tell
     store, result = await client_batch(error)

@@ -29,6 +29,7 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -85,8 +86,9 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 UNAVAILABLE_REPLIES = re.compile(r"(?:^|-)(?:READONLY|OOM|BUSY|LOADING|MASTERDOWN|CLUSTERDOWN)\b")
 #: The same replies as redis-py's own connections raise them (cluster and sentinel stores):
 #: it takes the code off the message and names it by the class (LOADING is its
-#: ``BusyLoadingError``, a connection error: an outage already).
-_UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, ClusterDownError)
+#: ``BusyLoadingError``, a connection error: an outage already). TRYAGAIN (a slot moving
+#: under a multi-key call) reaches us when the cluster client's own retries ran out.
+_UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError)
 
 
 def cannot_serve(exc: BaseException) -> bool:
