@@ -17,7 +17,7 @@ import pytest
 
 from ymguard import Blocked, Context, Guard
 from ymguard.chain import Chain
-from ymguard.storage import RedisStore, store_from_uri
+from ymguard.storage import RedisStore, store_from_uri, tasks
 from ymguard.storage.pubsub import pubsub_of
 
 FULL = {
@@ -168,13 +168,10 @@ async def test_calls_cancelled_anywhere_give_everything_back(redis_store: RedisS
     await guard.aclose()
 
 
-async def settle(guard: Guard, resource: str) -> tuple[int, int]:
-    """What is held once the give-backs running in tasks of their own are done."""
-    for _ in range(100):
-        if await held(guard, resource) == (0, 0):
-            break
-        await asyncio.sleep(0.05)
-    return await held(guard, resource)
+async def drained() -> None:
+    """Wait for the give-backs running in tasks of their own (and those they start)."""
+    while pending := [task for task in tasks._background if not task.done()]:
+        await asyncio.wait(pending)
 
 
 async def test_a_refusal_cancelled_while_giving_back_gives_back_everything(
@@ -184,43 +181,54 @@ async def test_a_refusal_cancelled_while_giving_back_gives_back_everything(
     same round trip were taken; the call is cancelled while it gives them back (a client
     leaving). Before, the first give-back awaited was the last: a concurrency permit
     stayed held for its whole lease. Found by review."""
-    rules = {"flow": [{"qps": 1}, {"concurrency": 5}], "semaphore": {"permits": 3}}
+    rules = {"flow": [{"qps": 0}, {"concurrency": 5}], "semaphore": {"permits": 3}}
     guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
     chain = guard.chain("GET /r")
-    assert await call(chain)  # the one qps permit of this second
     giving_back = asyncio.Event()
-    run_many = redis_store.run_many
+    run, run_many = redis_store.run, redis_store.run_many
 
-    async def watched(calls: Any, *, always_try: bool = False) -> list[Any]:
-        if always_try:  # releases: the give-back awaits Redis now
+    # Releases are the calls tried even while the store fails fast: the give-back awaits
+    # Redis once one is sent, batched or alone.
+    async def watched_many(calls: Any, *, always_try: bool = False) -> list[Any]:
+        if always_try:
             giving_back.set()
         return await run_many(calls, always_try=always_try)
 
-    monkeypatch.setattr(redis_store, "run_many", watched)
+    async def watched(*args: Any, always_try: bool = False) -> Any:
+        if always_try:
+            giving_back.set()
+        return await run(*args, always_try=always_try)
+
+    monkeypatch.setattr(redis_store, "run_many", watched_many)
+    monkeypatch.setattr(redis_store, "run", watched)
     refused = asyncio.ensure_future(chain.enter(Context("GET /r")))
-    await asyncio.wait_for(giving_back.wait(), 5)
+    await giving_back.wait()
     refused.cancel()
     with pytest.raises(asyncio.CancelledError):
         await refused
     monkeypatch.undo()
-    assert await settle(guard, "GET /r") == (0, 0)
+    await drained()
+    assert await held(guard, "GET /r") == (0, 0)
     await guard.aclose()
 
 
 async def test_refused_calls_cancelled_at_random_give_everything_back(
     redis_store: RedisStore,
 ) -> None:
-    rules = {"flow": [{"qps": 1}, {"concurrency": 50}], "semaphore": {"permits": 50}}
+    """qps refuses every call after the later checks of its batch took their permits;
+    each call is cancelled after a random number of event-loop steps."""
+    rules = {"flow": [{"qps": 0}, {"concurrency": 50}], "semaphore": {"permits": 50}}
     guard = Guard({"resources": {"GET /r": rules}}, storage=redis_store)
     chain = guard.chain("GET /r")
-    assert await call(chain)
     rnd = random.Random(3)
     for _ in range(100):
         refused = asyncio.ensure_future(call(chain))
-        await asyncio.sleep(rnd.random() * 0.002)
+        for _ in range(rnd.randrange(0, 12)):
+            await asyncio.sleep(0)
         refused.cancel()
         await asyncio.gather(refused, return_exceptions=True)
-    assert await settle(guard, "GET /r") == (0, 0)
+    await drained()
+    assert await held(guard, "GET /r") == (0, 0)
     await guard.aclose()
 
 
