@@ -683,7 +683,7 @@ class Chain:
             else:
                 ctx.error = failure
             if later:  # what checks after the failed one took: given back, latest first
-                taken: list[Any] = [None] * (later[-1][0] + 1)
+                taken: list[Any] = [None] * (later[-1][0] + 1)  # by check, as exits read
                 for k, token in later:
                     taken[k] = token
                 # Staged like an unwind: one round trip, and cancelled it still gives back

@@ -396,7 +396,7 @@ class RedisStore(Store):
         :class:`Unanswered` if any call ran or may have (a reply, a lost or timed-out
         call, redis-py failing inside; the caller gives back what they took), else
         :class:`StorageUnavailable` (every failure an unavailable reply: nothing ran).
-        Other error replies (a bug in a script) are kept in their places.
+        Other errors (a bug in a script, a bad argument) are kept in their places.
         """
         failed: BaseException | None = None
         ran = False
@@ -407,7 +407,10 @@ class RedisStore(Store):
                 if failed is None and cannot_serve(reply):
                     failed = reply
             elif isinstance(reply, OUTAGE_ERRORS) or not isinstance(reply, RedisError):
-                ran = True  # sent, perhaps run: no answer says otherwise
+                # Sent, perhaps run: lost, cancelled, or redis-py failing inside (what
+                # _client makes ClientFailed; gather's calls are not wrapped: one cancelled
+                # before it started would leave its script's coroutine never awaited).
+                ran = True
                 if failed is None:
                     failed = reply
         if failed is not None:
