@@ -38,6 +38,7 @@ import yaml
 from .backends.rules_feed import MAX_RULES_BYTES, VersionConflict, rules_feed
 from .errors import RuleProblem, RulesError
 from .rules import RulesFile, _line_of, load_rules_text, parse_rules
+from .storage.base import redact
 from .storage.pubsub import pubsub_of
 from .storage.tasks import stopped
 
@@ -65,16 +66,6 @@ def rules_digest(rules: RulesFile) -> str:
     data = rules.model_dump(mode="json", by_alias=True)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def redact(uri: str) -> str:
-    """``uri`` without its password, for messages and logs."""
-    scheme, sep, rest = uri.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        user_info, _, host = netloc.rpartition("@")
-        netloc = f"{user_info.partition(':')[0]}:***@{host}"
-    return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
 def _problem(text: str | None, source: str, loc: tuple[Any, ...], why: str) -> RuleProblem:

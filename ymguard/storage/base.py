@@ -83,6 +83,16 @@ def check_key_prefix(prefix: str) -> str:
     return prefix
 
 
+def redact(uri: str) -> str:
+    """``uri`` without its password, for messages and logs."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        user_info, _, host = netloc.rpartition("@")
+        netloc = f"{user_info.partition(':')[0]}:***@{host}"
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
 class Store:
     """Base of the stores.
 
