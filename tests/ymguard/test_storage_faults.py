@@ -16,6 +16,7 @@ import redis
 
 from tests.helpers import RedisServer
 from ymguard import Blocked, Context, Guard, GuardMiddleware
+from ymguard.errors import StorageUnavailable
 from ymguard.storage import RedisStore
 
 from .test_middleware import client, shop
@@ -271,3 +272,28 @@ async def _admitted(guard: Guard, resource: str) -> bool:
         return False
     await chain.exit(ctx, tokens)
     return True
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "redis://:s3cret-pw@127.0.0.1:1/0?socket_timeout=0.2&socket_connect_timeout=0.2",
+        "redis+cluster://user:s3cret-pw@127.0.0.1:1?socket_timeout=0.2&socket_connect_timeout=0.2",
+    ],
+    ids=["redis", "cluster"],
+)
+async def test_a_password_in_the_uri_is_in_no_log_error_or_repr(
+    uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage names the store in its warning and its errors: without the password
+    (nothing listens on port 1)."""
+    store = RedisStore(uri, key_prefix="pw")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(StorageUnavailable) as raised:
+            await store.call("PING")
+        with pytest.raises(StorageUnavailable) as fast:
+            await store.call("PING")  # failed fast, named too
+    said = [caplog.text, str(raised.value), str(fast.value), repr(store)]
+    assert "127.0.0.1:1" in str(raised.value) and "***" in str(raised.value)
+    assert not [text for text in said if "s3cret-pw" in text]
+    await store.aclose()

@@ -84,7 +84,7 @@ class PubSub:
     def __init__(self, store: RedisStore) -> None:
         self._store = weakref.ref(store)
         self.client: Any = store.pubsub_client
-        self.uri = store.uri
+        self.uri = store.shown  # for logs: without its password
         self.loop = asyncio.get_running_loop()
         self.patterns: dict[str, Pattern] = {}
         self.listeners: dict[str, dict[str, asyncio.Event]] = {}

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StorageUnavailable
-from .base import StoragePolicy, Store
+from .base import StoragePolicy, Store, redact
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -212,6 +212,8 @@ class RedisStore(Store):
     ) -> None:
         super().__init__(key_prefix=key_prefix, on_storage_error=on_storage_error)
         self.uri = uri
+        #: The URI without its password: what messages and logs name.
+        self.shown = redact(uri)
         self.client: Any = make_client(uri)
         self._pipe = make_pipeline(uri)
         self.retry_interval = retry_interval
@@ -227,7 +229,7 @@ class RedisStore(Store):
         self._pubsub_client: Any = None
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.uri!r}, key_prefix={self.key_prefix!r})"
+        return f"RedisStore({self.shown!r}, key_prefix={self.key_prefix!r})"
 
     def script(self, source: str) -> AsyncScript:
         """The registered script for a Lua source (EVALSHA, NOSCRIPT falls back to load)."""
@@ -285,12 +287,12 @@ class RedisStore(Store):
                         reply = await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
-                    raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
+                    raise Unanswered(f"{self.shown} is unavailable: {exc}") from exc
                 except ResponseError as exc:
                     if not cannot_serve(exc):
                         raise
                     self._mark_down(exc)
-                    raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+                    raise StorageUnavailable(f"{self.shown} cannot serve: {exc}") from exc
                 if self._down_since is not None:  # another call met an outage meanwhile
                     self._mark_up()
                 return reply
@@ -356,7 +358,7 @@ class RedisStore(Store):
                             break
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
-                    raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
+                    raise Unanswered(f"{self.shown} is unavailable: {exc}") from exc
                 if self._down_since is not None:  # another call met an outage meanwhile
                     self._mark_up()
                 return replies
@@ -416,7 +418,7 @@ class RedisStore(Store):
         if failed is not None:
             self._mark_down(failed)
             error = Unanswered if ran else StorageUnavailable
-            raise error(f"{self.uri} is unavailable: {failed}") from failed
+            raise error(f"{self.shown} is unavailable: {failed}") from failed
 
     async def _mended(
         self, pipe: AutoPipeline, calls: Sequence[ScriptCall], replies: list[Any]
@@ -451,7 +453,7 @@ class RedisStore(Store):
         if failed is not None:
             self._mark_down(failed)
             error = Unanswered if ran else StorageUnavailable
-            raise error(f"{self.uri} cannot serve: {failed}") from failed
+            raise error(f"{self.shown} cannot serve: {failed}") from failed
         return replies
 
     async def call(self, *args: Any, always_try: bool = False) -> Any:
@@ -466,7 +468,7 @@ class RedisStore(Store):
         probing = False
         if self._down_since is not None and not always_try:
             if self._probing or time.monotonic() < self._retry_at:
-                raise StorageUnavailable(f"{self.uri} is unavailable")
+                raise StorageUnavailable(f"{self.shown} is unavailable")
             self._probing = probing = True
         try:
             if not self._cluster_ready:
@@ -474,12 +476,12 @@ class RedisStore(Store):
             result = await make()
         except OUTAGE_ERRORS as exc:
             self._mark_down(exc)
-            raise Unanswered(f"{self.uri} is unavailable: {exc}") from exc
+            raise Unanswered(f"{self.shown} is unavailable: {exc}") from exc
         except ResponseError as exc:
             if not cannot_serve(exc):
                 raise  # a bug in a script: let it be seen
             self._mark_down(exc)
-            raise StorageUnavailable(f"{self.uri} cannot serve: {exc}") from exc
+            raise StorageUnavailable(f"{self.shown} cannot serve: {exc}") from exc
         finally:
             if probing:
                 self._probing = False
@@ -520,7 +522,7 @@ class RedisStore(Store):
             self._down_since = now
             log.warning(
                 "ymguard storage %s unavailable (%s: %s); on_storage_error=%s until it answers",
-                self.uri,
+                self.shown,
                 type(exc).__name__,
                 exc,
                 self.on_storage_error,
@@ -530,7 +532,7 @@ class RedisStore(Store):
         assert self._down_since is not None
         log.warning(
             "ymguard storage %s is back after %.1f s",
-            self.uri,
+            self.shown,
             time.monotonic() - self._down_since,
         )
         self._down_since = None
