@@ -280,16 +280,10 @@ class _Resource:
         else:
             self.passes[1] += 1
         self.active[1] += 1
-        metrics = self.metrics
-        if metrics._remote:
-            metrics._watch_store()
 
     def blocked(self, ctx: Context, error: Blocked, check: Check) -> None:
         """:meth:`GuardMetrics.blocked` for this resource."""
         self.refused("blocked", _rule_kind(error, check), error.code)[1] += 1
-        metrics = self.metrics
-        if metrics._remote:
-            metrics._watch_store()
 
     def finished(self, ctx: Context, rt_ms: float, outcome: Outcome) -> None:
         """:meth:`GuardMetrics.finished` for this resource."""
@@ -378,8 +372,7 @@ class GuardMetrics:
         # the histogram is the API's no-op.
         self._sdk = meter_provider is not None
         self._resources: dict[str, _Resource] = {}
-        self._remote = bool(getattr(guard.store, "remote", False))
-        self._down = False
+        guard.store.listen_outages(self._outage)
         self._storage = {"ymguard.storage": storage_name(guard.store)}
         self._permits: dict[str, tuple[int, int, int]] = {}
         self._refreshing: asyncio.Task[None] | None = None
@@ -470,12 +463,9 @@ class GuardMetrics:
         }
         self._instruments.transitions.add(1, attrs)
 
-    def _watch_store(self) -> None:
-        down = not self._store.available
-        if down != self._down:
-            self._down = down
-            if down:
-                self._instruments.outages.add(1, self._storage)
+    def _outage(self) -> None:
+        """The store's outage listener: one more outage."""
+        self._instruments.outages.add(1, self._storage)
 
     def breaker_observations(self) -> Iterator[otel.Observation]:
         """The state gauge's values: for each breaker, 1 for its state and 0 for the others."""
