@@ -34,9 +34,12 @@ from .errors import Blocked, StorageUnavailable
 from .stats import ResourceStats
 from .storage.redis import Unanswered
 from .storage.tasks import in_background
-from .types import ASGIApp, Message, Receive, Scope
+from .types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ymguard")
+
+#: The chain's clock: ``Context.start`` and ``Context.now`` are its readings.
+clock = time.perf_counter
 
 #: Origin values longer than this (in characters) are replaced by a digest.
 ORIGIN_MAX_CHARS = 128
@@ -69,6 +72,9 @@ class Context:
             from ``call_args`` when first read, as most calls never read them).
         scope: the ASGI scope for HTTP calls, else ``None``.
         start: ``time.perf_counter()`` when the call entered the chain.
+        now: the chain's clock (``time.perf_counter()``) when it last told the observers
+            of the call (it passed, was refused, finished): read once per event and
+            shared, so that an observer need not read a clock of its own.
         status: the HTTP status the call answered with, once known (over HTTP: once the
             response has started).
         answered: over HTTP, the whole response has been sent (its last body message).
@@ -96,10 +102,12 @@ class Context:
     __slots__ = (
         "_call_args",
         "_params",
+        "_send",
         "answered",
         "blocked",
         "error",
         "extras",
+        "now",
         "observers",
         "on_send",
         "origin",
@@ -121,8 +129,8 @@ class Context:
         scope: Scope | None = None,
         start: float = 0.0,
         status: int | None = None,
-        *,
         receive: Receive | None = None,
+        *,
         parent: Context | None = None,
         call_args: tuple[Sequence[str], tuple[Any, ...], Mapping[str, Any]] | None = None,
     ) -> None:
@@ -134,7 +142,7 @@ class Context:
         self._params = params
         self._call_args = call_args
         self.scope = scope
-        self.start = start
+        self.start = self.now = start
         self.status = status
         self.answered = False
         self.error: BaseException | None = None
@@ -146,6 +154,7 @@ class Context:
         self.shadowed: list[tuple[Blocked, Check]] | None = None
         self.observers: tuple[Observer, ...] = ()
         self.parent = parent
+        self._send: Callable[[Message], Awaitable[None]] | None = None
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -169,6 +178,33 @@ class Context:
     def is_answered(self) -> bool:
         """Whether the whole response has been sent (``answered``), as a callable."""
         return self.answered
+
+    def sending_to(self, send: Callable[[Message], Awaitable[None]]) -> Send:
+        """The ``send`` an HTTP app gets: :meth:`send` on to ``send``."""
+        self._send = send
+        return self.send
+
+    def send(self, message: Message) -> Awaitable[None]:
+        """Note the response's status and end, then send ``message`` (see :meth:`sending_to`).
+
+        ``status`` is set by the response's start (so it is None until the response has
+        started) and ``answered`` by its last body message. Hooks in ``on_send`` (a check
+        that keeps the response) see every message first. A plain method, not a
+        coroutine: it hands back the inner send's awaitable.
+        """
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+        elif kind == "http.response.body" and not message.get("more_body"):
+            self.answered = True
+        hooks = self.on_send
+        if hooks is not None:
+            for hook in hooks:
+                hook(message)
+        send = self._send
+        if send is None:
+            raise RuntimeError("Context.send before sending_to: no send to pass messages to")
+        return send(message)
 
     def __repr__(self) -> str:
         return f"Context({self.resource!r}, origin={self.origin!r}, status={self.status!r})"
@@ -488,7 +524,7 @@ class Chain:
 
     async def enter(self, ctx: Context) -> list[Any]:
         """Run every check's ``enter``; on a block, undo the ones that passed and re-raise."""
-        ctx.start = time.perf_counter()
+        ctx.start = clock()
         ctx.observers = self.observers
         tokens: list[Any] = []
         checks = self.checks
@@ -506,6 +542,7 @@ class Chain:
             check = checks[len(tokens)]  # the tokens end before the check that refused
             ctx.blocked = exc
             await self._unwind(ctx, tokens)
+            ctx.now = clock()
             for observer in self.observers:
                 observer.blocked(ctx, exc, check)
             raise
@@ -513,6 +550,7 @@ class Chain:
             # Answered without the endpoint: the earlier checks saw a call that passed.
             ctx.status = exc.status
             ctx.replayed = True
+            ctx.now = clock()
             for passed in self._passed:
                 passed(ctx)
             await self.exit(ctx, tokens)
@@ -527,6 +565,7 @@ class Chain:
             ctx.error = exc  # e.g. a Redis bug reply: no probe may count it a success
             await self._unwind(ctx, tokens)
             raise
+        ctx.now = clock()
         for passed in self._passed:
             passed(ctx)
         return tokens
@@ -540,28 +579,28 @@ class Chain:
         ``sync_enter`` is false and its check could not decide at once: then await
         :meth:`enter`.
         """
-        ctx.start = time.perf_counter()
-        observers = ctx.observers = self.observers
+        ctx.start = ctx.now = clock()
+        ctx.observers = self.observers
         enter = self._enter_now
         if enter is None:
-            tokens: list[Any] = []
-        else:
-            try:
-                token = enter(ctx)
-                if token is AWAIT:
-                    return AWAIT
-                tokens = [token]
-            except Blocked as exc:
-                ctx.blocked = exc
-                for observer in observers:
-                    observer.blocked(ctx, exc, self.checks[0])
-                raise
-            except BaseException as exc:
-                ctx.error = exc
-                raise
+            for passed in self._passed:
+                passed(ctx)
+            return ()
+        try:
+            token = enter(ctx)
+        except Blocked as exc:
+            ctx.blocked = exc
+            for observer in self.observers:
+                observer.blocked(ctx, exc, self.checks[0])
+            raise
+        except BaseException as exc:
+            ctx.error = exc
+            raise
+        if token is AWAIT:
+            return AWAIT
         for passed in self._passed:
             passed(ctx)
-        return tokens
+        return [token]
 
     def exit_now(self, ctx: Context, tokens: Sequence[Any]) -> bool:
         """:meth:`exit` without a coroutine where every exit to run has an ``exit_now``.
@@ -571,7 +610,8 @@ class Chain:
         """
         if not self.sync_exit or ctx.blocked is not None:
             return False
-        rt_ms = (time.perf_counter() - ctx.start) * 1000.0
+        now = ctx.now = clock()
+        rt_ms = (now - ctx.start) * 1000.0
         outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
         if ctx.error is None:  # has_outcome and is_error, for the usual case
             status = ctx.status
@@ -581,10 +621,11 @@ class Chain:
             outcome = "error"  # an exception is an error
         for finished in self._finished:
             finished(ctx, rt_ms, outcome)
-        entered = len(tokens)
-        for i in self._after_call:
-            if i < entered:
-                self._exit_at_once(i, ctx, tokens[i])
+        if tokens:
+            entered = len(tokens)
+            for i in self._after_call:
+                if i < entered:
+                    self._exit_at_once(i, ctx, tokens[i])
         return True
 
     async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
@@ -694,7 +735,8 @@ class Chain:
 
     async def exit(self, ctx: Context, tokens: list[Any]) -> None:
         """Record the call's outcome and run every ``exit`` in reverse order."""
-        rt_ms = (time.perf_counter() - ctx.start) * 1000.0
+        now = ctx.now = clock()
+        rt_ms = (now - ctx.start) * 1000.0
         if ctx.blocked is None:
             outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
             if has_outcome(ctx):

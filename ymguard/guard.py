@@ -100,7 +100,7 @@ class Guard:
         self._errors = self.rules.errors
         self._mapper = ExceptionMapper(lambda: self._errors)
         self._lock = threading.Lock()
-        self._origin_of = self._compile_origin(self.rules)
+        self._read_origin_of = self._compile_origin(self.rules)
         #: The process-wide protection of the ``system:`` section (one per guard).
         self.system = SystemProtection(self.rules.system)
         self._env = Env(
@@ -179,7 +179,7 @@ class Guard:
             origin_of = self._compile_origin(new)
             if new.on_storage_error != self.rules.on_storage_error:
                 self.store.on_storage_error = new.on_storage_error
-            self.rules, self._chains, self._origin_of = new, chains, origin_of
+            self.rules, self._chains, self._read_origin_of = new, chains, origin_of
             if pushed is None:  # the app's own rules: their errors: apply
                 self._errors = new.errors
             self._mapper.rules_changed()
@@ -294,9 +294,11 @@ class Guard:
     # -- origin --------------------------------------------------------------------------
 
     @staticmethod
-    def _compile_origin(rules: RulesFile) -> Callable[[Scope], str]:
+    def _compile_origin(rules: RulesFile) -> Callable[[Scope], str] | None:
+        """The capped origin of a scope, as the rules read it; None without an ``origin:``
+        (every origin is "": the middleware then calls nothing)."""
         if rules.origin is None:
-            return lambda scope: ""
+            return None
         read = Guard._read_origin(rules)
         return lambda scope: cap_origin(read(scope))
 
@@ -331,7 +333,8 @@ class Guard:
         Capped by :func:`~ymguard.chain.cap_origin`: over 128 characters, or with
         characters other than printable ASCII, it is a 33-character digest.
         """
-        return self._origin_of(scope)
+        read = self._read_origin_of
+        return "" if read is None else read(scope)
 
     # -- breakers ------------------------------------------------------------------------
 

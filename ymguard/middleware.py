@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.routing import Host, Match, Mount
@@ -354,8 +354,13 @@ class GuardMiddleware:
         if guard.sync_bridge.loop is None:
             guard.bind_loop()
         resource, params = resolved
-        chain = guard.chain(resource)
-        ctx = Context(resource, guard.origin_of(scope), params, scope, receive=receive)
+        # The guard's own lookups, without a method call each (they run on every request):
+        # the chain (compiled on first use for a route without rules) and the origin (None
+        # without an origin rule).
+        chain = guard._chains.get(resource) or guard.chain(resource)
+        read_origin = guard._read_origin_of
+        origin = "" if read_origin is None else read_origin(scope)
+        ctx = Context(resource, origin, params, scope, 0.0, None, receive)
         try:
             # A chain that decides without awaiting (no check, one memory window), or
             # usually does (prefetched permits, a closed breaker), is entered without a
@@ -372,7 +377,7 @@ class GuardMiddleware:
         except ShortCircuit as answer:  # a check answered itself (an idempotent replay)
             await answer.response(scope, receive, send)
             return
-        sender = _status_sender(ctx, send)
+        sender = ctx.sending_to(send)
         reset = current_context.set(ctx)
         try:
             if chain.release_on_disconnect:
@@ -415,31 +420,6 @@ class GuardMiddleware:
                 task.add_done_callback(_background.discard)
             else:
                 await chain.exit(ctx, tokens)
-
-
-def _status_sender(ctx: Context, send: Send) -> Send:
-    """The ``send`` the app gets: notes the status and the response's end, then sends.
-
-    ``ctx.status`` is set by the response's start (so it is None until the response has
-    started) and ``ctx.answered`` by its last body message. Hooks in ``ctx.on_send`` (a
-    check that keeps the response) see every message first. A closure, not an object with
-    ``__call__``: the app calls it for every message, and a plain function is the
-    cheapest thing to call (it hands back the inner send's awaitable: no coroutine).
-    """
-    hooks = ctx.on_send
-
-    def sender(message: Message) -> Awaitable[None]:
-        kind = message["type"]
-        if kind == "http.response.start":
-            ctx.status = message["status"]
-        elif kind == "http.response.body" and not message.get("more_body"):
-            ctx.answered = True
-        if hooks is not None:
-            for hook in hooks:
-                hook(message)
-        return send(message)
-
-    return sender
 
 
 __all__ = ["GuardMiddleware", "resolve_route"]

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from .chain import Check, Context, Outcome
     from .errors import Blocked
 
+#: Whether the chain's clock (``Context.now``, ``time.perf_counter``) is this module's
+#: (``time.monotonic``): then an observer reads the instant the chain read, not a clock of
+#: its own. On Linux and macOS both are the same monotonic clock; elsewhere (Windows,
+#: before Python 3.13) they differ, and the statistics read their own.
+SHARED_CLOCK = (
+    time.get_clock_info("perf_counter").implementation
+    == time.get_clock_info("monotonic").implementation
+)
+
 # Column layout of one bucket.
 PASS, BLOCK, SUCCESS, ERROR, RT = 0, 1, 2, 3, 4
 _FIXED = 5
@@ -138,8 +147,12 @@ class ResourceStats:
     # -- the chain's observer: statistics subscribe to every chain of their resource --------
 
     def passed(self, ctx: Context) -> None:
-        """The chain admitted a call (:meth:`on_pass`, inlined: it runs on every call)."""
-        now = time.monotonic()
+        """The chain admitted a call (:meth:`on_pass`, inlined: it runs on every call).
+
+        At ``ctx.now``, where the chain's clock is this module's: a ``now`` before the
+        current bucket (never, but for a clock read a little earlier) counts in it.
+        """
+        now = ctx.now if SHARED_CLOCK else time.monotonic()
         row = self._current if now < self._until else self._row(now)
         row[0] += 1  # PASS
         self.inflight += 1
@@ -152,7 +165,7 @@ class ResourceStats:
         """An admitted call finished: an outcome is counted, the others only leave."""
         if outcome == "success" or outcome == "error":
             # :meth:`on_exit`, inlined: it runs on every call.
-            now = time.monotonic()
+            now = ctx.now if SHARED_CLOCK else time.monotonic()
             row = self._current if now < self._until else self._row(now)
             row[3 if outcome == "error" else 2] += 1  # ERROR, SUCCESS
             row[4] += rt_ms  # RT
