@@ -130,7 +130,6 @@ class Context:
         start: float = 0.0,
         status: int | None = None,
         receive: Receive | None = None,
-        *,
         parent: Context | None = None,
         call_args: tuple[Sequence[str], tuple[Any, ...], Mapping[str, Any]] | None = None,
     ) -> None:
