@@ -18,16 +18,17 @@ instrument                                kind               recorded
 ``ymguard.circuit_breaker.state``         observable Gauge   each breaker, when collected
 ``ymguard.circuit_breaker.transitions``   Counter            each state change this process sees
 ``ymguard.semaphore.permits``             observable Gauge   each rules semaphore (cached)
-``ymguard.storage.outages``               Counter            each outage of the store that
+``ymguard.storage.outages``               Counter (*)        each outage of the store that
                                                              this process's calls meet
 ========================================  =================  ===========================
 
-(*) Counted in process (one integer increment per call) and reported at each collection
-through an observable counter and an observable up-down counter: the same data (a
-monotonic sum, a non-monotonic sum) without the SDK's per-call cost (some 10-20 us per
-instrument call). Durations are kept in process too and recorded into the histogram in
-batches (:data:`DURATION_BATCH`, and at every collection, before the SDK reads it); on
-the global provider, only once an SDK is set (before, the histogram is a no-op).
+(*) Counted in process (one integer increment per call; outages by the store itself, as
+each starts) and reported at each collection through observable counters and an
+observable up-down counter: the same data (a monotonic sum, a non-monotonic sum) without
+the SDK's per-call cost (some 10-20 us per instrument call). Durations are kept in
+process too and recorded into the histogram in batches (:data:`DURATION_BATCH`, and at
+every collection, before the SDK reads it); on the global provider, only once an SDK is
+set (before, the histogram is a no-op).
 
 Attribute values are resource names, rule kinds, problem codes, breaker and semaphore
 names and the store's URI (without credentials): all come from the rules file and the
@@ -89,6 +90,7 @@ RESULT = "ymguard.result"
 RULE_KIND = "ymguard.rule.kind"
 ERROR_TYPE = "error.type"
 OUTCOME = "ymguard.outcome"
+STORAGE = "ymguard.storage"
 
 Attributes = Mapping[str, str]
 
@@ -152,8 +154,9 @@ class _Instruments:
             unit="{transition}",
             description="Circuit breaker state changes this process saw.",
         )
-        self.outages = meter.create_counter(
+        meter.create_observable_counter(
             "ymguard.storage.outages",
+            callbacks=[self._outages],
             unit="{outage}",
             description="Store outages that calls of this process ran into.",
         )
@@ -176,6 +179,15 @@ class _Instruments:
         for guard in list(self.guards):
             guard.flush_durations()
         yield from _summed(c for guard in list(self.guards) for c in guard.request_counts())
+
+    def _outages(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
+        # Each store once, however many guards of this provider share it.
+        stores = {id(guard._store): guard._store for guard in list(self.guards)}
+        yield from _summed(
+            [{STORAGE: storage_name(store)}, store.outages]
+            for store in stores.values()
+            if store.outages
+        )
 
     def _active(self, options: otel.CallbackOptions) -> Iterator[otel.Observation]:
         yield from _summed(c for guard in list(self.guards) for c in guard.active_counts())
@@ -372,8 +384,6 @@ class GuardMetrics:
         # the histogram is the API's no-op.
         self._sdk = meter_provider is not None
         self._resources: dict[str, _Resource] = {}
-        guard.store.listen_outages(self._outage)
-        self._storage = {"ymguard.storage": storage_name(guard.store)}
         self._permits: dict[str, tuple[int, int, int]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -462,10 +472,6 @@ class GuardMetrics:
             "ymguard.circuit_breaker.to": _state_name(new),
         }
         self._instruments.transitions.add(1, attrs)
-
-    def _outage(self) -> None:
-        """The store's outage listener: one more outage."""
-        self._instruments.outages.add(1, self._storage)
 
     def breaker_observations(self) -> Iterator[otel.Observation]:
         """The state gauge's values: for each breaker, 1 for its state and 0 for the others."""

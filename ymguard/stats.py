@@ -149,10 +149,13 @@ class ResourceStats:
     def passed(self, ctx: Context) -> None:
         """The chain admitted a call (:meth:`on_pass`, inlined: it runs on every call).
 
-        At ``ctx.now``, where the chain's clock is this module's: a ``now`` before the
-        current bucket (never, but for a clock read a little earlier) counts in it.
+        At ``ctx.now``, where the chain's clock is this module's (a context no chain has
+        run has none: 0.0, then the clock is read here); a ``now`` before the current
+        bucket (a clock read a little earlier) counts in it.
         """
-        now = ctx.now if SHARED_CLOCK else time.monotonic()
+        now = ctx.now
+        if not (SHARED_CLOCK and now):
+            now = time.monotonic()
         row = self._current if now < self._until else self._row(now)
         row[0] += 1  # PASS
         self.inflight += 1
@@ -165,7 +168,9 @@ class ResourceStats:
         """An admitted call finished: an outcome is counted, the others only leave."""
         if outcome == "success" or outcome == "error":
             # :meth:`on_exit`, inlined: it runs on every call.
-            now = ctx.now if SHARED_CLOCK else time.monotonic()
+            now = ctx.now
+            if not (SHARED_CLOCK and now):  # as in passed
+                now = time.monotonic()
             row = self._current if now < self._until else self._row(now)
             row[3 if outcome == "error" else 2] += 1  # ERROR, SUCCESS
             row[4] += rt_ms  # RT

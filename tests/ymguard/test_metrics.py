@@ -358,6 +358,34 @@ async def test_storage_outages_are_counted_once_each(prefix: str, metrics: Metri
         server.close()
 
 
+async def test_an_outage_is_counted_once_per_store_however_many_guards_share_it(
+    prefix: str, metrics: Metrics
+) -> None:
+    """Two guards on one store, and one closed before: one outage, one count (the store
+    counts its outages; each store is reported once)."""
+    server = RedisServer().start()
+    rules = {"key_prefix": prefix, "resources": {"GET /limited": {"flow": [{"qps": 1000}]}}}
+    old = Guard(rules, storage=server.url, metrics=metrics.provider)
+    await old.aclose()  # closed, not collected: its store met no outage
+    first = Guard(rules, storage=server.url, metrics=metrics.provider)
+    second = Guard(rules, storage=first.store, metrics=metrics.provider)
+    try:
+        async with client(app_for(first)) as a, client(app_for(second)) as b:
+            assert (await a.get("/limited")).status_code == 200
+            server.stop()
+            for _ in range(2):
+                assert (await a.get("/limited")).status_code == 200
+                assert (await b.get("/limited")).status_code == 200
+        assert first.store.outages == 1
+        assert metrics.values("ymguard.storage.outages", "ymguard.storage") == {
+            (storage_name(first.store),): 1
+        }
+    finally:
+        await first.aclose()
+        await second.aclose()
+        server.close()
+
+
 async def test_reload_keeps_recording(storage_uri: str, prefix: str, metrics: Metrics) -> None:
     guard = Guard(
         {"key_prefix": prefix, "resources": RULES}, storage=storage_uri, metrics=metrics.provider

@@ -61,3 +61,16 @@ def test_widen_keeps_longer_history() -> None:
     assert stats.window_seconds == 10.0
     stats.widen(2.0)
     assert stats.window_seconds == 10.0
+
+
+def test_a_context_no_chain_ran_is_counted_now() -> None:
+    """The observer methods take the chain's reading (``ctx.now``) when there is one; a
+    context made by hand has none (0.0) and is counted at the statistics' own clock."""
+    from ymguard.chain import Context
+
+    stats = ResourceStats()
+    ctx = Context("r")
+    stats.passed(ctx)
+    stats.finished(ctx, 5.0, "success")
+    counts = stats.counts()
+    assert (counts.passed, counts.success, stats.inflight) == (1, 1, 0)

@@ -120,6 +120,10 @@ class Store:
         self._tasks: set[asyncio.Task[None]] = set()
         # In-process state that outlives the checks (a reload makes new ones): by name.
         self._kept: dict[str, Any] = {}
+        #: The outages this store has had: calls of this process found it unavailable
+        #: (counted once per outage, as it starts; a memory store never has one). The
+        #: metrics report it (``ymguard.storage.outages``): no call pays for watching.
+        self.outages = 0
         # Told of each outage as it starts (metrics count them): weak, a guard's metrics
         # may go before the store does.
         self._outage_listeners: list[weakref.WeakMethod[Callable[[], None]]] = []

@@ -520,7 +520,7 @@ class RedisStore(Store):
         self._retry_at = now + self.retry_interval
         if self._down_since is None:
             self._down_since = now
-            self._outage_started()
+            self.outages += 1
             log.warning(
                 "ymguard storage %s unavailable (%s: %s); on_storage_error=%s until it answers",
                 self.shown,
