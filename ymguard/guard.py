@@ -42,6 +42,7 @@ from .semaphore import Semaphore, semaphore_for_rule
 from .shaping import note_relations
 from .stats import ResourceStats
 from .storage import Store, store_from_uri
+from .storage.tasks import drain
 from .system import SystemProtection
 from .types import Scope
 
@@ -552,12 +553,15 @@ class Guard:
     async def aclose(self) -> None:
         """Stop the background tasks on the guard's store and close its connections.
 
-        The breakers' subscriber, the semaphores' pub/sub reader and the lease keeper,
-        and idempotency leases and writes still waiting for the store; the rules watcher
-        and the follower of pushed rules; the system rule's timer; the dashboard's reporter.
+        First it waits (up to 2 s, ``storage.tasks.DRAIN_SECONDS``) for the clean-ups of
+        cancelled calls still running, so that what they took is given back; then it stops
+        the breakers' subscriber, the semaphores' pub/sub reader and the lease keeper, and
+        idempotency leases and writes still waiting for the store; the rules watcher and
+        the follower of pushed rules; the system rule's timer; the dashboard's reporter.
         """
         from .dashboard import stop_monitor
 
+        await drain()  # first: the give-backs of cancelled calls need the store
         await self._runtime.aclose()
         await self.system.aclose()
         await stop_monitor(self)

@@ -324,3 +324,31 @@ async def test_a_breaker_before_the_semaphore_shares_its_round_trip(
     assert writes.count == 1
     assert await call(chain)
     await guard.aclose()
+
+
+async def test_aclose_waits_for_the_give_backs_of_cancelled_calls(
+    redis_url: str, prefix: str
+) -> None:
+    """Calls cancelled in their entry give back in tasks of their own; a guard closed
+    right after (an app shutting down) waits for them: nothing stays held until its lease
+    ends. Before, the store closed under them (and a task could be left pending)."""
+    rules = {"flow": [{"qps": 0}, {"concurrency": 50}], "semaphore": {"permits": 50}}
+    store = store_from_uri(redis_url, key_prefix=prefix)
+    guard = Guard({"resources": {"GET /r": rules}}, storage=store)
+    chain = guard.chain("GET /r")
+    assert not await call(chain)  # connected, scripts loaded: qps 0 refuses every call
+    refused = [asyncio.ensure_future(call(chain)) for _ in range(20)]
+    for _ in range(3):  # their batches are sent; the refusals' give-backs not yet done
+        await asyncio.sleep(0)
+    for c in refused:
+        c.cancel()
+    await asyncio.gather(*refused, return_exceptions=True)
+    await guard.aclose()
+    assert not [t for t in tasks._background if not t.done()]
+    checker = Guard(
+        {"resources": {"GET /r": rules}}, storage=store_from_uri(redis_url, key_prefix=prefix)
+    )
+    try:
+        assert await held(checker, "GET /r") == (0, 0)
+    finally:
+        await checker.aclose()

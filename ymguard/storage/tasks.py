@@ -53,6 +53,24 @@ def in_background(aw: Awaitable[Any]) -> None:
     task.add_done_callback(_forget)
 
 
+#: How long :func:`drain` (``Guard.aclose``) waits for the clean-ups still running.
+DRAIN_SECONDS = 2.0
+
+
+async def drain(seconds: float = DRAIN_SECONDS) -> None:
+    """Wait, up to ``seconds``, for the running loop's clean-ups to end (and for
+    those they start): what a cancelled call gives back reaches the store before it closes,
+    instead of staying held until its lease ends."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while pending := [t for t in _background if not t.done() and t.get_loop() is loop]:
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning("ymguard: %d clean-up(s) still running at close", len(pending))
+            return
+        await asyncio.wait(pending, timeout=left)
+
+
 async def stopped(tasks: Sequence[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks``; wait for those of the running loop to end, cancel the others'."""
     here = asyncio.get_running_loop()
