@@ -529,7 +529,25 @@ class Chain:
         checks = self.checks
         try:
             if self._staging:
-                await self._enter_staged(ctx, tokens)
+                # Consecutive staged checks in one round trip each (_enter_batch), the
+                # others through their own enter. Here, not in a coroutine of its own: one
+                # fewer per call on Redis (1.7k instructions of a one-rule call's 70k).
+                stagers = self._stage_in
+                i, n = 0, len(checks)
+                stage: Stage | None = None
+                asked = False  # whether ``stage`` is checks[i]'s stage_enter's answer
+                while i < n:
+                    if not asked:
+                        stager = stagers[i]
+                        stage = stager(ctx) if stager is not None else None
+                    if stage is None:
+                        fast = self._fast[i]
+                        token = AWAIT if fast is None else fast(ctx)
+                        tokens.append(await checks[i].enter(ctx) if token is AWAIT else token)
+                        i += 1
+                        asked = False
+                    else:
+                        i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
             else:
                 for check, fast in zip(checks, self._fast, strict=True):
                     if fast is None:
@@ -627,25 +645,6 @@ class Chain:
                     self._exit_at_once(i, ctx, tokens[i])
         return True
 
-    async def _enter_staged(self, ctx: Context, tokens: list[Any]) -> None:
-        """Enter every check, consecutive staged ones in one round trip (``tokens`` grows)."""
-        checks, stagers = self.checks, self._stage_in
-        i, n = 0, len(checks)
-        stage: Stage | None = None
-        asked = False  # whether ``stage`` is the answer of checks[i]'s stage_enter already
-        while i < n:
-            if not asked:
-                stager = stagers[i]
-                stage = stager(ctx) if stager is not None else None
-            if stage is None:
-                fast = self._fast[i]
-                token = AWAIT if fast is None else fast(ctx)
-                tokens.append(await checks[i].enter(ctx) if token is AWAIT else token)
-                i += 1
-                asked = False
-            else:
-                i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
-
     async def _enter_batch(
         self, ctx: Context, tokens: list[Any], first: int, stage: Stage
     ) -> tuple[int, Stage | None, bool]:
@@ -677,10 +676,13 @@ class Chain:
             stages.append(following)
             following = None
             j += 1
-        calls = [s.call for s in stages if s.call is not None]
         replies: Sequence[Any] = ()  # no list to make when no check of the batch calls
-        if calls:
-            store = next(s.store for s in stages if s.call is not None)
+        if store is not None:  # the store of the batch's calls (one at least)
+            calls = (
+                [stage.call]  # the usual batch: one check's call
+                if len(stages) == 1
+                else [s.call for s in stages if s.call is not None]
+            )
             try:
                 replies = await store.run_many(calls)
             except asyncio.CancelledError:
