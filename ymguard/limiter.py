@@ -365,10 +365,10 @@ class QpsCheck(_FlowCheckBase):
             return (key, packed, None)
 
         def decide(reply: Any) -> Any:
-            result = window.result(reply)
-            if not result.admitted:
-                self._refuse(result)
-            return (window, key, result.slot)
+            # (admitted, remaining, wait_ms, slot): a result object only for a refusal.
+            if reply[0] != 1:
+                self._refuse(window.result(reply))
+            return (window, key, reply[3])
 
         # The key's stage is the same for every call: made once, not per request.
         call = window.acquire_call(key, self.limit, self.window_seconds, 1, packed)
@@ -574,7 +574,7 @@ class _AcquireStage(Stage):
 
     def decide(self, reply: Any) -> Any:
         backend, permit_id, check = self.backend, self.permit_id, self.check
-        if not backend.acquired(reply).acquired:
+        if not int(reply[0]):  # (acquired, ...): no AcquireResult needed to refuse
             raise FlowLimited(check.resource, check.description, retry_after=1.0)
         return (backend, permit_id, keep_lease(backend, permit_id, check.rule.lease_seconds))
 

@@ -340,10 +340,14 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is None:
             return await self._run_many_client(calls, always_try)
-        packed = [
-            c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
-            for c in calls
-        ]
+        if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
+            c = calls[0]
+            packed = [c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))]
+        else:
+            packed = [
+                c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
+                for c in calls
+            ]
         if self._down_since is None:
             # The usual case (up, connected): queue the calls now and read the replies here,
             # without the outage wrapper's coroutines (and no closure: see _run_guarded);
