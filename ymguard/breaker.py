@@ -53,7 +53,7 @@ from .backends.breaker_state import (
 )
 from .chain import AWAIT, DEFAULT_ERROR_STATUSES, Context, Stage, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
-from .stats import Counts, ResourceStats
+from .stats import SHARED_CLOCK, Counts, ResourceStats
 from .storage import Store
 
 log = logging.getLogger("ymguard.breaker")
@@ -507,6 +507,24 @@ class BreakerCheck:
             self._look_at = now + self.stats.window_seconds / self.stats.buckets
         if self.exceeded():
             await self.breaker.trip()
+
+    def exit_fast(self, ctx: Context, token: Any) -> Any:
+        """:meth:`exit` without a coroutine when it has nothing to await (None): a closed
+        breaker's good call between two looks at the window, or a call without outcome
+        that was no probe. Else ``AWAIT``, having done nothing: the chain awaits
+        :meth:`exit`."""
+        if token is not None:
+            return AWAIT  # a probe: judged on the store
+        if not has_outcome(ctx):
+            return None
+        if self._st.state is not CLOSED or self._pending or self._failure(ctx) is not None:
+            return AWAIT
+        now = ctx.now if SHARED_CLOCK and ctx.now else time.monotonic()
+        if now >= self._look_at:
+            return AWAIT  # this good call looks at the window (see exit)
+        if self._st.listeners:
+            self.breaker.notify_outcome(None)
+        return None
 
     def _failure(self, ctx: Context) -> BaseException | None:
         """What makes this call bad for this breaker (an error, or slowness), or None."""

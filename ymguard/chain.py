@@ -275,7 +275,10 @@ class Check(Protocol):
         decides at once (a memory window), ``enter_fast(ctx)`` when it usually does (a
         closed breaker) and returns :data:`AWAIT` when its ``enter`` must run instead.
         Likewise ``exit_now(ctx, token)``: its ``exit`` without a coroutine (a memory
-        permit's release), run by the chain in its place.
+        permit's release), run by the chain in its place; and ``exit_fast(ctx, token)``
+        when it usually has nothing to await (a closed breaker's good call): it returns
+        :data:`AWAIT`, having done nothing, when its ``exit`` must run instead. Exits run
+        after the chain set ``ctx.now``: they may read it rather than a clock.
         """
 
 
@@ -489,15 +492,23 @@ class Chain:
             else getattr(check, "enter_now", None) or getattr(check, "enter_fast", None)
             for check in self.checks
         )
-        # Per check, a way out without a coroutine where it has one (``exit_now``: a
-        # memory permit's release).
-        self._exit_fast: tuple[Callable[[Context, Any], None] | None, ...] = tuple(
+        # Per check, a way out without a coroutine where it has one: ``exit_now`` (a
+        # memory permit's release: always done) or ``exit_fast`` (a closed breaker's good
+        # call: done, or AWAIT having done nothing: then ``exit`` is awaited).
+        exit_now = [
             None if getattr(type(check), "shadow", False) else getattr(check, "exit_now", None)
             for check in self.checks
+        ]
+        self._exit_fast: tuple[Callable[[Context, Any], Any] | None, ...] = tuple(
+            now
+            or (
+                None if getattr(type(check), "shadow", False) else getattr(check, "exit_fast", None)
+            )
+            for now, check in zip(exit_now, self.checks, strict=True)
         )
         self.sync_enter = not self.checks or (enter_now is not None and not self._staging)
         # (A staged chain too: staging only batches exits, and there are none to run.)
-        self.sync_exit = all(self._exit_fast[i] is not None for i in self._after_call)
+        self.sync_exit = all(exit_now[i] is not None for i in self._after_call)
         #: Whether :meth:`enter_now` may be tried first: it then decides, or answers
         #: :data:`AWAIT` (await :meth:`enter`).
         self.try_enter = self.sync_enter or enter_fast is not None
@@ -768,12 +779,13 @@ class Chain:
             log.exception("ymguard: exit of %r failed", self.checks[i])
 
     def _exit_at_once(self, i: int, ctx: Context, token: Any) -> bool:
-        """Run check ``i``'s ``exit_now``, if it has one (else False: await its exit)."""
+        """Run check ``i``'s ``exit_now`` or ``exit_fast``, if it has one; False when its
+        exit must be awaited instead (none, or ``exit_fast`` answered AWAIT)."""
         exit_now = self._exit_fast[i]
         if exit_now is None:
             return False
         try:
-            exit_now(ctx, token)
+            return exit_now(ctx, token) is not AWAIT
         except Exception:  # an exit must never turn a response into a 500
             log.exception("ymguard: exit of %r failed", self.checks[i])
         return True
