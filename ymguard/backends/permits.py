@@ -21,7 +21,7 @@ import math
 import os
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from ..errors import StorageUnavailable
@@ -101,9 +101,11 @@ class PermitKeys:
     places: str
     channel: str
 
-    @property
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.holders, self.permits, self.line, self.places)
+    #: The four keys every permit script takes, in order (one tuple, made once).
+    all: tuple[str, str, str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "all", (self.holders, self.permits, self.line, self.places))
 
 
 class Permits(Protocol):
