@@ -245,13 +245,22 @@ class Breaker:
         return tuple(self._st.listeners)
 
     def add_listener(self, listener: Any) -> None:
-        """Register a ``pybreaker.CircuitBreakerListener`` (or any object with its methods)."""
-        if not any(existing is listener for existing in self._st.listeners):
-            self._st.listeners.append(listener)
+        """Register a ``pybreaker.CircuitBreakerListener`` (or any object with its methods).
+
+        A listener whose ``success`` and ``failure`` are those of pybreaker's base class
+        (it does nothing with them) is not called for each call's outcome.
+        """
+        st = self._st
+        if not any(existing is listener for existing in st.listeners):
+            st.listeners.append(listener)
+            if _hears_outcomes(listener):
+                st.hearing.append(listener)
 
     def remove_listener(self, listener: Any) -> None:
         """Unregister a listener."""
-        self._st.listeners[:] = [x for x in self._st.listeners if x is not listener]
+        st = self._st
+        st.listeners[:] = [x for x in st.listeners if x is not listener]
+        st.hearing[:] = [x for x in st.hearing if x is not listener]
 
     def notify_state_change(self, old: BreakerState, new: BreakerState) -> None:
         """Call every listener's ``state_change`` with pybreaker state objects."""
@@ -267,7 +276,7 @@ class Breaker:
     def notify_outcome(self, failure: BaseException | None) -> None:
         """Call every listener's ``failure`` (with the error) or ``success``."""
         cb: Any = self
-        for listener in list(self._st.listeners):
+        for listener in list(self._st.hearing):
             try:
                 if failure is None:
                     listener.success(cb)
@@ -409,6 +418,16 @@ def _admit(reply: Any) -> None:
 _CLOSED = Stage(None, None, _admit)
 
 
+def _hears_outcomes(listener: Any) -> bool:
+    """Whether ``listener`` does anything with a call's outcome: its ``success`` or
+    ``failure`` is not pybreaker's base class's (which does nothing)."""
+    base = pybreaker.CircuitBreakerListener
+    kind = type(listener)
+    return getattr(kind, "success", None) is not base.success or (
+        getattr(kind, "failure", None) is not base.failure
+    )
+
+
 class BreakerCheck:
     """A ``breaker`` rule of a resource: decides on the resource's statistics.
 
@@ -488,7 +507,7 @@ class BreakerCheck:
                 await self.breaker.probe_done(token, ok=False)
             return
         failure = self._failure(ctx)
-        if self._st.listeners:
+        if self._st.hearing:
             self.breaker.notify_outcome(failure)
         if token is not None:
             ok = failure is None and not isinstance(ctx.error, asyncio.CancelledError)
@@ -522,7 +541,7 @@ class BreakerCheck:
         now = ctx.now if SHARED_CLOCK and ctx.now else time.monotonic()
         if now >= self._look_at:
             return AWAIT  # this good call looks at the window (see exit)
-        if self._st.listeners:
+        if self._st.hearing:
             self.breaker.notify_outcome(None)
         return None
 

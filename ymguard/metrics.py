@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pybreaker
 from opentelemetry import metrics as otel
 from opentelemetry.metrics import _internal as otel_internal
 
@@ -342,8 +343,10 @@ def _rule_kind(error: Blocked, check: Check) -> str:
     return "storage" if error.code == "storage-unavailable" else check.kind
 
 
-class _BreakerListener:
-    """A pybreaker-style listener counting breaker transitions."""
+class _BreakerListener(pybreaker.CircuitBreakerListener):
+    """A pybreaker listener counting breaker transitions. Outcomes are counted from the
+    chain: it keeps the base class's ``success`` and ``failure`` (which do nothing), so a
+    breaker does not call it for each call."""
 
     def __init__(self, metrics: GuardMetrics) -> None:
         self._metrics = weakref.ref(metrics)
@@ -352,15 +355,6 @@ class _BreakerListener:
         metrics = self._metrics()
         if metrics is not None:
             metrics.transition(str(getattr(cb, "resource", cb.name)), old, new)
-
-    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
-        """Not used."""
-
-    def failure(self, cb: Any, exc: BaseException) -> None:
-        """Not used: outcomes are counted from the chain."""
-
-    def success(self, cb: Any) -> None:
-        """Not used: outcomes are counted from the chain."""
 
 
 class GuardMetrics:

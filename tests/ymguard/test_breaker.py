@@ -25,7 +25,7 @@ from starlette.routing import Route
 from tests.helpers import RedisServer, Uvicorn, running
 from ymguard import CircuitOpen, Context, Guard, GuardMiddleware, RulesError
 from ymguard.backends.breaker_state import close_breakers, copies_for
-from ymguard.breaker import Breaker
+from ymguard.breaker import Breaker, BreakerCheck
 from ymguard.chain import Chain
 from ymguard.errors import PROBLEM_BASE, Blocked, StorageUnavailable
 from ymguard.storage import RedisStore, Store, store_from_uri
@@ -537,6 +537,25 @@ async def test_a_pybreaker_listener_hears_our_state_changes(make_guard: MakeGuar
         (name, "half-open", "closed"),
     ]
     assert recorder.outcomes == ["failure:RuntimeError", "success"]
+
+
+async def test_listeners_that_ignore_outcomes_are_not_called_for_each_call(
+    make_guard: MakeGuard,
+) -> None:
+    """A listener that keeps pybreaker's own success and failure (they do nothing), like
+    the metrics' transition counter, is told of state changes only: not called per call."""
+
+    class Transitions(pybreaker.CircuitBreakerListener):
+        def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+            pass
+
+    guard = make_guard(rule())
+    recorder, transitions = Recorder(), Transitions()
+    guard.add_breaker_listener(recorder)
+    guard.add_breaker_listener(transitions)
+    (check,) = [c for c in guard.chain(RES).checks if isinstance(c, BreakerCheck)]
+    assert recorder in check._st.listeners and transitions in check._st.listeners
+    assert check._st.hearing == [recorder]
 
 
 async def test_an_attached_pybreaker_opens_after_its_fail_max(make_guard: MakeGuard) -> None:

@@ -78,6 +78,7 @@ class LocalCopy:
     __slots__ = (
         "breaker",
         "busy",
+        "hearing",
         "known",
         "lease_until",
         "listeners",
@@ -101,6 +102,8 @@ class LocalCopy:
         self.reset_at: float | None = None
         self.busy = False  # one Redis transition of this process at a time, per breaker
         self.listeners: list[Any] = []
+        # Those of them that hear each call's outcome (``success``/``failure`` of their own).
+        self.hearing: list[Any] = []
         self.watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         # The newest Breaker object, for the listeners; weak, as the copies keep this state
         # and a Breaker keeps its store (the copies' weak key) alive.
