@@ -125,18 +125,19 @@ class ResourceStats:
         self._until = (slot + 1) * self._len
         return row
 
-    def on_pass(self) -> None:
-        """An admitted call starts."""
-        self._row(time.monotonic())[PASS] += 1
+    def on_pass(self, now: float | None = None) -> None:
+        """An admitted call starts (at ``now``, a ``time.monotonic()`` instant; default: now)."""
+        self._row(time.monotonic() if now is None else now)[PASS] += 1
         self.inflight += 1
 
     def on_block(self) -> None:
         """A call was refused by a check."""
         self._row(time.monotonic())[BLOCK] += 1
 
-    def on_exit(self, rt_ms: float, error: bool) -> None:
-        """An admitted call finished after ``rt_ms`` milliseconds, with or without error."""
-        row = self._row(time.monotonic())
+    def on_exit(self, rt_ms: float, error: bool, now: float | None = None) -> None:
+        """An admitted call finished after ``rt_ms`` milliseconds, with or without error
+        (at ``now``, as :meth:`on_pass`)."""
+        row = self._row(time.monotonic() if now is None else now)
         row[ERROR if error else SUCCESS] += 1
         row[RT] += rt_ms
         for i, threshold in enumerate(self.slow_ms):
@@ -180,15 +181,18 @@ class ResourceStats:
                         row[_FIXED + i] += 1
         self.inflight -= 1
 
-    def counts(self, seconds: float | None = None, *, since: float | None = None) -> Counts:
+    def counts(
+        self, seconds: float | None = None, *, since: float | None = None, now: float | None = None
+    ) -> Counts:
         """Totals over the last ``seconds`` (default: the whole window).
 
         Args:
             seconds: how far back to sum, at bucket resolution.
+            now: the ``time.monotonic()`` instant to sum at (default: now).
             since: a ``time.monotonic()`` instant; buckets that started before it are
                 left out (a breaker that reset its statistics).
         """
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         slot = int(now / self._len)
         span = self.buckets if seconds is None else max(1, round(seconds / self._len))
         first = slot - min(span, self.buckets) + 1

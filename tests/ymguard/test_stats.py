@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ymguard.stats import ResourceStats
@@ -34,25 +32,24 @@ def test_slow_calls_are_counted_per_registered_threshold() -> None:
 
 
 def test_old_buckets_leave_the_window() -> None:
+    # Instants given, not slept: 4 buckets of 50 ms, a call at t=100 s.
     stats = ResourceStats(window_seconds=0.2, buckets=4)
-    stats.on_pass()
-    assert stats.counts().passed == 1
-    time.sleep(0.25)
-    assert stats.counts().passed == 0
+    stats.on_pass(now=100.0)
+    assert stats.counts(now=100.0).passed == 1
+    assert stats.counts(now=100.19).passed == 1
+    assert stats.counts(now=100.25).passed == 0
 
 
 def test_since_leaves_out_what_came_before_a_reset() -> None:
     stats = ResourceStats(window_seconds=1.0, buckets=10)
-    stats.on_pass()
-    stats.on_exit(1.0, error=True)
-    time.sleep(0.12)
-    reset_at = time.monotonic()
-    time.sleep(0.12)
-    stats.on_pass()
-    stats.on_exit(1.0, error=False)
-    counts = stats.counts(since=reset_at)
+    stats.on_pass(now=100.0)
+    stats.on_exit(1.0, error=True, now=100.0)
+    reset_at = 100.12
+    stats.on_pass(now=100.24)
+    stats.on_exit(1.0, error=False, now=100.24)
+    counts = stats.counts(since=reset_at, now=100.24)
     assert (counts.errors, counts.success) == (0, 1)
-    assert stats.counts().errors == 1
+    assert stats.counts(now=100.24).errors == 1
 
 
 def test_widen_keeps_longer_history() -> None:
