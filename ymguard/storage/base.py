@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import re
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
@@ -17,8 +15,6 @@ if TYPE_CHECKING:
     from ..backends.tokens import Tokens
     from ..backends.window import Window
     from .memory import MemoryStore
-
-log = logging.getLogger("ymguard")
 
 StoragePolicy = Literal["local", "open", "closed"]
 
@@ -124,25 +120,6 @@ class Store:
         #: (counted once per outage, as it starts; a memory store never has one). The
         #: metrics report it (``ymguard.storage.outages``): no call pays for watching.
         self.outages = 0
-        # Told of each outage as it starts (metrics count them): weak, a guard's metrics
-        # may go before the store does.
-        self._outage_listeners: list[weakref.WeakMethod[Callable[[], None]]] = []
-
-    def listen_outages(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` (a bound method, held weakly) each time an outage starts: the
-        first call that meets the store down. A memory store never has one."""
-        self._outage_listeners = [ref for ref in self._outage_listeners if ref() is not None] + [
-            weakref.WeakMethod(listener)
-        ]
-
-    def _outage_started(self) -> None:
-        for ref in list(self._outage_listeners):
-            listener = ref()
-            if listener is not None:
-                try:
-                    listener()
-                except Exception:
-                    log.exception("ymguard: an outage listener failed")
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.

@@ -172,6 +172,12 @@ def make_pipeline(uri: str) -> AutoPipeline | None:
     return AutoPipeline(url, float(query["socket_timeout"]), float(query["socket_connect_timeout"]))
 
 
+def evalsha(script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """The EVALSHA of ``script`` with ``keys`` and ``args``, packed for the pipelined
+    connection."""
+    return pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+
+
 class ScriptCall(NamedTuple):
     """One script call prepared for :meth:`RedisStore.run_many`.
 
@@ -251,7 +257,7 @@ class RedisStore(Store):
         """
         if self._pipe is None:
             return None
-        return pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return evalsha(script, keys, args)
 
     async def run(
         self,
@@ -278,7 +284,7 @@ class RedisStore(Store):
             # The usual case (up, connected): one await on the reply's future, without the
             # outage wrapper's coroutines (and no closure: see _run_guarded); what it would
             # do on an error is done here.
-            future = pipe.send_now(packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
+            future = pipe.send_now(packed or evalsha(script, keys, args))
             if future is not None:
                 try:
                     try:
@@ -316,7 +322,7 @@ class RedisStore(Store):
             return await self._guarded(lambda: _client(script(keys=keys, args=args)), always_try)
 
         async def send() -> Any:
-            data = packed or pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+            data = packed or evalsha(script, keys, args)
             try:
                 future = pipe.send_now(data)
                 return await (future if future is not None else pipe.send(data))
@@ -342,12 +348,9 @@ class RedisStore(Store):
             return await self._run_many_client(calls, always_try)
         if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
             c = calls[0]
-            packed = [c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))]
+            packed = [c.packed or evalsha(c.script, c.keys, c.args)]
         else:
-            packed = [
-                c.packed or pack(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
-                for c in calls
-            ]
+            packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
         if self._down_since is None:
             # The usual case (up, connected): queue the calls now and read the replies here,
             # without the outage wrapper's coroutines (and no closure: see _run_guarded);
