@@ -26,7 +26,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -630,14 +630,20 @@ class Chain:
             passed(ctx)
         return [token]
 
-    def exit_now(self, ctx: Context, tokens: Sequence[Any]) -> bool:
-        """:meth:`exit` without a coroutine where every exit to run has an ``exit_now``.
+    def exit_now(self, ctx: Context, tokens: Sequence[Any]) -> Coroutine[Any, Any, None] | None:
+        """Leave the chain as far as it can without awaiting: None when that is all.
 
-        Returns False, having done nothing, when :meth:`exit` must be awaited instead (the
-        chain's ``sync_exit`` is false, or the call was blocked inside the endpoint).
+        Otherwise it returns what is left, a coroutine the caller must await (or run in a
+        task of its own, its own task being cancelled): :meth:`exit` itself, having done
+        nothing, for a call blocked inside the endpoint; else the rest of an exit begun
+        here, from a check whose exit must be awaited (no ``exit_now``, or an
+        ``exit_fast`` that answered :data:`AWAIT`) or store calls that must be awaited.
+        Staged exits (releases on Redis) are sent without waiting for their replies
+        where the store can (``send_many_detached``): a usual call on Redis then leaves
+        without awaiting anything.
         """
-        if not self.sync_exit or ctx.blocked is not None:
-            return False
+        if ctx.blocked is not None:
+            return self.exit(ctx, tokens)
         now = ctx.now = clock()
         rt_ms = (now - ctx.start) * 1000.0
         outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
@@ -649,12 +655,13 @@ class Chain:
             outcome = "error"  # an exception is an error
         for finished in self._finished:
             finished(ctx, rt_ms, outcome)
-        if tokens:
-            entered = len(tokens)
-            for i in self._after_call:
-                if i < entered:
-                    self._exit_at_once(i, ctx, tokens[i])
-        return True
+        if not tokens:
+            return None
+        order = self._after_call
+        entered = len(tokens)  # fewer than the checks when one answered the call
+        if entered < len(self.checks):  # no comprehension: it would cost a cell
+            order = tuple(filter(entered.__gt__, order))
+        return self._exits_now(ctx, tokens, order, 0, None)
 
     async def _enter_batch(
         self, ctx: Context, tokens: list[Any], first: int, stage: Stage
@@ -741,33 +748,22 @@ class Chain:
                     taken[k] = token
                 # Staged like an unwind: one round trip, and cancelled it still gives back
                 # everything, in a task of its own.
-                await self._exit_staged(ctx, taken, [k for k, _ in reversed(later)])
+                await self._exits(ctx, taken, [k for k, _ in reversed(later)])
             raise failure
         return j, following, asked
 
-    async def exit(self, ctx: Context, tokens: list[Any]) -> None:
-        """Record the call's outcome and run every ``exit`` in reverse order."""
-        now = ctx.now = clock()
-        rt_ms = (now - ctx.start) * 1000.0
+    async def exit(self, ctx: Context, tokens: Sequence[Any]) -> None:
+        """Record the call's outcome and run every ``exit`` in reverse order
+        (:meth:`exit_now`, awaited)."""
         if ctx.blocked is None:
-            outcome: Outcome = "none"  # cancelled, abandoned by its client, or replayed
-            if has_outcome(ctx):
-                outcome = "error" if is_error(ctx, self.error_statuses) else "success"
-            for finished in self._finished:
-                finished(ctx, rt_ms, outcome)
-            entered = len(tokens)  # fewer than the checks when one answered the call
-            if self._staging:
-                order = self._after_call
-                if entered < len(self.checks):  # no comprehension: it would cost a cell
-                    order = tuple(filter(entered.__gt__, order))
-                await self._exit_staged(ctx, tokens, order)
-                return
-            for i in self._after_call:
-                if i < entered and not self._exit_at_once(i, ctx, tokens[i]):
-                    await self._exit_one(i, ctx, tokens[i])
+            rest = self.exit_now(ctx, tokens)
+            if rest is not None:
+                await rest
             return
         # Blocked inside the endpoint (a nested guard answered for it): a refusal by
         # ymguard is neither a success nor an error of this resource.
+        now = ctx.now = clock()
+        rt_ms = (now - ctx.start) * 1000.0
         for finished in self._finished:  # bound like passed (see set_observers)
             finished(ctx, rt_ms, "blocked")
         await self._unwind(ctx, tokens)
@@ -790,38 +786,85 @@ class Chain:
             log.exception("ymguard: exit of %r failed", self.checks[i])
         return True
 
-    async def _exit_staged(self, ctx: Context, tokens: list[Any], order: Sequence[int]) -> None:
-        """Run the exits of ``order``; the store calls of staged ones go out together.
+    def _exits_now(
+        self,
+        ctx: Context,
+        tokens: Sequence[Any],
+        order: Sequence[int],
+        start: int,
+        batches: dict[int, tuple[Any, list[Any]]] | None,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Run the exits of checks ``order[start:]`` as far as can be done without awaiting.
 
-        Cancelled while it awaits (a plain exit, or the batch's replies), it still gives
-        back everything, in a task of its own: what a cancelled unwind skipped would
-        otherwise stay held until its lease ends.
+        A check's ``exit_now`` or ``exit_fast`` runs in its place; the store calls of
+        staged exits are gathered in ``batches`` (by store) and go out together at the
+        end, without waiting for their replies where the store can. Returns None when
+        all is done, else a coroutine for the rest: from the first exit that must be
+        awaited on (the batches go out after it), or the batches that must be awaited.
         """
-        batches: dict[int, tuple[Any, list[Any]]] = {}
-        for n, i in enumerate(order):
-            stager = self._stage_out[i]
-            stage: Any = None
+        stagers = self._stage_out
+        for n in range(start, len(order)):
+            i = order[n]
+            stager = stagers[i]
             if stager is not None:
                 try:
                     stage = stager(ctx, tokens[i])
                 except Exception:
                     log.exception("ymguard: exit of %r failed", self.checks[i])
                     continue
-            if stage is None:
-                if not self._exit_at_once(i, ctx, tokens[i]):
-                    try:
-                        await self._exit_one(i, ctx, tokens[i])
-                    except asyncio.CancelledError:
-                        in_background(self._send_exits(list(batches.values())))
-                        in_background(self._exit_staged(ctx, tokens, order[n + 1 :]))
-                        raise
-            elif stage is not NOTHING:
-                batch = batches.get(id(stage.store))
-                if batch is None:
-                    batch = batches[id(stage.store)] = (stage.store, [])
-                batch[1].append(stage.call)
+                if stage is NOTHING:
+                    continue
+                if stage is not None:
+                    if batches is None:
+                        batches = {}
+                    batch = batches.get(id(stage.store))
+                    if batch is None:
+                        batch = batches[id(stage.store)] = (stage.store, [])
+                    batch[1].append(stage.call)
+                    continue
+            if not self._exit_at_once(i, ctx, tokens[i]):
+                return self._exit_awaiting(ctx, tokens, order, n, batches)
         if batches:
-            await self._send_exits(list(batches.values()))
+            waiting = [
+                batch for batch in batches.values() if not batch[0].send_many_detached(batch[1])
+            ]
+            if waiting:
+                return self._send_exits(waiting)
+        return None
+
+    async def _exit_awaiting(
+        self,
+        ctx: Context,
+        tokens: Sequence[Any],
+        order: Sequence[int],
+        n: int,
+        batches: dict[int, tuple[Any, list[Any]]] | None,
+    ) -> None:
+        """:meth:`_exits_now` from ``order[n]``, whose exit must be awaited, on.
+
+        Cancelled while it awaits, it still runs the rest (and sends the batches), in a
+        task of its own: what it skipped would otherwise stay held until its lease ends.
+        """
+        i = order[n]
+        try:
+            await self._exit_one(i, ctx, tokens[i])
+        except asyncio.CancelledError:
+            in_background(self._exits(ctx, tokens, order, n + 1, batches))
+            raise
+        await self._exits(ctx, tokens, order, n + 1, batches)
+
+    async def _exits(
+        self,
+        ctx: Context,
+        tokens: Sequence[Any],
+        order: Sequence[int],
+        start: int = 0,
+        batches: dict[int, tuple[Any, list[Any]]] | None = None,
+    ) -> None:
+        """:meth:`_exits_now`, awaited to the end."""
+        rest = self._exits_now(ctx, tokens, order, start, batches)
+        if rest is not None:
+            await rest
 
     async def _send_exits(self, batches: Sequence[tuple[Any, list[Any]]]) -> None:
         """Send each store's batch of exit calls (releases are idempotent: a batch that
@@ -831,7 +874,7 @@ class Chain:
             try:
                 for reply in await store.run_many(calls, always_try=True):
                     if isinstance(reply, BaseException):  # an error reply: a bug, seen
-                        log.error("ymguard: an exit of %s failed: %r", self.resource, reply)
+                        log.error("ymguard: an exit of %s failed: %s", self.resource, reply)
             except asyncio.CancelledError:
                 in_background(self._send_exits(batches[n:]))
                 raise
@@ -840,17 +883,9 @@ class Chain:
             except Exception:
                 log.exception("ymguard: the exits of %s failed", self.resource)
 
-    async def _unwind(self, ctx: Context, tokens: list[Any]) -> None:
-        if self._staging:
-            await self._exit_staged(ctx, tokens, range(len(tokens) - 1, -1, -1))
-            return
-        for i in range(len(tokens) - 1, -1, -1):
-            if not self._exit_at_once(i, ctx, tokens[i]):
-                try:
-                    await self._exit_one(i, ctx, tokens[i])
-                except asyncio.CancelledError:  # the rest still give back, in the background
-                    in_background(self._unwind(ctx, tokens[:i]))
-                    raise
+    async def _unwind(self, ctx: Context, tokens: Sequence[Any]) -> None:
+        """Give back what the checks that admitted a blocked call took, the last first."""
+        await self._exits(ctx, tokens, range(len(tokens) - 1, -1, -1))
 
 
 def _undo_all(stages: Sequence[Stage]) -> None:

@@ -558,6 +558,8 @@ class Guard:
         the breakers' subscriber, the semaphores' pub/sub reader and the lease keeper, and
         idempotency leases and writes still waiting for the store; the rules watcher and
         the follower of pushed rules; the system rule's timer; the dashboard's reporter.
+        Last it closes the store, once the releases sent without waiting for their replies
+        have been answered (``RedisStore.settle``).
         """
         from .dashboard import stop_monitor
 

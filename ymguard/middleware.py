@@ -411,15 +411,18 @@ class GuardMiddleware:
             raise
         finally:
             current_context.reset(reset)
-            if chain.exit_now(ctx, tokens):
-                pass  # nothing to await: the observers have heard how it finished
+            # Nothing left to await, usually: the observers have heard how it finished,
+            # and releases on Redis went out without waiting for their replies.
+            rest = chain.exit_now(ctx, tokens)
+            if rest is None:
+                pass
             elif isinstance(ctx.error, asyncio.CancelledError):
-                # Our task is being cancelled: release in a task of its own.
-                task = asyncio.ensure_future(chain.exit(ctx, tokens))
+                # Our task is being cancelled: the rest in a task of its own.
+                task = asyncio.ensure_future(rest)
                 _background.add(task)
                 task.add_done_callback(_background.discard)
             else:
-                await chain.exit(ctx, tokens)
+                await rest
 
 
 __all__ = ["GuardMiddleware", "resolve_route"]

@@ -306,8 +306,9 @@ def guarded_resource(
                         raise
                     return await _maybe_await(_Handler(fallback, exc)(args, kwargs))
                 finally:
-                    if not chain.exit_now(ctx, tokens):
-                        await chain.exit(ctx, tokens)
+                    rest = chain.exit_now(ctx, tokens)
+                    if rest is not None:
+                        await rest
 
             return cast(F, async_wrapper)
 

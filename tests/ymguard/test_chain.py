@@ -197,7 +197,7 @@ async def test_a_check_with_exit_now_is_left_without_a_coroutine_and_its_failure
     assert chain.sync_exit
     ctx = Context("r")
     tokens = await chain.enter(ctx)
-    assert chain.exit_now(ctx, tokens)
+    assert chain.exit_now(ctx, tokens) is None
     assert check.left == ["token"] and failing.left == ["token"]  # the failure stopped nothing
     assert "exit of" in caplog.text
     ctx = Context("r")
@@ -226,9 +226,9 @@ async def test_memory_concurrency_and_semaphore_enter_and_leave_without_a_corout
             assert exc.code == ("concurrency-limited" if resource == "sem" else "flow-limited")
         else:
             raise AssertionError(f"{resource}: a second call was admitted")
-        assert chain.exit_now(first, tokens)  # the permit is back
+        assert chain.exit_now(first, tokens) is None  # the permit is back
         again = Context(resource)
-        assert chain.exit_now(again, chain.enter_now(again))
+        assert chain.exit_now(again, chain.enter_now(again)) is None
     await guard.aclose()
 
 

@@ -138,3 +138,79 @@ async def test_a_hung_server_times_out_and_the_next_call_reconnects(
     with pytest.raises(RedisConnectionError):
         await pipe.execute("PING")
     pipe.close()
+
+
+# -- calls sent without waiting for their replies (the releases after a call) ---------------
+
+
+async def test_detached_calls_run_in_order_and_aclose_waits_for_them(
+    private_redis: RedisServer,
+) -> None:
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url)
+    incr = store.script("return redis.call('INCR', KEYS[1])")
+    call = ScriptCall(incr, ("n",), ())
+    assert not store.send_many_detached([call])  # not connected yet: the caller awaits
+    assert await store.run_many([call]) == [1]
+    assert all(store.send_many_detached([call]) for _ in range(50))
+    # Sent after them on the same connection: it sees every one of them.
+    assert await store.run_many([call]) == [52]
+    assert all(store.send_many_detached([call, call]) for _ in range(10))
+    await store.aclose()  # waits for their replies before it drops the connection
+    assert redis.Redis(port=private_redis.port).get("n") == b"72"
+
+
+async def test_a_detached_call_whose_script_the_server_lost_is_sent_again(
+    private_redis: RedisServer,
+) -> None:
+    from ymguard.storage import tasks
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url)
+    incr = store.script("return redis.call('INCR', KEYS[1])")
+    call = ScriptCall(incr, ("n",), ())
+    assert await store.run_many([call]) == [1]
+    await store.client.script_flush()
+    assert store.send_many_detached([call])  # NOSCRIPT: sent again with EVAL
+    await store.settle()
+    await tasks.drain()
+    assert await store.run_many([call]) == [3]
+    assert store.available
+    await store.aclose()
+
+
+async def test_a_detached_call_failing_is_logged_and_a_lost_connection_marks_the_store_down(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ymguard.storage import tasks
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url + "?socket_timeout=1")
+    bug = store.script("return redis.call('INCR', KEYS[1])")  # on a string: an error
+    ok = store.script("return 1")
+    assert await store.run_many([ScriptCall(ok, (), ())]) == [1]
+    redis.Redis(port=private_redis.port).set("s", "text")
+    # The bug's script is not loaded yet: sent again with EVAL, and its error seen then.
+    assert store.send_many_detached([ScriptCall(bug, ("s",), ()), ScriptCall(ok, (), ())])
+    await store.settle()
+    await tasks.drain()
+    assert "a give-back on" in caplog.text and "not an integer" in caplog.text
+    caplog.clear()
+    assert store.send_many_detached([ScriptCall(bug, ("s",), ()), ScriptCall(ok, (), ())])
+    await store.settle()
+    assert "a give-back on" in caplog.text and "not an integer" in caplog.text
+    assert store.available  # a bug in one call is no outage
+    private_redis.pause()  # a server that answers nothing: the connection times out
+    try:
+        assert store.send_many_detached([ScriptCall(ok, (), ())])
+        for _ in range(100):
+            if not store.available:
+                break
+            await asyncio.sleep(0.05)
+        assert not store.available  # the leases free what was not given back
+        assert not store.send_many_detached([ScriptCall(ok, (), ())])  # down: awaited
+    finally:
+        private_redis.resume()
+    assert store.outages == 1
+    await store.aclose()

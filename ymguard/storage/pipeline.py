@@ -310,6 +310,21 @@ class AutoPipeline:
             return None
         return protocol.send_batch(packed)
 
+    def send_many_detached(self, packed: list[bytes], receiver: Any) -> bool:
+        """Queue several packed commands in one write; their replies go to ``receiver``
+        (``set_result`` with the list, or ``set_exception``), which no task awaits. False,
+        having queued nothing, if the connection is not open in this loop."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return False
+        if protocol.loop is not asyncio.get_running_loop():
+            return False
+        deadline = protocol.loop.time() + protocol.timeout
+        protocol.waiters.append((receiver, deadline, [], len(packed)))
+        protocol.pending.extend(packed)
+        protocol._queued()
+        return True
+
     async def send_many(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
         """Connect if needed, then queue several packed commands in one write."""
         protocol = await self._ready()
@@ -325,6 +340,18 @@ class AutoPipeline:
     async def execute(self, *args: Any) -> Any:
         """Run one command; replies keep redis-py's types (bytes, int, list)."""
         return await self.send(pack(args))
+
+    async def settle(self) -> None:
+        """Wait until every command sent so far has been answered (those whose replies
+        no one awaits too): a PING, answered after them, if any is still out. Raises what
+        the connection meets (lost, timed out)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return
+        if protocol.loop is not asyncio.get_running_loop():
+            return  # its loop's calls, answered or not, are not this loop's to wait for
+        if protocol.waiters or protocol.pending:
+            await protocol.send(pack(("PING",)))
 
     def close(self) -> None:
         """Drop the connection (pending commands fail)."""

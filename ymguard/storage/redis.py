@@ -9,6 +9,7 @@ call at a time probes; the first success logs the recovery and everything resume
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from ..backends.tokens import Tokens
     from ..backends.window import Window
 from .pipeline import AutoPipeline, pack
+from .tasks import in_background
 
 log = logging.getLogger("ymguard.storage")
 
@@ -192,6 +194,55 @@ class ScriptCall(NamedTuple):
     keys: Sequence[str]
     args: Sequence[Any]
     packed: bytes | None = None
+
+
+class _Detached:
+    """The replies of a batch sent by :meth:`RedisStore.send_many_detached`.
+
+    The connection hands them over as it would to a caller's future (``done``,
+    ``set_result``, ``set_exception``), but no task waits: they are judged here.
+    """
+
+    __slots__ = ("calls", "store")
+
+    def __init__(self, store: RedisStore, calls: Sequence[ScriptCall]) -> None:
+        self.store = store
+        self.calls = calls
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, replies: list[Any]) -> None:
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                self._mend(replies)
+                return
+
+    def _mend(self, replies: list[Any]) -> None:
+        store = self.store
+        again = []
+        for call, reply in zip(self.calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # a restarted or flushed server
+                again.append(call)
+            elif isinstance(reply, ResponseError):
+                if cannot_serve(reply):
+                    store._mark_down(reply)  # the leases free what was not given back
+                else:
+                    self._failed(reply)
+        if again:  # sent again with EVAL (run_many mends a lost script)
+            in_background(self._again(again))
+
+    async def _again(self, calls: list[ScriptCall]) -> None:
+        for reply in await self.store.run_many(calls, always_try=True):
+            if isinstance(reply, BaseException):
+                self._failed(reply)
+
+    def _failed(self, reply: BaseException) -> None:
+        # A bug (a script's error, a bad argument): seen, not taken for an outage.
+        log.error("ymguard: a give-back on %s failed: %s", self.store.shown, reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.store._mark_down(exc)  # the leases free what was not given back
 
 
 class RedisStore(Store):
@@ -370,6 +421,27 @@ class RedisStore(Store):
                     self._mark_up()
                 return replies
         return await self._run_many_guarded(pipe, calls, packed, always_try)
+
+    def send_many_detached(self, calls: Sequence[ScriptCall]) -> bool:
+        """Send ``calls`` in one write without waiting for their replies; False, having
+        sent nothing, where they must be awaited (:meth:`run_many`) instead.
+
+        For give-backs after a call (releases: idempotent, and a lease frees what never
+        arrives). The connection reads the replies when they come (:class:`_Detached`):
+        a script the server lost is sent again through :meth:`run_many`, an error reply
+        is logged, a lost connection marks the store down. Commands on the connection run
+        in the order sent, so this process's next call sees the release. Sent only on
+        the pipelined connection, open and up; :meth:`aclose` waits for the replies.
+        """
+        pipe = self._pipe
+        if pipe is None or self._down_since is not None:
+            return False
+        if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
+            c = calls[0]
+            packed = [c.packed or evalsha(c.script, c.keys, c.args)]
+        else:
+            packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
+        return pipe.send_many_detached(packed, _Detached(self, calls))
 
     async def _run_many_guarded(
         self, pipe: AutoPipeline, calls: Sequence[ScriptCall], packed: list[bytes], always_try: bool
@@ -596,9 +668,18 @@ class RedisStore(Store):
         await close_pubsub(self)  # the one reader of breakers and waiters alike
         await self.local.close_tasks()
 
-    async def aclose(self) -> None:
-        """Close the connection pool and the pipelined connection."""
+    async def settle(self) -> None:
+        """Wait until the calls sent without waiting (:meth:`send_many_detached`) have
+        been answered, if the connection is open; an outage is not raised."""
         if self._pipe is not None:
+            with contextlib.suppress(*OUTAGE_ERRORS):
+                await self._pipe.settle()
+
+    async def aclose(self) -> None:
+        """Close the connection pool and the pipelined connection (after the replies of
+        the calls sent without waiting: :meth:`settle`)."""
+        if self._pipe is not None:
+            await self.settle()
             self._pipe.close()
         if self._pubsub_client is not None and self._pubsub_client is not self.client:
             await self._pubsub_client.aclose()
