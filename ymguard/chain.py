@@ -34,7 +34,7 @@ from .errors import Blocked, StorageUnavailable
 from .stats import ResourceStats
 from .storage.redis import Unanswered
 from .storage.tasks import in_background
-from .types import ASGIApp, Message, Receive, Scope, Send
+from .types import ASGIApp, Message, Receive, Scope
 
 log = logging.getLogger("ymguard")
 
@@ -102,7 +102,6 @@ class Context:
     __slots__ = (
         "_call_args",
         "_params",
-        "_send",
         "answered",
         "blocked",
         "error",
@@ -153,7 +152,6 @@ class Context:
         self.shadowed: list[tuple[Blocked, Check]] | None = None
         self.observers: tuple[Observer, ...] = ()
         self.parent = parent
-        self._send: Callable[[Message], Awaitable[None]] | None = None
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -177,33 +175,6 @@ class Context:
     def is_answered(self) -> bool:
         """Whether the whole response has been sent (``answered``), as a callable."""
         return self.answered
-
-    def sending_to(self, send: Callable[[Message], Awaitable[None]]) -> Send:
-        """The ``send`` an HTTP app gets: :meth:`send` on to ``send``."""
-        self._send = send
-        return self.send
-
-    def send(self, message: Message) -> Awaitable[None]:
-        """Note the response's status and end, then send ``message`` (see :meth:`sending_to`).
-
-        ``status`` is set by the response's start (so it is None until the response has
-        started) and ``answered`` by its last body message. Hooks in ``on_send`` (a check
-        that keeps the response) see every message first. A plain method, not a
-        coroutine: it hands back the inner send's awaitable.
-        """
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status = message["status"]
-        elif kind == "http.response.body" and not message.get("more_body"):
-            self.answered = True
-        hooks = self.on_send
-        if hooks is not None:
-            for hook in hooks:
-                hook(message)
-        send = self._send
-        if send is None:
-            raise RuntimeError("Context.send before sending_to: no send to pass messages to")
-        return send(message)
 
     def __repr__(self) -> str:
         return f"Context({self.resource!r}, origin={self.origin!r}, status={self.status!r})"

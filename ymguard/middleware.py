@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.routing import Host, Match, Mount
@@ -294,6 +294,37 @@ def _new_sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
     return sweeper
 
 
+def _status_sender(ctx: Context, send: Send) -> Send:
+    """The ``send`` the app gets: notes the status and the response's end, then sends.
+
+    ``ctx.status`` is set by the response's start (so it is None until the response has
+    started) and ``ctx.answered`` by its last body message. Hooks in ``ctx.on_send`` (a
+    check that keeps the response) see every message first. It hands back the inner
+    send's awaitable (no coroutine of its own).
+
+    A closure, not a method of the context holding ``send`` (7273147 to ce4a210): with
+    that, uvicorn serving 32 connections ran a young collection every 35 requests and a
+    full one every 6,000 (8% of the server's CPU, 40-50 ms pauses in the p99), against
+    3 young collections in 40,000 requests with the closure. It is a threshold, not a
+    leak: nothing is left behind, and at 64 connections both run as many collections
+    (plain FastAPI: at 128). The closure costs a few hundred instructions more.
+    """
+    hooks = ctx.on_send
+
+    def sender(message: Message) -> Awaitable[None]:
+        kind = message["type"]
+        if kind == "http.response.start":
+            ctx.status = message["status"]
+        elif kind == "http.response.body" and not message.get("more_body"):
+            ctx.answered = True
+        if hooks is not None:
+            for hook in hooks:
+                hook(message)
+        return send(message)
+
+    return sender
+
+
 class GuardMiddleware:
     """Run every HTTP request through its resource's chain.
 
@@ -377,7 +408,7 @@ class GuardMiddleware:
         except ShortCircuit as answer:  # a check answered itself (an idempotent replay)
             await answer.response(scope, receive, send)
             return
-        sender = ctx.sending_to(send)
+        sender = _status_sender(ctx, send)
         reset = current_context.set(ctx)
         try:
             if chain.release_on_disconnect:
