@@ -796,9 +796,15 @@ class Chain:
             if not self._exit_at_once(i, ctx, tokens[i]):
                 return self._exit_awaiting(ctx, tokens, order, n, batches)
         if batches:
-            waiting = [
-                batch for batch in batches.values() if not batch[0].send_many_detached(batch[1])
-            ]
+            waiting = []
+            for batch in batches.values():
+                try:
+                    if batch[0].send_many_detached(batch[1]):
+                        continue
+                except Exception:  # an exit must never turn a response into a 500
+                    log.exception("ymguard: the exits of %s failed", self.resource)
+                    continue
+                waiting.append(batch)
             if waiting:
                 return self._send_exits(waiting)
         return None

@@ -214,3 +214,27 @@ async def test_a_detached_call_failing_is_logged_and_a_lost_connection_marks_the
         private_redis.resume()
     assert store.outages == 1
     await store.aclose()
+
+
+async def test_an_empty_detached_batch_takes_no_reply(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    assert await store.call("PING") == b"PONG"
+    assert store.send_many_detached([])  # nothing to send, nothing to wait for
+    assert await store.call("ECHO", "mine") == b"mine"  # not taken by the empty batch
+    await store.aclose()
+
+
+async def test_aclose_waits_for_a_give_back_sent_again_after_a_lost_script(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by review: the EVAL sent again after NOSCRIPT went out after aclose's wait,
+    met the closed connection, and the close marked the store down."""
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url)
+    incr = store.script("return redis.call('INCR', KEYS[1])")
+    assert await store.call("PING") == b"PONG"  # connected; the script never loaded
+    assert store.send_many_detached([ScriptCall(incr, ("n",), ())])
+    await store.aclose()
+    assert redis.Redis(port=private_redis.port).get("n") == b"1"
+    assert store.outages == 0 and "unavailable" not in caplog.text

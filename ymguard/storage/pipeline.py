@@ -319,6 +319,8 @@ class AutoPipeline:
             return False
         if protocol.loop is not asyncio.get_running_loop():
             return False
+        if not packed:  # no reply to wait for (a waiter for none would take the next)
+            return True
         deadline = protocol.loop.time() + protocol.timeout
         protocol.waiters.append((receiver, deadline, [], len(packed)))
         protocol.pending.extend(packed)

@@ -9,7 +9,6 @@ call at a time probes; the first success logs the recovery and everything resume
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -196,6 +195,11 @@ class ScriptCall(NamedTuple):
     packed: bytes | None = None
 
 
+#: How long :meth:`RedisStore.settle` (and so ``aclose``) waits for the replies of the
+#: calls no one awaits.
+SETTLE_SECONDS = 2.0
+
+
 class _Detached:
     """The replies of a batch sent by :meth:`RedisStore.send_many_detached`.
 
@@ -226,11 +230,13 @@ class _Detached:
                 again.append(call)
             elif isinstance(reply, ResponseError):
                 if cannot_serve(reply):
-                    store._mark_down(reply)  # the leases free what was not given back
+                    self.set_exception(reply)  # the leases free what was not given back
                 else:
                     self._failed(reply)
-        if again:  # sent again with EVAL (run_many mends a lost script)
-            in_background(self._again(again))
+        if again and not store._closing:  # sent again with EVAL (run_many mends it)
+            resent = in_background(self._again(again))
+            store._resending.add(resent)
+            resent.add_done_callback(store._resending.discard)
 
     async def _again(self, calls: list[ScriptCall]) -> None:
         for reply in await self.store.run_many(calls, always_try=True):
@@ -242,7 +248,17 @@ class _Detached:
         log.error("ymguard: a give-back on %s failed: %s", self.store.shown, reply)
 
     def set_exception(self, exc: BaseException) -> None:
-        self.store._mark_down(exc)  # the leases free what was not given back
+        # The leases free what was not given back. The store is marked down once the
+        # callers already woken by this read have run: one of them, answered before the
+        # outage, would otherwise take the outage for over ("another call met an outage
+        # meanwhile") and lift the fail-fast while Redis still hangs. Not while closing.
+        store = self.store
+        if store._closing:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(store._mark_down, exc)
+        except RuntimeError:  # failed from outside the loop (a close at exit): at once
+            store._mark_down(exc)
 
 
 class RedisStore(Store):
@@ -284,6 +300,10 @@ class RedisStore(Store):
         self._cluster_ready = uri.partition("://")[0] != "redis+cluster"
         self._cluster_init: asyncio.Future[Any] | None = None
         self._pubsub_client: Any = None
+        # The give-backs sent again after a lost script (settle waits for them), and
+        # whether aclose has begun closing the connection.
+        self._resending: set[asyncio.Future[Any]] = set()
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"RedisStore({self.shown!r}, key_prefix={self.key_prefix!r})"
@@ -430,15 +450,18 @@ class RedisStore(Store):
         arrives). The connection reads the replies when they come (:class:`_Detached`):
         a script the server lost is sent again through :meth:`run_many`, an error reply
         is logged, a lost connection marks the store down. Commands on the connection run
-        in the order sent, so this process's next call sees the release. Sent only on
-        the pipelined connection, open and up; :meth:`aclose` waits for the replies.
+        in the order sent, so this process's next call sees the release (unless the
+        server lost the script: then it follows a round trip later). Sent only on the
+        pipelined connection, open and up; :meth:`aclose` waits for the replies.
         """
         pipe = self._pipe
-        if pipe is None or self._down_since is not None:
+        if pipe is None or self._down_since is not None or self._closing:
             return False
         if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
+        elif not calls:
+            return True  # nothing to send (a waiter for no reply would take the next)
         else:
             packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
         return pipe.send_many_detached(packed, _Detached(self, calls))
@@ -668,19 +691,33 @@ class RedisStore(Store):
         await close_pubsub(self)  # the one reader of breakers and waiters alike
         await self.local.close_tasks()
 
-    async def settle(self) -> None:
-        """Wait until the calls sent without waiting (:meth:`send_many_detached`) have
-        been answered, if the connection is open; an outage is not raised."""
-        if self._pipe is not None:
-            with contextlib.suppress(*OUTAGE_ERRORS):
-                await self._pipe.settle()
+    async def settle(self, seconds: float = SETTLE_SECONDS) -> None:
+        """Wait, up to ``seconds``, until the calls sent without waiting
+        (:meth:`send_many_detached`) have been answered, and those sent again after a lost
+        script too, if the connection is open. Raises nothing: what fails is logged."""
+        pipe = self._pipe
+        if pipe is None:
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await pipe.settle()
+                while self._resending:
+                    await asyncio.wait(set(self._resending))
+                    await pipe.settle()
+        except OUTAGE_ERRORS:
+            pass  # the leases free what was not given back
+        except Exception:
+            log.exception("ymguard: waiting for the replies on %s failed", self.shown)
 
     async def aclose(self) -> None:
         """Close the connection pool and the pipelined connection (after the replies of
         the calls sent without waiting: :meth:`settle`)."""
         if self._pipe is not None:
-            await self.settle()
-            self._pipe.close()
+            try:
+                await self.settle()
+            finally:
+                self._closing = True  # what the close fails is not an outage
+                self._pipe.close()
         if self._pubsub_client is not None and self._pubsub_client is not self.client:
             await self._pubsub_client.aclose()
         await self.client.aclose()

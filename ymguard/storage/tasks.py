@@ -46,11 +46,13 @@ async def finish(aw: Awaitable[T]) -> T:
         raise
 
 
-def in_background(aw: Awaitable[Any]) -> None:
-    """Run a clean-up in a task of its own, which nobody waits for."""
+def in_background(aw: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run a clean-up in a task of its own, which nobody waits for (returned for whoever
+    wants to know when it ends)."""
     task = asyncio.ensure_future(aw)
     _background.add(task)
     task.add_done_callback(_forget)
+    return task
 
 
 #: How long :func:`drain` (``Guard.aclose``) waits for the clean-ups still running.
