@@ -238,3 +238,27 @@ async def test_aclose_waits_for_a_give_back_sent_again_after_a_lost_script(
     await store.aclose()
     assert redis.Redis(port=private_redis.port).get("n") == b"1"
     assert store.outages == 0 and "unavailable" not in caplog.text
+
+
+async def test_an_outage_met_by_a_detached_call_outlasts_the_calls_answered_before_it(
+    private_redis: RedisServer,
+) -> None:
+    """Found by review: a detached release met an unavailable reply in the same read as
+    an earlier caller's answer, marked the store down at once, and that caller, waking up
+    after, took the outage for over (and lifted the fail-fast while Redis still failed)."""
+    from ymguard.storage.redis import ScriptCall
+
+    store = RedisStore(private_redis.url)
+    ok = store.script("return 1")
+    readonly = store.script("return redis.error_reply('READONLY You cannot write')")
+    assert await store.run_many([ScriptCall(ok, (), ())]) == [1]
+    await store.client.script_load(readonly.script)  # loaded: EVALSHA meets no NOSCRIPT
+    answered = asyncio.ensure_future(store.run_many([ScriptCall(ok, (), ())]))
+    await asyncio.sleep(0)  # queued: the detached call goes out in the same write
+    assert store.send_many_detached([ScriptCall(readonly, (), ())])
+    assert await answered == [1]
+    await store.settle()
+    await asyncio.sleep(0)
+    assert not store.available  # down, and not over
+    assert store.outages == 1
+    await store.aclose()
