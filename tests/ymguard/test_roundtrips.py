@@ -171,9 +171,17 @@ async def test_calls_cancelled_anywhere_give_everything_back(redis_store: RedisS
     await guard.aclose()
 
 
+def running_here() -> list[asyncio.Task[Any]]:
+    """The give-backs still running in tasks of their own on this test's event loop (one
+    left by an earlier test, on a loop now closed, can never end: waiting for it hung a CI
+    run)."""
+    loop = asyncio.get_running_loop()
+    return [t for t in tasks._background if not t.done() and t.get_loop() is loop]
+
+
 async def drained() -> None:
     """Wait for the give-backs running in tasks of their own (and those they start)."""
-    while pending := [task for task in tasks._background if not task.done()]:
+    while pending := running_here():
         await asyncio.wait(pending)
 
 
@@ -208,7 +216,8 @@ async def test_a_refusal_cancelled_while_giving_back_gives_back_everything(
     # cancel. Here they are awaited, as on a cluster or while the connection opens.
     monkeypatch.setattr(redis_store, "send_many_detached", lambda calls: False)
     refused = asyncio.ensure_future(chain.enter(Context("GET /r")))
-    await giving_back.wait()
+    # Bounded: a give-back that never starts fails here, it does not hang the run.
+    await asyncio.wait_for(giving_back.wait(), 30)
     refused.cancel()
     with pytest.raises(asyncio.CancelledError):
         await refused
@@ -351,7 +360,7 @@ async def test_aclose_waits_for_the_give_backs_of_cancelled_calls(
         c.cancel()
     await asyncio.gather(*refused, return_exceptions=True)
     await guard.aclose()
-    assert not [t for t in tasks._background if not t.done()]
+    assert not running_here()
     checker = Guard(
         {"resources": {"GET /r": rules}}, storage=store_from_uri(redis_url, key_prefix=prefix)
     )
