@@ -511,7 +511,7 @@ class Chain:
         checks = self.checks
         try:
             if self._staging:
-                # Consecutive staged checks in one round trip each (_enter_batch), the
+                # Consecutive staged checks in one round trip each (_batch), the
                 # others through their own enter. Here, not in a coroutine of its own: one
                 # fewer per call on Redis (1.7k instructions of a one-rule call's 70k).
                 stagers = self._stage_in
@@ -528,8 +528,47 @@ class Chain:
                         tokens.append(await checks[i].enter(ctx) if token is AWAIT else token)
                         i += 1
                         asked = False
-                    else:
-                        i, stage, asked = await self._enter_batch(ctx, tokens, i, stage)
+                        continue
+                    # Consecutive staged checks in one round trip. The batch is awaited
+                    # here, on a future (send_many_now), not in coroutines of its own: a
+                    # request waiting for Redis holds fewer objects, and with 32 waiting
+                    # the garbage collector's young generation no longer overflows (a
+                    # young collection every 60 requests under uvicorn, 1 in 6,000).
+                    stages, store, j, following, asked = self._batch(ctx, i, stage)
+                    replies: Any = ()  # no list to make when no check of the batch calls
+                    if store is not None:
+                        # Tuples where a batch is one stage (the usual batch): a tuple of
+                        # one comes from CPython's free list and costs the collector
+                        # nothing while it waits, a list may.
+                        calls: Sequence[Any] = (
+                            (stage.call,)
+                            if len(stages) == 1
+                            else [s.call for s in stages if s.call is not None]
+                        )
+                        sent = store.send_many_now(calls)
+                        try:
+                            if sent is None:  # connecting, or down: run_many knows what to do
+                                replies = await store.run_many(calls)
+                            else:  # run_many's part, inline
+                                try:
+                                    replies = await sent
+                                except asyncio.CancelledError:
+                                    raise
+                                except Exception as exc:  # the connection failed
+                                    raise store.lost(exc) from exc
+                                if not store.replied(replies):
+                                    replies = await store.mended(calls, replies)
+                        except asyncio.CancelledError:
+                            _undo_all(stages)
+                            raise
+                        except StorageUnavailable as exc:
+                            await self._batch_unavailable(ctx, tokens, i, stages, exc)
+                            i, stage = j, following
+                            continue
+                    rest = self._decide_batch(ctx, tokens, i, stages, replies)
+                    if rest is not None:
+                        await rest
+                    i, stage = j, following
             else:
                 for check, fast in zip(checks, self._fast, strict=True):
                     if fast is None:
@@ -634,20 +673,20 @@ class Chain:
             order = tuple(filter(entered.__gt__, order))
         return self._exits_now(ctx, tokens, order, 0, None)
 
-    async def _enter_batch(
-        self, ctx: Context, tokens: list[Any], first: int, stage: Stage
-    ) -> tuple[int, Stage | None, bool]:
-        """Send the store calls of checks ``first``, ``first + 1``, ... in one round trip.
+    def _batch(
+        self, ctx: Context, first: int, stage: Stage
+    ) -> tuple[Sequence[Stage], Any, int, Stage | None, bool]:
+        """The stages of checks ``first``, ``first + 1``, ... that go out in one round trip.
 
-        Appends the tokens of the checks that admitted the call, in order; when one
-        refuses (or its reply is an error), gives back what the later ones of the batch
-        took and raises, with ``tokens`` ending before the refusing check. Returns the
-        next check's index, its stage if it was asked already, and whether it was.
+        Returns them, the store of their calls (None if none calls), the next check's
+        index, its stage if it was asked already, and whether it was.
         """
         checks, stagers = self.checks, self._stage_in
         store = stage.store if stage.call is not None else None
-        stages = [stage]
         j, n = first + 1, len(checks)
+        if j == n or stagers[j] is None:  # the usual batch, one stage: a tuple (see enter)
+            return (stage,), store, j, None, False
+        stages = [stage]
         following: Stage | None = None
         asked = False
         while j < n:
@@ -665,31 +704,34 @@ class Chain:
             stages.append(following)
             following = None
             j += 1
-        replies: Sequence[Any] = ()  # no list to make when no check of the batch calls
-        if store is not None:  # the store of the batch's calls (one at least)
-            calls = (
-                [stage.call]  # the usual batch: one check's call
-                if len(stages) == 1
-                else [s.call for s in stages if s.call is not None]
-            )
-            try:
-                replies = await store.run_many(calls)
-            except asyncio.CancelledError:
-                _undo_all(stages)
-                raise
-            except StorageUnavailable as exc:
-                if isinstance(exc, Unanswered):  # the calls may have run
-                    _undo_all([s for s in stages if s.call is not None])
-                # Each check with a call meets the outage on its own: its plain enter
-                # follows the store's on_storage_error (the store now fails fast). One
-                # that decided without a call (a prefetched permit) keeps its decision.
-                for k, st in enumerate(stages, first):
-                    if st.call is None:
-                        assert st.decide is not None
-                        tokens.append(st.decide(None))
-                    else:
-                        tokens.append(await checks[k].enter(ctx))
-                return j, following, asked
+        return stages, store, j, following, asked
+
+    async def _batch_unavailable(
+        self, ctx: Context, tokens: list[Any], first: int, stages: Sequence[Stage], exc: Exception
+    ) -> None:
+        """A batch met an outage: each check with a call meets it on its own."""
+        if isinstance(exc, Unanswered):  # the calls may have run
+            _undo_all([s for s in stages if s.call is not None])
+        # Each check with a call meets the outage on its own: its plain enter follows the
+        # store's on_storage_error (the store now fails fast). One that decided without a
+        # call (a prefetched permit) keeps its decision.
+        for k, st in enumerate(stages, first):
+            if st.call is None:
+                assert st.decide is not None
+                tokens.append(st.decide(None))
+            else:
+                tokens.append(await self.checks[k].enter(ctx))
+
+    def _decide_batch(
+        self, ctx: Context, tokens: list[Any], first: int, stages: Sequence[Stage], replies: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """Hand a batch's replies to its checks, appending the tokens of those that
+        admitted the call, in order.
+
+        When one refuses (or its reply is an error), it raises, with ``tokens`` ending
+        before the refusing check; or, if later checks of the batch took something,
+        returns a coroutine that gives that back and then raises.
+        """
         failure: BaseException | None = None
         later: list[tuple[int, Any]] = []
         answers = iter(replies)
@@ -708,20 +750,26 @@ class Chain:
                 tokens.append(token)
             else:
                 later.append((k, token))
-        if failure is not None:
-            if isinstance(failure, Blocked):
-                ctx.blocked = failure
-            else:
-                ctx.error = failure
-            if later:  # what checks after the failed one took: given back, latest first
-                taken: list[Any] = [None] * (later[-1][0] + 1)  # by check, as exits read
-                for k, token in later:
-                    taken[k] = token
-                # Staged like an unwind: one round trip, and cancelled it still gives back
-                # everything, in a task of its own.
-                await self._exits(ctx, taken, [k for k, _ in reversed(later)])
-            raise failure
-        return j, following, asked
+        if failure is None:
+            return None
+        if isinstance(failure, Blocked):
+            ctx.blocked = failure
+        else:
+            ctx.error = failure
+        if later:  # what checks after the failed one took: given back, latest first
+            return self._give_back_then_raise(ctx, later, failure)
+        raise failure
+
+    async def _give_back_then_raise(
+        self, ctx: Context, later: list[tuple[int, Any]], failure: BaseException
+    ) -> None:
+        taken: list[Any] = [None] * (later[-1][0] + 1)  # by check, as exits read
+        for k, token in later:
+            taken[k] = token
+        # Staged like an unwind: one round trip, and cancelled it still gives back
+        # everything, in a task of its own.
+        await self._exits(ctx, taken, [k for k, _ in reversed(later)])
+        raise failure
 
     async def exit(self, ctx: Context, tokens: Sequence[Any]) -> None:
         """Record the call's outcome and run every ``exit`` in reverse order

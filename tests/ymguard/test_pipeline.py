@@ -39,6 +39,25 @@ async def test_a_cancelled_caller_does_not_shift_the_replies(redis_url: str, pre
     pipe.close()
 
 
+async def test_batches_of_one_get_lists_of_their_own(redis_url: str, prefix: str) -> None:
+    """A batch of one command waits without a list (the shared ``_ONE``); its reply
+    comes in a list of its own, and batches of one and of more keep their order."""
+    from ymguard.storage import pipeline
+
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    await pipe.execute("PING")
+    key = f"{prefix}:one"
+    sent = [pipe.send_many_now([pipeline.pack(("INCR", key))]) for _ in range(3)]
+    sent.append(pipe.send_many_now([pipeline.pack(("INCR", key)), pipeline.pack(("GET", key))]))
+    sent.append(pipe.send_many_now([pipeline.pack(("NOSUCHCOMMAND",))]))
+    replies = [await f for f in sent if f is not None]
+    assert replies[:4] == [[1], [2], [3], [4, b"4"]]
+    assert isinstance(replies[4][0], ResponseError)
+    assert len({id(r) for r in replies}) == 5 and not pipeline._ONE
+    await pipe.execute("DEL", key)
+    pipe.close()
+
+
 async def test_errors_come_back_as_redis_errors(redis_url: str) -> None:
     pipe = AutoPipeline(redis_url, 2.0, 2.0)
     with pytest.raises(ResponseError):

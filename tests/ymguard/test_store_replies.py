@@ -21,6 +21,8 @@ import pytest
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ymguard import Context, Guard
+from ymguard.chain import Chain
 from ymguard.errors import StorageUnavailable
 from ymguard.storage import RedisStore
 from ymguard.storage.redis import ClientFailed, ScriptCall, Unanswered
@@ -413,3 +415,102 @@ async def test_redis_py_unavailable_replies_are_outages(reply: str) -> None:
         await store.run(Answering(error), ["k"], [])  # type: ignore[arg-type]
     assert not store.available
     await store.aclose()
+
+
+# -- the chain's entry on the pipelined connection ----------------------------------------
+# A one-rule chain on Redis awaits its batch's future itself (``send_many_now``), doing
+# what ``run_many`` would do on the replies. The window's reply: admitted, remaining,
+# wait in ms, slot.
+
+ADMITTED = b"*4\r\n:1\r\n:9\r\n:0\r\n:1\r\n"
+
+
+def scripted(*replies: Reply) -> Callable[[list[bytes]], Any]:
+    """EVALSHA/EVAL: the next of ``replies`` (the last one again once they run out)."""
+    queue = list(replies)
+
+    def handler(cmd: list[bytes]) -> Any:
+        if cmd[0].upper() in (b"EVALSHA", b"EVAL"):
+            return queue.pop(0) if len(queue) > 1 else queue[0]
+        return b"+OK\r\n"
+
+    return handler
+
+
+async def qps_chain(handler: Callable[[list[bytes]], Any]) -> tuple[FakeRedis, Guard, Chain]:
+    fake, store = await make(handler)
+    store.on_storage_error = "open"  # an outage passes the call: a token of None
+    guard = Guard({"resources": {"GET /r": {"flow": [{"qps": 10}]}}}, storage=store)
+    return fake, guard, guard.chain("GET /r")
+
+
+def scripts_sent(fake: FakeRedis) -> list[bytes]:
+    return [cmd[0].upper() for cmd in fake.commands if cmd[0].upper() in (b"EVALSHA", b"EVAL")]
+
+
+async def test_the_chain_awaits_its_batch_and_no_coroutine_of_the_store() -> None:
+    """While a request waits for Redis, the chain's entry awaits the connection's future
+    itself: every coroutine held while waiting is an object the garbage collector counts
+    (with 32 requests waiting, two more each made uvicorn run a young collection every
+    60 requests)."""
+    gate = asyncio.Event()
+
+    async def held(cmd: list[bytes]) -> bytes:
+        if cmd[0].upper() == b"EVALSHA":
+            await gate.wait()
+            return ADMITTED
+        return b"+OK\r\n"
+
+    fake, guard, chain = await qps_chain(held)
+    task = asyncio.ensure_future(chain.enter(Context("GET /r")))
+    await asyncio.sleep(0)  # the task runs up to its wait; the write goes out after
+    coro = task.get_coro()
+    assert coro.cr_code is Chain.enter.__code__  # type: ignore[union-attr]
+    assert not asyncio.iscoroutine(coro.cr_await), coro.cr_await  # type: ignore[union-attr]
+    assert not task.done()
+    gate.set()
+    assert len(await task) == 1
+    await guard.aclose()
+    await fake.stop()
+
+
+async def test_the_chain_sends_a_lost_script_again() -> None:
+    fake, guard, chain = await qps_chain(scripted(b"-NOSCRIPT x\r\n", ADMITTED))
+    assert len(await chain.enter(Context("GET /r"))) == 1
+    assert scripts_sent(fake) == [b"EVALSHA", b"EVAL"]
+    assert guard.store.available
+    await guard.aclose()
+    await fake.stop()
+
+
+async def test_the_chain_meets_an_unavailable_reply_as_an_outage() -> None:
+    fake, guard, chain = await qps_chain(scripted(b"-LOADING x\r\n"))
+    assert await chain.enter(Context("GET /r")) == [None]  # on_storage_error: open
+    assert not guard.store.available
+    assert scripts_sent(fake) == [b"EVALSHA"]  # the check's own enter failed fast
+    await guard.aclose()
+    await fake.stop()
+
+
+async def test_the_chain_meets_a_lost_connection_with_the_store_down() -> None:
+    """The store is down before the check meets the outage on its own: it does not try
+    the lost connection again."""
+    fake, guard, chain = await qps_chain(scripted(None))
+    assert await chain.enter(Context("GET /r")) == [None]
+    assert not guard.store.available
+    assert scripts_sent(fake) == [b"EVALSHA"]
+    await guard.aclose()
+    await fake.stop()
+
+
+async def test_an_outage_read_after_an_answer_leaves_the_store_down() -> None:
+    """Two requests in one write: the first is answered, then the connection closes. The
+    first's answer came before the outage: it must not lift the fail-fast."""
+    fake, guard, chain = await qps_chain(scripted(ADMITTED, None))
+    first = asyncio.ensure_future(chain.enter(Context("GET /r")))
+    second = asyncio.ensure_future(chain.enter(Context("GET /r")))
+    assert (await first)[0] is not None  # admitted by Redis
+    assert await second == [None]  # met the outage: on_storage_error open
+    assert not guard.store.available
+    await guard.aclose()
+    await fake.stop()

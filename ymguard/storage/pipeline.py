@@ -79,6 +79,12 @@ def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
+#: The reply list of a batch of one command, until its reply comes (then a list is made):
+#: no list of its own while it waits, one object fewer for the garbage collector's count
+#: per request waiting for Redis.
+_ONE: list[Any] = []
+
+
 class _Protocol(asyncio.Protocol):
     """One connection: buffered writes, replies resolved in order, a timeout watchdog."""
 
@@ -111,9 +117,12 @@ class _Protocol(asyncio.Protocol):
                 text = str(reply)
                 reply = NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
             if batch is not None:  # a batch's error replies stay in their places
-                batch.append(reply)
-                if len(batch) < expected:
-                    continue
+                if expected == 1:  # its list made now, not held while it waited (_ONE)
+                    batch = [reply]
+                else:
+                    batch.append(reply)
+                    if len(batch) < expected:
+                        continue
                 waiters.popleft()
                 if not future.done():  # a cancelled caller's replies are dropped in order
                     future.set_result(batch)
@@ -165,7 +174,8 @@ class _Protocol(asyncio.Protocol):
         if not packed:  # nothing to wait for (a waiter for no reply would take the next)
             future.set_result([])
             return future
-        self.waiters.append((future, self.loop.time() + self.timeout, [], len(packed)))
+        n = len(packed)
+        self.waiters.append((future, self.loop.time() + self.timeout, [] if n > 1 else _ONE, n))
         self.pending.extend(packed)
         self._queued()
         return future
@@ -322,7 +332,8 @@ class AutoPipeline:
         if not packed:  # no reply to wait for (a waiter for none would take the next)
             return True
         deadline = protocol.loop.time() + protocol.timeout
-        protocol.waiters.append((receiver, deadline, [], len(packed)))
+        n = len(packed)
+        protocol.waiters.append((receiver, deadline, [] if n > 1 else _ONE, n))
         protocol.pending.extend(packed)
         protocol._queued()
         return True

@@ -364,7 +364,7 @@ class RedisStore(Store):
                         reply = await pipe.execute("EVAL", script.script, len(keys), *keys, *args)
                 except OUTAGE_ERRORS as exc:
                     self._mark_down(exc)
-                    raise Unanswered(f"{self.shown} is unavailable: {exc}") from exc
+                    raise self._unanswered(exc) from exc
                 except ResponseError as exc:
                     if not cannot_serve(exc):
                         raise
@@ -417,30 +417,78 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is None:
             return await self._run_many_client(calls, always_try)
+        # The usual case (up, connected): the calls queued now and their replies read
+        # here, without the outage wrapper's coroutines (and no closure: see _run_guarded).
+        sent = self.send_many_now(calls)
+        if sent is not None:
+            try:
+                replies = await sent
+            except OUTAGE_ERRORS as exc:
+                raise self.lost(exc) from exc
+            return replies if self.replied(replies) else await self.mended(calls, replies)
+        packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
+        return await self._run_many_guarded(pipe, calls, packed, always_try)
+
+    def send_many_now(self, calls: Sequence[ScriptCall]) -> asyncio.Future[list[Any]] | None:
+        """:meth:`run_many` in parts, for a caller that awaits no coroutine of the store's:
+        the calls queued now in one write; the future of their raw replies, or None,
+        having sent nothing, where :meth:`run_many` must be awaited instead (no pipelined
+        connection open in this loop, or the store down).
+
+        The caller then does what :meth:`run_many` does: a failed future is the
+        connection's failure (raise :meth:`lost`); replies are handed to :meth:`replied`,
+        and to :meth:`mended` where it answers False. The chain's entry awaits the
+        future itself: a request waiting for Redis then holds no coroutine of the
+        store's, which counts towards the garbage collector's next young collection
+        (see ``Chain.enter``).
+        """
+        pipe = self._pipe
+        if pipe is None or self._down_since is not None or not calls:
+            return None
         if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
         else:
             packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
-        if self._down_since is None:
-            # The usual case (up, connected): queue the calls now and read the replies here,
-            # without the outage wrapper's coroutines (and no closure: see _run_guarded);
-            # what it would do on an error is done the same way below.
-            sent = pipe.send_many_now(packed)
-            if sent is not None:
-                try:
-                    replies: list[Any] = await sent
-                    for reply in replies:
-                        if isinstance(reply, ResponseError):
-                            replies = await self._mended(pipe, calls, replies)
-                            break
-                except OUTAGE_ERRORS as exc:
-                    self._mark_down(exc)
-                    raise Unanswered(f"{self.shown} is unavailable: {exc}") from exc
-                if self._down_since is not None:  # another call met an outage meanwhile
-                    self._mark_up()
-                return replies
-        return await self._run_many_guarded(pipe, calls, packed, always_try)
+        return pipe.send_many_now(packed)
+
+    def replied(self, replies: list[Any]) -> bool:
+        """Whether the raw replies of :meth:`send_many_now` are final (no error reply to
+        mend: else await :meth:`mended`). A reply marks the store up after another
+        call's outage."""
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                return False
+        if self._down_since is not None:  # another call met an outage meanwhile
+            self._mark_up()
+        return True
+
+    async def mended(self, calls: Sequence[ScriptCall], replies: list[Any]) -> list[Any]:
+        """The replies of :meth:`send_many_now` with error replies among them, as
+        :meth:`run_many` returns them: a lost script sent again with EVAL, an unavailable
+        reply raised (see :meth:`_mended`), a bug kept in its place."""
+        pipe = self._pipe
+        assert pipe is not None
+        try:
+            replies = await self._mended(pipe, calls, replies)
+        except OUTAGE_ERRORS as exc:
+            raise self.lost(exc) from exc
+        if self._down_since is not None:
+            self._mark_up()
+        return replies
+
+    def lost(self, exc: BaseException) -> Unanswered:
+        """Calls sent on the pipelined connection met its failure (``exc``, from the
+        future of :meth:`send_many_now`): the store is marked down, and the error its
+        callers raise is returned (they may have run)."""
+        self._mark_down(exc)
+        return self._unanswered(exc)
+
+    def _unanswered(self, exc: BaseException) -> Unanswered:
+        """The error a caller meets when its calls were sent and the connection failed."""
+        error = Unanswered(f"{self.shown} is unavailable: {exc}")
+        error.__cause__ = exc
+        return error
 
     def send_many_detached(self, calls: Sequence[ScriptCall]) -> bool:
         """Send ``calls`` in one write without waiting for their replies; False, having
