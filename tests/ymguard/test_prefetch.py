@@ -495,3 +495,58 @@ async def test_an_outage_met_by_a_batch_takes_one_permit_per_call(
     assert len(results) == 5  # all admitted (local counts)
     assert held - stock.held() == 5  # one permit per call
     await guard.aclose()
+
+
+class HeldWindow:
+    """A Redis window's stand-in whose fetches wait for ``gate``, then bring ``taken``
+    permits (or raise ``error``)."""
+
+    def __init__(self, taken: int, error: BaseException | None = None) -> None:
+        self.gate = asyncio.Event()
+        self.fetches = 0
+        self.taken = taken
+        self.error = error
+        self.refunded = 0
+
+    async def refund(self, key: str, slot: Any, n: int) -> None:
+        self.refunded += n
+
+    async def prefetch(self, key: str, limit: int, window: float, want: int) -> Prefetched:
+        self.fetches += 1
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return Prefetched(True, 100, 0.0, 7, self.taken, 0.1)
+
+
+async def test_callers_waiting_for_one_fetch_each_leave_it_to_the_others() -> None:
+    """The caller that started the fetch is cancelled: the fetch goes on (once) and the
+    others take its permits; a cancelled caller takes none."""
+    window = HeldWindow(taken=3)
+    stock = PrefetchWindow(window, 1000)  # type: ignore[arg-type]
+    callers = [asyncio.ensure_future(stock.acquire("k")) for _ in range(3)]
+    await asyncio.sleep(0)  # all three wait for the one fetch
+    callers[0].cancel()
+    window.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await callers[0]
+    results = [await c for c in callers[1:]]
+    assert [r.admitted for r in results] == [True, True] and window.fetches == 1
+    assert stock.held() == 1  # three brought, two taken
+    stock.forget("k")
+
+
+async def test_a_failed_fetch_reaches_every_caller_waiting_for_it() -> None:
+    from ymguard.errors import StorageUnavailable
+
+    window = HeldWindow(taken=3, error=StorageUnavailable("down"))
+    stock = PrefetchWindow(window, 1000)  # type: ignore[arg-type]
+    callers = [asyncio.ensure_future(stock.acquire("k")) for _ in range(3)]
+    await asyncio.sleep(0)
+    window.gate.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, StorageUnavailable) for o in outcomes) and window.fetches == 1
+    # The next miss fetches again.
+    window.error = None
+    assert (await stock.acquire("k")).admitted and window.fetches == 2
+    stock.forget("k")

@@ -46,14 +46,16 @@ _GRACE = 0.01
 class _Stock:
     """One key's permits in this process: how many, their bucket, until when they count."""
 
-    __slots__ = ("fetching", "left", "size", "slot", "staged", "until")
+    __slots__ = ("fetching", "left", "size", "slot", "staged", "until", "waiters")
 
     def __init__(self) -> None:
         self.left = 0
         self.slot: int | bytes = b""
         self.until = 0.0  # time.monotonic() at which the bucket ends (a little early)
         self.size = 1  # how many the next fetch asks for
-        self.fetching: asyncio.Future[WindowResult] | None = None
+        self.fetching: asyncio.Future[None] | None = None
+        # The calls waiting for that fetch, a future each (see PrefetchWindow.acquire).
+        self.waiters: list[asyncio.Future[WindowResult]] = []
         # When a fetch riding in a chain's batch was sent, until its reply (-inf: none).
         self.staged = -math.inf
 
@@ -108,14 +110,18 @@ class PrefetchWindow:
         slot = _take(stock)
         if slot is not None:
             return WindowResult(True, 0, 0.0, slot)
-        fetching = stock.fetching
-        if fetching is None:
-            fetching = stock.fetching = asyncio.ensure_future(self._fetch(key, stock))
-            fetching.add_done_callback(_retrieve)
-        # Shielded: a caller that is cancelled leaves the fetch to the others. The same
-        # stock after the wait: if its key was forgotten meanwhile (its origin left the
-        # check's table), it is not put back.
-        result = await asyncio.shield(fetching)
+        if stock.fetching is None:
+            waiters = stock.waiters = []
+            stock.fetching = asyncio.ensure_future(self._fetch(key, stock, waiters))
+            stock.fetching.add_done_callback(_retrieve)
+        # A future of its own, which the fetch answers: a caller that is cancelled
+        # leaves the fetch to the others (what asyncio.shield does, for one object
+        # instead of a dozen held while it waits). The same stock after the wait: if its
+        # key was forgotten meanwhile (its origin left the check's table), it is not put
+        # back.
+        waiter: asyncio.Future[WindowResult] = asyncio.get_running_loop().create_future()
+        stock.waiters.append(waiter)
+        result = await waiter
         if not result.admitted:
             return result
         # A permit of the fetch it waited for, even if its reply came after the bucket
@@ -126,15 +132,31 @@ class PrefetchWindow:
             return WindowResult(True, 0, 0.0, slot)
         return await self.window.acquire(key, self.limit, self.window_seconds)
 
-    async def _fetch(self, key: str, stock: _Stock) -> WindowResult:
+    async def _fetch(
+        self, key: str, stock: _Stock, waiters: list[asyncio.Future[WindowResult]]
+    ) -> None:
+        """Fetch a batch for ``stock`` and answer its ``waiters`` (the callers of
+        :meth:`acquire` that found it empty meanwhile) with the result, or the error."""
         try:
             now = self._grow(stock)
             got = await self.window.prefetch(key, self.limit, self.window_seconds, stock.size)
             if got.admitted:
                 self._stock_in(key, stock, got, now)
-            return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
-        finally:
+        except BaseException as exc:
             stock.fetching = None
+            for waiter in waiters:
+                if waiter.done():  # its caller was cancelled
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    waiter.cancel()
+                else:
+                    waiter.set_exception(exc)
+            raise
+        stock.fetching = None
+        result = WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(result)
 
     def fetch_call(self, key: str) -> tuple[ScriptCall, _Stock, float] | None:
         """A fetch as a call to send with other checks' calls (the chain's batch), for a
