@@ -74,6 +74,7 @@ class Run:
     redis_commands_per_req: float | None = None
     round_trips_per_req: float | None = None
     full_gcs_per_10k: float | None = None  # full (generation 2) collections
+    young_gcs_per_10k: float | None = None  # young (generation 0) collections
     gc_share: float | None = None  # of the server's CPU time, in collections
     gc_longest_ms: float | None = None  # the longest collection
 
@@ -311,9 +312,10 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
     cpu = None
     if before is not None and after is not None and out["requests"]:
         cpu = (after - before) / out["requests"] * 1e6
-    full_gcs = gc_share = gc_longest = None
+    full_gcs = young_gcs = gc_share = gc_longest = None
     if gc0 is not None and gc1 is not None and out["requests"]:
         full_gcs = (gc1["collections"][2] - gc0["collections"][2]) / out["requests"] * 10_000
+        young_gcs = (gc1["collections"][0] - gc0["collections"][0]) / out["requests"] * 10_000
         gc_longest = gc1["longest_s"] * 1000
         if before is not None and after is not None and after > before:
             gc_share = (sum(gc1["seconds"]) - sum(gc0["seconds"])) / (after - before)
@@ -330,6 +332,7 @@ def measure(server: Server, rnd: int, args: argparse.Namespace, prefix: list[str
         redis_commands_per_req=commands,
         round_trips_per_req=trips,
         full_gcs_per_10k=full_gcs,
+        young_gcs_per_10k=young_gcs,
         gc_share=gc_share,
         gc_longest_ms=gc_longest,
     )
@@ -482,6 +485,7 @@ def summarize(servers: list[Server]) -> dict[str, dict[str, Any]]:
             "round_trips_per_req": server.sequential[2] if server.sequential else None,
             "writes_per_req_under_load": _median_of(r.round_trips_per_req for r in runs),
             "full_gcs_per_10k": _median_of(r.full_gcs_per_10k for r in runs),
+            "young_gcs_per_10k": _median_of(r.young_gcs_per_10k for r in runs),
             "gc_share": _median_of(r.gc_share for r in runs),
             "gc_longest_ms": max(
                 (r.gc_longest_ms for r in runs if r.gc_longest_ms is not None), default=None
@@ -532,7 +536,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         f"{'variant':<20} {'req/s':>7} {'p99 ms':>7} {'cpu us/req':>10} {'capacity':>9} "
-        f"{'rps ratio':>9} {'scripts':>8} {'commands':>8} {'trips':>6} {'full gc':>7} "
+        f"{'rps ratio':>9} {'scripts':>8} {'commands':>8} {'trips':>6} {'young gc':>8} "
+        f"{'full gc':>7} "
         f"{'gc cpu':>6} {'gc max':>6}  req/s per round",
     ]
     for variant, row in rows.items():
@@ -546,6 +551,7 @@ def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
             f"{_fmt(row.get('redis_scripts_per_req'), '.2f'):>8} "
             f"{_fmt(row.get('redis_commands_per_req'), '.1f'):>8} "
             f"{_fmt(row.get('round_trips_per_req'), '.2f'):>6} "
+            f"{_fmt(row.get('young_gcs_per_10k'), '.1f'):>8} "
             f"{_fmt(row.get('full_gcs_per_10k'), '.1f'):>7} "
             f"{_fmt(_percent(row.get('gc_share')), '.1f'):>5}% "
             f"{_fmt(row.get('gc_longest_ms'), '.0f'):>6}  {per_round}{err}"
@@ -553,9 +559,9 @@ def print_table(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines.append(
         "capacity: plain's server CPU per request / the variant's (median of rounds); "
         f"scripts, commands (inside scripts too), round trips: per request on Redis, "
-        f"counted over {SEQUENTIAL} requests sent one at a time; full gc: the garbage "
-        "collector's full collections per 10k requests, gc cpu: its share of the server's "
-        "CPU, gc max: its longest pause in ms (of every round)"
+        f"counted over {SEQUENTIAL} requests sent one at a time; young gc, full gc: the "
+        "garbage collector's young and full collections per 10k requests, gc cpu: its "
+        "share of the server's CPU, gc max: its longest pause in ms (of every round)"
     )
     if "ymguard-redis" in rows and "slowapi-redis" in rows:
         ratio = rows["ymguard-redis"]["rps"] / rows["slowapi-redis"]["rps"]
