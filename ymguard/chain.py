@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 from .errors import Blocked, StorageUnavailable
 from .stats import ResourceStats
-from .storage.redis import Unanswered
+from .storage.redis import OUTAGE_ERRORS, Unanswered
 from .storage.tasks import in_background
 from .types import ASGIApp, Message, Receive, Scope
 
@@ -537,9 +537,8 @@ class Chain:
                     stages, store, j, following, asked = self._batch(ctx, i, stage)
                     replies: Any = ()  # no list to make when no check of the batch calls
                     if store is not None:
-                        # Tuples where a batch is one stage (the usual batch): a tuple of
-                        # one comes from CPython's free list and costs the collector
-                        # nothing while it waits, a list may.
+                        # A batch of one stage (the usual batch) sends a tuple of its
+                        # call, with no comprehension to run.
                         calls: Sequence[Any] = (
                             (stage.call,)
                             if len(stages) == 1
@@ -552,9 +551,7 @@ class Chain:
                             else:  # run_many's part, inline
                                 try:
                                     replies = await sent
-                                except asyncio.CancelledError:
-                                    raise
-                                except Exception as exc:  # the connection failed
+                                except OUTAGE_ERRORS as exc:  # the connection failed
                                     raise store.lost(exc) from exc
                                 if not store.replied(replies):
                                     replies = await store.mended(calls, replies)

@@ -414,6 +414,8 @@ class RedisStore(Store):
             StorageUnavailable: as :meth:`run` (the batch is refused or unanswered whole;
                 :class:`Unanswered` when some calls may have run).
         """
+        if not calls:
+            return []
         pipe = self._pipe
         if pipe is None:
             return await self._run_many_client(calls, always_try)
