@@ -27,9 +27,9 @@ as a bucket.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
-from typing import Any
 
 from ..storage.redis import ScriptCall
 from ..storage.tasks import in_background
@@ -53,7 +53,7 @@ class _Stock:
         self.slot: int | bytes = b""
         self.until = 0.0  # time.monotonic() at which the bucket ends (a little early)
         self.size = 1  # how many the next fetch asks for
-        self.fetching: asyncio.Future[None] | None = None
+        self.fetching: asyncio.Future[WindowResult] | None = None
         # The calls waiting for that fetch, a future each (see PrefetchWindow.acquire).
         self.waiters: list[asyncio.Future[WindowResult]] = []
         # When a fetch riding in a chain's batch was sent, until its reply (-inf: none).
@@ -111,14 +111,14 @@ class PrefetchWindow:
         if slot is not None:
             return WindowResult(True, 0, 0.0, slot)
         if stock.fetching is None:
+            fetching = stock.fetching = asyncio.ensure_future(self._fetch(key, stock))
             waiters = stock.waiters = []
-            stock.fetching = asyncio.ensure_future(self._fetch(key, stock, waiters))
-            stock.fetching.add_done_callback(_retrieve)
-        # A future of its own, which the fetch answers: a caller that is cancelled
-        # leaves the fetch to the others (what asyncio.shield does, for one object
-        # instead of a dozen held while it waits). The same stock after the wait: if its
-        # key was forgotten meanwhile (its origin left the check's table), it is not put
-        # back.
+            fetching.add_done_callback(functools.partial(_answer, stock, waiters))
+        # A future of its own, which the fetch's end answers (_answer): a caller that is
+        # cancelled leaves the fetch to the others (what asyncio.shield does, for one
+        # object instead of a dozen held while it waits). The same stock after the wait:
+        # if its key was forgotten meanwhile (its origin left the check's table), it is
+        # not put back.
         waiter: asyncio.Future[WindowResult] = asyncio.get_running_loop().create_future()
         stock.waiters.append(waiter)
         result = await waiter
@@ -132,31 +132,14 @@ class PrefetchWindow:
             return WindowResult(True, 0, 0.0, slot)
         return await self.window.acquire(key, self.limit, self.window_seconds)
 
-    async def _fetch(
-        self, key: str, stock: _Stock, waiters: list[asyncio.Future[WindowResult]]
-    ) -> None:
-        """Fetch a batch for ``stock`` and answer its ``waiters`` (the callers of
-        :meth:`acquire` that found it empty meanwhile) with the result, or the error."""
-        try:
-            now = self._grow(stock)
-            got = await self.window.prefetch(key, self.limit, self.window_seconds, stock.size)
-            if got.admitted:
-                self._stock_in(key, stock, got, now)
-        except BaseException as exc:
-            stock.fetching = None
-            for waiter in waiters:
-                if waiter.done():  # its caller was cancelled
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
-                    waiter.cancel()
-                else:
-                    waiter.set_exception(exc)
-            raise
-        stock.fetching = None
-        result = WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(result)
+    async def _fetch(self, key: str, stock: _Stock) -> WindowResult:
+        """Fetch a batch for ``stock``; :func:`_answer` hands its end to the callers of
+        :meth:`acquire` that found the stock empty meanwhile."""
+        now = self._grow(stock)
+        got = await self.window.prefetch(key, self.limit, self.window_seconds, stock.size)
+        if got.admitted:
+            self._stock_in(key, stock, got, now)
+        return WindowResult(got.admitted, got.remaining, got.wait_seconds, got.slot)
 
     def fetch_call(self, key: str) -> tuple[ScriptCall, _Stock, float] | None:
         """A fetch as a call to send with other checks' calls (the chain's batch), for a
@@ -253,10 +236,25 @@ def _take(stock: _Stock, late: bool = False) -> int | bytes | None:
     return stock.slot
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Read a fetch's outcome: its waiters got it (or were cancelled and left)."""
-    if not future.cancelled():
-        future.exception()
+def _answer(
+    stock: _Stock, waiters: list[asyncio.Future[WindowResult]], fetch: asyncio.Future[WindowResult]
+) -> None:
+    """A fetch ended (a done callback, so also when it was cancelled before it ran): each
+    caller still waiting gets its result, its error or its cancellation."""
+    if stock.fetching is fetch:
+        stock.fetching = None
+        stock.waiters = []
+    cancelled = fetch.cancelled()
+    error = None if cancelled else fetch.exception()  # retrieved: never "never retrieved"
+    for waiter in waiters:
+        if waiter.done():  # its caller was cancelled
+            continue
+        if cancelled:
+            waiter.cancel()
+        elif error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(fetch.result())
 
 
 __all__ = ["PrefetchWindow"]
