@@ -550,3 +550,23 @@ async def test_a_failed_fetch_reaches_every_caller_waiting_for_it() -> None:
     window.error = None
     assert (await stock.acquire("k")).admitted and window.fetches == 2
     stock.forget("k")
+
+
+async def test_a_fetch_cancelled_before_it_ran_answers_its_callers() -> None:
+    """A fetch task cancelled before its first step (its coroutine never entered, so no
+    code of its own runs): its callers are cancelled too, not left waiting, and the
+    stock fetches again on the next miss."""
+    window = HeldWindow(taken=3)
+    stock = PrefetchWindow(window, 1000)  # type: ignore[arg-type]
+    callers = [asyncio.ensure_future(stock.acquire("k")) for _ in range(2)]
+    await asyncio.sleep(0)  # both callers wait; the fetch task has not run a step yet
+    fetch = stock._stocks["k"].fetching
+    assert fetch is not None and window.fetches == 0
+    fetch.cancel()
+    async with asyncio.timeout(10):  # a bound, not a measure: before f47f246 they hung
+        outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    assert window.fetches == 0 and stock._stocks["k"].fetching is None
+    window.gate.set()
+    assert (await stock.acquire("k")).admitted and window.fetches == 1
+    stock.forget("k")
