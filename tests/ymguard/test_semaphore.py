@@ -156,6 +156,32 @@ async def test_the_keeper_lets_go_of_a_permit_nobody_references(store: Store) ->
     assert len(LeaseKeeper.of(store)) == 0
 
 
+async def test_short_holders_one_after_another_share_one_keeper_task(store: Store) -> None:
+    # Each lease is dropped before it is due (a call that holds a permit for less than a
+    # step of the loop, the usual one): the keeper's task sleeps until the first is due
+    # instead of looking at once, finding nothing and ending (a task per call or burst).
+    sem = Semaphore("s", 1, 30, store)
+    keeper = LeaseKeeper.of(store)
+    tasks = set()
+    for i in range(5):
+        keeper.keep(sem._backend, f"p{i}", 30).stop()
+        assert keeper._task is not None
+        tasks.add(keeper._task)
+        for _ in range(5):  # steps of the loop, for the task to run
+            await asyncio.sleep(0)
+    assert len(tasks) == 1 and not keeper._task.done() and len(keeper) == 0
+    # A shorter lease, due before the sleeping task would wake (10 s), wakes it: it is
+    # renewed in time (every 0.2 s), so it is still held after its 0.6 s.
+    held = await sem.acquire()
+    kept = keeper.keep(sem._backend, held.id, 0.6)
+    await asyncio.sleep(0.9)
+    kept.stop()
+    assert not kept.lost
+    assert await held.release() is True  # still held: it did not expire
+    await close_store_tasks(store)
+    assert keeper._task is None
+
+
 async def test_set_and_add_permits_are_shared_and_wake_waiters(store: Store) -> None:
     a = Semaphore("s", 1, 5, store)
     b = Semaphore("s", 1, 5, store)

@@ -525,8 +525,9 @@ class LeaseKeeper:
     A holder registers with :meth:`keep` and leaves with :meth:`drop`: an append to a
     queue and a flag, on every request that holds a permit. The task wakes when the oldest
     lease reaches a third of its length, renews every lease that old (one script per
-    semaphore for all of them), and ends when nothing is kept. Most requests end long
-    before a third of their lease and cost the keeper nothing more.
+    semaphore for all of them), and ends when it finds nothing kept. Most requests end
+    long before a third of their lease and cost the keeper nothing more: not a look, not
+    a wake-up, not a task (it sleeps from its start until its first lease is due).
 
     Leases come in young: held in a queue until they are first due (dropped ones leave it
     from its head, or when the task looks). The task then moves those still kept among the
@@ -582,8 +583,11 @@ class LeaseKeeper:
             young = self._young = collections.deque(k for k in young if not k.dropped)
             self._compact_at = max(_COMPACT_AT, 2 * len(young))
         if self._task is None or self._task.done():
+            # It first sleeps until this lease is due: most are dropped before.
+            self._next_due = kept.due
             self._task = self.loop.create_task(self._run())
-        elif kept.due < self._next_due:
+        elif kept.due < self._next_due:  # due before the task wakes: wake it to look
+            self._next_due = kept.due
             self._changed.set()
         return kept
 
@@ -612,13 +616,24 @@ class LeaseKeeper:
             self._task = None
 
     async def _run(self) -> None:
+        # Asleep until the soonest lease can be due (``_next_due``, which :meth:`keep`
+        # sets when it starts the task, and moves earlier for a shorter lease: then it
+        # wakes the task, which sleeps again until then), then a look. Never a look
+        # before: leases are usually kept and dropped by calls that end within a step of
+        # the loop (a burst of them together), and a task that looked early would find
+        # them gone and end, to be started again by the next burst (a task per burst).
         try:
-            while (next_due := await self._renew_due()) is not None:
-                self._next_due = next_due
-                self._changed.clear()
+            while True:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(next_due):
+                    async with asyncio.timeout_at(self._next_due):
                         await self._changed.wait()
+                if self._changed.is_set():  # woken: the wake-up moved earlier
+                    self._changed.clear()
+                    continue
+                next_due = await self._renew_due()
+                if next_due is None:
+                    return
+                self._next_due = next_due
         finally:
             self._task = None
             self._next_due = math.inf
