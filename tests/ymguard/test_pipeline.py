@@ -12,7 +12,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.helpers import RedisServer
 from ymguard.storage.pipeline import AutoPipeline
-from ymguard.storage.redis import RedisStore, ScriptCall
+from ymguard.storage.redis import ArgsPacker, RedisStore, ScriptCall, evalsha
 
 
 async def test_concurrent_commands_get_their_own_replies(redis_url: str, prefix: str) -> None:
@@ -268,3 +268,35 @@ async def test_an_outage_met_by_a_detached_call_outlasts_the_calls_answered_befo
     assert not store.available  # down, and not over
     assert store.outages == 1
     await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (3, 5000, "0123abcd", 0, "ymt:{p}:wake"),
+        (True, False, 1.5, b"raw", "caf\u00e9 \u2603"),  # bools (packed in Python), non-ASCII
+        tuple(range(12)),  # ten arguments and more: a longer header
+    ],
+)
+async def test_a_packer_packs_what_evalsha_packs(redis_url: str, prefix: str, args: tuple) -> None:
+    store = RedisStore(redis_url, key_prefix=prefix)
+    script = store.script("return {KEYS[1], KEYS[2], unpack(ARGV)}")
+    keys = (store.key("t", "a"), store.key("t", "b\u00e9"))
+    packer = store.packer(script, keys, len(args))
+    assert packer is not None
+    assert packer.pack(args) == evalsha(script, keys, args)
+    # Redis reads it as it reads the call packed whole (a wrong header would shift every
+    # later reply on the connection: the second call checks that too).
+    packed = ScriptCall(script, keys, args, packer.pack(args))
+    whole = ScriptCall(script, keys, args)
+    first, second = await store.run_many([packed, whole])
+    assert first == second and len(first) == 2 + len(args)
+    with pytest.raises(ValueError, match="arguments for a packer"):
+        packer.pack(args[:-1])
+    await store.aclose()
+
+
+def test_a_store_without_a_pipelined_connection_packs_nothing() -> None:
+    store = RedisStore("redis+cluster://127.0.0.1:1", key_prefix="x")
+    assert store.packer(store.script("return 1"), ("k",), 1) is None
+    assert isinstance(ArgsPacker(store.script("return 1"), ("k",), 1).pack((1,)), bytes)

@@ -367,6 +367,12 @@ class RedisPermits:
         self._renew = store.script(lua("permit_renew", "permit_lib"))
         self._state = store.script(lua("permit_state", "permit_lib"))
         self._set = store.script(lua("permit_set", "permit_lib"))
+        # Acquire and release run on every request of a chain: their command, sha and
+        # keys packed once (None on a cluster: its client packs).
+        acquire = store.packer(self._acquire, keys.all, 5)
+        release = store.packer(self._release, keys.all, 3)
+        self._pack_acquire = None if acquire is None else acquire.pack
+        self._pack_release = None if release is None else release.pack
 
     async def acquire(
         self, permit_id: str, permits: int, lease: float, place: float = 0.0
@@ -380,14 +386,17 @@ class RedisPermits:
     ) -> ScriptCall:
         """:meth:`acquire` as a call for ``RedisStore.run_many`` (reply: :meth:`acquired`)."""
         self.permits = permits
-        args = (permits, math.ceil(lease * 1000), permit_id, math.ceil(place * 1000))
-        return ScriptCall(self._acquire, self.keys.all, (*args, self.keys.channel))
+        keys = self.keys
+        args = (permits, math.ceil(lease * 1000), permit_id, math.ceil(place * 1000), keys.channel)
+        packer = self._pack_acquire
+        return ScriptCall(self._acquire, keys.all, args, None if packer is None else packer(args))
 
     def release_call(self, permit_id: str) -> ScriptCall:
         """:meth:`release` as a call for ``RedisStore.run_many`` (always tried)."""
-        return ScriptCall(
-            self._release, self.keys.all, (permit_id, self.permits, self.keys.channel)
-        )
+        keys = self.keys
+        args = (permit_id, self.permits, keys.channel)
+        packer = self._pack_release
+        return ScriptCall(self._release, keys.all, args, None if packer is None else packer(args))
 
     @staticmethod
     def acquired(reply: Any) -> AcquireResult:
