@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import hiredis
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -300,3 +301,40 @@ def test_a_store_without_a_pipelined_connection_packs_nothing() -> None:
     store = RedisStore("redis+cluster://127.0.0.1:1", key_prefix="x")
     assert store.packer(store.script("return 1"), ("k",), 1) is None
     assert isinstance(ArgsPacker(store.script("return 1"), ("k",), 1).pack((1,)), bytes)
+
+
+async def test_a_connection_lost_right_after_its_setup_fails_its_callers() -> None:
+    """The server accepts, answers AUTH and closes at once (a restart, a proxy): the
+    callers that waited for the connection get it already lost. They fail with the loss,
+    not wait forever (the watchdog the setup had armed was cancelled and never re-armed),
+    and the next call connects again."""
+    closing = True
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                writer.write(b"+OK\r\n" if command[0].upper() == b"AUTH" else b":1\r\n")
+            await writer.drain()
+            if closing:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pipe = AutoPipeline(f"redis://:pw@127.0.0.1:{port}", timeout=0.5, connect_timeout=2)
+    async with asyncio.timeout(10):  # a bound, not a measure: they hung before
+        outcomes = await asyncio.gather(
+            *(pipe.execute("PING") for _ in range(3)), return_exceptions=True
+        )
+    assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
+    closing = False
+    async with asyncio.timeout(10):
+        assert await pipe.execute("PING") == 1  # a new connection
+    pipe.close()
+    server.close()
+    await server.wait_closed()

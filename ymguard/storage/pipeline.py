@@ -142,6 +142,7 @@ class _Protocol(asyncio.Protocol):
         self.lost = error
         if self.watchdog is not None:
             self.watchdog.cancel()
+            self.watchdog = None
         while self.waiters:
             future = self.waiters.popleft()[0]
             if not future.done():
@@ -151,6 +152,9 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, data: bytes) -> asyncio.Future[Any]:
         future = self.loop.create_future()
+        if self.lost is not None:  # a caller that got the connection as it was lost
+            future.set_exception(self.lost)
+            return future
         self.waiters.append((future, self.loop.time() + self.timeout, None, 1))
         self.pending.append(data)
         self._queued()
@@ -171,6 +175,9 @@ class _Protocol(asyncio.Protocol):
         raised; a lost connection fails the future.
         """
         future = self.loop.create_future()
+        if self.lost is not None:  # a caller that got the connection as it was lost
+            future.set_exception(self.lost)
+            return future
         if not packed:  # nothing to wait for (a waiter for no reply would take the next)
             future.set_result([])
             return future
@@ -292,6 +299,8 @@ class AutoPipeline:
         finally:
             if connecting.done():
                 self._connecting = None
+        if protocol.lost is not None:  # lost in the steps since it was set up
+            raise protocol.lost
         return protocol
 
     def send_now(self, packed: bytes) -> asyncio.Future[Any] | None:
