@@ -713,11 +713,18 @@ class Chain:
         # store's on_storage_error (the store now fails fast). One that decided without a
         # call (a prefetched permit) keeps its decision.
         for k, st in enumerate(stages, first):
-            if st.call is None:
-                assert st.decide is not None
-                tokens.append(st.decide(None))
-            else:
-                tokens.append(await self.checks[k].enter(ctx))
+            try:
+                if st.call is None:
+                    assert st.decide is not None
+                    tokens.append(st.decide(None))
+                else:
+                    tokens.append(await self.checks[k].enter(ctx))
+            except BaseException:
+                # Refused (or cancelled): enter's handler gives back what the tokens hold;
+                # the later checks that decided without a call took something already (a
+                # prefetched permit), which no token holds yet: given back here.
+                _undo_all([s for s in stages[k - first + 1 :] if s.call is None])
+                raise
 
     def _decide_batch(
         self, ctx: Context, tokens: list[Any], first: int, stages: Sequence[Stage], replies: Any

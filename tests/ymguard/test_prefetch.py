@@ -23,6 +23,7 @@ from ymguard.backends._lua import lua
 from ymguard.backends.prefetch import PrefetchWindow
 from ymguard.backends.window import Prefetched, RedisWindow
 from ymguard.chain import Chain, CheckStatus
+from ymguard.errors import StorageBlocked
 from ymguard.limiter import QpsCheck
 from ymguard.rules import load_rules_text
 from ymguard.storage import RedisStore, Store, store_from_uri
@@ -494,6 +495,40 @@ async def test_an_outage_met_by_a_batch_takes_one_permit_per_call(
     results = await asyncio.gather(*(chain.enter(Context(RESOURCE)) for _ in range(5)))
     assert len(results) == 5  # all admitted (local counts)
     assert held - stock.held() == 5  # one permit per call
+    await guard.aclose()
+
+
+async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit(
+    redis_url: str, prefix: str
+) -> None:
+    # [concurrency (a call), qps prefetched (a permit of the stock, no call)] in one batch;
+    # the connection is lost before the reply and on_storage_error is closed: the
+    # concurrency check refuses, and the permit the qps check took goes back to the stock.
+    rules = {"flow": [{"concurrency": 100}, {"qps": 100_000, "prefetch": True}]}
+    guard = Guard(
+        {"key_prefix": prefix, "on_storage_error": "closed", "resources": {RESOURCE: rules}},
+        storage=redis_url,
+    )
+    chain = guard.chain(RESOURCE)
+    stock = stock_of_check(chain.checks[1])
+    for _ in range(200):  # grow the batches until the stock holds some
+        ctx = Context(RESOURCE)
+        await chain.exit(ctx, await chain.enter(ctx))
+        if stock.held() >= 3:
+            break
+    for kept in stock._stocks.values():  # the test's own clock: the bucket runs on
+        kept.until = time.monotonic() + 60
+    held = stock.held()
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    await asyncio.sleep(0)  # the batch is queued...
+    store = guard.store
+    assert isinstance(store, RedisStore) and store._pipe is not None
+    store._pipe._protocol.transport.abort()  # ...and its connection lost
+    with pytest.raises(StorageBlocked):
+        await entering
+    for _ in range(20):  # the give-back runs in the background: loop steps
+        await asyncio.sleep(0)
+    assert stock.held() == held
     await guard.aclose()
 
 
