@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,11 @@ STANDARD_METHODS = frozenset(
 _background: set[asyncio.Task[None]] = set()
 
 
+#: A resolved request: its resource, its path params, and whether its endpoint runs in a
+#: worker thread (:func:`runs_in_thread`).
+_Resolved = tuple[str, Mapping[str, Any], bool]
+
+
 def _template(route: Any) -> str:
     return str(getattr(route, "path_format", None) or getattr(route, "path", ""))
 
@@ -50,6 +57,14 @@ def resolve_route(
     route that matches the path but not the method serves nothing (the app answers 405):
     None, so that invented methods never become resources.
     """
+    found = _resolve_route(routes, scope, prefix)
+    return None if found is None else (found[0], found[1])
+
+
+def _resolve_route(
+    routes: Sequence[Any], scope: Scope, prefix: str
+) -> tuple[str, Mapping[str, Any], Any] | None:
+    """:func:`resolve_route`, and the route found (a mount without routes: the mount)."""
     for route in routes:
         match, child = route.matches(scope)
         if match is not Match.FULL:
@@ -58,22 +73,33 @@ def resolve_route(
         if candidates is not None:
             # FastAPI >= 0.120 keeps included routers whole; their candidates carry the
             # prefixed templates and match the full path themselves.
-            found = resolve_route(candidates(), scope, prefix)
+            found = _resolve_route(candidates(), scope, prefix)
             if found is not None:
                 return found
             continue
         params = child.get("path_params", {})
         if isinstance(route, Host):  # a virtual host: its routes name the resource
-            return resolve_route(route.routes, {**scope, **child}, prefix)
+            return _resolve_route(route.routes, {**scope, **child}, prefix)
         if isinstance(route, Mount):
-            found = resolve_route(route.routes, {**scope, **child}, prefix + route.path)
+            found = _resolve_route(route.routes, {**scope, **child}, prefix + route.path)
             if found is not None:
                 return found
             if route.routes or scope["method"] not in STANDARD_METHODS:
                 return None  # its router answers 404/405; an invented method is no name
-            return prefix + _template(route), params
-        return prefix + _template(route), params
+            return prefix + _template(route), params, route
+        return prefix + _template(route), params, route
     return None
+
+
+def runs_in_thread(route: Any) -> bool:
+    """Whether ``route``'s endpoint is a plain function, which Starlette and FastAPI run
+    in a worker thread: cancelling its request does not stop it."""
+    endpoint = getattr(route, "endpoint", None)
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    if not (inspect.isfunction(endpoint) or inspect.ismethod(endpoint)):
+        return False  # an ASGI app or an endpoint class: it runs in the request's task
+    return not (inspect.iscoroutinefunction(endpoint) or inspect.isasyncgenfunction(endpoint))
 
 
 def routes_by_host(routes: Sequence[Any]) -> bool:
@@ -336,12 +362,14 @@ class GuardMiddleware:
     def __init__(self, app: ASGIApp, guard: Guard) -> None:
         self.app = app
         self.guard = guard
-        self._resources: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]] | None] = {}
+        # By (method, root path, path): the resource, its path params, and whether its
+        # endpoint runs in a worker thread (None: no route serves it).
+        self._resources: dict[tuple[str, str, str], _Resolved | None] = {}
         self._router = getattr(app, "router", None)
         self._by_host: bool | None = None  # whether Host routes exist (known at first use)
         self._started = False
 
-    def _resolve(self, scope: Scope) -> tuple[str, Mapping[str, Any]] | None:
+    def _resolve(self, scope: Scope) -> _Resolved | None:
         method = scope["method"]
         cache_key = (method, scope.get("root_path", ""), scope["path"])
         try:
@@ -349,14 +377,15 @@ class GuardMiddleware:
         except KeyError:
             pass
         router = getattr(scope.get("app"), "router", None) or self._router
-        found: tuple[str, Mapping[str, Any]] | None
+        resolved: _Resolved | None = None
         if router is not None:
-            found = resolve_route(router.routes, scope)
+            found = _resolve_route(router.routes, scope, "")
+            if found is not None:
+                template, params, route = found
+                resolved = (f"{method} {template}", params, runs_in_thread(route))
         elif f"{method} {scope['path']}" in self.guard.rules.resources:
-            found = (scope["path"], {})  # no routes to ask: only paths the rules name
-        else:
-            found = None
-        resolved = (f"{method} {found[0]}", found[1]) if found is not None else None
+            # No routes to ask: only paths the rules name.
+            resolved = (f"{method} {scope['path']}", {}, False)
         if self._by_host is None:
             self._by_host = router is not None and routes_by_host(router.routes)
         # Cached by method and path, unless virtual hosts share paths: then never.
@@ -384,7 +413,7 @@ class GuardMiddleware:
         guard = self.guard
         if guard.sync_bridge.loop is None:
             guard.bind_loop()
-        resource, params = resolved
+        resource, params, threaded = resolved
         # The guard's own lookups, without a method call each (they run on every request):
         # the chain (compiled on first use for a route without rules) and the origin (None
         # without an origin rule).
@@ -411,7 +440,10 @@ class GuardMiddleware:
         sender = _status_sender(ctx, send)
         reset = current_context.set(ctx)
         try:
-            if chain.release_on_disconnect:
+            # Not where the endpoint runs in a worker thread: cancelling its request
+            # would give the permit back while the thread runs on, holding what the
+            # permit guards (the permit comes back when the thread is done).
+            if chain.release_on_disconnect and not threaded:
                 if await run_until_disconnect(
                     # A bound method, not a lambda: a closure over ctx would cost a cell
                     # on every request, watched or not.

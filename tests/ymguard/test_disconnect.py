@@ -4,11 +4,15 @@ call never starts a watcher task (issue 14: no per-request task where it can be 
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
-from ymguard.middleware import WATCH_AFTER, run_until_disconnect
+from ymguard import Guard, GuardMiddleware
+from ymguard.middleware import WATCH_AFTER, run_until_disconnect, runs_in_thread
 
 BODY = {"type": "http.request", "body": b"", "more_body": False}
 DISCONNECT = {"type": "http.disconnect"}
@@ -276,3 +280,64 @@ async def test_a_stream_that_reads_the_disconnect_itself_counts_as_gone() -> Non
     leaving = asyncio.ensure_future(leave_later())
     assert await run_until_disconnect(app, {}, client.receive, send, lambda: False) is True
     await leaving
+
+
+def test_endpoints_run_in_a_worker_thread_are_told_apart() -> None:
+    def plain() -> None: ...
+
+    async def coroutine() -> None: ...
+
+    class Endpoint:
+        pass
+
+    def route(endpoint: Any) -> Any:
+        return type("Route", (), {"endpoint": endpoint})()
+
+    assert runs_in_thread(route(plain)) and runs_in_thread(route(functools.partial(plain)))
+    assert not runs_in_thread(route(coroutine)) and not runs_in_thread(route(Endpoint))
+    assert not runs_in_thread(object())  # a mount: an ASGI app, in the request's task
+
+
+async def test_a_sync_endpoint_keeps_its_permit_until_its_thread_is_done() -> None:
+    # Cancelling the request would not stop the worker thread running the endpoint: the
+    # permit given back at the disconnect would let a second copy of what it guards run.
+    release, entered = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.get("/slow")
+    def slow() -> dict[str, bool]:
+        entered.set()
+        release.wait(30)
+        return {"ok": True}
+
+    guard = Guard({"resources": {"GET /slow": {"semaphore": {"permits": 1}}}}, storage="memory://")
+    app.add_middleware(GuardMiddleware, guard=guard)
+    guard.install(app)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/slow",
+        "raw_path": b"/slow",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    client = Client(BODY)
+    call = asyncio.ensure_future(app(scope, client.receive, send))
+    assert await asyncio.to_thread(entered.wait, 30)  # the thread runs the endpoint
+    await asyncio.sleep(WATCH_AFTER * 3)  # long enough to be watched, were it watched
+    client.leave.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    sem = guard.semaphore("GET /slow")
+    assert not call.done() and await sem.held() == 1  # not cancelled: the thread runs on
+    release.set()
+    async with asyncio.timeout(30):  # a bound, not a measure
+        await call
+    assert await sem.held() == 0
+    await guard.aclose()
