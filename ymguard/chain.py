@@ -276,6 +276,12 @@ class Stage:
 
     __slots__ = ("call", "decide", "store", "undo")
 
+    #: Takes the reply of an ``enter`` call whose caller was cancelled before it was read,
+    #: when it comes (a class attribute; a subclass may define it as a method): for a call
+    #: whose ``undo`` cannot know what to give back (a prefetch's fetch: its permits are
+    #: stocked for the other calls).
+    late: Callable[[Any], None] | None = None
+
     def __init__(
         self,
         store: Any,
@@ -557,6 +563,8 @@ class Chain:
                                     replies = await store.mended(calls, replies)
                         except asyncio.CancelledError:
                             _undo_all(stages)
+                            if sent is not None:
+                                _hear_late(store, sent, stages)
                             raise
                         except StorageUnavailable as exc:
                             await self._batch_unavailable(ctx, tokens, i, stages, exc)
@@ -915,6 +923,50 @@ class Chain:
     async def _unwind(self, ctx: Context, tokens: Sequence[Any]) -> None:
         """Give back what the checks that admitted a blocked call took, the last first."""
         await self._exits(ctx, tokens, range(len(tokens) - 1, -1, -1))
+
+
+def _hear_late(store: Any, sent: asyncio.Future[Any], stages: Sequence[Stage]) -> None:
+    """A cancelled batch's stages that take a late reply (``late``) get it when it comes."""
+    for stage in stages:
+        if stage.call is not None and stage.late is not None:
+            break
+    else:
+        return  # the usual batch: nothing to hear
+    receiver = _LateReplies(stages)
+    if not sent.done() or sent.cancelled():
+        store.redirect(sent, receiver)  # the replies, when they come (unless lost)
+    elif sent.exception() is None:  # read already (cancelled while it was mended)
+        receiver.set_result(sent.result())
+
+
+class _LateReplies:
+    """The replies of a cancelled batch, handed to its stages' ``late`` (the connection
+    hands them over as to a caller's future; no task waits)."""
+
+    __slots__ = ("stages",)
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = stages
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, replies: list[Any]) -> None:
+        answers = iter(replies)
+        for stage in self.stages:
+            if stage.call is None:
+                continue
+            reply = next(answers, None)
+            late = stage.late
+            if late is None or reply is None or isinstance(reply, BaseException):
+                continue
+            try:
+                late(reply)
+            except Exception:
+                log.exception("ymguard: a late reply could not be taken")
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Lost with the connection: what the calls took counts until its window ends."""
 
 
 def _undo_all(stages: Sequence[Stage]) -> None:

@@ -558,6 +558,15 @@ class _FetchStage(Stage):
             self.check._refuse(WindowResult(False, got.remaining, got.wait_seconds, got.slot))
         return (self.window, self.key, slot)
 
+    def late(self, reply: Any) -> None:
+        """The reply after its caller was cancelled: the permits it brought are stocked for
+        the other calls, the caller's own one too (else they would count, unused, until
+        their bucket leaves the window)."""
+        got = self.window.prefetched(reply)
+        slot = self.prefetch.stocked(self.key, self.stock, got, self.sent_at)
+        if slot is not None and not self.prefetch.give_back(self.key, slot):
+            in_background(self.window.refund(self.key, slot, 1))
+
 
 class _AcquireStage(Stage):
     """A concurrency permit's acquire in the chain's batch (``decide`` and ``undo`` are

@@ -8,6 +8,7 @@ outages follow ``on_storage_error``; the same answers as without it on every sto
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from typing import Any
@@ -529,6 +530,34 @@ async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit
     for _ in range(20):  # the give-back runs in the background: loop steps
         await asyncio.sleep(0)
     assert stock.held() == held
+    await guard.aclose()
+
+
+async def test_a_fetch_whose_caller_was_cancelled_stocks_its_permits(
+    redis_url: str, prefix: str
+) -> None:
+    # The fetch rides in its chain's batch, and its caller is cancelled before the reply
+    # is read: the reply, when it comes, still reaches the stock (the permits it took are
+    # the other calls', not left counted in the window unused until it passes).
+    rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 100}]}
+    guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
+    chain = guard.chain(RESOURCE)
+    check = chain.checks[0]
+    assert isinstance(check, QpsCheck) and check._default is not None
+    ctx = Context(RESOURCE)
+    await chain.exit(ctx, await chain.enter(ctx))  # connected, scripts loaded
+    kept = stock_of_check(check)._stock(check._default[0])
+    kept.left = 0  # the stock is empty: the next call's batch carries a fetch
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    await asyncio.sleep(0)  # the batch is queued, its reply not read
+    assert kept.staged > 0
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    store = guard.store
+    assert isinstance(store, RedisStore)
+    await store.settle()  # every reply has come
+    assert kept.staged == -math.inf  # the fetch's reply was stocked
     await guard.aclose()
 
 

@@ -347,6 +347,20 @@ class AutoPipeline:
         protocol._queued()
         return True
 
+    def redirect(self, future: asyncio.Future[Any], receiver: Any) -> bool:
+        """Hand the replies ``future`` waits for (its caller was cancelled) to ``receiver``
+        instead, as :meth:`send_many_detached` hands them; False if they are not awaited
+        any more (read already, or the connection lost)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return False
+        waiters = protocol.waiters
+        for i, (waiting, deadline, batch, expected) in enumerate(waiters):
+            if waiting is future:
+                waiters[i] = (receiver, deadline, batch, expected)
+                return True
+        return False
+
     async def send_many(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
         """Connect if needed, then queue several packed commands in one write."""
         protocol = await self._ready()

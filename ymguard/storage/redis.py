@@ -516,6 +516,13 @@ class RedisStore(Store):
             self._mark_up()
         return replies
 
+    def redirect(self, sent: asyncio.Future[Any], receiver: Any) -> bool:
+        """Hand the replies of :meth:`send_many_now`'s future ``sent``, whose caller was
+        cancelled, to ``receiver`` (``set_result`` with the list, or ``set_exception``)
+        when they come; False if they will not come to it (read already, or lost)."""
+        pipe = self._pipe
+        return pipe is not None and pipe.redirect(sent, receiver)
+
     def lost(self, exc: BaseException) -> Unanswered:
         """Calls sent on the pipelined connection met its failure (``exc``, from the
         future of :meth:`send_many_now`): the store is marked down, and the error its
