@@ -176,6 +176,10 @@ class Context:
         """Whether the whole response has been sent (``answered``), as a callable."""
         return self.answered
 
+    def is_started(self) -> bool:
+        """Whether the response has started (``status`` is set), as a callable."""
+        return self.status is not None
+
     def __repr__(self) -> str:
         return f"Context({self.resource!r}, origin={self.origin!r}, status={self.status!r})"
 

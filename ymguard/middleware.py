@@ -91,15 +91,44 @@ def _resolve_route(
     return None
 
 
-def runs_in_thread(route: Any) -> bool:
-    """Whether ``route``'s endpoint is a plain function, which Starlette and FastAPI run
-    in a worker thread: cancelling its request does not stop it."""
+def runs_in_thread(route: Any, method: str = "GET") -> bool:
+    """Whether serving ``route`` (for ``method``) may run work in a worker thread, which
+    cancelling its request does not stop: Starlette and FastAPI run plain functions there
+    (a ``def`` endpoint, an endpoint class's ``def`` handler, a callable object with a
+    plain ``__call__``, a ``def`` dependency)."""
+    dependant = getattr(route, "dependant", None)  # FastAPI: the endpoint and what it needs
+    if dependant is not None:
+        return _threaded(dependant)
     endpoint = getattr(route, "endpoint", None)
-    while isinstance(endpoint, functools.partial):
-        endpoint = endpoint.func
-    if not (inspect.isfunction(endpoint) or inspect.ismethod(endpoint)):
-        return False  # an ASGI app or an endpoint class: it runs in the request's task
-    return not (inspect.iscoroutinefunction(endpoint) or inspect.isasyncgenfunction(endpoint))
+    if endpoint is None:
+        return False  # a mount: an ASGI app, in the request's task
+    if inspect.isclass(endpoint):  # an endpoint class (HTTPEndpoint): its method's handler
+        handler = getattr(endpoint, method.lower(), None)
+        if handler is None and method == "HEAD":
+            handler = getattr(endpoint, "get", None)
+        return handler is not None and not _is_async(handler)
+    return not _is_async(endpoint)
+
+
+def _threaded(dependant: Any) -> bool:
+    """Whether a FastAPI dependant or any of its dependencies is called in a thread."""
+    call = getattr(dependant, "call", None)
+    if call is not None and not _is_async(call):
+        return True
+    return any(_threaded(sub) for sub in getattr(dependant, "dependencies", ()))
+
+
+def _is_async(call: Any) -> bool:
+    """Whether ``call`` runs in the caller's task (a coroutine or an async generator
+    function, or an object whose ``__call__`` is one), as Starlette and FastAPI tell."""
+    while isinstance(call, functools.partial):
+        call = call.func
+    if inspect.isclass(call):
+        return False  # instantiated in a thread by FastAPI
+    for candidate in (call, getattr(call, "__call__", None)):  # noqa: B004
+        if inspect.iscoroutinefunction(candidate) or inspect.isasyncgenfunction(candidate):
+            return True
+    return False
 
 
 def routes_by_host(routes: Sequence[Any]) -> bool:
@@ -120,7 +149,12 @@ WATCH_AFTER = 0.05
 
 
 async def run_until_disconnect(
-    app: ASGIApp, scope: Scope, receive: Receive, send: Send, finished: Callable[[], bool]
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    finished: Callable[[], bool],
+    started: Callable[[], bool] | None = None,
 ) -> bool:
     """Run ``app``, cancelling it if the client disconnects before the response is done.
 
@@ -131,6 +165,11 @@ async def run_until_disconnect(
     sooner never starts the watcher: no task, no queue and no timer of its own (one timer
     per event loop looks over the calls in flight). While the app itself waits in
     ``receive`` the watcher waits too (the app will see a disconnect itself).
+
+    ``started``, for an app that may run work in a worker thread (:func:`runs_in_thread`),
+    tells whether its response has started: a disconnect before then cancels the app only
+    when it starts its response (its thread has returned by then), not while the thread
+    runs on after a cancellation, holding what its permit guards.
 
     Returns:
         True if the client went away before the response was done: the app was cancelled,
@@ -144,9 +183,9 @@ async def run_until_disconnect(
     sweeper = _sweeper
     if sweeper is None or sweeper.loop is not loop:
         sweeper = _new_sweeper(loop)
-    call = _Watched(this, receive, finished, sweeper)
+    call = _Watched(this, receive, finished, sweeper, send, started)
     try:
-        await app(scope, call.app_receive, send)
+        await app(scope, call.app_receive, send if started is None else call.app_send)
     except asyncio.CancelledError:
         if call.gone:
             this.uncancel()  # our own cancellation, taken back whatever else cancels
@@ -169,6 +208,7 @@ class _Watched:
 
     __slots__ = (
         "arrived",
+        "deferred",
         "ended",
         "finished",
         "gone",
@@ -176,7 +216,9 @@ class _Watched:
         "left",
         "reading",
         "receive",
+        "send",
         "since",
+        "started",
         "sweeper",
         "task",
         "watcher",
@@ -188,11 +230,16 @@ class _Watched:
         receive: Receive,
         finished: Callable[[], bool],
         sweeper: _Sweeper,
+        send: Send,
+        started: Callable[[], bool] | None = None,
     ) -> None:
         self.task = task
         self.receive = receive
         self.finished = finished
         self.sweeper = sweeper
+        self.send = send
+        self.started = started
+        self.deferred = False  # its client left while a worker thread may run: cancel later
         self.since = sweeper.loop.time()
         self.reading = 0  # the app's own receive() calls in progress (before the watcher)
         self.watcher: asyncio.Task[None] | None = None
@@ -248,13 +295,31 @@ class _Watched:
                 if message["type"] == "http.disconnect":
                     self.ended = True
                     if not self.finished():
-                        self.gone = True
-                        self.task.cancel()
+                        self.left = True
+                        if self.started is not None and not self.started():
+                            self.deferred = True  # at its response's start (app_send)
+                        else:
+                            self.gone = True
+                            self.task.cancel()
                     return
         except Exception as exc:  # the server's receive failed: the app meets it
             self.ended = exc
             self._wake()
             raise
+
+    def app_send(self, message: Message) -> Awaitable[None]:
+        """The ``send`` an app that may run a worker thread gets: a cancellation deferred
+        while its thread could run lands when its response starts (the thread is done)."""
+        if self.deferred and message["type"] == "http.response.start":
+            # Not sent (nobody reads it): the app meets a cancellation here, as if the
+            # watcher had cancelled it. Not task.cancel(): from within the task it would
+            # land at the task's next wait, maybe after the call (uvicorn's own code).
+            self.deferred = False
+            self.gone = True
+            gone = self.sweeper.loop.create_future()
+            gone.cancel()
+            return gone
+        return self.send(message)
 
     def _wake(self) -> None:
         waiter = self.arrived
@@ -382,7 +447,7 @@ class GuardMiddleware:
             found = _resolve_route(router.routes, scope, "")
             if found is not None:
                 template, params, route = found
-                resolved = (f"{method} {template}", params, runs_in_thread(route))
+                resolved = (f"{method} {template}", params, runs_in_thread(route, method))
         elif f"{method} {scope['path']}" in self.guard.rules.resources:
             # No routes to ask: only paths the rules name.
             resolved = (f"{method} {scope['path']}", {}, False)
@@ -440,18 +505,19 @@ class GuardMiddleware:
         sender = _status_sender(ctx, send)
         reset = current_context.set(ctx)
         try:
-            # Not where the endpoint runs in a worker thread: cancelling its request
-            # would give the permit back while the thread runs on, holding what the
-            # permit guards (the permit comes back when the thread is done).
-            if chain.release_on_disconnect and not threaded:
+            if chain.release_on_disconnect:
                 if await run_until_disconnect(
-                    # A bound method, not a lambda: a closure over ctx would cost a cell
+                    # Bound methods, not lambdas: a closure over ctx would cost a cell
                     # on every request, watched or not.
                     self.app,
                     scope,
                     ctx.receive or receive,
                     sender,
                     ctx.is_answered,
+                    # Where the route may run a worker thread, a disconnect before the
+                    # response starts cancels at its start: cancelled while the thread
+                    # ran, the call would give its permit back with the thread running on.
+                    ctx.is_started if threaded else None,
                 ):
                     ctx.status = CLIENT_CLOSED_REQUEST
             else:

@@ -9,7 +9,10 @@ import threading
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from starlette.endpoints import HTTPEndpoint
+from starlette.responses import StreamingResponse
 
 from ymguard import Guard, GuardMiddleware
 from ymguard.middleware import WATCH_AFTER, run_until_disconnect, runs_in_thread
@@ -290,12 +293,38 @@ def test_endpoints_run_in_a_worker_thread_are_told_apart() -> None:
     class Endpoint:
         pass
 
+    class SyncGet(HTTPEndpoint):
+        def get(self, request: Any) -> None: ...
+
+    class AsyncGet(HTTPEndpoint):
+        async def get(self, request: Any) -> None: ...
+
+    class Handler:
+        def __call__(self) -> None: ...
+
     def route(endpoint: Any) -> Any:
         return type("Route", (), {"endpoint": endpoint})()
 
     assert runs_in_thread(route(plain)) and runs_in_thread(route(functools.partial(plain)))
     assert not runs_in_thread(route(coroutine)) and not runs_in_thread(route(Endpoint))
     assert not runs_in_thread(object())  # a mount: an ASGI app, in the request's task
+    assert runs_in_thread(route(SyncGet)) and runs_in_thread(route(SyncGet), "HEAD")
+    assert not runs_in_thread(route(AsyncGet)) and not runs_in_thread(route(SyncGet), "POST")
+    assert runs_in_thread(route(Handler()))  # FastAPI calls a plain __call__ in a thread
+    # FastAPI: a def dependency of an async endpoint runs in a thread too.
+    app = FastAPI()
+
+    def dependency() -> int:
+        return 1
+
+    async def needs(x: int = Depends(dependency)) -> None: ...
+
+    async def alone() -> None: ...
+
+    app.get("/needs")(needs)
+    app.get("/alone")(alone)
+    by_path = {r.path: r for r in app.routes if isinstance(r, APIRoute)}
+    assert runs_in_thread(by_path["/needs"]) and not runs_in_thread(by_path["/alone"])
 
 
 async def test_a_sync_endpoint_keeps_its_permit_until_its_thread_is_done() -> None:
@@ -337,6 +366,49 @@ async def test_a_sync_endpoint_keeps_its_permit_until_its_thread_is_done() -> No
     sem = guard.semaphore("GET /slow")
     assert not call.done() and await sem.held() == 1  # not cancelled: the thread runs on
     release.set()
+    async with asyncio.timeout(30):  # a bound, not a measure
+        await call
+    assert await sem.held() == 0
+    await guard.aclose()
+
+
+async def test_a_sync_endpoints_stream_is_still_cancelled_when_its_client_goes() -> None:
+    # A def endpoint returns at once a stream over an async generator that may wait for
+    # ever (a feed): no thread runs once the response has started, and a disconnect then
+    # cancels the call as for any other, giving its permit back.
+    app = FastAPI()
+
+    async def feed() -> Any:
+        yield b"hello\n"
+        await asyncio.Event().wait()  # nothing more, for ever
+        yield b"never"
+
+    @app.get("/feed")
+    def stream() -> StreamingResponse:
+        return StreamingResponse(feed())
+
+    guard = Guard({"resources": {"GET /feed": {"semaphore": {"permits": 1}}}}, storage="memory://")
+    app.add_middleware(GuardMiddleware, guard=guard)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/feed",
+        "raw_path": b"/feed",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    client = Client(BODY)
+    call = asyncio.ensure_future(app(scope, client.receive, send))
+    await asyncio.sleep(WATCH_AFTER * 3)  # streaming, and watched
+    sem = guard.semaphore("GET /feed")
+    assert not call.done() and await sem.held() == 1
+    client.leave.set()
     async with asyncio.timeout(30):  # a bound, not a measure
         await call
     assert await sem.held() == 0
