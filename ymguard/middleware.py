@@ -17,7 +17,7 @@ import asyncio
 import collections
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from starlette.routing import Host, Match, Mount
@@ -102,6 +102,7 @@ def runs_in_thread(route: Any, method: str = "GET") -> bool:
     endpoint = getattr(route, "endpoint", None)
     if endpoint is None:
         return False  # a mount: an ASGI app, in the request's task
+    endpoint = _impartial(endpoint)
     if inspect.isclass(endpoint):  # an endpoint class (HTTPEndpoint): its method's handler
         handler = getattr(endpoint, method.lower(), None)
         if handler is None and method == "HEAD":
@@ -120,15 +121,42 @@ def _threaded(dependant: Any) -> bool:
 
 def _is_async(call: Any) -> bool:
     """Whether ``call`` runs in the caller's task (a coroutine or an async generator
-    function, or an object whose ``__call__`` is one), as Starlette and FastAPI tell."""
-    while isinstance(call, functools.partial):
-        call = call.func
-    if inspect.isclass(call):
-        return False  # instantiated in a thread by FastAPI
-    for candidate in (call, getattr(call, "__call__", None)):  # noqa: B004
+    function, or an object whose ``__call__`` is one), as FastAPI tells: through
+    ``functools.partial`` and ``__wrapped__`` (``guard.limit`` points FastAPI at a
+    coroutine that way)."""
+    for candidate in _callables(call):
         if inspect.iscoroutinefunction(candidate) or inspect.isasyncgenfunction(candidate):
             return True
     return False
+
+
+def _callables(call: Any) -> Iterator[Any]:
+    """``call`` and what it stands for: unwrapped, and its ``__call__`` (not a class's:
+    FastAPI instantiates a class dependency in a thread)."""
+    plain = _impartial(call)
+    unwrapped = _unwrap(plain)
+    yield plain
+    yield unwrapped
+    if inspect.isclass(unwrapped):
+        return
+    for outer in (plain, unwrapped):
+        dunder = getattr(outer, "__call__", None)  # noqa: B004
+        if dunder is not None:
+            yield _impartial(dunder)
+            yield _unwrap(_impartial(dunder))
+
+
+def _impartial(call: Any) -> Any:
+    while isinstance(call, functools.partial):
+        call = call.func
+    return call
+
+
+def _unwrap(call: Any) -> Any:
+    try:
+        return inspect.unwrap(call)
+    except ValueError:  # a cycle of __wrapped__
+        return call
 
 
 def routes_by_host(routes: Sequence[Any]) -> bool:

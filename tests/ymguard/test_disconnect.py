@@ -323,8 +323,12 @@ def test_endpoints_run_in_a_worker_thread_are_told_apart() -> None:
 
     app.get("/needs")(needs)
     app.get("/alone")(alone)
+    # guard.limit as a dependency: FastAPI awaits it (through __wrapped__), no thread.
+    guard = Guard({"resources": {}}, storage="memory://")
+    app.get("/limited", dependencies=[Depends(guard.limit("10/second"))])(alone)
     by_path = {r.path: r for r in app.routes if isinstance(r, APIRoute)}
     assert runs_in_thread(by_path["/needs"]) and not runs_in_thread(by_path["/alone"])
+    assert not runs_in_thread(by_path["/limited"])
 
 
 async def test_a_sync_endpoint_keeps_its_permit_until_its_thread_is_done() -> None:
