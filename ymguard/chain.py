@@ -937,10 +937,13 @@ def _hear_late(store: Any, sent: asyncio.Future[Any], stages: Sequence[Stage]) -
     else:
         return  # the usual batch: nothing to hear
     receiver = _LateReplies(stages)
-    if not sent.done() or sent.cancelled():
-        store.redirect(sent, receiver)  # the replies, when they come (unless lost)
-    elif sent.exception() is None:  # read already (cancelled while it was mended)
-        receiver.set_result(sent.result())
+    try:
+        if not sent.done() or sent.cancelled():
+            store.redirect(sent, receiver)  # the replies, when they come (unless lost)
+        elif sent.exception() is None:  # read already (cancelled while it was mended)
+            receiver.set_result(sent.result())
+    except Exception:  # never instead of the cancellation being handled
+        log.exception("ymguard: the late replies of a cancelled batch cannot be heard")
 
 
 class _LateReplies:
