@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -33,6 +34,26 @@ REQUIRE_REDIS = os.environ.get("YMGUARD_REQUIRE_REDIS") == "1"
 #: one Redis at once, so a run owns exactly the keys under this prefix: every prefix it hands
 #: out starts with it, and the session's last teardown deletes them (``delete_run_keys``).
 RUN_PREFIX = f"ymt-{uuid.uuid4().hex[:8]}-"
+
+
+def http_scope(path: str, method: str = "GET", **extra: Any) -> dict[str, Any]:
+    """An HTTP request's ASGI scope for ``path``, as a server sends it (``extra`` adds
+    or replaces keys: ``headers``, ``asgi``...)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        **extra,
+    }
 
 
 def unique_prefix() -> str:

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.endpoints import HTTPEndpoint
 from starlette.responses import StreamingResponse
 
+from tests.helpers import http_scope
 from ymguard import Guard, GuardMiddleware
 from ymguard.middleware import WATCH_AFTER, run_until_disconnect, runs_in_thread
 
@@ -346,20 +347,7 @@ async def test_a_sync_endpoint_keeps_its_permit_until_its_thread_is_done() -> No
     guard = Guard({"resources": {"GET /slow": {"semaphore": {"permits": 1}}}}, storage="memory://")
     app.add_middleware(GuardMiddleware, guard=guard)
     guard.install(app)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/slow",
-        "raw_path": b"/slow",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
+    scope = http_scope("/slow")
     client = Client(BODY)
     call = asyncio.ensure_future(app(scope, client.receive, send))
     assert await asyncio.to_thread(entered.wait, 30)  # the thread runs the endpoint
@@ -393,20 +381,7 @@ async def test_a_sync_endpoints_stream_is_still_cancelled_when_its_client_goes()
 
     guard = Guard({"resources": {"GET /feed": {"semaphore": {"permits": 1}}}}, storage="memory://")
     app.add_middleware(GuardMiddleware, guard=guard)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/feed",
-        "raw_path": b"/feed",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
+    scope = http_scope("/feed", asgi={"version": "3.0", "spec_version": "2.4"})
     client = Client(BODY)
     call = asyncio.ensure_future(app(scope, client.receive, send))
     await asyncio.sleep(WATCH_AFTER * 3)  # streaming, and watched

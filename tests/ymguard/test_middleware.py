@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Host, Route, Router
 
+from tests.helpers import http_scope
 from ymguard import Blocked, FlowLimited, Guard, GuardMiddleware
 from ymguard.errors import PROBLEM_BASE
 
@@ -447,20 +448,7 @@ async def test_a_disconnect_after_the_response_does_not_cancel_background_work()
         if message["type"] == "http.response.body" and not message.get("more_body"):
             response_done.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/job",
-        "raw_path": b"/job",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"t")],
-        "client": ("127.0.0.1", 1),
-        "server": ("t", 80),
-    }
+    scope = http_scope("/job", headers=[(b"host", b"t")], server=("t", 80))
     await app(scope, receive, send)
     assert done.is_set()
     assert sent[0]["status"] == 200

@@ -61,6 +61,17 @@ def stock_of_check(check: object) -> PrefetchWindow:
     return check._prefetch
 
 
+async def stock_up(chain: Chain, stock: PrefetchWindow, held: int) -> None:
+    """Pass calls through ``chain`` until its batches have grown and ``stock`` holds
+    ``held`` permits."""
+    for _ in range(200):
+        ctx = Context(RESOURCE)
+        await chain.exit(ctx, await chain.enter(ctx))
+        if stock.held() >= held:
+            return
+    raise AssertionError(f"the stock holds {stock.held()} permits after 200 calls, not {held}")
+
+
 def chained(
     redis_url: str, prefix: str, permits: int
 ) -> tuple[RedisStore, Guard, Chain, PrefetchWindow]:
@@ -482,12 +493,7 @@ async def test_an_outage_met_by_a_batch_takes_one_permit_per_call(
     )
     chain = guard.chain(RESOURCE)
     stock = stock_of_check(chain.checks[0])
-    for _ in range(200):  # grow the batches until the stock holds some
-        ctx = Context(RESOURCE)
-        await chain.exit(ctx, await chain.enter(ctx))
-        if stock.held() >= 10:
-            break
-    assert stock.held() >= 10
+    await stock_up(chain, stock, 10)
     private_redis.stop()
     # The test's own clock: the stock's bucket runs on (stopping Redis may outlast it).
     for kept in stock._stocks.values():
@@ -512,11 +518,7 @@ async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit
     )
     chain = guard.chain(RESOURCE)
     stock = stock_of_check(chain.checks[1])
-    for _ in range(200):  # grow the batches until the stock holds some
-        ctx = Context(RESOURCE)
-        await chain.exit(ctx, await chain.enter(ctx))
-        if stock.held() >= 3:
-            break
+    await stock_up(chain, stock, 3)
     for kept in stock._stocks.values():  # the test's own clock: the bucket runs on
         kept.until = time.monotonic() + 60
     held = stock.held()
