@@ -87,6 +87,8 @@ def _resolve_route(
             if route.routes or scope["method"] not in STANDARD_METHODS:
                 return None  # its router answers 404/405; an invented method is no name
             return prefix + _template(route), params, route
+        if getattr(route, "methods", None) is None and scope["method"] not in STANDARD_METHODS:
+            return None  # a route of any method (an endpoint class): an invented one is no name
         return prefix + _template(route), params, route
     return None
 

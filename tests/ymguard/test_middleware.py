@@ -10,6 +10,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Host, Route, Router
@@ -519,6 +520,22 @@ async def test_a_mounted_app_without_routes_is_named_only_for_standard_methods()
     for i in range(100):
         assert await call(app, f"M{i}", "/raw/x") == 200
     assert list(guard._chains) == ["GET /raw/{path}"]
+
+
+async def test_an_endpoint_class_route_is_named_only_for_standard_methods() -> None:
+    # A route whose endpoint is a class serves any method (its methods are None): the
+    # class answers 405 to the others, which must not become resources either.
+    class Items(HTTPEndpoint):
+        async def get(self, request: Request) -> PlainTextResponse:
+            return PlainTextResponse("items")
+
+    guard = Guard()
+    app = Starlette(routes=[Route("/items", Items)])
+    app.add_middleware(GuardMiddleware, guard=guard)
+    assert await call(app, "GET", "/items") == 200
+    for i in range(100):
+        assert await call(app, f"M{i}", "/items") == 405
+    assert list(guard._chains) == ["GET /items"]
 
 
 async def test_an_app_without_routes_only_guards_paths_the_rules_name() -> None:
