@@ -478,21 +478,7 @@ async def call(app: Any, method: str, path: str) -> int:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("127.0.0.1", 1234),
-        "server": ("test", 80),
-    }
-    await app(scope, receive, send)  # type: ignore[arg-type]
+    await app(http_scope(path, method), receive, send)
     return statuses[0]
 
 
