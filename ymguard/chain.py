@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import logging
 import re
@@ -548,13 +549,17 @@ class Chain:
                     replies: Any = ()  # no list to make when no check of the batch calls
                     if store is not None:
                         # A batch of one stage (the usual batch) sends a tuple of its
-                        # call, with no comprehension to run.
-                        calls: Sequence[Any] = (
-                            (stage.call,)
-                            if len(stages) == 1
-                            else [s.call for s in stages if s.call is not None]
-                        )
-                        sent = store.send_many_now(calls)
+                        # call, with no comprehension to run. ``late`` hears the replies
+                        # of a batch with a stage that takes them after a cancel.
+                        calls: Sequence[Any]
+                        if len(stages) == 1:
+                            calls = (stage.call,)
+                            late = None if stage.late is None else _LateReplies(stages)
+                        else:
+                            calls = [s.call for s in stages if s.call is not None]
+                            late = _late_replies(stages)
+                        sent = store.send_many_now(calls, late)
+                        mending = False
                         try:
                             if sent is None:  # connecting, or down: run_many knows what to do
                                 replies = await store.run_many(calls)
@@ -564,11 +569,12 @@ class Chain:
                                 except OUTAGE_ERRORS as exc:  # the connection failed
                                     raise store.lost(exc) from exc
                                 if not store.replied(replies):
-                                    replies = await store.mended(calls, replies)
+                                    mending = True
+                                    replies = await _mend(store, calls, replies, late)
                         except asyncio.CancelledError:
                             _undo_all(stages)
-                            if sent is not None:
-                                _hear_late(store, sent, stages)
+                            if late is not None and sent is not None and not mending:
+                                _hear_late(sent, late)
                             raise
                         except StorageUnavailable as exc:
                             await self._batch_unavailable(ctx, tokens, i, stages, exc)
@@ -929,34 +935,50 @@ class Chain:
         await self._exits(ctx, tokens, range(len(tokens) - 1, -1, -1))
 
 
-def _hear_late(store: Any, sent: asyncio.Future[Any], stages: Sequence[Stage]) -> None:
-    """A cancelled batch's stages that take a late reply (``late``) get it when it comes."""
+def _late_replies(stages: Sequence[Stage]) -> _LateReplies | None:
+    """What hears the replies of a batch whose caller is cancelled, if a stage takes them."""
     for stage in stages:
         if stage.call is not None and stage.late is not None:
-            break
-    else:
-        return  # the usual batch: nothing to hear
-    receiver = _LateReplies(stages)
+            return _LateReplies(stages)
+    return None  # the usual batch: nothing to hear
+
+
+def _hear_late(sent: asyncio.Future[Any], late: _LateReplies) -> None:
+    """A batch whose caller was cancelled: its replies go to ``late``. If the cancel came
+    first, the connection hands them over itself (``send_many_now``'s ``late``); here,
+    those the future had already taken when the cancel reached its caller."""
+    if sent.done() and not sent.cancelled() and sent.exception() is None:
+        late.set_result(sent.result())
+
+
+async def _mend(
+    store: Any, calls: Sequence[Any], replies: list[Any], late: _LateReplies | None
+) -> list[Any]:
+    """``store.mended``; for a batch with ``late``, in a task of its own that hands its
+    replies to ``late`` if its caller is cancelled meanwhile (a lost script sent again)."""
+    if late is None:
+        result: list[Any] = await store.mended(calls, replies)
+        return result
+    mending = asyncio.ensure_future(store.mended(calls, replies))
     try:
-        if not sent.done() or sent.cancelled():
-            store.redirect(sent, receiver)  # the replies, when they come (unless lost)
-        elif sent.exception() is None:  # read already (cancelled while it was mended)
-            receiver.set_result(sent.result())
-    except Exception:  # never instead of the cancellation being handled
-        log.exception("ymguard: the late replies of a cancelled batch cannot be heard")
+        return await asyncio.shield(mending)
+    except asyncio.CancelledError:
+        mending.add_done_callback(functools.partial(_mended_late, late))
+        raise
+
+
+def _mended_late(late: _LateReplies, mending: asyncio.Future[list[Any]]) -> None:
+    if not mending.cancelled() and mending.exception() is None:
+        late.set_result(mending.result())
 
 
 class _LateReplies:
-    """The replies of a cancelled batch, handed to its stages' ``late`` (the connection
-    hands them over as to a caller's future; no task waits)."""
+    """The replies of a cancelled batch, handed to its stages' ``late`` (no task waits)."""
 
     __slots__ = ("stages",)
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages = stages
-
-    def done(self) -> bool:
-        return False
 
     def set_result(self, replies: list[Any]) -> None:
         answers = iter(replies)
@@ -971,9 +993,6 @@ class _LateReplies:
                 late(reply)
             except Exception:
                 log.exception("ymguard: a late reply could not be taken")
-
-    def set_exception(self, exc: BaseException) -> None:
-        """Lost with the connection: what the calls took counts until its window ends."""
 
 
 def _undo_all(stages: Sequence[Stage]) -> None:

@@ -129,6 +129,38 @@ def _pack(*args: str) -> bytes:
     return pack(args)
 
 
+class Heard:
+    """A ``late`` receiver that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.replies: list[list[object]] = []
+
+    def set_result(self, replies: list[object]) -> None:
+        self.replies.append(replies)
+
+
+async def test_a_cancelled_batchs_replies_go_to_late_in_either_order(
+    redis_url: str, prefix: str
+) -> None:
+    """A batch sent with ``late``: its caller's future gets the replies, or, cancelled
+    before they came (even in the loop turn that reads them, before they are read),
+    ``late`` does; never both, and the replies after it keep their order."""
+    pipe = AutoPipeline(redis_url, 2.0, 2.0)
+    key = f"{prefix}:late"
+    await pipe.execute("PING")
+    kept, dropped = Heard(), Heard()
+    answered = pipe.send_many_now([_pack("INCR", key)], kept)
+    cancelled = pipe.send_many_now([_pack("INCR", key), _pack("INCR", key)], dropped)
+    after = pipe.send_many_now([_pack("GET", key)])
+    assert answered is not None and cancelled is not None and after is not None
+    cancelled.cancel()
+    assert await answered == [1] and kept.replies == []
+    assert await after == [b"3"]
+    assert dropped.replies == [[2, 3]]
+    await pipe.execute("DEL", key)
+    pipe.close()
+
+
 async def test_password_and_database_from_the_url() -> None:
     server = RedisServer().start()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import select
 import time
 from typing import Any
 
@@ -535,12 +536,8 @@ async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit
     await guard.aclose()
 
 
-async def test_a_fetch_whose_caller_was_cancelled_stocks_its_permits(
-    redis_url: str, prefix: str
-) -> None:
-    # The fetch rides in its chain's batch, and its caller is cancelled before the reply
-    # is read: the reply, when it comes, still reaches the stock (the permits it took are
-    # the other calls', not left counted in the window unused until it passes).
+async def fetching_chain(redis_url: str, prefix: str) -> tuple[Guard, Chain, Any]:
+    """A chain whose next call's batch carries a fetch (its stock emptied), and the stock."""
     rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 100}]}
     guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
     chain = guard.chain(RESOURCE)
@@ -548,17 +545,82 @@ async def test_a_fetch_whose_caller_was_cancelled_stocks_its_permits(
     assert isinstance(check, QpsCheck) and check._default is not None
     ctx = Context(RESOURCE)
     await chain.exit(ctx, await chain.enter(ctx))  # connected, scripts loaded
+    store = guard.store
+    assert isinstance(store, RedisStore)
+    await store.settle()  # its release answered too: nothing is on the way
     kept = stock_of_check(check)._stock(check._default[0])
-    kept.left = 0  # the stock is empty: the next call's batch carries a fetch
+    kept.left = 0
+    return guard, chain, kept
+
+
+@pytest.mark.parametrize("when", ["before its reply", "in its reply's turn"])
+async def test_a_fetch_whose_caller_was_cancelled_stocks_its_permits(
+    redis_url: str, prefix: str, when: str
+) -> None:
+    # The fetch rides in its chain's batch, and its caller is cancelled before the reply
+    # is read: the reply, when it comes, still reaches the stock (the permits it took are
+    # the other calls', not left counted in the window unused until it passes). Also when
+    # the cancel comes from another callback of the loop turn that reads the reply, and
+    # runs before the read (a task group, a disconnect watcher): the connection used to
+    # drop that reply as a cancelled caller's.
+    guard, chain, kept = await fetching_chain(redis_url, prefix)
+    store = guard.store
+    assert isinstance(store, RedisStore) and store._pipe is not None
     entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
-    await asyncio.sleep(0)  # the batch is queued, its reply not read
+    await asyncio.sleep(0)  # the batch is queued; it is written at the end of this turn
     assert kept.staged > 0
+    if when == "before its reply":
+        entering.cancel()
+    else:
+        protocol = store._pipe._protocol
+        assert protocol is not None
+        sock = protocol.transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+
+        def cancel_in_the_reply_turn() -> None:
+            # Runs after the write: wait (blocking) until the reply is in the socket,
+            # then queue the cancel, which the next turn runs before it reads the socket.
+            assert select.select([sock], [], [], 5.0)[0], "Redis did not answer"
+            loop.call_soon(entering.cancel)
+
+        loop.call_soon(cancel_in_the_reply_turn)
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    await store.settle()  # every reply has come
+    assert kept.staged == -math.inf  # the fetch's reply was stocked
+    await guard.aclose()
+
+
+async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_permits(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    # The fetch meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) and its caller is
+    # cancelled while the script is sent again: that reply reaches the stock.
+    guard, chain, kept = await fetching_chain(private_redis.url, prefix)
+    store = guard.store
+    assert isinstance(store, RedisStore)
+    await store.client.script_flush()
+    mending: list[asyncio.Task[Any]] = []
+    seen = asyncio.Event()
+    mended = store.mended
+
+    async def mended_seen(calls: Any, replies: list[Any]) -> list[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        mending.append(task)
+        seen.set()
+        return await mended(calls, replies)
+
+    store.mended = mended_seen  # type: ignore[method-assign]
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    async with asyncio.timeout(5):
+        await seen.wait()  # the batch is being mended
     entering.cancel()
     with pytest.raises(asyncio.CancelledError):
         await entering
-    store = guard.store
-    assert isinstance(store, RedisStore)
-    await store.settle()  # every reply has come
+    async with asyncio.timeout(5):
+        await asyncio.wait(mending)  # the scripts sent again have their replies
+    await asyncio.sleep(0)  # its end handed them over (a done callback)
     assert kept.staged == -math.inf  # the fetch's reply was stocked
     await guard.aclose()
 

@@ -85,6 +85,32 @@ def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
 _ONE: list[Any] = []
 
 
+class _Forward:
+    """A batch's waiter that hands its replies to the caller's future, or to ``late`` if
+    that future was cancelled first (a cancel and the reply in the same loop turn, in
+    either order: the replies are never dropped)."""
+
+    __slots__ = ("future", "late")
+
+    def __init__(self, future: asyncio.Future[Any], late: Any) -> None:
+        self.future = future
+        self.late = late
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, replies: list[Any]) -> None:
+        future = self.future
+        if not future.done():
+            future.set_result(replies)
+        elif future.cancelled():
+            self.late.set_result(replies)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 class _Protocol(asyncio.Protocol):
     """One connection: buffered writes, replies resolved in order, a timeout watchdog."""
 
@@ -168,11 +194,12 @@ class _Protocol(asyncio.Protocol):
         if self.watchdog is None:
             self.watchdog = self.loop.call_later(self.timeout, self._check)
 
-    def send_batch(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
+    def send_batch(self, packed: list[bytes], late: Any = None) -> asyncio.Future[list[Any]]:
         """Queue several commands; one future for the list of their replies, in order.
 
         An error reply is in its place as a ``ResponseError`` (``NoScriptError``), not
-        raised; a lost connection fails the future.
+        raised; a lost connection fails the future. If the future is cancelled before
+        the replies come, they go to ``late`` (its ``set_result``) when they do.
         """
         future = self.loop.create_future()
         if self.lost is not None:  # a caller that got the connection as it was lost
@@ -182,7 +209,8 @@ class _Protocol(asyncio.Protocol):
             future.set_result([])
             return future
         n = len(packed)
-        self.waiters.append((future, self.loop.time() + self.timeout, [] if n > 1 else _ONE, n))
+        waiter: Any = future if late is None else _Forward(future, late)
+        self.waiters.append((waiter, self.loop.time() + self.timeout, [] if n > 1 else _ONE, n))
         self.pending.extend(packed)
         self._queued()
         return future
@@ -316,18 +344,22 @@ class AutoPipeline:
             return None
         return protocol.send(packed)
 
-    def send_many_now(self, packed: list[bytes]) -> asyncio.Future[list[Any]] | None:
+    def send_many_now(
+        self, packed: list[bytes], late: Any = None
+    ) -> asyncio.Future[list[Any]] | None:
         """Queue several packed commands in one write; None if it must connect first.
 
         The future's result is the list of replies in order, error replies in their
-        places as ``ResponseError`` (see :meth:`_Protocol.send_batch`).
+        places as ``ResponseError`` (see :meth:`_Protocol.send_batch`). If the future is
+        cancelled before they come, they go to ``late`` (``set_result`` with the list),
+        if given, when they do.
         """
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             return None
         if protocol.loop is not asyncio.get_running_loop():
             return None
-        return protocol.send_batch(packed)
+        return protocol.send_batch(packed, late)
 
     def send_many_detached(self, packed: list[bytes], receiver: Any) -> bool:
         """Queue several packed commands in one write; their replies go to ``receiver``
@@ -346,20 +378,6 @@ class AutoPipeline:
         protocol.pending.extend(packed)
         protocol._queued()
         return True
-
-    def redirect(self, future: asyncio.Future[Any], receiver: Any) -> bool:
-        """Hand the replies ``future`` waits for (its caller was cancelled) to ``receiver``
-        instead, as :meth:`send_many_detached` hands them; False if they are not awaited
-        any more (read already, or the connection lost)."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            return False
-        waiters = protocol.waiters
-        for i, (waiting, deadline, batch, expected) in enumerate(waiters):
-            if waiting is future:
-                waiters[i] = (receiver, deadline, batch, expected)
-                return True
-        return False
 
     async def send_many(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
         """Connect if needed, then queue several packed commands in one write."""

@@ -468,7 +468,9 @@ class RedisStore(Store):
         packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
         return await self._run_many_guarded(pipe, calls, packed, always_try)
 
-    def send_many_now(self, calls: Sequence[ScriptCall]) -> asyncio.Future[list[Any]] | None:
+    def send_many_now(
+        self, calls: Sequence[ScriptCall], late: Any = None
+    ) -> asyncio.Future[list[Any]] | None:
         """:meth:`run_many` in parts, for a caller that awaits no coroutine of the store's:
         the calls queued now in one write; the future of their raw replies, or None,
         having sent nothing, where :meth:`run_many` must be awaited instead (no pipelined
@@ -480,6 +482,10 @@ class RedisStore(Store):
         future itself: a request waiting for Redis then holds no coroutine of the
         store's, which counts towards the garbage collector's next young collection
         (see ``Chain.enter``).
+
+        ``late``, if given, takes the replies (its ``set_result`` with the raw list) if
+        the future is cancelled before they come: for calls whose caller must learn
+        what they took even when it is gone.
         """
         pipe = self._pipe
         if pipe is None or self._down_since is not None or not calls:
@@ -489,7 +495,7 @@ class RedisStore(Store):
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
         else:
             packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
-        return pipe.send_many_now(packed)
+        return pipe.send_many_now(packed, late)
 
     def replied(self, replies: list[Any]) -> bool:
         """Whether the raw replies of :meth:`send_many_now` are final (no error reply to
@@ -515,13 +521,6 @@ class RedisStore(Store):
         if self._down_since is not None:
             self._mark_up()
         return replies
-
-    def redirect(self, sent: asyncio.Future[Any], receiver: Any) -> bool:
-        """Hand the replies of :meth:`send_many_now`'s future ``sent``, whose caller was
-        cancelled, to ``receiver`` (``set_result`` with the list, or ``set_exception``)
-        when they come; False if they will not come to it (read already, or lost)."""
-        pipe = self._pipe
-        return pipe is not None and pipe.redirect(sent, receiver)
 
     def lost(self, exc: BaseException) -> Unanswered:
         """Calls sent on the pipelined connection met its failure (``exc``, from the
