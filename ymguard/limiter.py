@@ -585,7 +585,7 @@ class _AcquireStage(Stage):
         backend, permit_id, check = self.backend, self.permit_id, self.check
         if not int(reply[0]):  # (acquired, ...): no AcquireResult needed to refuse
             raise FlowLimited(check.resource, check.description, retry_after=1.0)
-        return (backend, permit_id, keep_lease(backend, permit_id, check.rule.lease_seconds))
+        return keep_lease(backend, permit_id, check.rule.lease_seconds)
 
     def undo(self) -> Awaitable[bool]:
         return self.backend.release(self.permit_id)
@@ -666,7 +666,8 @@ class ConcurrencyCheck(_FlowCheckBase):
         if not result.acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
         # A call longer than a third of the lease has it renewed, so it keeps its count.
-        return (backend, permit_id, keep_lease(backend, permit_id, self.rule.lease_seconds))
+        # The token is the kept lease (it names the backend and the permit).
+        return keep_lease(backend, permit_id, self.rule.lease_seconds)
 
     def _enter_now(self, ctx: Context) -> Any:
         """``enter`` without a coroutine, on the memory store."""
@@ -682,7 +683,7 @@ class ConcurrencyCheck(_FlowCheckBase):
         lease = self.rule.lease_seconds
         if not backend.acquire_now(permit_id, self.limit, lease).acquired:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
-        return (backend, permit_id, keeper.keep(backend, permit_id, lease))
+        return keeper.keep(backend, permit_id, lease)
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s script for the chain to send (None in an outage: plain ``enter``)."""
@@ -700,27 +701,25 @@ class ConcurrencyCheck(_FlowCheckBase):
         """``exit``'s release for the chain to send with the others."""
         if token is None:
             return NOTHING
-        backend, permit_id, kept = token
+        backend = token.backend
         if not isinstance(backend, RedisPermits):
             return None  # admitted by the local fallback: its plain exit
-        kept.stop()
-        return Stage(self.store, backend.release_call(permit_id))
+        token.stop()
+        return Stage(self.store, backend.release_call(token.permit_id))
 
     def _exit_now(self, ctx: Context, token: Any) -> None:
         """``exit`` without a coroutine, on the memory store."""
         if token is not None:
-            backend, permit_id, kept = token
-            kept.stop()
-            backend.release_now(permit_id)
+            token.stop()
+            token.backend.release_now(token.permit_id)
 
     async def exit(self, ctx: Context, token: Any) -> None:
         if self.exit_now is not None:
             self.exit_now(ctx, token)
         elif token is not None:
-            backend, permit_id, kept = token
-            kept.stop()
+            token.stop()
             try:
-                await backend.release(permit_id)
+                await token.backend.release(token.permit_id)
             except StorageUnavailable:
                 pass  # the lease frees it
 

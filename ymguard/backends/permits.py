@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from weakref import ref
 
 from ..errors import StorageUnavailable
 from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
@@ -553,6 +554,7 @@ class LeaseKeeper:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._time = loop.time
         self.renewals = 0
         self.closed = False  # by :meth:`aclose` (:func:`close_store_tasks`)
         self._young: collections.deque[KeptLease] = collections.deque()
@@ -583,20 +585,22 @@ class LeaseKeeper:
         permit: LeaseHolder | None = None,
     ) -> KeptLease:
         """Renew ``permit_id``'s lease every ``lease_seconds / 3`` until dropped."""
-        due = self.loop.time() + lease_seconds / 3
-        ref = None if permit is None else weakref.ref(permit)
-        kept = KeptLease(self, backend, permit_id, lease_seconds, due, ref)
+        due = self._time() + lease_seconds / 3
+        kept = KeptLease(
+            self, backend, permit_id, lease_seconds, due, None if permit is None else ref(permit)
+        )
         young = self._young
         young.append(kept)
         if len(young) >= self._compact_at:  # a long holder at the head keeps ended ones in
             young = self._young = collections.deque(k for k in young if not k.dropped)
             self._compact_at = max(_COMPACT_AT, 2 * len(young))
-        if self._task is None or self._task.done():
+        task = self._task
+        if task is None or task.done():
             # It first sleeps until this lease is due: most are dropped before.
-            self._next_due = kept.due
+            self._next_due = due
             self._task = self.loop.create_task(self._run())
-        elif kept.due < self._next_due:  # due before the task wakes: wake it to look
-            self._next_due = kept.due
+        elif due < self._next_due:  # due before the task wakes: wake it to look
+            self._next_due = due
             self._changed.set()
         return kept
 
@@ -732,7 +736,11 @@ def keeper_of(backend: Permits) -> LeaseKeeper:
 
 def keep_lease(backend: Permits, permit_id: str, lease_seconds: float) -> KeptLease:
     """Have the store's :class:`LeaseKeeper` renew a permit until ``stop()``."""
-    return keeper_of(backend).keep(backend, permit_id, lease_seconds)
+    # keeper_of's usual case inline: a request holding permits asks once per permit.
+    keeper = getattr(backend, "keeper", None)
+    if keeper is None or keeper.closed or keeper.loop is not asyncio.get_running_loop():
+        keeper = keeper_of(backend)
+    return keeper.keep(backend, permit_id, lease_seconds)
 
 
 async def close_store_tasks(store: Store) -> None:
