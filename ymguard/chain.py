@@ -562,7 +562,11 @@ class Chain:
                         mending = False
                         try:
                             if sent is None:  # connecting, or down: run_many knows what to do
-                                replies = await store.run_many(calls)
+                                replies = await (
+                                    store.run_many(calls)
+                                    if late is None
+                                    else store.run_many(calls, late=late)
+                                )
                             else:  # run_many's part, inline
                                 try:
                                     replies = await sent
@@ -570,13 +574,16 @@ class Chain:
                                     raise store.lost(exc) from exc
                                 if not store.replied(replies):
                                     mending = True
-                                    replies = await _mend(store, calls, replies, late)
+                                    replies = await _mend(store, calls, replies, late, stages)
                         except asyncio.CancelledError:
-                            _undo_all(stages)
-                            if late is not None and sent is not None and not mending:
-                                _hear_late(sent, late)
+                            if late is None or not mending:  # else the mending task's end
+                                _undo_all(stages)
+                                if late is not None and sent is not None:
+                                    _hear_late(sent, late)
                             raise
                         except StorageUnavailable as exc:
+                            if mending and late is not None:  # what was answered, stocked
+                                late.set_result(replies)
                             await self._batch_unavailable(ctx, tokens, i, stages, exc)
                             i, stage = j, following
                             continue
@@ -952,10 +959,14 @@ def _hear_late(sent: asyncio.Future[Any], late: _LateReplies) -> None:
 
 
 async def _mend(
-    store: Any, calls: Sequence[Any], replies: list[Any], late: _LateReplies | None
+    store: Any,
+    calls: Sequence[Any],
+    replies: list[Any],
+    late: _LateReplies | None,
+    stages: Sequence[Stage],
 ) -> list[Any]:
-    """``store.mended``; for a batch with ``late``, in a task of its own that hands its
-    replies to ``late`` if its caller is cancelled meanwhile (a lost script sent again)."""
+    """``store.mended``; for a batch with ``late``, in a task of its own that goes on if
+    its caller is cancelled meanwhile (a lost script sent again)."""
     if late is None:
         result: list[Any] = await store.mended(calls, replies)
         return result
@@ -963,13 +974,22 @@ async def _mend(
     try:
         return await asyncio.shield(mending)
     except asyncio.CancelledError:
-        mending.add_done_callback(functools.partial(_mended_late, late))
+        # Its end gives back what the batch's calls took and hands the replies to late:
+        # not before, or a script it sends again would take a permit after its release.
+        mending.add_done_callback(functools.partial(_mended_late, stages, replies, late))
+        in_background(mending)  # Guard.aclose waits for it
         raise
 
 
-def _mended_late(late: _LateReplies, mending: asyncio.Future[list[Any]]) -> None:
+def _mended_late(
+    stages: Sequence[Stage], replies: list[Any], late: _LateReplies, mending: asyncio.Future[Any]
+) -> None:
+    """The end of a cancelled caller's mending: its calls' takings given back, and the
+    replies, mended or as far as they were (an outage), handed to ``late``."""
+    _undo_all(stages)
     if not mending.cancelled() and mending.exception() is None:
-        late.set_result(mending.result())
+        replies = mending.result()
+    late.set_result(replies)  # error replies in it are skipped
 
 
 class _LateReplies:

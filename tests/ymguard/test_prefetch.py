@@ -8,6 +8,7 @@ outages follow ``on_storage_error``; the same answers as without it on every sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import select
@@ -22,13 +23,15 @@ from tests.helpers import RedisServer
 from ymguard import Context, FlowLimited, Guard, RulesError
 from ymguard._model import rule_ids
 from ymguard.backends._lua import lua
+from ymguard.backends.permits import RedisPermits
 from ymguard.backends.prefetch import PrefetchWindow
 from ymguard.backends.window import Prefetched, RedisWindow
 from ymguard.chain import Chain, CheckStatus
 from ymguard.errors import StorageBlocked
-from ymguard.limiter import QpsCheck
+from ymguard.limiter import ConcurrencyCheck, QpsCheck
 from ymguard.rules import load_rules_text
 from ymguard.storage import RedisStore, Store, store_from_uri
+from ymguard.storage.tasks import drain
 
 from .test_limiter import attempt
 from .test_middleware import client, shop
@@ -536,9 +539,11 @@ async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit
     await guard.aclose()
 
 
-async def fetching_chain(redis_url: str, prefix: str) -> tuple[Guard, Chain, Any]:
+async def fetching_chain(
+    redis_url: str, prefix: str, concurrency: int = 100
+) -> tuple[Guard, Chain, Any]:
     """A chain whose next call's batch carries a fetch (its stock emptied), and the stock."""
-    rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 100}]}
+    rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": concurrency}]}
     guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
     chain = guard.chain(RESOURCE)
     check = chain.checks[0]
@@ -595,11 +600,18 @@ async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_
     private_redis: RedisServer, prefix: str
 ) -> None:
     # The fetch meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) and its caller is
-    # cancelled while the script is sent again: that reply reaches the stock.
-    guard, chain, kept = await fetching_chain(private_redis.url, prefix)
+    # cancelled while the script is sent again: that reply reaches the stock. The
+    # concurrency permit of the batch, taken by its script sent again, is given back after
+    # it (not before: it would be held until its lease ends, and the limit is 1).
+    guard, chain, kept = await fetching_chain(private_redis.url, prefix, concurrency=1)
     store = guard.store
     assert isinstance(store, RedisStore)
     await store.client.script_flush()
+    conc = chain.checks[1]
+    assert isinstance(conc, ConcurrencyCheck)
+    backend = conc._backend("")
+    assert isinstance(backend, RedisPermits)
+    await store.client.script_load(backend._release.script)  # loaded again by another call
     mending: list[asyncio.Task[Any]] = []
     seen = asyncio.Event()
     mended = store.mended
@@ -620,7 +632,90 @@ async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_
         await entering
     async with asyncio.timeout(5):
         await asyncio.wait(mending)  # the scripts sent again have their replies
-    await asyncio.sleep(0)  # its end handed them over (a done callback)
+    await drain()  # its end handed them over and gave the permit back (in the background)
+    await store.settle()
+    assert kept.staged == -math.inf  # the fetch's reply was stocked
+    assert await backend.held() == 0
+    ctx = Context(RESOURCE)
+    await chain.exit(ctx, await chain.enter(ctx))  # the one permit is free
+    await guard.aclose()
+
+
+async def test_a_fetch_whose_caller_was_cancelled_as_it_connected_stocks_its_permits(
+    redis_url: str, prefix: str
+) -> None:
+    # The first call's batch carries a fetch and goes out once the connection is open
+    # (run_many's path); its caller is cancelled before the reply: the reply is stocked.
+    rules = {"flow": [{"qps": 1000, "prefetch": True}]}
+    guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
+    chain = guard.chain(RESOURCE)
+    check = chain.checks[0]
+    store = guard.store
+    assert isinstance(check, QpsCheck) and isinstance(store, RedisStore)
+    pipe = store._pipe
+    assert pipe is not None and pipe._protocol is None  # not connected yet
+    queued = asyncio.Event()
+    send_many = pipe.send_many
+
+    async def send_many_seen(packed: list[bytes], late: Any = None) -> Any:
+        future = await send_many(packed, late)
+        queued.set()
+        return future
+
+    pipe.send_many = send_many_seen  # type: ignore[method-assign]
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    async with asyncio.timeout(5):
+        await queued.wait()  # connected, the batch queued, its reply not read
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    await store.settle()
+    assert check._default is not None
+    assert stock_of_check(check)._stock(check._default[0]).staged == -math.inf
+    await guard.aclose()
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_fetch_answered_in_a_batch_that_met_an_outage_stocks_its_permits(
+    private_redis: RedisServer, prefix: str, cancel: bool
+) -> None:
+    # The fetch's script ran, the concurrency acquire's was lost (NOSCRIPT), and Redis
+    # hangs while that one is sent again (the connection times out): the fetch's reply,
+    # read already, is stocked, whether its caller then meets the outage or was cancelled.
+    guard, chain, kept = await fetching_chain(private_redis.url, prefix)
+    store = guard.store
+    check = chain.checks[0]
+    assert isinstance(store, RedisStore) and store._pipe is not None
+    assert isinstance(check, QpsCheck) and isinstance(check.window, RedisWindow)
+    await store.client.script_flush()
+    await store.client.script_load(check.window._acquire.script)  # only the fetch's
+    pipe = store._pipe
+    execute = pipe.execute
+    mending = asyncio.Event()
+
+    async def hung_execute(*args: Any) -> Any:
+        mending.set()
+        private_redis.pause()
+        try:
+            return await execute(*args)
+        finally:
+            private_redis.resume()
+
+    pipe.execute = hung_execute  # type: ignore[method-assign]
+    ctx = Context(RESOURCE)
+    entering = asyncio.ensure_future(chain.enter(ctx))
+    async with asyncio.timeout(5):
+        await mending.wait()
+    if cancel:
+        entering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            tokens = await entering
+        await chain.exit(ctx, tokens)  # on_storage_error: local admitted it
+    assert cancel == entering.cancelled()
+    async with asyncio.timeout(5):
+        await drain()
+    pipe.execute = execute  # type: ignore[method-assign]
     assert kept.staged == -math.inf  # the fetch's reply was stocked
     await guard.aclose()
 
