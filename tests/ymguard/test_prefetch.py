@@ -539,6 +539,24 @@ async def test_a_batch_refused_in_an_outage_gives_back_a_later_prefetched_permit
     await guard.aclose()
 
 
+async def test_closing_gives_back_the_stocked_permits(redis_url: str, prefix: str) -> None:
+    # What the stock holds goes back when the guard closes, not when its bucket ends:
+    # then the bucket's end has nothing to give back and opens no connection again.
+    guard = prefetching(redis_url, 1000, prefix)
+    chain = guard.chain(RESOURCE)
+    stock = stock_of(guard)
+    assert stock is not None
+    calls = 0
+    while calls < 50 and not stock.held():  # the batches grow: one leaves some over
+        ctx = Context(RESOURCE)
+        await chain.exit(ctx, await chain.enter(ctx))
+        calls += 1
+    assert stock.held() > 0
+    await guard.aclose()
+    assert stock.held() == 0
+    assert await counted(redis_url, prefix) == calls  # the calls' own permits only
+
+
 async def fetching_chain(
     redis_url: str, prefix: str, concurrency: int = 100
 ) -> tuple[Guard, Chain, Any]:

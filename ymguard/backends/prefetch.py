@@ -30,6 +30,8 @@ import asyncio
 import functools
 import math
 import time
+import weakref
+from typing import Any
 
 from ..storage.redis import ScriptCall
 from ..storage.tasks import in_background
@@ -60,6 +62,26 @@ class _Stock:
         self.staged = -math.inf
 
 
+#: The prefetching windows of each store, weakly: what they hold goes back at its close.
+_windows: weakref.WeakKeyDictionary[Any, weakref.WeakSet[PrefetchWindow]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def give_back_stocks(store: Any) -> None:
+    """Give back, on ``store``, every prefetched permit not handed out yet (it is closing:
+    they would count, unused, until their bucket leaves the window). ``close_tasks``
+    calls it; a bucket's end then finds nothing left to give back."""
+    refunds = []
+    for prefetch in list(_windows.get(store, ())):
+        for key, stock in list(prefetch._stocks.items()):
+            if stock.left:
+                left, stock.left = stock.left, 0
+                refunds.append(prefetch.window.refund(key, stock.slot, left))
+    if refunds:
+        await asyncio.gather(*refunds, return_exceptions=True)  # an outage: they count on
+
+
 class PrefetchWindow:
     """A Redis window's permits for one rule, taken ahead and handed out in process.
 
@@ -82,6 +104,9 @@ class PrefetchWindow:
         self.window_seconds = window_seconds
         self.max_batch = max(1, max_batch if max_batch is not None else limit // BUCKETS)
         self._stocks: dict[str, _Stock] = {}
+        store = getattr(window, "store", None)  # a stand-in window may have none
+        if store is not None:
+            _windows.setdefault(store, weakref.WeakSet()).add(self)
 
     def _stock(self, key: str) -> _Stock:
         stock = self._stocks.get(key)

@@ -783,11 +783,14 @@ class RedisStore(Store):
         return self._local
 
     async def close_tasks(self) -> None:
-        """Stop the spawned tasks, the pub/sub service and the lease keepers."""
+        """Give back the prefetched permits not handed out; stop the spawned tasks, the
+        pub/sub service and the lease keepers."""
         from ..backends.breaker_state import close_breakers
         from ..backends.permits import close_store_tasks
+        from ..backends.prefetch import give_back_stocks
         from .pubsub import close_pubsub
 
+        await give_back_stocks(self)
         await super().close_tasks()
         await close_breakers(self)
         await close_store_tasks(self)
