@@ -559,31 +559,38 @@ class Chain:
                             calls = [s.call for s in stages if s.call is not None]
                             late = _late_replies(stages)
                         sent = store.send_many_now(calls, late)
-                        mending = False
+                        # Whether a task of its own runs the batch to its end (_for_late):
+                        # then a cancel leaves the give-backs and ``late`` to it.
+                        detached = False
                         try:
                             if sent is None:  # connecting, or down: run_many knows what to do
-                                replies = await (
-                                    store.run_many(calls)
-                                    if late is None
-                                    else store.run_many(calls, late=late)
-                                )
+                                if late is None:
+                                    replies = await store.run_many(calls)
+                                else:
+                                    detached = True
+                                    replies = await _for_late(store.run_many(calls), late, stages)
                             else:  # run_many's part, inline
                                 try:
                                     replies = await sent
                                 except OUTAGE_ERRORS as exc:  # the connection failed
                                     raise store.lost(exc) from exc
                                 if not store.replied(replies):
-                                    mending = True
-                                    replies = await _mend(store, calls, replies, late, stages)
+                                    mended = store.mended(calls, replies)
+                                    if late is None:
+                                        replies = await mended
+                                    else:
+                                        detached = True
+                                        replies = await _for_late(mended, late, stages, replies)
                         except asyncio.CancelledError:
-                            if late is None or not mending:  # else the mending task's end
+                            if not detached:
                                 _undo_all(stages)
                                 if late is not None and sent is not None:
                                     _hear_late(sent, late)
                             raise
                         except StorageUnavailable as exc:
-                            if mending and late is not None:  # what was answered, stocked
-                                late.set_result(replies)
+                            if detached and sent is not None:  # met while mending
+                                assert late is not None
+                                late.set_result(replies)  # what was answered, stocked
                             await self._batch_unavailable(ctx, tokens, i, stages, exc)
                             i, stage = j, following
                             continue
@@ -958,38 +965,38 @@ def _hear_late(sent: asyncio.Future[Any], late: _LateReplies) -> None:
         late.set_result(sent.result())
 
 
-async def _mend(
-    store: Any,
-    calls: Sequence[Any],
-    replies: list[Any],
-    late: _LateReplies | None,
+async def _for_late(
+    running: Awaitable[list[Any]],
+    late: _LateReplies,
     stages: Sequence[Stage],
+    replies: list[Any] | None = None,
 ) -> list[Any]:
-    """``store.mended``; for a batch with ``late``, in a task of its own that goes on if
-    its caller is cancelled meanwhile (a lost script sent again)."""
-    if late is None:
-        result: list[Any] = await store.mended(calls, replies)
-        return result
-    mending = asyncio.ensure_future(store.mended(calls, replies))
+    """Await a batch's replies (``running``: ``store.run_many``, or ``store.mended`` of
+    ``replies``) in a task of its own, which goes on if the caller is cancelled meanwhile:
+    its end then gives back what the calls took and hands the replies to ``late``."""
+    task = asyncio.ensure_future(running)
     try:
-        return await asyncio.shield(mending)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
-        # Its end gives back what the batch's calls took and hands the replies to late:
-        # not before, or a script it sends again would take a permit after its release.
-        mending.add_done_callback(functools.partial(_mended_late, stages, replies, late))
-        in_background(mending)  # Guard.aclose waits for it
+        # Not before its end: a script it sends again would take a permit after its release.
+        task.add_done_callback(functools.partial(_late_end, stages, replies, late))
+        in_background(task)  # Guard.aclose waits for it
         raise
 
 
-def _mended_late(
-    stages: Sequence[Stage], replies: list[Any], late: _LateReplies, mending: asyncio.Future[Any]
+def _late_end(
+    stages: Sequence[Stage],
+    replies: list[Any] | None,
+    late: _LateReplies,
+    task: asyncio.Future[list[Any]],
 ) -> None:
-    """The end of a cancelled caller's mending: its calls' takings given back, and the
-    replies, mended or as far as they were (an outage), handed to ``late``."""
+    """The end of a cancelled caller's batch: its calls' takings given back, and the
+    replies (or as far as mending got before an outage) handed to ``late``."""
     _undo_all(stages)
-    if not mending.cancelled() and mending.exception() is None:
-        replies = mending.result()
-    late.set_result(replies)  # error replies in it are skipped
+    if not task.cancelled() and task.exception() is None:
+        replies = task.result()
+    if replies is not None:
+        late.set_result(replies)  # error replies in it are skipped
 
 
 class _LateReplies:

@@ -675,8 +675,8 @@ async def test_a_fetch_whose_caller_was_cancelled_as_it_connected_stocks_its_per
     queued = asyncio.Event()
     send_many = pipe.send_many
 
-    async def send_many_seen(packed: list[bytes], late: Any = None) -> Any:
-        future = await send_many(packed, late)
+    async def send_many_seen(packed: list[bytes]) -> Any:
+        future = await send_many(packed)
         queued.set()
         return future
 
@@ -687,9 +687,51 @@ async def test_a_fetch_whose_caller_was_cancelled_as_it_connected_stocks_its_per
     entering.cancel()
     with pytest.raises(asyncio.CancelledError):
         await entering
+    async with asyncio.timeout(5):
+        await drain()  # the batch runs on in a task of its own, to its end
+    assert check._default is not None
+    assert stock_of_check(check)._stock(check._default[0]).staged == -math.inf
+    await guard.aclose()
+
+
+async def test_a_fetch_cancelled_as_it_connected_while_its_script_is_sent_again_stocks(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    # The first batch goes out as the connection opens (run_many), on a server that has
+    # none of the scripts: its caller is cancelled while they are sent again. The fetch's
+    # reply is stocked, and the concurrency permit given back after its script ran.
+    rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 1}]}
+    guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=private_redis.url)
+    chain = guard.chain(RESOURCE)
+    check, conc = chain.checks
+    store = guard.store
+    assert isinstance(check, QpsCheck) and isinstance(conc, ConcurrencyCheck)
+    assert isinstance(store, RedisStore) and store._pipe is not None
+    pipe = store._pipe
+    execute = pipe.execute
+    resending = asyncio.Event()
+
+    async def execute_seen(*args: Any) -> Any:
+        resending.set()
+        return await execute(*args)
+
+    pipe.execute = execute_seen  # type: ignore[method-assign]
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    async with asyncio.timeout(5):
+        await resending.wait()  # a lost script is being sent again (EVAL)
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    async with asyncio.timeout(5):
+        await drain()
     await store.settle()
     assert check._default is not None
     assert stock_of_check(check)._stock(check._default[0]).staged == -math.inf
+    backend = conc._backend("")
+    assert isinstance(backend, RedisPermits)
+    assert await backend.held() == 0
+    ctx = Context(RESOURCE)
+    await chain.exit(ctx, await chain.enter(ctx))  # the one permit is free
     await guard.aclose()
 
 

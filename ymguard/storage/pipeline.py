@@ -379,11 +379,10 @@ class AutoPipeline:
         protocol._queued()
         return True
 
-    async def send_many(self, packed: list[bytes], late: Any = None) -> asyncio.Future[list[Any]]:
-        """Connect if needed, then queue several packed commands in one write (``late``:
-        as :meth:`send_many_now`'s)."""
+    async def send_many(self, packed: list[bytes]) -> asyncio.Future[list[Any]]:
+        """Connect if needed, then queue several packed commands in one write."""
         protocol = await self._ready()
-        return protocol.send_batch(packed, late)
+        return protocol.send_batch(packed)
 
     async def send(self, packed: bytes) -> Any:
         """Send a packed command (connecting first if needed) and return its reply."""

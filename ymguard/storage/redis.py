@@ -439,18 +439,13 @@ class RedisStore(Store):
 
         return await self._guarded(send, always_try)
 
-    async def run_many(
-        self, calls: Sequence[ScriptCall], *, always_try: bool = False, late: Any = None
-    ) -> list[Any]:
+    async def run_many(self, calls: Sequence[ScriptCall], *, always_try: bool = False) -> list[Any]:
         """Run several scripts in one round trip; per call its reply or its error reply.
 
         On one server the calls go out in one write on the pipelined connection and their
         replies come back in order (not a transaction: each script is atomic on its own).
         On a cluster their keys may live in different slots: redis-py sends each to its
         node, all at once, so the calls cost one round trip of the slowest node.
-
-        ``late``, on one server, takes the raw replies if the caller is cancelled while
-        it waits for them (as :meth:`send_many_now`'s); not on a cluster.
 
         Raises:
             StorageUnavailable: as :meth:`run` (the batch is refused or unanswered whole;
@@ -463,7 +458,7 @@ class RedisStore(Store):
             return await self._run_many_client(calls, always_try)
         # The usual case (up, connected): the calls queued now and their replies read
         # here, without the outage wrapper's coroutines (and no closure: see _run_guarded).
-        sent = self.send_many_now(calls, late)
+        sent = self.send_many_now(calls)
         if sent is not None:
             try:
                 replies = await sent
@@ -471,7 +466,7 @@ class RedisStore(Store):
                 raise self.lost(exc) from exc
             return replies if self.replied(replies) else await self.mended(calls, replies)
         packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
-        return await self._run_many_guarded(pipe, calls, packed, always_try, late)
+        return await self._run_many_guarded(pipe, calls, packed, always_try)
 
     def send_many_now(
         self, calls: Sequence[ScriptCall], late: Any = None
@@ -565,17 +560,12 @@ class RedisStore(Store):
         return pipe.send_many_detached(packed, _Detached(self, calls))
 
     async def _run_many_guarded(
-        self,
-        pipe: AutoPipeline,
-        calls: Sequence[ScriptCall],
-        packed: list[bytes],
-        always_try: bool,
-        late: Any = None,
+        self, pipe: AutoPipeline, calls: Sequence[ScriptCall], packed: list[bytes], always_try: bool
     ) -> list[Any]:
         """:meth:`run_many` on the pipelined connection through the outage wrapper."""
 
         async def send() -> list[Any]:
-            sent = pipe.send_many_now(packed, late) or await pipe.send_many(packed, late)
+            sent = pipe.send_many_now(packed) or await pipe.send_many(packed)
             return await self._mended(pipe, calls, await sent)
 
         done: list[Any] = await self._guarded(send, always_try)
