@@ -614,6 +614,30 @@ async def test_a_fetch_whose_caller_was_cancelled_stocks_its_permits(
     await guard.aclose()
 
 
+async def test_a_fetch_whose_reply_comes_as_the_guard_closes_is_given_back(
+    redis_url: str, prefix: str
+) -> None:
+    # Its caller cancelled (a client gone just before shutdown), the fetch's reply comes
+    # while the guard closes (the close waits for the replies on their way): what it
+    # stocked is given back before the connection closes, not by a bucket's end after.
+    guard = prefetching(redis_url, 1000, prefix)  # no other rule's clean-up to wait for
+    chain = guard.chain(RESOURCE)
+    ctx = Context(RESOURCE)
+    await chain.exit(ctx, await chain.enter(ctx))
+    stock = stock_of(guard)
+    assert stock is not None and stock._stocks
+    (kept,) = stock._stocks.values()
+    kept.left = 0  # the next call's batch carries a fetch
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    await asyncio.sleep(0)  # the batch is queued, its reply not read
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    await guard.aclose()
+    assert kept.staged == -math.inf and kept.left == 0
+    assert await counted(redis_url, prefix) == 1  # the one admitted call's permit
+
+
 async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_permits(
     private_redis: RedisServer, prefix: str
 ) -> None:

@@ -807,10 +807,14 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         """Close the connection pool and the pipelined connection (after the replies of
-        the calls sent without waiting: :meth:`settle`)."""
+        the calls sent without waiting: :meth:`settle`, and the give-back of prefetched
+        permits a late reply stocked meanwhile)."""
+        from ..backends.prefetch import give_back_stocks
+
         if self._pipe is not None:
             try:
                 await self.settle()
+                await give_back_stocks(self)  # a fetch's reply may have come in the settle
             finally:
                 self._closing = True  # what the close fails is not an outage
                 self._pipe.close()
