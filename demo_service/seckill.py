@@ -382,6 +382,17 @@ async def kill(kill_course_id: KillCourseId, user: CurrentUser, request: Request
     return {"kill_order_no": await seckill.kill(user.id, kill_course_id)}
 
 
+async def kill_order_row(
+    sessions: async_sessionmaker[AsyncSession], kill_order_no: str
+) -> KillOrder | None:
+    """The ``kill_orders`` row of ``kill_order_no``, if FLOW's consumer has written it."""
+    async with sessions() as session:
+        row: KillOrder | None = await session.scalar(
+            select(KillOrder).where(KillOrder.kill_order_no == kill_order_no)
+        )
+    return row
+
+
 @router.get("/kill/orders/{kill_order_no}")
 async def kill_order(kill_order_no: str, user: CurrentUser, request: Request) -> dict[str, Any]:
     """A kill order of the caller's: ``{"kill_order_no", "kill_course_id", "status"}``.
@@ -393,11 +404,11 @@ async def kill_order(kill_order_no: str, user: CurrentUser, request: Request) ->
     if kill_course_id is None:
         raise NotFound("no such kill order")
     sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with sessions() as session:
-        row = await session.scalar(
-            select(KillOrder).where(KillOrder.kill_order_no == kill_order_no)
-        )
-    if row is not None:
+
+    async def row_of() -> dict[str, Any] | None:
+        row = await kill_order_row(sessions, kill_order_no)
+        if row is None:
+            return None
         if row.user_id != user.id:
             raise NotFound("no such kill order")
         return {
@@ -407,10 +418,20 @@ async def kill_order(kill_order_no: str, user: CurrentUser, request: Request) ->
             "created_at": row.created_at.isoformat(),
             "expires_at": row.expires_at.isoformat() if row.expires_at else None,
         }
+
+    found = await row_of()
+    if found is not None:
+        return found
     seckill: Seckill = request.app.state.seckill
     owner = await seckill.redis.hget(
         course_keys(seckill.prefix, kill_course_id)["pending"], kill_order_no
     )
+    if owner is None:
+        # The consumer writes the row, then drops the pending entry: both may have
+        # happened between the two reads (another worker's consumer), so look again.
+        found = await row_of()
+        if found is not None:
+            return found
     if owner is None or int(owner) != user.id:
         raise NotFound("no such kill order")
     return {

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from demo_service import seckill as seckill_module
 from demo_service.errors import AlreadyPurchased
 from demo_service.models import Order, Outbox
 from demo_service.orders import CHECK_PAYMENT, ORDER_CREATED, create_order
@@ -159,6 +160,35 @@ async def test_the_whole_flow_seckill_token_order_pay_notify_paid_courses(shop: 
 
     kill = (await shop.client.get(f"/kill/orders/{kill_order_no}", headers=alice)).json()
     assert kill["status"] == "ORDERED"
+
+
+async def test_a_kill_order_written_between_its_two_reads_is_found(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GET /kill/orders reads the row, then the pending entry. Another worker's consumer
+    # may write the row and drop the entry between the two reads: the row is read again
+    # (it answered 404, seen with two workers in test_start).
+    activity = await shop.activity(kill_count=1)
+    kc = activity["courses"][0]["kill_course_id"]
+    (bob,) = await shop.users(1)
+    kill_order_no = await seckill(shop, bob, kc)
+
+    async def created() -> bool:
+        r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=bob)
+        return bool(r.json()["status"] == "CREATED")
+
+    await eventually(created, "the pre-order consumer wrote the kill order")
+    real = seckill_module.kill_order_row
+    reads: list[str] = []
+
+    async def not_written_at_first_read(sessions: Any, no: str) -> Any:
+        reads.append(no)
+        return None if len(reads) == 1 else await real(sessions, no)
+
+    monkeypatch.setattr(seckill_module, "kill_order_row", not_written_at_first_read)
+    r = await shop.client.get(f"/kill/orders/{kill_order_no}", headers=bob)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "CREATED" and len(reads) == 2
 
 
 async def test_a_kill_order_reaches_created_and_an_order_of_it_is_placed_once(shop: Shop) -> None:
