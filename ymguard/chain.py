@@ -594,6 +594,9 @@ class Chain:
                             await self._batch_unavailable(ctx, tokens, i, stages, exc)
                             i, stage = j, following
                             continue
+                        except Exception:  # a bug, met after the calls may have run
+                            _undo_all(stages)  # (a task of _for_late's has ended with it)
+                            raise
                     rest = self._decide_batch(ctx, tokens, i, stages, replies)
                     if rest is not None:
                         await rest

@@ -638,6 +638,35 @@ async def test_a_fetch_whose_reply_comes_as_the_guard_closes_is_given_back(
     assert await counted(redis_url, prefix) == 1  # the one admitted call's permit
 
 
+async def test_a_bug_met_while_a_batch_is_mended_gives_its_permits_back(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    # Not an outage and not a cancel: an error raised after the batch's scripts ran. The
+    # batch's concurrency permit is given back (held until its lease ended before).
+    guard, chain, _ = await fetching_chain(private_redis.url, prefix, concurrency=1)
+    store = guard.store
+    assert isinstance(store, RedisStore)
+    await store.client.script_flush()
+    mended = store.mended
+
+    async def mended_then_a_bug(calls: Any, replies: list[Any]) -> list[Any]:
+        await mended(calls, replies)
+        raise TypeError("a bug")
+
+    store.mended = mended_then_a_bug  # type: ignore[method-assign]
+    with pytest.raises(TypeError):
+        await chain.enter(Context(RESOURCE))
+    store.mended = mended  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await drain()
+    conc = chain.checks[1]
+    assert isinstance(conc, ConcurrencyCheck)
+    backend = conc._backend("")
+    assert isinstance(backend, RedisPermits)
+    assert await backend.held() == 0
+    await guard.aclose()
+
+
 async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_permits(
     private_redis: RedisServer, prefix: str
 ) -> None:
