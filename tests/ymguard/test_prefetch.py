@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import select
@@ -636,6 +637,50 @@ async def test_a_fetch_whose_reply_comes_as_the_guard_closes_is_given_back(
     await guard.aclose()
     assert kept.staged == -math.inf and kept.left == 0
     assert await counted(redis_url, prefix) == 1  # the one admitted call's permit
+
+
+async def test_closing_waits_for_what_a_late_reply_gives_back(
+    private_redis: RedisServer,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A cancelled caller's fetch answered while the guard closes (Redis hangs until the
+    # close waits for the replies on their way), after its bucket ended: the caller's own
+    # permit cannot go back to the stock and is refunded in the background. The close
+    # waits for that refund (it cut it off, and logged a false outage).
+    url = private_redis.url
+    guard = prefetching(url, 1000, prefix)
+    chain = guard.chain(RESOURCE)
+    ctx = Context(RESOURCE)
+    await chain.exit(ctx, await chain.enter(ctx))
+    stock = stock_of(guard)
+    store = guard.store
+    assert stock is not None and isinstance(store, RedisStore)
+    (kept,) = stock._stocks.values()
+    kept.left, kept.size, kept.until = 0, 1, -math.inf  # the next batch fetches 1 permit
+    monkeypatch.setattr(stock, "give_back", lambda key, slot: False)  # its bucket ended
+    settle = store.settle
+
+    async def settle_resumed(seconds: float = 2.0) -> None:
+        private_redis.resume()  # the reply comes while the close waits for it
+        await settle(seconds)
+
+    monkeypatch.setattr(store, "settle", settle_resumed)
+    entering = asyncio.ensure_future(chain.enter(Context(RESOURCE)))
+    await asyncio.sleep(0)  # the batch is written, its reply not read
+    private_redis.pause()
+    try:
+        entering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await entering
+        with caplog.at_level(logging.WARNING, logger="ymguard"):
+            await guard.aclose()
+    finally:
+        private_redis.resume()
+    assert kept.staged == -math.inf and kept.left == 0
+    assert await counted(url, prefix) == 1  # the one admitted call's permit
+    assert "unavailable" not in caplog.text
 
 
 async def test_a_bug_met_while_a_batch_is_mended_gives_its_permits_back(

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ..backends.tokens import Tokens
     from ..backends.window import Window
 from .pipeline import AutoPipeline, pack
-from .tasks import in_background
+from .tasks import drain, in_background
 
 log = logging.getLogger("ymguard.storage")
 
@@ -814,7 +814,10 @@ class RedisStore(Store):
         if self._pipe is not None:
             try:
                 await self.settle()
-                await give_back_stocks(self)  # a fetch's reply may have come in the settle
+                # A fetch's reply may have come in the settle: what it stocked, and what
+                # its taking started giving back meanwhile, goes back before the close.
+                await drain()
+                await give_back_stocks(self)
             finally:
                 self._closing = True  # what the close fails is not an outage
                 self._pipe.close()
