@@ -282,4 +282,4 @@ def _answer(
             waiter.set_result(fetch.result())
 
 
-__all__ = ["PrefetchWindow"]
+__all__ = ["PrefetchWindow", "give_back_stocks"]
