@@ -66,6 +66,14 @@ def stock_of_check(check: object) -> PrefetchWindow:
     return check._prefetch
 
 
+def permits_of(chain: Chain) -> RedisPermits:
+    """The Redis permits of ``chain``'s concurrency check (every caller's count)."""
+    conc = next(c for c in chain.checks if isinstance(c, ConcurrencyCheck))
+    backend = conc._backend("")
+    assert isinstance(backend, RedisPermits)
+    return backend
+
+
 async def stock_up(chain: Chain, stock: PrefetchWindow, held: int) -> None:
     """Pass calls through ``chain`` until its batches have grown and ``stock`` holds
     ``held`` permits."""
@@ -704,10 +712,7 @@ async def test_a_bug_met_while_a_batch_is_mended_gives_its_permits_back(
     store.mended = mended  # type: ignore[method-assign]
     async with asyncio.timeout(5):
         await drain()
-    conc = chain.checks[1]
-    assert isinstance(conc, ConcurrencyCheck)
-    backend = conc._backend("")
-    assert isinstance(backend, RedisPermits)
+    backend = permits_of(chain)
     assert await backend.held() == 0
     await guard.aclose()
 
@@ -723,10 +728,7 @@ async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_
     store = guard.store
     assert isinstance(store, RedisStore)
     await store.client.script_flush()
-    conc = chain.checks[1]
-    assert isinstance(conc, ConcurrencyCheck)
-    backend = conc._backend("")
-    assert isinstance(backend, RedisPermits)
+    backend = permits_of(chain)
     await store.client.script_load(backend._release.script)  # loaded again by another call
     mending: list[asyncio.Task[Any]] = []
     seen = asyncio.Event()
@@ -801,9 +803,9 @@ async def test_a_fetch_cancelled_as_it_connected_while_its_script_is_sent_again_
     rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 1}]}
     guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=private_redis.url)
     chain = guard.chain(RESOURCE)
-    check, conc = chain.checks
+    check = chain.checks[0]
     store = guard.store
-    assert isinstance(check, QpsCheck) and isinstance(conc, ConcurrencyCheck)
+    assert isinstance(check, QpsCheck)
     assert isinstance(store, RedisStore) and store._pipe is not None
     pipe = store._pipe
     execute = pipe.execute
@@ -825,8 +827,7 @@ async def test_a_fetch_cancelled_as_it_connected_while_its_script_is_sent_again_
     await store.settle()
     assert check._default is not None
     assert stock_of_check(check)._stock(check._default[0]).staged == -math.inf
-    backend = conc._backend("")
-    assert isinstance(backend, RedisPermits)
+    backend = permits_of(chain)
     assert await backend.held() == 0
     ctx = Context(RESOURCE)
     await chain.exit(ctx, await chain.enter(ctx))  # the one permit is free
