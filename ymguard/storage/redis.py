@@ -773,14 +773,11 @@ class RedisStore(Store):
         return self._local
 
     async def close_tasks(self) -> None:
-        """Give back the prefetched permits not handed out; stop the spawned tasks, the
-        pub/sub service and the lease keepers."""
+        """Stop the spawned tasks, the pub/sub service and the lease keepers."""
         from ..backends.breaker_state import close_breakers
         from ..backends.permits import close_store_tasks
-        from ..backends.prefetch import give_back_stocks
         from .pubsub import close_pubsub
 
-        await give_back_stocks(self)
         await super().close_tasks()
         await close_breakers(self)
         await close_store_tasks(self)
@@ -806,20 +803,19 @@ class RedisStore(Store):
             log.exception("ymguard: waiting for the replies on %s failed", self.shown)
 
     async def aclose(self) -> None:
-        """Close the connection pool and the pipelined connection (after the replies of
-        the calls sent without waiting: :meth:`settle`, and the give-back of prefetched
-        permits a late reply stocked meanwhile)."""
+        """Close the connection pool and the pipelined connection, after the replies of
+        the calls sent without waiting (:meth:`settle`) and the give-back of the
+        prefetched permits not handed out (a reply on its way may have stocked some)."""
         from ..backends.prefetch import give_back_stocks
 
-        if self._pipe is not None:
-            try:
+        try:
+            if self._pipe is not None:
                 await self.settle()
-                # A fetch's reply may have come in the settle: what it stocked, and what
-                # its taking started giving back meanwhile, goes back before the close.
-                await drain()
-                await give_back_stocks(self)
-            finally:
-                self._closing = True  # what the close fails is not an outage
+                await drain()  # what a late reply's taking started giving back
+            await give_back_stocks(self)
+        finally:
+            self._closing = True  # what the close fails is not an outage
+            if self._pipe is not None:
                 self._pipe.close()
         if self._pubsub_client is not None and self._pubsub_client is not self.client:
             await self._pubsub_client.aclose()
