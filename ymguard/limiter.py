@@ -681,7 +681,7 @@ class ConcurrencyCheck(_FlowCheckBase):
         keeper = keeper_of(backend)
         permit_id = new_permit_id()
         lease = self.rule.lease_seconds
-        if not backend.acquire_now(permit_id, self.limit, lease).acquired:
+        if backend.take_now(permit_id, self.limit, lease) is not None:
             raise FlowLimited(self.resource, self.description, retry_after=1.0)
         return keeper.keep(backend, permit_id, lease)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 
+from ymguard.backends.permits import MemoryPermits
 from ymguard.backends.responses import KeptResponse
 from ymguard.storage import MemoryStore, RedisStore, Store
 
@@ -65,3 +66,30 @@ async def test_one_local_fallback_per_store() -> None:
     assert redis_store.local is redis_store.local
     assert redis_store.local.key_prefix == redis_store.key_prefix
     await redis_store.aclose()
+
+
+async def test_a_memory_take_without_a_line_follows_the_acquire() -> None:
+    """``take_now`` (the checks' way in) decides as ``acquire_now`` does: a lapsed lease is
+    reclaimed, a caller in line keeps its place, and the expiry heap stays bounded."""
+    store = MemoryStore()
+    permits = store.permits("take")
+    assert isinstance(permits, MemoryPermits)
+    assert permits.take_now("a", 1, 30.0) is None
+    refused = permits.take_now("b", 1, 30.0)
+    assert refused is not None and not refused.acquired and refused.retry_after > 0
+    # A lapsed lease is reclaimed by the next take.
+    assert permits.take_now("c", 2, -1.0) is None  # lapsed as soon as taken
+    assert permits.take_now("d", 2, 30.0) is None
+    assert await permits.held() == 2  # "a" and "d"
+    # A waiter in line comes first: a take without a place in line is refused.
+    assert permits.release_now("a") and permits.release_now("d")
+    assert permits.take_now("e", 1, 30.0) is None
+    assert not permits.acquire_now("w", 1, 30.0, place=60.0).acquired
+    assert permits.release_now("e")
+    assert permits.take_now("x", 1, 30.0) is not None
+    assert permits.acquire_now("w", 1, 30.0, place=60.0).acquired
+    # Takes and releases without end leave at most a few stale heap entries per holder.
+    for i in range(10_000):
+        assert permits.take_now(f"n{i}", 2, 30.0) is None
+        assert permits.release_now(f"n{i}")
+    assert len(permits._heap) <= 4 * len(permits._holders) + 65

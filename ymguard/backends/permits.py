@@ -234,6 +234,27 @@ class MemoryPermits:
         """Take a permit (see ``permit_acquire.lua``, which this mirrors)."""
         return self.acquire_now(permit_id, permits, lease, place)
 
+    def take_now(self, permit_id: str, permits: int, lease: float) -> AcquireResult | None:
+        """Take a permit without standing in line: None when it was taken, else the
+        refusal (what :meth:`acquire_now` found). For a check, on every request.
+
+        The usual case (no line, no lease lapsed, a permit free) costs a clock read, a
+        dict and a heap entry: no reclaim, no result built.
+        """
+        heap = self._heap
+        holders = self._holders
+        if not self._line and len(heap) <= 4 * len(holders) + 64:  # (see _reclaim)
+            now = self.store.now()
+            if (not heap or heap[0][0] > now) and len(holders) < self.store.data.get(
+                self.keys.permits, permits
+            ):
+                self.permits = permits
+                expiry = holders[permit_id] = now + lease
+                heapq.heappush(heap, (expiry, permit_id))
+                return None
+        result = self.acquire_now(permit_id, permits, lease)
+        return None if result.acquired else result
+
     def acquire_now(
         self, permit_id: str, permits: int, lease: float, place: float = 0.0
     ) -> AcquireResult:
