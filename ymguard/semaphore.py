@@ -39,6 +39,7 @@ from .backends.permits import (
     MemoryPermits,
     Permits,
     RedisPermits,
+    keep_lease,
     keeper_of,
     new_permit_id,
 )
@@ -340,7 +341,7 @@ class _AcquireStage(Stage):
         self.backend = backend
         self.permit_id = permit_id
 
-    def decide(self, reply: Any) -> Permit:
+    def decide(self, reply: Any) -> KeptLease:
         backend = self.backend
         return self.check._granted(self.ctx, backend, self.permit_id, backend.acquired(reply))
 
@@ -389,10 +390,13 @@ class SemaphoreCheck:
         state = {"name": sem.name, "permits": sem.permits, "lease_seconds": sem.lease_seconds}
         return CheckStatus("semaphore", self.resource, self.description, state)
 
-    async def enter(self, ctx: Context) -> Permit:
+    async def enter(self, ctx: Context) -> KeptLease | None:
         """Take a permit or raise :class:`SemaphoreFull` (or ``StorageBlocked``).
 
         With ``wait_ms``, the time waited is reported to the observers (``report_wait``).
+        The token is the permit's kept lease (it names the backend and the permit; no
+        :class:`Permit` per call): None for a permit that holds nothing (the store is
+        down and ``on_storage_error`` is ``open``).
         """
         started = time.perf_counter() if self.wait_seconds else 0.0
         result: WaitResult = "rejected"
@@ -411,36 +415,43 @@ class SemaphoreCheck:
         finally:
             if started:
                 report_wait(ctx, self, time.perf_counter() - started, result)
-        permit.keep_alive()
-        return permit
+        backend = permit._backend
+        if backend is None:  # given without a store (on_storage_error: open)
+            return None
+        return keep_lease(backend, permit.id, self.semaphore.lease_seconds)
+
+    def _refuse(self, ctx: Context, result: AcquireResult) -> SemaphoreFull:
+        retry = result.retry_after if result.retry_after > 0 else 1.0
+        return SemaphoreFull(ctx.resource, self.description, retry_after=retry)
 
     def _granted(
         self, ctx: Context, backend: Permits, permit_id: str, result: AcquireResult
-    ) -> Permit:
-        """The permit a try without waiting got, kept alive; or :class:`SemaphoreFull`."""
+    ) -> KeptLease:
+        """The kept lease of the permit a try without waiting got; or :class:`SemaphoreFull`."""
         if not result.acquired:
-            retry = result.retry_after if result.retry_after > 0 else 1.0
-            raise SemaphoreFull(ctx.resource, self.description, retry_after=retry)
-        permit = Permit(self.semaphore, permit_id, result.expires_at, _backend=backend)
-        permit.keep_alive()
-        return permit
+            raise self._refuse(ctx, result)
+        return keep_lease(backend, permit_id, self.semaphore.lease_seconds)
 
-    def _enter_now(self, ctx: Context) -> Permit:
+    def _enter_now(self, ctx: Context) -> KeptLease:
         """``enter`` without a coroutine: in process, with no ``wait_ms``."""
         sem = self.semaphore
         backend = sem._backend
         assert isinstance(backend, MemoryPermits)
-        keeper_of(backend)  # raises before a permit is taken when no loop runs (sync code)
+        # The keeper first: without a running loop (sync code run at once) it raises
+        # before a permit is taken, not after (the permit would leak).
+        keeper = keeper_of(backend)
         permit_id = new_permit_id()
-        result = backend.acquire_now(permit_id, sem.permits, sem.lease_seconds)
-        return self._granted(ctx, backend, permit_id, result)
+        lease = sem.lease_seconds
+        refused = backend.take_now(permit_id, sem.permits, lease)
+        if refused is not None:
+            raise self._refuse(ctx, refused)
+        return keeper.keep(backend, permit_id, lease)
 
     def _exit_now(self, ctx: Context, token: Any) -> None:
         """``exit`` without a coroutine, in process."""
         if token is not None:
-            backend = token._let_go()
-            if backend is not None:
-                backend.release_now(token.id)
+            token.stop()
+            token.backend.release_now(token.permit_id)
 
     def _stage_enter(self, ctx: Context) -> Stage | None:
         """``enter``'s try for a free permit, for the chain to send (None: plain ``enter``)."""
@@ -453,18 +464,20 @@ class SemaphoreCheck:
 
     def _stage_exit(self, ctx: Context, token: Any) -> Any:
         """``exit``'s release for the chain to send with the others."""
-        if token is None or token.released:
+        if token is None:
             return NOTHING
-        backend = token._backend
+        backend = token.backend
         if not isinstance(backend, RedisPermits):
-            return None  # the local fallback's permit (or none): its plain exit
-        token._let_go()
-        return Stage(self.semaphore.store, backend.release_call(token.id))
+            return None  # the local fallback's permit: its plain exit
+        token.stop()
+        return Stage(self.semaphore.store, backend.release_call(token.permit_id))
 
     async def exit(self, ctx: Context, token: Any) -> None:
         """Release the permit (the call finished, failed, or a later check blocked it)."""
         if token is not None:
-            await token.release()
+            token.stop()
+            with contextlib.suppress(StorageUnavailable):  # the lease frees it
+                await token.backend.release(token.permit_id)
 
 
 def semaphore_for_rule(
