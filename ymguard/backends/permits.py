@@ -28,7 +28,7 @@ from weakref import ref
 from ..errors import StorageUnavailable
 from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
 from ..storage.redis import ScriptCall
-from ..storage.tasks import stopped
+from ..storage.tasks import loop_clock, stopped
 from ._lua import lua
 
 if TYPE_CHECKING:
@@ -543,7 +543,15 @@ class KeptLease:
 
     def stop(self) -> None:
         """Stop renewing (call it before releasing the permit)."""
-        self.keeper.drop(self)
+        # LeaseKeeper.drop, inlined: a request stops a lease per permit it held.
+        self.dropped = True
+        keeper = self.keeper
+        if self.old:
+            keeper._kept.discard(self)
+            return
+        young = keeper._young
+        while young and young[0].dropped:  # ended leases leave from the head (the oldest)
+            young.popleft()
 
 
 #: Young leases kept before the ended ones among them are swept out (then twice the live).
@@ -575,7 +583,7 @@ class LeaseKeeper:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._time = loop.time
+        self._time = loop_clock(loop)  # read once per permit a request holds
         self.renewals = 0
         self.closed = False  # by :meth:`aclose` (:func:`close_store_tasks`)
         self._young: collections.deque[KeptLease] = collections.deque()
