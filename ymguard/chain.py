@@ -832,18 +832,6 @@ class Chain:
         except Exception:  # an exit must never turn a response into a 500
             log.exception("ymguard: exit of %r failed", self.checks[i])
 
-    def _exit_at_once(self, i: int, ctx: Context, token: Any) -> bool:
-        """Run check ``i``'s ``exit_now`` or ``exit_fast``, if it has one; False when its
-        exit must be awaited instead (none, or ``exit_fast`` answered AWAIT)."""
-        exit_now = self._exit_fast[i]
-        if exit_now is None:
-            return False
-        try:
-            return exit_now(ctx, token) is not AWAIT
-        except Exception:  # an exit must never turn a response into a 500
-            log.exception("ymguard: exit of %r failed", self.checks[i])
-        return True
-
     def _exits_now(
         self,
         ctx: Context,
@@ -860,7 +848,7 @@ class Chain:
         all is done, else a coroutine for the rest: from the first exit that must be
         awaited on (the batches go out after it), or the batches that must be awaited.
         """
-        stagers = self._stage_out
+        stagers, fast = self._stage_out, self._exit_fast
         for n in range(start, len(order)):
             i = order[n]
             stager = stagers[i]
@@ -880,8 +868,16 @@ class Chain:
                         batch = batches[id(stage.store)] = (stage.store, [])
                     batch[1].append(stage.call)
                     continue
-            if not self._exit_at_once(i, ctx, tokens[i]):
+            # Its exit_now or exit_fast, if it has one; else (or when exit_fast answers
+            # AWAIT, having done nothing) its exit is awaited, and the rest after it.
+            exit_now = fast[i]
+            if exit_now is None:
                 return self._exit_awaiting(ctx, tokens, order, n, batches)
+            try:
+                if exit_now(ctx, tokens[i]) is AWAIT:
+                    return self._exit_awaiting(ctx, tokens, order, n, batches)
+            except Exception:  # an exit must never turn a response into a 500
+                log.exception("ymguard: exit of %r failed", self.checks[i])
         if batches:
             waiting = []
             for batch in batches.values():
