@@ -27,7 +27,7 @@ from weakref import ref
 
 from ..errors import StorageUnavailable
 from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
-from ..storage.redis import ScriptCall
+from ..storage.redis import ScriptCall, new_call
 from ..storage.tasks import loop_clock, stopped
 from ._lua import lua
 
@@ -411,14 +411,16 @@ class RedisPermits:
         keys = self.keys
         args = (permits, math.ceil(lease * 1000), permit_id, math.ceil(place * 1000), keys.channel)
         packer = self._pack_acquire
-        return ScriptCall(self._acquire, keys.all, args, None if packer is None else packer(args))
+        packed = None if packer is None else packer(args)
+        return new_call(ScriptCall, (self._acquire, keys.all, args, packed))
 
     def release_call(self, permit_id: str) -> ScriptCall:
         """:meth:`release` as a call for ``RedisStore.run_many`` (always tried)."""
         keys = self.keys
         args = (permit_id, self.permits, keys.channel)
         packer = self._pack_release
-        return ScriptCall(self._release, keys.all, args, None if packer is None else packer(args))
+        packed = None if packer is None else packer(args)
+        return new_call(ScriptCall, (self._release, keys.all, args, packed))
 
     @staticmethod
     def acquired(reply: Any) -> AcquireResult:
