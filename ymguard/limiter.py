@@ -671,10 +671,14 @@ class ConcurrencyCheck(_FlowCheckBase):
 
     def _enter_now(self, ctx: Context) -> Any:
         """``enter`` without a coroutine, on the memory store."""
-        suffix = self.scope.key_for(ctx.origin)
-        if suffix is None:
-            return None
-        backend = self._backend(suffix)
+        count = self._default
+        if count is None or self.scope.origin != "default":  # (every caller: one count)
+            suffix = self.scope.key_for(ctx.origin)
+            if suffix is None:
+                return None
+            backend = self._backend(suffix)
+        else:
+            backend = count.permits
         assert isinstance(backend, MemoryPermits)
         # The keeper first: without a running loop (sync code run at once) it raises
         # before a permit is taken, not after (the permit would leak).
@@ -690,10 +694,14 @@ class ConcurrencyCheck(_FlowCheckBase):
         store = self.store
         if not store.available:
             return None
-        suffix = self.scope.key_for(ctx.origin)
-        if suffix is None:
-            return Stage(store, None, _no_token)
-        backend = self._backend(suffix)
+        count = self._default
+        if count is None or self.scope.origin != "default":  # (every caller: one count)
+            suffix = self.scope.key_for(ctx.origin)
+            if suffix is None:
+                return Stage(store, None, _no_token)
+            backend = self._backend(suffix)
+        else:
+            backend = count.permits
         assert isinstance(backend, RedisPermits)
         return _AcquireStage(self, backend, new_permit_id())
 
