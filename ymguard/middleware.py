@@ -26,7 +26,6 @@ from .chain import AWAIT, CLIENT_CLOSED_REQUEST, Context, ShortCircuit
 from .errors import Blocked
 from .guard import Guard, current_context
 from .routecheck import warn_unmatched_rules
-from .storage.tasks import loop_clock
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 #: Resolved (method, root path, path) entries the middleware keeps.
@@ -271,7 +270,7 @@ class _Watched:
         self.send = send
         self.started = started
         self.deferred = False  # its client left while a worker thread may run: cancel later
-        self.since = sweeper.time()
+        self.since = sweeper.loop.time()
         self.reading = 0  # the app's own receive() calls in progress (before the watcher)
         self.watcher: asyncio.Task[None] | None = None
         self.inbox: collections.deque[Message] | None = None
@@ -372,11 +371,10 @@ class _Sweeper:
     (in start order), not a timer of its own.
     """
 
-    __slots__ = ("calls", "loop", "time", "timer")
+    __slots__ = ("calls", "loop", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.time = loop_clock(loop)  # read once per call
         self.calls: dict[_Watched, None] = {}
         self.timer: asyncio.TimerHandle | None = None
 

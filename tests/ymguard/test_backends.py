@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 
-from ymguard.backends.permits import MemoryPermits
+import pytest
+
+from ymguard.backends.permits import LeaseKeeper, MemoryPermits
 from ymguard.backends.responses import KeptResponse
 from ymguard.storage import MemoryStore, RedisStore, Store
 
@@ -93,3 +97,27 @@ async def test_a_memory_take_without_a_line_follows_the_acquire() -> None:
         assert permits.take_now(f"n{i}", 2, 30.0) is None
         assert permits.release_now(f"n{i}")
     assert len(permits._heap) <= 4 * len(permits._holders) + 65
+
+
+def test_the_memory_stores_clock_follows_a_patched_monotonic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tests that fake ``time.monotonic`` (freezegun, ``mock.patch``) move the store's
+    clock, so a window they step over has passed."""
+    monkeypatch.setattr(time, "monotonic", lambda: 12345.0)
+    assert MemoryStore().now() == 12345.0
+
+
+async def test_the_lease_keeper_follows_the_loops_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop whose clock a test replaced (a virtual clock) keeps leases on that clock:
+    the keeper sleeps on the loop's timers."""
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    monkeypatch.setattr(loop, "time", lambda: real() + 1000.0)
+    store = MemoryStore()
+    permits = store.permits("clock")
+    keeper = LeaseKeeper.of(store)
+    kept = keeper.keep(permits, "p", 3.0)
+    assert kept.due >= real() + 1000.0
+    kept.stop()
+    await keeper.aclose()

@@ -28,7 +28,7 @@ from weakref import ref
 from ..errors import StorageUnavailable
 from ..storage.pubsub import close_pubsub, pubsub_for, pubsub_of
 from ..storage.redis import ScriptCall, new_call
-from ..storage.tasks import loop_clock, stopped
+from ..storage.tasks import stopped
 from ._lua import lua
 
 if TYPE_CHECKING:
@@ -545,7 +545,8 @@ class KeptLease:
 
     def stop(self) -> None:
         """Stop renewing (call it before releasing the permit)."""
-        # LeaseKeeper.drop, inlined: a request stops a lease per permit it held.
+        # The keeper's drop is done here (LeaseKeeper.drop calls this): a request stops a
+        # lease per permit it held, and a call fewer is 0.8k instructions.
         self.dropped = True
         keeper = self.keeper
         if self.old:
@@ -585,7 +586,7 @@ class LeaseKeeper:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._time = loop_clock(loop)  # read once per permit a request holds
+        self._time = loop.time
         self.renewals = 0
         self.closed = False  # by :meth:`aclose` (:func:`close_store_tasks`)
         self._young: collections.deque[KeptLease] = collections.deque()
@@ -636,14 +637,8 @@ class LeaseKeeper:
         return kept
 
     def drop(self, kept: KeptLease) -> None:
-        """Stop renewing a lease."""
-        kept.dropped = True
-        if kept.old:
-            self._kept.discard(kept)
-            return
-        young = self._young
-        while young and young[0].dropped:  # ended leases leave from the head (the oldest)
-            young.popleft()
+        """Stop renewing a lease (:meth:`KeptLease.stop`)."""
+        kept.stop()
 
     async def aclose(self) -> None:
         """Stop renewing every lease and end the task (the leases are left to expire).

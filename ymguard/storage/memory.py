@@ -28,10 +28,14 @@ class MemoryStore(Store):
         super().__init__(key_prefix=key_prefix, on_storage_error=on_storage_error)
         self.data: dict[str, Any] = {}
 
-    #: Seconds on a monotonic clock (the memory store's equivalent of Redis ``TIME``):
-    #: ``time.monotonic`` itself, not a function around it (a request reads it up to five
-    #: times, and a Python call costs more than the clock).
-    now = staticmethod(time.monotonic)
+    @staticmethod
+    def now() -> float:
+        """Seconds on a monotonic clock (the memory store's equivalent of Redis ``TIME``).
+
+        ``time.monotonic()`` read on each call (not the function itself, captured): a test
+        that patches ``time.monotonic`` (freezegun, ``mock.patch``) moves this clock too.
+        """
+        return time.monotonic()
 
     def __repr__(self) -> str:
         return f"MemoryStore(key_prefix={self.key_prefix!r})"

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import StorageUnavailable
@@ -23,16 +22,6 @@ T = TypeVar("T")
 
 #: Below this many seconds, a timer is not worth arming (timers may fire a hair early).
 EPSILON = 0.001
-
-
-def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
-    """``loop.time``, or ``time.monotonic`` itself where that is all it is (asyncio's own
-    loop: a Python method around it). For code that reads the loop's clock on every
-    request and compares it with the loop's timers."""
-    return time.monotonic if type(loop).time is _ASYNCIO_TIME else loop.time
-
-
-_ASYNCIO_TIME = asyncio.BaseEventLoop.time
 
 # Clean-ups running in tasks of their own, kept referenced until they finish.
 _background: set[asyncio.Task[Any]] = set()
