@@ -545,8 +545,8 @@ class KeptLease:
 
     def stop(self) -> None:
         """Stop renewing (call it before releasing the permit)."""
-        # The keeper's drop is done here (LeaseKeeper.drop calls this): a request stops a
-        # lease per permit it held, and a call fewer is 0.8k instructions.
+        # The keeper's drop is done here (LeaseKeeper.drop calls this), not in a call of
+        # the keeper's: a request stops a lease per permit it held.
         self.dropped = True
         keeper = self.keeper
         if self.old:
