@@ -51,15 +51,7 @@ from .backends.breaker_state import (
     BreakerState,
     BreakerStore,
 )
-from .chain import (
-    AWAIT,
-    CLIENT_CLOSED_REQUEST,
-    DEFAULT_ERROR_STATUSES,
-    Context,
-    Stage,
-    has_outcome,
-    is_error,
-)
+from .chain import AWAIT, DEFAULT_ERROR_STATUSES, Context, Stage, has_outcome, is_error
 from .errors import CircuitOpen, StorageBlocked, StorageUnavailable, YmguardError
 from .stats import SHARED_CLOCK, Counts, ResourceStats
 from .storage import Store
@@ -542,19 +534,14 @@ class BreakerCheck:
         :meth:`exit`."""
         if token is not None:
             return AWAIT  # a probe: judged on the store
-        # has_outcome and _failure, inlined for the usual call (every call runs this).
-        error = ctx.error
-        if (
-            ctx.blocked is not None
-            or ctx.replayed
-            or ctx.status == CLIENT_CLOSED_REQUEST
-            or isinstance(error, asyncio.CancelledError)
-        ):
-            return None  # no outcome
+        if not has_outcome(ctx):
+            return None
+        # _failure, inlined for the usual call (every call runs this): an error, a listed
+        # status, or (a slow-call rule) slowness.
         if (
             self._st.state is not CLOSED
             or self._pending
-            or error is not None
+            or ctx.error is not None
             or ctx.status in self.error_statuses
             or (self.slow_index >= 0 and self._failure(ctx) is not None)
         ):

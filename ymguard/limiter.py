@@ -643,6 +643,16 @@ class ConcurrencyCheck(_FlowCheckBase):
             entry.local = self.store.local.permits(self._name(suffix), "conc")
         return entry.local
 
+    def _permits_for(self, origin: str) -> Permits | None:
+        """The store's permits that count a caller, or None where the rule does not apply
+        to it. A rule for every caller (one count) finds them without ``key_for`` and
+        ``_backend``: every request of a concurrency rule asks, as the qps check does."""
+        count = self._default
+        if count is not None and self.scope.origin == "default":
+            return count.permits
+        suffix = self.scope.key_for(origin)
+        return None if suffix is None else self._backend(suffix)
+
     async def enter(self, ctx: Context) -> Any:
         if self.enter_now is not None:
             return self.enter_now(ctx)
@@ -671,14 +681,9 @@ class ConcurrencyCheck(_FlowCheckBase):
 
     def _enter_now(self, ctx: Context) -> Any:
         """``enter`` without a coroutine, on the memory store."""
-        count = self._default
-        if count is None or self.scope.origin != "default":  # (every caller: one count)
-            suffix = self.scope.key_for(ctx.origin)
-            if suffix is None:
-                return None
-            backend = self._backend(suffix)
-        else:
-            backend = count.permits
+        backend = self._permits_for(ctx.origin)
+        if backend is None:
+            return None
         assert isinstance(backend, MemoryPermits)
         # The keeper first: without a running loop (sync code run at once) it raises
         # before a permit is taken, not after (the permit would leak).
@@ -694,14 +699,9 @@ class ConcurrencyCheck(_FlowCheckBase):
         store = self.store
         if not store.available:
             return None
-        count = self._default
-        if count is None or self.scope.origin != "default":  # (every caller: one count)
-            suffix = self.scope.key_for(ctx.origin)
-            if suffix is None:
-                return Stage(store, None, _no_token)
-            backend = self._backend(suffix)
-        else:
-            backend = count.permits
+        backend = self._permits_for(ctx.origin)
+        if backend is None:
+            return Stage(store, None, _no_token)
         assert isinstance(backend, RedisPermits)
         return _AcquireStage(self, backend, new_permit_id())
 
