@@ -567,9 +567,13 @@ async def test_closing_gives_back_the_stocked_permits(redis_url: str, prefix: st
 
 
 async def fetching_chain(
-    redis_url: str, prefix: str, concurrency: int = 100
+    redis_url: str, prefix: str, concurrency: int = 100, *, flush_scripts: bool = False
 ) -> tuple[Guard, Chain, Any]:
-    """A chain whose next call's batch carries a fetch (its stock emptied), and the stock."""
+    """A chain whose next call's batch carries a fetch (its stock emptied), and the stock.
+
+    ``flush_scripts``: the server then forgets every script (SCRIPT FLUSH, as a restarted
+    one): the next batch meets NOSCRIPT and is mended.
+    """
     rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": concurrency}]}
     guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=redis_url)
     chain = guard.chain(RESOURCE)
@@ -582,6 +586,8 @@ async def fetching_chain(
     await store.settle()  # its release answered too: nothing is on the way
     kept = stock_of_check(check)._stock(check._default[0])
     kept.left = 0
+    if flush_scripts:
+        await store.client.script_flush()
     return guard, chain, kept
 
 
@@ -696,10 +702,11 @@ async def test_a_bug_met_while_a_batch_is_mended_gives_its_permits_back(
 ) -> None:
     # Not an outage and not a cancel: an error raised after the batch's scripts ran. The
     # batch's concurrency permit is given back (held until its lease ended before).
-    guard, chain, _ = await fetching_chain(private_redis.url, prefix, concurrency=1)
+    guard, chain, _ = await fetching_chain(
+        private_redis.url, prefix, concurrency=1, flush_scripts=True
+    )
     store = guard.store
     assert isinstance(store, RedisStore)
-    await store.client.script_flush()
     mended = store.mended
 
     async def mended_then_a_bug(calls: Any, replies: list[Any]) -> list[Any]:
@@ -724,10 +731,11 @@ async def test_a_fetch_cancelled_while_its_lost_script_is_sent_again_stocks_its_
     # cancelled while the script is sent again: that reply reaches the stock. The
     # concurrency permit of the batch, taken by its script sent again, is given back after
     # it (not before: it would be held until its lease ends, and the limit is 1).
-    guard, chain, kept = await fetching_chain(private_redis.url, prefix, concurrency=1)
+    guard, chain, kept = await fetching_chain(
+        private_redis.url, prefix, concurrency=1, flush_scripts=True
+    )
     store = guard.store
     assert isinstance(store, RedisStore)
-    await store.client.script_flush()
     backend = permits_of(chain)
     await store.client.script_load(backend._release.script)  # loaded again by another call
     mending: list[asyncio.Task[Any]] = []
@@ -841,12 +849,11 @@ async def test_a_fetch_answered_in_a_batch_that_met_an_outage_stocks_its_permits
     # The fetch's script ran, the concurrency acquire's was lost (NOSCRIPT), and Redis
     # hangs while that one is sent again (the connection times out): the fetch's reply,
     # read already, is stocked, whether its caller then meets the outage or was cancelled.
-    guard, chain, kept = await fetching_chain(private_redis.url, prefix)
+    guard, chain, kept = await fetching_chain(private_redis.url, prefix, flush_scripts=True)
     store = guard.store
     check = chain.checks[0]
     assert isinstance(store, RedisStore) and store._pipe is not None
     assert isinstance(check, QpsCheck) and isinstance(check.window, RedisWindow)
-    await store.client.script_flush()
     await store.client.script_load(check.window._acquire.script)  # only the fetch's
     pipe = store._pipe
     execute = pipe.execute
