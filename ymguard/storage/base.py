@@ -120,6 +120,10 @@ class Store:
         #: (counted once per outage, as it starts; a memory store never has one). The
         #: metrics report it (``ymguard.storage.outages``): no call pays for watching.
         self.outages = 0
+        #: Whether the store is believed to answer now: False from the start of an
+        #: outage until the store answers again (set by the store only). An attribute,
+        #: not a property: every staged check reads it on every call.
+        self.available = True
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
@@ -134,11 +138,6 @@ class Store:
         if suffix:
             return f"{self.key_prefix}:{{{tag}}}:{encode_key_part(suffix)}"
         return f"{self.key_prefix}:{{{tag}}}"
-
-    @property
-    def available(self) -> bool:
-        """Whether the store is believed to answer now."""
-        return True
 
     async def aclose(self) -> None:
         """Release connections; the store is unusable afterwards."""

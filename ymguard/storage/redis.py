@@ -355,11 +355,6 @@ class RedisStore(Store):
             script = self._scripts[source] = self.client.register_script(source)
         return script
 
-    @property
-    def available(self) -> bool:
-        """False while the store is in a known outage."""
-        return self._down_since is None
-
     def pack(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
         """The EVALSHA of a call whose keys and arguments never change, packed once.
 
@@ -500,11 +495,13 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is None or self._down_since is not None or not calls:
             return None
-        if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
+        if len(calls) == 1:  # the usual batch
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
-        else:
-            packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
+        else:  # a loop, not a comprehension: that would be a call of its own
+            packed = []
+            for c in calls:
+                packed.append(c.packed or evalsha(c.script, c.keys, c.args))
         return pipe.send_many_now(packed, late)
 
     def replied(self, replies: list[Any]) -> bool:
@@ -560,13 +557,15 @@ class RedisStore(Store):
         pipe = self._pipe
         if pipe is None or self._down_since is not None or self._closing:
             return False
-        if len(calls) == 1:  # the usual batch (no comprehension: a call of its own)
+        if len(calls) == 1:  # the usual batch
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
         elif not calls:
             return True  # nothing to send (a waiter for no reply would take the next)
-        else:
-            packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
+        else:  # a loop, not a comprehension: that would be a call of its own
+            packed = []
+            for c in calls:
+                packed.append(c.packed or evalsha(c.script, c.keys, c.args))
         return pipe.send_many_detached(packed, _Detached(self, calls))
 
     async def _run_many_guarded(
@@ -725,6 +724,7 @@ class RedisStore(Store):
         self._retry_at = now + self.retry_interval
         if self._down_since is None:
             self._down_since = now
+            self.available = False
             self.outages += 1
             log.warning(
                 "ymguard storage %s unavailable (%s: %s); on_storage_error=%s until it answers",
@@ -742,6 +742,7 @@ class RedisStore(Store):
             time.monotonic() - self._down_since,
         )
         self._down_since = None
+        self.available = True
 
     # -- the primitives (imported on first use: they import the storage package) ----------
 
