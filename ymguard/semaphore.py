@@ -343,7 +343,9 @@ class _AcquireStage(Stage):
 
     def decide(self, reply: Any) -> KeptLease:
         backend = self.backend
-        return self.check._granted(self.ctx, backend, self.permit_id, backend.acquired(reply))
+        if int(reply[0]):  # acquired: no AcquireResult needed (it only says why not)
+            return keep_lease(backend, self.permit_id, self.check.semaphore.lease_seconds)
+        raise self.check._refuse(self.ctx, backend.acquired(reply))
 
     def undo(self) -> Awaitable[bool]:
         return self.backend.release(self.permit_id)
@@ -423,14 +425,6 @@ class SemaphoreCheck:
     def _refuse(self, ctx: Context, result: AcquireResult) -> SemaphoreFull:
         retry = result.retry_after if result.retry_after > 0 else 1.0
         return SemaphoreFull(ctx.resource, self.description, retry_after=retry)
-
-    def _granted(
-        self, ctx: Context, backend: Permits, permit_id: str, result: AcquireResult
-    ) -> KeptLease:
-        """The kept lease of the permit a try without waiting got; or :class:`SemaphoreFull`."""
-        if not result.acquired:
-            raise self._refuse(ctx, result)
-        return keep_lease(backend, permit_id, self.semaphore.lease_seconds)
 
     def _enter_now(self, ctx: Context) -> KeptLease:
         """``enter`` without a coroutine: in process, with no ``wait_ms``."""
