@@ -555,9 +555,15 @@ class Chain:
                         if len(stages) == 1:
                             calls = (stage.call,)
                             late = None if stage.late is None else _LateReplies(stages)
-                        else:
-                            calls = [s.call for s in stages if s.call is not None]
-                            late = _late_replies(stages)
+                        else:  # one loop: no comprehension, no helper call
+                            listed: list[Any] = []
+                            takes_late = False
+                            for staged in stages:
+                                if staged.call is not None:
+                                    listed.append(staged.call)
+                                    takes_late = takes_late or staged.late is not None
+                            calls = listed
+                            late = _LateReplies(stages) if takes_late else None
                         sent = store.send_many_now(calls, late)
                         # Whether a task of its own runs the batch to its end (_for_late):
                         # then a cancel leaves the give-backs and ``late`` to it.
@@ -697,9 +703,9 @@ class Chain:
             outcome = "error"  # an exception is an error
         for finished in self._finished:
             finished(ctx, rt_ms, outcome)
-        if not tokens:
-            return None
         order = self._after_call
+        if not tokens or not order:  # nothing entered, or no exit after a call (qps)
+            return None
         entered = len(tokens)  # fewer than the checks when one answered the call
         if entered < len(self.checks):  # no comprehension: it would cost a cell
             order = tuple(filter(entered.__gt__, order))
@@ -946,14 +952,6 @@ class Chain:
     async def _unwind(self, ctx: Context, tokens: Sequence[Any]) -> None:
         """Give back what the checks that admitted a blocked call took, the last first."""
         await self._exits(ctx, tokens, range(len(tokens) - 1, -1, -1))
-
-
-def _late_replies(stages: Sequence[Stage]) -> _LateReplies | None:
-    """What hears the replies of a batch whose caller is cancelled, if a stage takes them."""
-    for stage in stages:
-        if stage.call is not None and stage.late is not None:
-            return _LateReplies(stages)
-    return None  # the usual batch: nothing to hear
 
 
 def _hear_late(sent: asyncio.Future[Any], late: _LateReplies) -> None:
