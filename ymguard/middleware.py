@@ -223,7 +223,11 @@ async def run_until_disconnect(
                 return True
         raise
     finally:
-        call.done()
+        # No watching from now on (inline: every watched call ends here, and only here).
+        sweeper.calls.pop(call, None)
+        watcher = call.watcher
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
     if call.gone:
         if this.cancelling():  # the app swallowed our cancellation
             this.uncancel()
@@ -280,7 +284,11 @@ class _Watched:
         # Once the watcher has stopped: True after a disconnect (the app gets another on
         # every later read, as from a server), or the error its receive() raised.
         self.ended: bool | BaseException = False
-        sweeper.add(self)
+        # In the sweeper's calls (in start order); its timer armed if none is (inline:
+        # every watched call starts here, and only here).
+        sweeper.calls[self] = None
+        if sweeper.timer is None:
+            sweeper.timer = sweeper.loop.call_at(self.since + WATCH_AFTER, sweeper.sweep)
 
     async def app_receive(self) -> Message:
         """The ``receive`` the app gets: the server's, or the watcher's messages."""
@@ -356,13 +364,6 @@ class _Watched:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def done(self) -> None:
-        """The app has ended: no watching from now on."""
-        self.sweeper.calls.pop(self, None)
-        watcher = self.watcher
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
-
 
 class _Sweeper:
     """Starts the watchers of an event loop's calls that have run :data:`WATCH_AFTER`.
@@ -377,11 +378,6 @@ class _Sweeper:
         self.loop = loop
         self.calls: dict[_Watched, None] = {}
         self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, call: _Watched) -> None:
-        self.calls[call] = None
-        if self.timer is None:
-            self.timer = self.loop.call_at(call.since + WATCH_AFTER, self.sweep)
 
     def sweep(self) -> None:
         self.timer = None
