@@ -121,3 +121,21 @@ async def test_the_lease_keeper_follows_the_loops_clock(monkeypatch: pytest.Monk
     assert kept.due >= real() + 1000.0
     kept.stop()
     await keeper.aclose()
+
+
+def test_a_store_subclass_may_answer_available_with_a_property() -> None:
+    """``Store.available`` is a plain attribute for speed (every staged check reads it per
+    call), but a store of one's own (a test double) may still compute it."""
+
+    class Flaky(MemoryStore):
+        up = True
+
+        @property
+        def available(self) -> bool:  # type: ignore[override]
+            return self.up
+
+    store = Flaky()
+    assert store.available
+    store.up = False
+    assert not store.available
+    assert MemoryStore().available

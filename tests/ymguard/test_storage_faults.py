@@ -114,12 +114,15 @@ async def test_an_outage_is_logged_once_and_its_end_once(
     guard = guard_for(private_redis, "local")
     async with client(shop(guard)) as c:
         await burst(c, 2)
+        assert guard.store.available
         private_redis.stop()
         for _ in range(3):
             await burst(c, 10)
             await asyncio.sleep(0.4)
+        assert not guard.store.available  # what every staged check reads, per call
         private_redis.start()
         await wait_until_redis_decides(c, private_redis)
+        assert guard.store.available
     await guard.aclose()
     messages = [r.getMessage() for r in caplog.records if r.name == "ymguard.storage"]
     assert len([m for m in messages if "unavailable" in m]) == 1

@@ -120,10 +120,6 @@ class Store:
         #: (counted once per outage, as it starts; a memory store never has one). The
         #: metrics report it (``ymguard.storage.outages``): no call pays for watching.
         self.outages = 0
-        #: Whether the store is believed to answer now: False from the start of an
-        #: outage until the store answers again (set by the store only). An attribute,
-        #: not a property: every staged check reads it on every call.
-        self.available = True
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         """The key of one rule's state: ``prefix:{kind:name}:suffix``, each part encoded.
@@ -138,6 +134,12 @@ class Store:
         if suffix:
             return f"{self.key_prefix}:{{{tag}}}:{encode_key_part(suffix)}"
         return f"{self.key_prefix}:{{{tag}}}"
+
+    #: Whether the store is believed to answer now: a store that can have outages (Redis)
+    #: sets it False from the start of one until it answers again. An attribute, not a
+    #: property: every staged check reads it on every call. A subclass may override it
+    #: with a property of its own.
+    available: bool = True
 
     async def aclose(self) -> None:
         """Release connections; the store is unusable afterwards."""

@@ -332,6 +332,7 @@ class RedisStore(Store):
         self.retry_interval = retry_interval
         self._scripts: dict[str, AsyncScript] = {}
         self._down_since: float | None = None
+        self.available = True  # on the instance: read on every staged call (see Store)
         self._retry_at = 0.0
         self._probing = False
         self._local: MemoryStore | None = None
