@@ -235,6 +235,15 @@ class ScriptCall(NamedTuple):
 new_call = tuple.__new__
 
 
+def packed_calls(calls: Sequence[ScriptCall]) -> list[bytes]:
+    """Each call's EVALSHA, packed (its ``packed`` bytes where it has them). A batch of
+    one packs inline where it is sent, without this call: the usual batch."""
+    packed = []  # a loop, not a comprehension: that would be a call of its own
+    for c in calls:
+        packed.append(c.packed or evalsha(c.script, c.keys, c.args))
+    return packed
+
+
 #: How long :meth:`RedisStore.settle` (and so ``aclose``) waits for the replies of the
 #: calls no one awaits.
 SETTLE_SECONDS = 2.0
@@ -331,8 +340,10 @@ class RedisStore(Store):
         self._pipe = make_pipeline(uri)
         self.retry_interval = retry_interval
         self._scripts: dict[str, AsyncScript] = {}
-        self._down_since: float | None = None
-        self.available = True  # on the instance: read on every staged call (see Store)
+        # Whether it answers (see Store: on the instance, read on every staged call), and
+        # when the current outage began (read only while it is not available).
+        self.available = True
+        self._down_since = 0.0
         self._retry_at = 0.0
         self._probing = False
         self._local: MemoryStore | None = None
@@ -394,7 +405,7 @@ class RedisStore(Store):
                 while trying costs nothing when Redis is back and little when it is not.
         """
         pipe = self._pipe
-        if pipe is not None and self._down_since is None:
+        if pipe is not None and self.available:
             # The usual case (up, connected): one await on the reply's future, without the
             # outage wrapper's coroutines (and no closure: see _run_guarded); what it would
             # do on an error is done here.
@@ -413,7 +424,7 @@ class RedisStore(Store):
                         raise
                     self._mark_down(exc)
                     raise StorageUnavailable(f"{self.shown} cannot serve: {exc}") from exc
-                if self._down_since is not None:  # another call met an outage meanwhile
+                if not self.available:  # another call met an outage meanwhile
                     self._mark_up()
                 return reply
         return await self._run_guarded(script, keys, args, packed, always_try)
@@ -471,8 +482,7 @@ class RedisStore(Store):
             except OUTAGE_ERRORS as exc:
                 raise self.lost(exc) from exc
             return replies if self.replied(replies) else await self.mended(calls, replies)
-        packed = [c.packed or evalsha(c.script, c.keys, c.args) for c in calls]
-        return await self._run_many_guarded(pipe, calls, packed, always_try)
+        return await self._run_many_guarded(pipe, calls, packed_calls(calls), always_try)
 
     def send_many_now(
         self, calls: Sequence[ScriptCall], late: Any = None
@@ -494,15 +504,13 @@ class RedisStore(Store):
         what they took even when it is gone.
         """
         pipe = self._pipe
-        if pipe is None or self._down_since is not None or not calls:
+        if pipe is None or not self.available or not calls:
             return None
-        if len(calls) == 1:  # the usual batch
+        if len(calls) == 1:  # the usual batch: packed_calls inline
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
-        else:  # a loop, not a comprehension: that would be a call of its own
-            packed = []
-            for c in calls:
-                packed.append(c.packed or evalsha(c.script, c.keys, c.args))
+        else:
+            packed = packed_calls(calls)
         return pipe.send_many_now(packed, late)
 
     def replied(self, replies: list[Any]) -> bool:
@@ -512,7 +520,7 @@ class RedisStore(Store):
         for reply in replies:
             if isinstance(reply, ResponseError):
                 return False
-        if self._down_since is not None:  # another call met an outage meanwhile
+        if not self.available:  # another call met an outage meanwhile
             self._mark_up()
         return True
 
@@ -526,7 +534,7 @@ class RedisStore(Store):
             replies = await self._mended(pipe, calls, replies)
         except OUTAGE_ERRORS as exc:
             raise self.lost(exc) from exc
-        if self._down_since is not None:
+        if not self.available:
             self._mark_up()
         return replies
 
@@ -556,17 +564,15 @@ class RedisStore(Store):
         pipelined connection, open and up; :meth:`aclose` waits for the replies.
         """
         pipe = self._pipe
-        if pipe is None or self._down_since is not None or self._closing:
+        if pipe is None or not self.available or self._closing:
             return False
-        if len(calls) == 1:  # the usual batch
+        if len(calls) == 1:  # the usual batch: packed_calls inline
             c = calls[0]
             packed = [c.packed or evalsha(c.script, c.keys, c.args)]
         elif not calls:
             return True  # nothing to send (a waiter for no reply would take the next)
-        else:  # a loop, not a comprehension: that would be a call of its own
-            packed = []
-            for c in calls:
-                packed.append(c.packed or evalsha(c.script, c.keys, c.args))
+        else:
+            packed = packed_calls(calls)
         return pipe.send_many_detached(packed, _Detached(self, calls))
 
     async def _run_many_guarded(
@@ -671,7 +677,7 @@ class RedisStore(Store):
     async def _guarded(self, make: Callable[[], Awaitable[Any]], always_try: bool) -> Any:
         """Await ``make()`` under the outage rules: fail fast, one prober, log once."""
         probing = False
-        if self._down_since is not None and not always_try:
+        if not self.available and not always_try:
             if self._probing or time.monotonic() < self._retry_at:
                 raise StorageUnavailable(f"{self.shown} is unavailable")
             self._probing = probing = True
@@ -690,7 +696,7 @@ class RedisStore(Store):
         finally:
             if probing:
                 self._probing = False
-        if self._down_since is not None:
+        if not self.available:
             self._mark_up()
         return result
 
@@ -723,9 +729,9 @@ class RedisStore(Store):
     def _mark_down(self, exc: BaseException) -> None:
         now = time.monotonic()
         self._retry_at = now + self.retry_interval
-        if self._down_since is None:
-            self._down_since = now
+        if self.available:
             self.available = False
+            self._down_since = now
             self.outages += 1
             log.warning(
                 "ymguard storage %s unavailable (%s: %s); on_storage_error=%s until it answers",
@@ -736,13 +742,12 @@ class RedisStore(Store):
             )
 
     def _mark_up(self) -> None:
-        assert self._down_since is not None
+        assert not self.available
         log.warning(
             "ymguard storage %s is back after %.1f s",
             self.shown,
             time.monotonic() - self._down_since,
         )
-        self._down_since = None
         self.available = True
 
     # -- the primitives (imported on first use: they import the storage package) ----------
