@@ -536,13 +536,12 @@ class BreakerCheck:
             return AWAIT  # a probe: judged on the store
         if not has_outcome(ctx):
             return None
-        # _failure, inlined for the usual call (every call runs this): an error, a listed
-        # status, or (a slow-call rule) slowness.
+        # _failure for the usual call (every call runs this): an error says is_error, and
+        # only a slow-call rule pays for _failure's look at the time.
         if (
             self._st.state is not CLOSED
             or self._pending
-            or ctx.error is not None
-            or ctx.status in self.error_statuses
+            or is_error(ctx, self.error_statuses)
             or (self.slow_index >= 0 and self._failure(ctx) is not None)
         ):
             return AWAIT
