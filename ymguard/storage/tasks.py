@@ -65,7 +65,16 @@ async def drain(seconds: float = DRAIN_SECONDS) -> None:
     instead of staying held until its lease ends."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while pending := [t for t in _background if not t.done() and t.get_loop() is loop]:
+    while True:
+        pending = [t for t in _background if not t.done() and t.get_loop() is loop]
+        if not pending:
+            # A task that has just ended may not have run its done callbacks yet (they
+            # run a turn later), and one may start a clean-up (a cancelled caller's
+            # batch gives back what it took): one turn for them, then look again.
+            await asyncio.sleep(0)
+            pending = [t for t in _background if not t.done() and t.get_loop() is loop]
+            if not pending:
+                return
         left = deadline - loop.time()
         if left <= 0:
             log.warning("ymguard: %d clean-up(s) still running at close", len(pending))
