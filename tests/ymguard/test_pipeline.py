@@ -370,3 +370,35 @@ async def test_a_connection_lost_right_after_its_setup_fails_its_callers() -> No
     pipe.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_detached_call_finds_its_script_loaded_on_a_new_server(
+    private_redis: RedisServer,
+) -> None:
+    """Every registered script is loaded first on a new connection, and a script
+    registered later on the open one, so a give-back sent without waiting runs in its
+    place: the next call sees it (not NOSCRIPT, sent again a round trip later)."""
+    store, call = _counting(private_redis)
+    read = ScriptCall(store.script("return redis.call('GET', KEYS[1])"), ("n",), ())
+    assert await store.run_many([read]) == [None]  # connected; neither script ran before
+    assert store.send_many_detached([call])
+    assert await store.run_many([read]) == [b"1"]
+    # Registered while the connection is open: loaded on it before any later command.
+    later = ScriptCall(store.script("return redis.call('INCRBY', KEYS[1], 10)"), ("n",), ())
+    assert store.send_many_detached([later])
+    assert await store.run_many([read]) == [b"11"]
+    await store.aclose()
+
+
+async def test_a_flushed_script_cache_is_loaded_again_at_the_first_noscript(
+    private_redis: RedisServer,
+) -> None:
+    store, call = _counting(private_redis)
+    read = ScriptCall(store.script("return redis.call('GET', KEYS[1])"), ("n",), ())
+    assert await store.run_many([call]) == [1]
+    redis.Redis(port=private_redis.port).script_flush()  # as a restarted server, connected
+    assert await store.run_many([read]) == [b"1"]  # NOSCRIPT: sent again with EVAL...
+    assert store.send_many_detached([call])  # ...and every script loaded again before this
+    assert await store.run_many([read]) == [b"2"]
+    assert redis.Redis(port=private_redis.port).script_exists(call.script.sha) == [True]
+    await store.aclose()

@@ -805,9 +805,11 @@ async def test_a_fetch_whose_caller_was_cancelled_as_it_connected_stocks_its_per
 async def test_a_fetch_cancelled_as_it_connected_while_its_script_is_sent_again_stocks(
     private_redis: RedisServer, prefix: str
 ) -> None:
-    # The first batch goes out as the connection opens (run_many), on a server that has
-    # none of the scripts: its caller is cancelled while they are sent again. The fetch's
-    # reply is stocked, and the concurrency permit given back after its script ran.
+    # The first batch goes out as the connection opens (run_many), on a server that does
+    # not have the fetch's script (a connection loads the scripts registered so far
+    # first: here none, as if the server lost them as it connected): its caller is
+    # cancelled while it is sent again. The fetch's reply is stocked, and the concurrency
+    # permit given back after its script ran.
     rules = {"flow": [{"qps": 1000, "prefetch": True}, {"concurrency": 1}]}
     guard = Guard({"key_prefix": prefix, "resources": {RESOURCE: rules}}, storage=private_redis.url)
     chain = guard.chain(RESOURCE)
@@ -816,6 +818,7 @@ async def test_a_fetch_cancelled_as_it_connected_while_its_script_is_sent_again_
     assert isinstance(check, QpsCheck)
     assert isinstance(store, RedisStore) and store._pipe is not None
     pipe = store._pipe
+    pipe._scripts.clear()  # those registered so far: not loaded as it connects
     execute = pipe.execute
     resending = asyncio.Event()
 

@@ -300,3 +300,21 @@ async def test_a_password_in_the_uri_is_in_no_log_error_or_repr(
     assert "127.0.0.1:1" in str(raised.value) and "***" in str(raised.value)
     assert not [text for text in said if "s3cret-pw" in text]
     await store.aclose()
+
+
+async def test_permits_given_back_on_a_new_or_flushed_server_are_free_for_the_next_call(
+    private_redis: RedisServer,
+) -> None:
+    """A semaphore of one permit serves sequential requests on a server that has never
+    seen its scripts, and after the server lost them (SCRIPT FLUSH): each release runs
+    before the next request's acquire, rather than meeting NOSCRIPT and being sent again
+    a round trip late (a spurious 429)."""
+    guard = Guard(
+        {"resources": {RESOURCE: {"semaphore": {"permits": 1}, "flow": [{"concurrency": 1}]}}},
+        storage=private_redis.url,
+    )
+    async with client(shop(guard)) as c:
+        assert [(await c.get(f"/items/{i}")).status_code for i in range(4)] == [200] * 4
+        redis.Redis(port=private_redis.port).script_flush()
+        assert [(await c.get(f"/items/{i}")).status_code for i in range(4)] == [200] * 4
+    await guard.aclose()

@@ -111,11 +111,39 @@ class _Forward:
             self.future.set_exception(exc)
 
 
+class _Loaded:
+    """The waiter of a batch of SCRIPT LOADs: no task waits for their replies.
+
+    An error reply (the server cannot serve) is left to the commands that use the
+    scripts: they meet it too, and a lost script still falls back to EVAL.
+    """
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: _Protocol) -> None:
+        self.protocol = protocol
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, replies: list[Any]) -> None:
+        self.protocol.reloading = False
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.protocol.reloading = False
+
+
 class _Protocol(asyncio.Protocol):
     """One connection: buffered writes, replies resolved in order, a timeout watchdog."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, scripts: list[bytes]) -> None:
         self.timeout = timeout
+        # The SCRIPT LOAD of every script the store registered (the pipeline's list, shared),
+        # how many of them this connection has sent, and whether a reload after a lost
+        # script (NOSCRIPT: the server's cache flushed) is on its way.
+        self.scripts = scripts
+        self.loaded = 0
+        self.reloading = False
         self.reader = hiredis.Reader()
         # Per command or batch sent: its future, its deadline, and for a batch the list
         # its replies are gathered in and how many it waits for (one future per batch).
@@ -141,7 +169,13 @@ class _Protocol(asyncio.Protocol):
             future, _, batch, expected = waiters[0]
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
-                reply = NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+                if text.startswith("NOSCRIPT"):
+                    reply = NoScriptError(text)
+                    if not self.reloading:  # the server lost its scripts: load them all
+                        self.reloading = True  # once, however many calls met it
+                        self.load(0)
+                else:
+                    reply = ResponseError(text)
             if batch is not None:  # a batch's error replies stay in their places
                 if expected == 1:  # its list made now, not held while it waited (_ONE)
                     batch = [reply]
@@ -215,6 +249,20 @@ class _Protocol(asyncio.Protocol):
         self._queued()
         return future
 
+    def load(self, start: int) -> None:
+        """Queue the SCRIPT LOAD of ``scripts[start:]``: every command sent after them
+        finds them loaded (commands on a connection run in order)."""
+        loads = self.scripts[start:]
+        self.loaded = len(self.scripts)
+        if not loads or self.lost is not None:
+            self.reloading = False
+            return
+        n = len(loads)
+        waiter: Any = _Loaded(self)
+        self.waiters.append((waiter, self.loop.time() + self.timeout, [] if n > 1 else _ONE, n))
+        self.pending.extend(loads)
+        self._queued()
+
     def _flush(self) -> None:
         self.flush_scheduled = False
         if self.transport is not None and self.lost is None:
@@ -251,6 +299,7 @@ class AutoPipeline:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._writes_before = 0  # the writes of the connections closed before this one
+        self._scripts: list[bytes] = []  # SCRIPT LOAD of each script (see load)
 
     @property
     def writes(self) -> int:
@@ -262,9 +311,10 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         options = self.options
         timeout = self.timeout
+        scripts = self._scripts
 
         def factory() -> _Protocol:
-            return _Protocol(timeout)
+            return _Protocol(timeout, scripts)
 
         cls = options.get("connection_class")
         if cls is UnixDomainSocketConnection:
@@ -290,6 +340,9 @@ class AutoPipeline:
                     setup.append(protocol.send(pack(("SELECT", options["db"]))))
                 for reply in setup:
                     await reply
+                # Before anything else is sent: no EVALSHA on this connection meets a
+                # script the server does not know (a new or restarted server).
+                protocol.load(0)
         except BaseException as exc:
             if protocol is not None:  # never leave a half-set-up socket behind
                 protocol.fail(RedisConnectionError("connection setup failed"))
@@ -329,7 +382,30 @@ class AutoPipeline:
                 self._connecting = None
         if protocol.lost is not None:  # lost in the steps since it was set up
             raise protocol.lost
+        if protocol.loaded < len(self._scripts):  # registered while it connected
+            protocol.load(protocol.loaded)
         return protocol
+
+    def load(self, source: str) -> None:
+        """Have the server know the script ``source`` before any later command uses it:
+        its SCRIPT LOAD goes out first on every new connection, and now on the open one.
+
+        EVALSHA then finds it on a new or restarted server, where it would otherwise meet
+        NOSCRIPT and be sent again with EVAL a round trip later (a give-back sent
+        without waiting, late: the next call would still find the permit taken). A
+        server that loses its scripts while connected (SCRIPT FLUSH) has them all
+        loaded again at the first NOSCRIPT reply.
+        """
+        self._scripts.append(pack(("SCRIPT", "LOAD", source)))
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return  # loaded as the next connection opens
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # registered outside the loop: loaded at the first NOSCRIPT
+            return
+        if protocol.loop is loop:
+            protocol.load(protocol.loaded)
 
     def send_now(self, packed: bytes) -> asyncio.Future[Any] | None:
         """Queue a packed command on the open connection; None if it must connect first.

@@ -361,10 +361,15 @@ class RedisStore(Store):
         return f"RedisStore({self.shown!r}, key_prefix={self.key_prefix!r})"
 
     def script(self, source: str) -> AsyncScript:
-        """The registered script for a Lua source (EVALSHA, NOSCRIPT falls back to load)."""
+        """The registered script for a Lua source (called by EVALSHA; a server that lost
+        it answers NOSCRIPT, and the call is sent again with EVAL). On one server it is
+        loaded on the pipelined connection before any call uses it
+        (:meth:`AutoPipeline.load`)."""
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self.client.register_script(source)
+            if self._pipe is not None:  # loaded on its connection before it is used
+                self._pipe.load(source)
         return script
 
     def pack(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
